@@ -1,0 +1,71 @@
+"""Findings: what the rules conclude. Plain data, no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Severity = Literal["critical", "warning", "info"]
+SEVERITIES: tuple[str, ...] = ("critical", "warning", "info")
+
+#: The fixed vocabulary of finding codes (DESIGN.md). Add, never rename.
+CODES: tuple[str, ...] = (
+    "vanishing_gradients",
+    "exploding_gradients",
+    "nonfinite",
+    "dead_relu",
+    "saturated_activations",
+    "symmetric_weights",
+    "poor_initialization",
+    "loss_plateau",
+    "loss_spike",
+    "update_ratio_high",
+    "update_ratio_low",
+    "batchnorm_small_batch",
+    "clipping_always_active",
+    "no_gradient",
+    "not_updated",
+    "architecture_risk",
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis: what (code), how bad, since when, where, why, and what to change."""
+
+    code: str
+    severity: Severity
+    summary: str
+    advice: str
+    step: int | None = None
+    layers: tuple[str, ...] = ()
+    evidence: dict[str, Any] = field(default_factory=dict)
+    caused_by: str | None = None  # code of the finding this one is a consequence of
+
+    def __post_init__(self) -> None:
+        if self.code not in CODES:
+            raise ValueError(f"unknown finding code {self.code!r}; allowed: {', '.join(CODES)}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        from .record import json_safe
+
+        d: dict[str, Any] = {
+            "code": self.code,
+            "severity": self.severity,
+            "step": self.step,
+            "layers": list(self.layers),
+            "summary": self.summary,
+            "evidence": json_safe(self.evidence),
+            "advice": self.advice,
+        }
+        if self.caused_by is not None:
+            d["caused_by"] = self.caused_by
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Finding:
+        return cls(code=d["code"], severity=d["severity"], summary=d.get("summary", ""),
+                   advice=d.get("advice", ""), step=d.get("step"), layers=tuple(d.get("layers", ())),
+                   evidence=dict(d.get("evidence", {})), caused_by=d.get("caused_by"))

@@ -1,0 +1,117 @@
+"""Activation statistics of one module output, computed on the device.
+
+One call returns a small float32 vector ``[mean, std, zero_frac, sat_frac,
+nonfinite_frac]`` (``sat_frac`` is NaN for non-saturating modules) and updates the
+module's per-unit "ever positive" mask for dead-unit detection. No host sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..taxonomy import SATURATING_FAMILIES, activation_family
+
+STAT_NAMES = ("act_mean", "act_std", "act_zero_frac", "act_sat_frac", "act_nonfinite_frac")
+
+#: A sigmoid output within 0.01 of 0 or 1 has derivative < 0.0099 (max 0.25): its
+#: gradient is mostly gone. tanh beyond |0.99| has derivative < 0.02 (max 1).
+SIGMOID_SAT_MARGIN = 0.01
+TANH_SAT_LEVEL = 0.99
+
+#: Scheduled forwards whose per-unit activity masks are OR-ed to decide "never
+#: active over the window": 4 batches x batch size samples.
+DEAD_WINDOW = 4
+
+_NAN = float("nan")
+
+
+def first_tensor(output: object) -> Tensor | None:
+    """The main tensor of a module output (LSTM returns (out, (h, c)))."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return first_tensor(output[0])
+    return None
+
+
+def saturation_kind(module: nn.Module) -> str | None:
+    fam = activation_family(type(module).__name__)
+    if fam in SATURATING_FAMILIES:
+        return fam
+    if type(module).__name__ in ("RNN", "LSTM", "GRU"):
+        return "tanh"  # their outputs are tanh-bounded (LSTM: o * tanh(c))
+    return None
+
+
+def unit_dim(x: Tensor, hint: int | None) -> int:
+    """Which dim indexes units: features for (N, F)/(N, L, F), channels for (N, C, H, W)."""
+    if hint is not None:
+        return hint if x.dim() > abs(hint) or hint == -1 else -1
+    return 1 if x.dim() in (2, 4, 5) else -1
+
+
+def stats(x: Tensor, sat: str | None) -> Tensor:
+    """[mean, std, zero_frac, sat_frac, nonfinite_frac] of x as float32, on x's device."""
+    x = x.detach()
+    if not x.is_floating_point():
+        x = x.float()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    n = x.numel()
+    if n == 0:
+        return torch.full((5,), _NAN, device=x.device)
+    if n > 1:
+        var, mean = torch.var_mean(x, correction=0)
+        std = var.sqrt()
+    else:
+        mean, std = x.reshape(()), torch.zeros((), device=x.device)
+    inv = 1.0 / n
+    zero = (x == 0).sum(dtype=torch.float32) * inv
+    if sat == "sigmoid":
+        satf = ((x < SIGMOID_SAT_MARGIN) | (x > 1 - SIGMOID_SAT_MARGIN)).sum(dtype=torch.float32) * inv
+    elif sat == "tanh":
+        satf = (x.abs() > TANH_SAT_LEVEL).sum(dtype=torch.float32) * inv
+    else:
+        satf = torch.full((), _NAN, device=x.device)
+    # mean/std turn NaN/Inf as soon as one element is; count them only then would
+    # need a branch on a device value (a sync), so count always: one more reduction.
+    nonfinite = (~torch.isfinite(x)).sum(dtype=torch.float32) * inv
+    return torch.stack([mean.float(), std.float(), zero, satf, nonfinite])
+
+
+class DeadUnits:
+    """Per-unit "ever positive" masks over the last DEAD_WINDOW scheduled forwards."""
+
+    __slots__ = ("masks",)
+
+    def __init__(self) -> None:
+        self.masks: list[Tensor] = []
+
+    def update(self, x: Tensor, dim: int) -> Tensor:
+        """Fraction of units never positive over the window, as a 0-d float32 tensor."""
+        x = x.detach()
+        if x.dim() == 0:
+            return torch.full((), _NAN, device=x.device)
+        dim = dim % x.dim()
+        dims = tuple(d for d in range(x.dim()) if d != dim)
+        active = (torch.amax(x, dim=dims) > 0) if dims else (x > 0)
+        if self.masks and self.masks[-1].shape != active.shape:
+            self.masks.clear()  # the layer changed shape (e.g. variable width): restart
+        self.masks.append(active)
+        if len(self.masks) > DEAD_WINDOW:
+            self.masks.pop(0)
+        ever = self.masks[0] if len(self.masks) == 1 else torch.stack(self.masks).any(0)
+        return 1.0 - ever.float().mean()
+
+
+def bn_samples(module: nn.Module, args: tuple) -> tuple[int, int] | None:
+    """(batch size, samples per channel) a BatchNorm layer normalises over. Shapes only."""
+    if not args or not isinstance(args[0], Tensor):
+        return None
+    x = args[0]
+    if x.dim() < 2:
+        return None
+    return int(x.shape[0]), int(math.prod(x.shape) // x.shape[1])

@@ -1,0 +1,104 @@
+"""The few process-wide interception points the probes need, installed while at
+least one recorder is active and removed (restored exactly) when the last closes.
+
+- ``Tensor.backward`` / ``torch.autograd.backward``: the loss (a scalar's value,
+  kept as a device tensor) and the end of each backward pass.
+- ``torch.nn.utils.clip_grad_norm_``: per-parameter norms *before* clipping, the
+  total norm and max_norm (did it clip?).
+
+Each wrapper calls the original with the same arguments and returns its result
+unchanged; a listener that raises is reported by its recorder, never propagated.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable
+
+import torch
+import torch.nn.utils
+import torch.nn.utils.clip_grad
+
+_lock = threading.Lock()
+_listeners: list[Any] = []  # recorders, in creation order
+_originals: dict[str, Callable[..., Any]] = {}
+_depth = threading.local()  # re-entrancy: autograd.backward called by Tensor.backward
+
+
+def _each(method: str, *args: Any) -> None:
+    for rec in list(_listeners):
+        try:
+            getattr(rec, method)(*args)
+        except Exception as exc:  # never break the user's run
+            rec._fail("patches." + method, exc)
+
+
+def _backward_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def backward(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        outer = getattr(_depth, "n", 0) == 0
+        _depth.n = getattr(_depth, "n", 0) + 1
+        try:
+            if outer and _listeners:
+                _each("_on_backward_start", tensor)
+            result = orig(tensor, *args, **kwargs)
+        finally:
+            _depth.n -= 1
+        if outer and _listeners:
+            _each("_on_backward_end", tensor)
+        return result
+
+    return backward
+
+
+def _clip_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> Any:
+        if not _listeners:
+            return orig(parameters, max_norm, *args, **kwargs)
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        else:
+            parameters = list(parameters)  # the original does the same: a generator is read once
+        _each("_on_clip_start", parameters, max_norm)
+        total = orig(parameters, max_norm, *args, **kwargs)
+        _each("_on_clip_end", total, max_norm)
+        return total
+
+    return clip_grad_norm_
+
+
+def install(recorder: Any) -> None:
+    with _lock:
+        if recorder in _listeners:
+            return
+        _listeners.append(recorder)
+        if len(_listeners) > 1:
+            return
+        _originals["Tensor.backward"] = torch.Tensor.backward
+        _originals["autograd.backward"] = torch.autograd.backward
+        _originals["clip"] = torch.nn.utils.clip_grad_norm_
+        _originals["clip_mod"] = torch.nn.utils.clip_grad.clip_grad_norm_
+        torch.Tensor.backward = _backward_wrapper(torch.Tensor.backward)  # type: ignore[method-assign]
+        torch.autograd.backward = _backward_wrapper(torch.autograd.backward)
+        wrapped = _clip_wrapper(_originals["clip"])
+        torch.nn.utils.clip_grad_norm_ = wrapped
+        torch.nn.utils.clip_grad.clip_grad_norm_ = wrapped
+
+
+def uninstall(recorder: Any) -> None:
+    with _lock:
+        if recorder not in _listeners:
+            return
+        _listeners.remove(recorder)
+        if _listeners or not _originals:
+            return
+        torch.Tensor.backward = _originals.pop("Tensor.backward")  # type: ignore[method-assign]
+        torch.autograd.backward = _originals.pop("autograd.backward")
+        torch.nn.utils.clip_grad_norm_ = _originals.pop("clip")
+        torch.nn.utils.clip_grad.clip_grad_norm_ = _originals.pop("clip_mod")
+
+
+def active() -> list[Any]:
+    return list(_listeners)

@@ -1,0 +1,55 @@
+"""Forward-order topology: which module runs at which depth, and which activation
+follows each weight layer (module or function call, e.g. ``F.relu``).
+
+Runs on one traced forward only (the first recorded step), so its cost is paid once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.overrides import TorchFunctionMode
+
+from ..taxonomy import TRANSPARENT_LAYERS, WEIGHT_LAYERS, activation_family
+
+
+class ActivationCalls(TorchFunctionMode):
+    """Notes every functional activation call (torch.relu, F.gelu, ...) into ``events``."""
+
+    def __init__(self, events: list[tuple[str, str, str]]) -> None:
+        super().__init__()
+        self.events = events
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if activation_family(name) is not None:
+            self.events.append(("func", name.rstrip("_"), ""))
+        return func(*args, **(kwargs or {}))
+
+
+def activation_after(events: list[tuple[str, str, str]]) -> dict[str, str]:
+    """Map each weight layer to the first activation called after it.
+
+    ``events`` is the forward's sequence of ("module", path, kind) leaf calls (in
+    completion order) and ("func", name, "") functional activations. Normalisation,
+    dropout and pooling are looked through; the next weight layer ends the search.
+    """
+    result: dict[str, str] = {}
+    pending: list[str] = []
+    for what, name, kind in events:
+        if what == "module":
+            if kind in WEIGHT_LAYERS:
+                pending = [name]
+                continue
+            fam = activation_family(kind)
+            if fam is not None:
+                for p in pending:
+                    result.setdefault(p, kind)
+                pending = []
+            elif kind not in TRANSPARENT_LAYERS:
+                pending = []
+        else:  # functional activation
+            for p in pending:
+                result.setdefault(p, name)
+            pending = []
+    return result

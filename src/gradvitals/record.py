@@ -1,0 +1,304 @@
+"""The run's vital signs as plain data: bounded columnar series, layers, events.
+
+No torch here: rules and reports read a ``Record`` (live, or rebuilt from a saved
+JSON report with :meth:`Record.from_json`) without importing torch.
+
+Series are named ``"<quantity>/<name>"`` for per-layer or per-parameter values
+(``grad_norm/layers.0.weight``, ``act_std/layers.3``) and ``"<quantity>"`` for
+run-level ones (``loss``, ``grad_norm_global``). The quantities are listed in
+:data:`QUANTITIES`.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator
+
+SCHEMA = "gradvitals.report/1"
+
+#: Points kept per series before it is decimated (every other point dropped,
+#: stride doubled). 1,000 points x 16 bytes = 16 kB per series, so 100 layers x
+#: 10 series stay under 20 MB for any run length.
+DEFAULT_CAP = 1000
+
+#: What each series quantity means (the renderers and the docs read this).
+QUANTITIES: dict[str, str] = {
+    "loss": "training loss (mean of the backward() losses of the step)",
+    "grad_norm_global": "L2 norm of all recorded gradients together",
+    "grad_norm": "L2 norm of a parameter's gradient (before clipping)",
+    "weight_norm": "L2 norm of a parameter",
+    "update_ratio": "|W_after - W_before| / |W_before| over one optimizer step",
+    "act_mean": "mean of a module's output",
+    "act_std": "standard deviation of a module's output",
+    "act_zero_frac": "fraction of exact zeros in a module's output",
+    "act_sat_frac": "fraction of sigmoid/tanh outputs pinned near their bounds",
+    "act_nonfinite_frac": "fraction of NaN/Inf in a module's output",
+    "dead_frac": "fraction of output units never positive over the window",
+    "bn_batch": "number of samples per channel a BatchNorm layer normalised over",
+    "lr": "learning rate of a param group",
+    "clip_total_norm": "total gradient norm seen by clip_grad_norm_ (before clipping)",
+    "clip_max_norm": "max_norm passed to clip_grad_norm_",
+    "clip_clipped": "1 when clip_grad_norm_ scaled the gradients down, else 0",
+}
+
+
+def _encode(value: float) -> float | str:
+    """JSON has no NaN/Inf: encode them as the strings "nan", "inf", "-inf"."""
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "nan"
+    return "inf" if value > 0 else "-inf"
+
+
+def _decode(value: Any) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        return float(value)
+    return float(value)
+
+
+class Series:
+    """A bounded (step, value) series.
+
+    Keeps every ``stride``-th appended point; when ``cap`` points are held, drops
+    every other one and doubles ``stride``, so memory is O(cap) whatever the run's
+    length. Exact summaries (count, min, max, first non-finite step, last point)
+    are kept over *all* appended points, so a spike or a NaN is never decimated
+    away.
+    """
+
+    __slots__ = (
+        "steps", "values", "cap", "stride", "count",
+        "min", "max", "max_step", "first_nonfinite_step", "last_step", "last_value",
+    )
+
+    def __init__(self, cap: int = DEFAULT_CAP) -> None:
+        if cap < 2:
+            raise ValueError(f"cap must be >= 2, got {cap!r}")
+        self.steps = array("q")
+        self.values = array("d")
+        self.cap = cap
+        self.stride = 1
+        self.count = 0
+        self.min = math.inf
+        self.max = -math.inf
+        self.max_step: int | None = None
+        self.first_nonfinite_step: int | None = None
+        self.last_step: int | None = None
+        self.last_value = math.nan
+
+    def append(self, step: int, value: float) -> None:
+        if math.isfinite(value):
+            if value < self.min:
+                self.min = value
+            if value > self.max:
+                self.max = value
+                self.max_step = step
+        elif self.first_nonfinite_step is None:
+            self.first_nonfinite_step = step
+        keep = self.count % self.stride == 0
+        self.count += 1
+        self.last_step = step
+        self.last_value = value
+        if not keep:
+            return
+        self.steps.append(step)
+        self.values.append(value)
+        if len(self.steps) >= self.cap:
+            self.steps = self.steps[::2]
+            self.values = self.values[::2]
+            self.stride *= 2
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self) -> Iterator[tuple[int, float]]:
+        return zip(self.steps, self.values)
+
+    def points(self, include_last: bool = True) -> tuple[list[int], list[float]]:
+        """Kept points, plus the last appended point when decimation dropped it."""
+        steps, values = list(self.steps), list(self.values)
+        if include_last and self.last_step is not None and (not steps or steps[-1] != self.last_step):
+            steps.append(self.last_step)
+            values.append(self.last_value)
+        return steps, values
+
+    def to_json(self) -> dict[str, Any]:
+        steps, values = self.points()
+        return {
+            "steps": steps,
+            "values": [_encode(v) for v in values],
+            "stride": self.stride,
+            "count": self.count,
+            "min": _encode(self.min) if self.count and math.isfinite(self.min) else None,
+            "max": _encode(self.max) if self.count and math.isfinite(self.max) else None,
+            "max_step": self.max_step,
+            "first_nonfinite_step": self.first_nonfinite_step,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], cap: int = DEFAULT_CAP) -> Series:
+        s = cls(cap=max(cap, len(data.get("steps", ())) + 2))
+        s.steps = array("q", (int(x) for x in data.get("steps", ())))
+        s.values = array("d", (_decode(v) for v in data.get("values", ())))
+        s.stride = int(data.get("stride", 1))
+        s.count = int(data.get("count", len(s.steps)))
+        finite = [v for v in s.values if math.isfinite(v)]
+        s.min = _decode(data["min"]) if data.get("min") is not None else min(finite, default=math.inf)
+        s.max = _decode(data["max"]) if data.get("max") is not None else max(finite, default=-math.inf)
+        s.max_step = data.get("max_step")
+        s.first_nonfinite_step = data.get("first_nonfinite_step")
+        if s.steps:
+            s.last_step, s.last_value = s.steps[-1], s.values[-1]
+        return s
+
+
+@dataclass
+class ParamInfo:
+    """One trainable (or frozen) parameter, by its ``named_parameters()`` path."""
+
+    name: str
+    layer: str
+    shape: list[int]
+    numel: int
+    requires_grad: bool = True
+    in_optimizer: bool | None = None  # None: no optimizer known
+    grad_seen: bool = False  # received a gradient at least once
+    dtype: str = "float32"
+
+
+@dataclass
+class LayerInfo:
+    """One module, by its ``named_modules()`` path.
+
+    ``depth`` is the module's position in the forward call order (0 = first
+    called), None until it has been seen in a traced forward.
+    ``activation_after`` is the activation that followed it in that forward
+    (module class or function name), which decides the init it should have.
+    """
+
+    name: str
+    kind: str
+    depth: int | None = None
+    params: list[str] = field(default_factory=list)
+    activation_after: str | None = None
+    out_features: int | None = None
+    model: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Record:
+    """Everything measured about one run. Plain data; see module docstring."""
+
+    run: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, LayerInfo] = field(default_factory=dict)
+    params: dict[str, ParamInfo] = field(default_factory=dict)
+    series: dict[str, Series] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0  # optimizer steps recorded
+    cap: int = DEFAULT_CAP
+
+    # -- writing -----------------------------------------------------------
+    def add(self, key: str, step: int, value: float) -> None:
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = Series(self.cap)
+        s.append(step, value)
+
+    def event(self, kind: str, **data: Any) -> dict[str, Any]:
+        ev = {"type": kind, **data}
+        self.events.append(ev)
+        return ev
+
+    # -- reading -----------------------------------------------------------
+    def get(self, key: str) -> Series | None:
+        return self.series.get(key)
+
+    def per_name(self, quantity: str) -> dict[str, Series]:
+        """All series of one quantity, keyed by layer/parameter name."""
+        prefix = quantity + "/"
+        return {k[len(prefix):]: s for k, s in self.series.items() if k.startswith(prefix)}
+
+    def events_of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("type") == kind]
+
+    def layers_in_order(self) -> list[LayerInfo]:
+        """Layers in forward order (those never seen in a forward come last)."""
+        seen = sorted((l for l in self.layers.values() if l.depth is not None), key=lambda l: l.depth)
+        rest = [l for l in self.layers.values() if l.depth is None]
+        return seen + rest
+
+    def layer_of(self, param: str) -> str:
+        p = self.params.get(param)
+        if p is not None:
+            return p.layer
+        return param.rsplit(".", 1)[0] if "." in param else param
+
+    # -- (de)serialisation ---------------------------------------------------
+    def layers_json(self) -> list[dict[str, Any]]:
+        out = []
+        for layer in self.layers_in_order():
+            d = asdict(layer)
+            d["params"] = [asdict(self.params[p]) for p in layer.params if p in self.params]
+            out.append(d)
+        return out
+
+    def series_json(self) -> dict[str, Any]:
+        return {k: s.to_json() for k, s in self.series.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The report minus findings (``run``, ``layers``, ``series``, ``events``)."""
+        run = dict(self.run)
+        run["steps"] = self.steps
+        run["events"] = [_json_safe(e) for e in self.events]
+        return {"schema": SCHEMA, "run": _json_safe(run), "layers": self.layers_json(),
+                "series": self.series_json()}
+
+    @classmethod
+    def from_json(cls, report: dict[str, Any]) -> Record:
+        """Rebuild a Record from a saved report (the renderers and rules need only this)."""
+        if report.get("schema") != SCHEMA:
+            raise ValueError(f"not a {SCHEMA} report (schema={report.get('schema')!r})")
+        run = dict(report.get("run", {}))
+        events = list(run.pop("events", []))
+        rec = cls(run=run, events=events, steps=int(run.get("steps", 0)))
+        for d in report.get("layers", []):
+            d = dict(d)
+            params = d.pop("params", [])
+            names = []
+            for p in params:
+                info = ParamInfo(**{k: v for k, v in p.items() if k in ParamInfo.__dataclass_fields__})
+                rec.params[info.name] = info
+                names.append(info.name)
+            layer = LayerInfo(**{k: v for k, v in d.items() if k in LayerInfo.__dataclass_fields__})
+            layer.params = names
+            rec.layers[layer.name] = layer
+        for k, v in report.get("series", {}).items():
+            rec.series[k] = Series.from_json(v)
+        return rec
+
+
+def _json_safe(obj: Any) -> Any:
+    """Recursively make a value JSON-encodable (non-finite floats as strings)."""
+    if isinstance(obj, float):
+        return _encode(obj)
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def json_safe(obj: Any) -> Any:
+    return _json_safe(obj)
+
+
+def finite(values: Iterable[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]

@@ -1,0 +1,722 @@
+"""The recorder: owns the probes, decides when they run, and fetches their device
+tensors with at most one host sync per optimizer step.
+
+Timeline of one optimizer step ``s`` (single optimizer):
+
+    root forward   -> on scheduled steps, per-module forward hooks collect activation
+                      stats (device tensors); the root's inputs are kept for a replay
+    backward()     -> the loss is kept (device tensor)
+    clip_grad_norm_-> per-parameter norms before clipping (device tensor)
+    opt pre-hook   -> gradient norms (fused); on scheduled steps weight norms and a copy
+                      of the weights; ONE host sync fetches everything pending; if any
+                      value is NaN/Inf the forward is replayed to find its origin
+    opt post-hook  -> update ratios (device tensor, fetched at the next sync); s += 1
+
+Without an optimizer, the end of each backward plays the pre-hook's part.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .probes import activations as act_probe
+from .probes import patches
+from .probes.nonfinite import replay_forward
+from .probes.norms import fused_norms
+from .probes.topology import ActivationCalls, activation_after
+from .record import DEFAULT_CAP, LayerInfo, ParamInfo, Record
+from .taxonomy import BATCHNORM_LAYERS, WEIGHT_LAYERS, activation_family
+
+log = logging.getLogger("gradvitals")
+
+_NAN = float("nan")
+
+
+@dataclass
+class Options:
+    """What to record and how often. Every field is a ``gv.watch(**options)`` keyword."""
+
+    #: Activation stats, weight norms and update ratios every this many steps
+    #: (gradient norms and the loss are recorded every step). Step 0 always.
+    every: int = 25
+    #: Record everything every step (for debugging; costs more).
+    full: bool = False
+    #: Points kept per series before decimation.
+    cap: int = DEFAULT_CAP
+    #: Collect activation statistics on scheduled steps.
+    activations: bool = True
+    #: Replay the step that first produced NaN/Inf to find the module it came from.
+    nonfinite_origin: bool = True
+    #: Model name used as a prefix when several models are watched ("netD:main.0").
+    name: str | None = None
+    #: Write per-layer gradient norms, update ratios and the loss to TensorBoard here.
+    tensorboard: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
+            raise ValueError(f"every must be a positive integer (steps), got {self.every!r}")
+        if not isinstance(self.cap, int) or self.cap < 16:
+            raise ValueError(f"cap must be an integer >= 16 (points per series), got {self.cap!r}")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> Options:
+        allowed = {f.name for f in fields(cls)}
+        bad = sorted(set(kwargs) - allowed)
+        if bad:
+            raise TypeError(f"unknown watch option(s) {', '.join(bad)}; allowed: {', '.join(sorted(allowed))}")
+        return cls(**kwargs)
+
+
+@dataclass
+class _Model:
+    module: nn.Module
+    index: int
+    label: str  # variable or class name
+    prefix: str = ""
+    names: dict[int, str] = field(default_factory=dict)  # id(module) -> reported name
+    params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
+    last_inputs: tuple[tuple, dict] | None = None
+    traced_step: int = -1
+    topology_done: bool = False
+
+
+@dataclass
+class _Opt:
+    ref: Any  # weakref to the optimizer
+    index: int
+    label: str
+    params: list[nn.Parameter] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # "grad_norm/<name>" per param
+    names: list[str] = field(default_factory=list)
+    version: int = -1
+    preclip: tuple[list[str], Tensor] | None = None
+    before: tuple[list[str], list[Tensor], Tensor] | None = None
+    handles: list[Any] = field(default_factory=list)
+
+
+class Recorder:
+    """Owns probes over one or more models and optimizers; fills a :class:`Record`."""
+
+    def __init__(self, options: Options | None = None, *, command: str | None = None) -> None:
+        self.options = options or Options()
+        self.record = Record(cap=self.options.cap)
+        self.record.run.update(_environment())
+        if command is not None:
+            self.record.run["command"] = command
+        self.models: list[_Model] = []
+        self._modules: dict[int, tuple[_Model, str]] = {}  # id(module) -> (model, name)
+        self._opts: dict[int, _Opt] = {}
+        self._param_owner: dict[int, tuple[_Model, str]] = {}  # id(param) -> (model, name)
+        self.step = 0
+        self._version = 0  # bumped when models/optimizers change (invalidates caches)
+        self._stepped: list[int] = []  # optimizers stepped in the current step, in order
+        self._cycle_last: int | None = None  # the optimizer that ends a step (learned)
+        self._optimizer_seen = False
+        self._losses: list[Tensor] = []
+        self._explicit_loss = False
+        self._pending: list[tuple[int, list[str], Tensor]] = []
+        self._act_handles: list[Any] = []
+        self._act_model: _Model | None = None
+        self._act_seen: set[int] = set()
+        self._act_events: list[tuple[str, str, str]] | None = None
+        self._act_mode: ActivationCalls | None = None
+        self._dead: dict[str, act_probe.DeadUnits] = {}
+        self._unit_hint: int | None = None
+        self._next_depth = 0
+        self._unseen_grads: set[int] = set()
+        self._errors: dict[str, int] = {}
+        self._origin_done = False
+        self._closed = False
+        self._started = time.time()
+        self._tb: Any = None
+        self.backward_mode_models: set[int] = set()
+        patches.install(self)
+        if self.options.tensorboard:
+            self._open_tensorboard(self.options.tensorboard)
+
+    # ------------------------------------------------------------------ setup
+    def add_model(self, module: nn.Module, label: str | None = None, *, local_hooks: bool = True) -> _Model:
+        """Watch a root model. ``local_hooks``: attach its root hooks on the module
+        itself (``gv.watch``); the runner passes False and calls the same handlers
+        from process-global hooks, so nothing lives on the user's modules."""
+        for m in self.models:
+            if m.module is module:
+                return m
+        model = _Model(module=module, index=len(self.models), label=label or self.options.name
+                       or type(module).__name__)
+        self.models.append(model)
+        self._index_model(model)
+        if local_hooks:
+            model.handles.append(module.register_forward_pre_hook(self._root_pre_hook))
+            model.handles.append(module.register_forward_hook(self._root_post_hook, with_kwargs=True,
+                                                              always_call=True))
+        if len(self.models) > 1:
+            self._relabel()
+        return model
+
+    def remove_model(self, module: nn.Module) -> None:
+        for m in list(self.models):
+            if m.module is module:
+                for h in m.handles:
+                    h.remove()
+                self.models.remove(m)
+                for k in [k for k, (mm, _) in self._modules.items() if mm is m]:
+                    del self._modules[k]
+                self._version += 1
+
+    def _index_model(self, model: _Model) -> None:
+        pre = model.prefix
+        model.names = {}
+        for name, mod in model.module.named_modules():
+            full = pre + (name or "(root)") if pre else (name or "(root)")
+            if not name and pre:
+                full = pre.rstrip(":")
+            model.names[id(mod)] = full
+            self._modules[id(mod)] = (model, full)
+            kind = type(mod).__name__
+            own = [(n, p) for n, p in mod.named_parameters(recurse=False)]
+            is_leaf = next(mod.children(), None) is None
+            if own or is_leaf:
+                layer = self.record.layers.get(full) or LayerInfo(name=full, kind=kind, model=model.label)
+                layer.params = [pre + (f"{name}.{n}" if name else n) for n, _ in own]
+                if kind in WEIGHT_LAYERS and own:
+                    w = getattr(mod, "weight", None)
+                    if isinstance(w, Tensor) and w.dim() >= 2:
+                        layer.out_features = int(w.shape[0])
+                self.record.layers[full] = layer
+        model.params = []
+        seen: set[int] = set()
+        for name, p in model.module.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = (pre + name) if pre else name
+            layer = full.rsplit(".", 1)[0] if "." in full else (pre.rstrip(":") or "(root)")
+            model.params.append((full, p))
+            self._param_owner[id(p)] = (model, full)
+            info = self.record.params.get(full)
+            if info is None:
+                info = ParamInfo(name=full, layer=layer, shape=list(p.shape), numel=p.numel(),
+                                 requires_grad=p.requires_grad, dtype=str(p.dtype).replace("torch.", ""))
+                self.record.params[full] = info
+                if p.requires_grad:
+                    self._unseen_grads.add(id(p))
+        self._version += 1
+
+    def _relabel(self) -> None:
+        """Several models: prefix every name with its model's label ("netD:main.0")."""
+        labels: dict[str, int] = {}
+        for m in self.models:
+            labels[m.label] = labels.get(m.label, 0) + 1
+        used: dict[str, int] = {}
+        renames: dict[str, str] = {}
+        for m in self.models:
+            label = m.label
+            if labels[label] > 1:
+                used[label] = used.get(label, 0) + 1
+                label = f"{label}{used[label] - 1}"
+            new_prefix = label + ":"
+            if m.prefix == new_prefix:
+                continue
+            old_names = dict(m.names)
+            old_params = [n for n, _ in m.params]
+            m.prefix = new_prefix
+            m.label = label
+            self._index_model(m)
+            for mid, old in old_names.items():
+                renames[old] = m.names[mid]
+            for old, (new, _) in zip(old_params, m.params):
+                renames[old] = new
+        if not renames:
+            return
+        rec = self.record
+        rec.layers = {k: v for k, v in rec.layers.items() if k not in renames or renames[k] == k}
+        rec.params = {k: v for k, v in rec.params.items() if k not in renames or renames[k] == k}
+        new_series = {}
+        for key, s in rec.series.items():
+            q, _, name = key.partition("/")
+            new_series[f"{q}/{renames.get(name, name)}" if name else key] = s
+        rec.series = new_series
+        for d in list(self._dead):
+            if d in renames:
+                self._dead[renames[d]] = self._dead.pop(d)
+
+    def add_optimizer(self, opt: torch.optim.Optimizer, *, local_hooks: bool = True) -> _Opt:
+        o = self._opts.get(id(opt))
+        if o is not None and o.ref() is opt:
+            return o
+        label = f"opt{len(self._opts)}" if self._opts else "opt"
+        o = _Opt(ref=weakref.ref(opt), index=len(self._opts), label=label)
+        self._opts[id(opt)] = o
+        if local_hooks:
+            o.handles.append(opt.register_step_pre_hook(self._opt_pre_hook))
+            o.handles.append(opt.register_step_post_hook(self._opt_post_hook))
+        self._version += 1
+        return o
+
+    def _opt_params(self, o: _Opt, opt: torch.optim.Optimizer) -> None:
+        """Parameters measured at this optimizer's step: its own, plus the other
+        trainable parameters of the models it updates (those it misses are the
+        ``not_updated`` suspects), each measured by one optimizer only."""
+        n = sum(len(g["params"]) for g in opt.param_groups)
+        if o.version == self._version and len(o.params) >= n:
+            return
+        own = [p for g in opt.param_groups for p in g["params"]]
+        own_ids = {id(p) for p in own}
+        models = {id(self._param_owner[id(p)][0]) for p in own if id(p) in self._param_owner}
+        claimed: set[int] = set()
+        for other in self._opts.values():
+            if other is not o and other.index < o.index:
+                claimed |= {id(p) for p in other.params}
+        params: list[nn.Parameter] = []
+        for p in own:
+            if id(p) not in claimed:
+                params.append(p)
+        for m in self.models:
+            if id(m) in models:
+                for name, p in m.params:
+                    if id(p) not in own_ids and id(p) not in claimed and p.requires_grad:
+                        params.append(p)
+        for m in self.models:
+            for name, p in m.params:
+                info = self.record.params.get(name)
+                if info is not None and id(p) in own_ids:
+                    info.in_optimizer = True
+                elif info is not None and id(m) in models and info.in_optimizer is None:
+                    info.in_optimizer = False
+        o.params = params
+        o.names = [self._param_owner[id(p)][1] if id(p) in self._param_owner else f"{o.label}.param{i}"
+                   for i, p in enumerate(params)]
+        o.keys = ["grad_norm/" + n for n in o.names]
+        o.version = self._version
+
+    # ------------------------------------------------------------- forwards
+    def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        entry = self._modules.get(id(module))
+        if entry is None:
+            return
+        try:
+            self._on_root_start(entry[0])
+        except Exception as exc:
+            self._fail("activations", exc)
+
+    def _root_post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        entry = self._modules.get(id(module))
+        if entry is None:
+            return
+        self._on_root_end(entry[0], args, kwargs)
+
+    def _scheduled(self, step: int) -> bool:
+        return self.options.full or step % self.options.every == 0
+
+    def _on_root_start(self, model: _Model) -> None:
+        if self._act_handles or not self.options.activations:
+            return  # a nested root (D(G(z))) or activations off
+        if model.module is not None and not model.module.training:
+            return
+        if not torch.is_grad_enabled() or model.traced_step == self.step:
+            return  # evaluation forwards must not pollute training statistics
+        if not self._scheduled(self.step):
+            return
+        model.traced_step = self.step
+        self._act_model = model
+        self._act_seen = set()
+        if not model.topology_done:
+            self._act_events = []
+            self._act_mode = ActivationCalls(self._act_events)
+            self._act_mode.__enter__()
+        for mod in model.module.modules():
+            self._act_handles.append(mod.register_forward_hook(self._act_hook))
+
+    def _on_root_end(self, model: _Model, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and model.module.training:
+            # Kept (references only) so a NaN can be traced back by replaying this forward.
+            model.last_inputs = (args, kwargs)
+        if self._act_model is not model:
+            return
+        for h in self._act_handles:
+            h.remove()
+        self._act_handles = []
+        self._act_model = None
+        if self._act_mode is not None:
+            try:
+                self._act_mode.__exit__(None, None, None)
+            except Exception as exc:
+                self._fail("topology", exc)
+            self._act_mode = None
+            model.topology_done = True
+            try:
+                for name, act in activation_after(self._act_events or []).items():
+                    if name in self.record.layers:
+                        self.record.layers[name].activation_after = act
+            except Exception as exc:
+                self._fail("topology", exc)
+
+    def _act_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        try:
+            key = id(module)
+            if key in self._act_seen:
+                return  # a module called several times per step: its first call counts
+            self._act_seen.add(key)
+            entry = self._modules.get(key)
+            if entry is None:
+                return
+            name = entry[1]
+            kind = type(module).__name__
+            if self._act_events is not None and self._act_mode is not None and next(module.children(), None) is None:
+                self._act_events.append(("module", name, kind))
+            layer = self.record.layers.get(name)
+            if layer is None:
+                return  # containers: their children carry the stats
+            if layer.depth is None:
+                layer.depth = self._next_depth
+                self._next_depth += 1
+            if kind in WEIGHT_LAYERS:
+                self._unit_hint = 1 if kind.startswith("Conv") else -1
+            x = act_probe.first_tensor(output)
+            if x is None or not (x.is_floating_point()):
+                return
+            st = act_probe.stats(x, act_probe.saturation_kind(module))
+            keys = [f"{q}/{name}" for q in act_probe.STAT_NAMES]
+            fam = activation_family(kind)
+            if kind in WEIGHT_LAYERS or fam in ("relu",) or kind in BATCHNORM_LAYERS:
+                dead = self._dead.get(name)
+                if dead is None:
+                    dead = self._dead[name] = act_probe.DeadUnits()
+                frac = dead.update(x, act_probe.unit_dim(x, self._unit_hint))
+                st = torch.cat([st, frac.reshape(1)])
+                keys.append(f"dead_frac/{name}")
+            self._pending.append((self.step, keys, st))
+            if kind in BATCHNORM_LAYERS:
+                bn = act_probe.bn_samples(module, args)
+                if bn is not None:
+                    self.record.add(f"bn_batch/{name}", self.step, float(bn[1]))
+                    layer.extra["batch_size"] = bn[0]
+        except Exception as exc:
+            self._fail("activations", exc)
+
+    # ------------------------------------------------------------- backward
+    def _on_backward_start(self, tensor: Any) -> None:
+        pass
+
+    def _on_backward_end(self, tensor: Any) -> None:
+        if (isinstance(tensor, Tensor) and tensor.numel() == 1 and tensor.is_floating_point()
+                and not self._explicit_loss):
+            self._losses.append(tensor.detach().reshape(()))
+        if self._backward_mode():
+            self._measure_and_flush(None)
+            self._advance()
+
+    def _backward_mode(self) -> bool:
+        """No optimizer to mark steps: each backward is a step."""
+        return not self._opts and not self._optimizer_seen and bool(self.models)
+
+    def log_loss(self, loss: Any) -> None:
+        """Record this step's loss explicitly (disables the automatic capture)."""
+        self._explicit_loss = True
+        if isinstance(loss, Tensor):
+            self._losses.append(loss.detach().reshape(-1)[0].float())
+        else:
+            self._losses.append(torch.tensor(float(loss)))
+
+    # ------------------------------------------------------------- clipping
+    def _on_clip_start(self, parameters: list, max_norm: float) -> None:
+        ids = {id(p) for p in parameters[:4]}
+        for o in self._opts.values():
+            opt = o.ref()
+            if opt is None:
+                continue
+            self._opt_params(o, opt)
+            if any(id(p) in ids for p in o.params):
+                o.preclip = self._grad_norms(o)
+
+    def _on_clip_end(self, total: Any, max_norm: float) -> None:
+        if not isinstance(total, Tensor):
+            return
+        t = total.detach().float().reshape(1)
+        clipped = (t > float(max_norm)).float()
+        self._pending.append((self.step, ["clip_total_norm", "clip_clipped"], torch.cat([t, clipped])))
+        self.record.add("clip_max_norm", self.step, float(max_norm))
+
+    # ------------------------------------------------------------ optimizer
+    def _opt_pre_hook(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        try:
+            o = self._opts.get(id(opt))
+            if o is None:
+                return
+            self._optimizer_seen = True
+            if id(opt) in self._stepped:  # a new cycle began before we learned its end
+                if self._cycle_last is None and self._stepped:
+                    self._cycle_last = self._stepped[-1]
+                self._advance()
+            self._stepped.append(id(opt))
+            self._measure_and_flush(o)
+        except Exception as exc:
+            self._fail("gradients", exc)
+
+    def _opt_post_hook(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        try:
+            o = self._opts.get(id(opt))
+            if o is None:
+                return
+            if o.before is not None:
+                keys, before, wnorm = o.before
+                o.before = None
+                with torch.no_grad():
+                    diff = torch._foreach_sub([p.detach() for p in o.params], before)
+                    dnorm = fused_norms(diff)
+                    ratio = dnorm / wnorm.clamp_min(1e-12)
+                self._pending.append((self.step, ["update_ratio/" + k for k in keys], ratio))
+            if len(self._opts) == 1 or self._cycle_last == id(opt):
+                self._advance()
+        except Exception as exc:
+            self._fail("update_ratio", exc)
+
+    def _advance(self) -> None:
+        self._stepped = []
+        self.step += 1
+        self.record.steps = self.step
+
+    # ------------------------------------------------------ measure + sync
+    def _grad_norms(self, o: _Opt | None) -> tuple[list[str], Tensor] | None:
+        if o is None:
+            params = [p for m in self.models for _, p in m.params if p.requires_grad]
+            names = [n for m in self.models for n, p in m.params if p.requires_grad]
+            keys = ["grad_norm/" + n for n in names]
+        else:
+            params, keys = o.params, o.keys
+        grads, gkeys = [], []
+        for p, k in zip(params, keys):
+            g = p.grad
+            if g is not None:
+                grads.append(g)
+                gkeys.append(k)
+        if self._unseen_grads:
+            for p in params:
+                if p.grad is not None and id(p) in self._unseen_grads:
+                    self._unseen_grads.discard(id(p))
+                    self.record.params[self._param_owner[id(p)][1]].grad_seen = True
+        if not grads:
+            return None
+        return gkeys, fused_norms(grads)
+
+    def _measure_and_flush(self, o: _Opt | None) -> None:
+        step = self.step
+        if o is not None:
+            opt = o.ref()
+            self._opt_params(o, opt)
+            measured = o.preclip or self._grad_norms(o)
+            o.preclip = None
+            lrs = [(f"lr/{o.label}.{i}", g.get("lr")) for i, g in enumerate(opt.param_groups)]
+        else:
+            measured = self._grad_norms(None)
+            lrs = []
+        if measured is not None:
+            keys, norms = measured
+            self._pending.append((step, keys, norms))
+            self._pending.append((step, ["grad_norm_global"], torch.linalg.vector_norm(norms).reshape(1)))
+        loss_key = "loss" if o is None or o.index == 0 else f"loss/{o.label}"
+        if self._losses:
+            losses = self._losses
+            self._losses = []
+            loss = losses[0] if len(losses) == 1 else torch.stack([l.to(losses[0].device) for l in losses]).mean()
+            self._pending.append((step, [loss_key], loss.float().reshape(1)))
+        for key, lr in lrs:
+            if isinstance(lr, Tensor):
+                self._pending.append((step, [key], lr.detach().float().reshape(1)))
+            elif lr is not None:
+                self.record.add(key, step, float(lr))
+        if o is not None and self._scheduled(step) and o.params:
+            with torch.no_grad():
+                weights = [p.detach() for p in o.params]
+                wnorm = fused_norms(weights)
+                names = [k[len("grad_norm/"):] for k in o.keys]
+                self._pending.append((step, ["weight_norm/" + n for n in names], wnorm))
+                o.before = (names, torch._foreach_mul(weights, 1.0), wnorm)
+        self._flush()
+
+    def _flush(self) -> None:
+        """THE host sync of the step: one transfer per device of everything pending."""
+        if not self._pending:
+            return
+        pending = self._pending
+        self._pending = []
+        by_device: dict[torch.device, list[tuple[int, list[str], Tensor]]] = {}
+        for item in pending:
+            by_device.setdefault(item[2].device, []).append(item)
+        nonfinite: list[tuple[int, str, float]] = []
+        for device, items in by_device.items():
+            flat = torch.cat([t.reshape(-1).float() for _, _, t in items])
+            values = flat.tolist()  # host sync (one per device)
+            i = 0
+            for step, keys, t in items:
+                for k in keys:
+                    v = values[i]
+                    i += 1
+                    self.record.add(k, step, v)
+                    if not math.isfinite(v) and k.split("/", 1)[0] in _NONFINITE_WATCHED:
+                        nonfinite.append((step, k, v))
+        if self._tb is not None:
+            self._write_tensorboard(pending)
+        if nonfinite and not self._origin_done:
+            self._origin_done = True
+            try:
+                self._locate_origin(nonfinite)
+            except Exception as exc:
+                self._fail("nonfinite_origin", exc)
+
+    # ------------------------------------------------------- NaN origin
+    def _locate_origin(self, seen: list[tuple[int, str, float]]) -> None:
+        step = min(s for s, _, _ in seen)
+        first = [x for x in seen if x[0] == step]
+        value = "nan" if any(math.isnan(v) for _, _, v in first) else "inf"
+        event: dict[str, Any] = {"step": step, "seen_in": sorted({k for _, k, _ in first})[:8],
+                                 "value": value}
+        found = None
+        if self.options.nonfinite_origin:
+            for model in self.models:
+                if model.last_inputs is None:
+                    continue
+                args, kwargs = model.last_inputs
+                found = replay_forward(model.module, model.names, args, kwargs)
+                if found is not None:
+                    event["source"] = "replay"
+                    break
+        if found is None:
+            grads = [(k[len("grad_norm/"):], v) for _, k, v in first if k.startswith("grad_norm/")]
+            loss_bad = any(k.startswith("loss") for _, k, _ in first)
+            if loss_bad:
+                found = {"kind": "loss", "module": None, "value": value}
+            elif grads:
+                # Backward runs from the output to the input: the deepest layer with a
+                # non-finite gradient is where it began.
+                def depth(name: str) -> int:
+                    layer = self.record.layers.get(self.record.layer_of(name))
+                    return layer.depth if layer is not None and layer.depth is not None else -1
+                name, v = max(grads, key=lambda g: depth(g[0]))
+                found = {"kind": "gradient", "module": self.record.layer_of(name), "param": name,
+                         "value": "nan" if math.isnan(v) else "inf"}
+            else:
+                k = first[0][1]
+                name = k.split("/", 1)[1] if "/" in k else None
+                found = {"kind": "activation" if k.startswith("act_") else "weight",
+                         "module": self.record.layer_of(name) if name else None, "value": value}
+            event["source"] = "series"
+        event.update(found)
+        module = event.get("module")
+        if module and module in self.record.layers:
+            event["module_kind"] = self.record.layers[module].kind
+        self.record.event("nonfinite_origin", **event)
+
+    # ---------------------------------------------------------- failures
+    def _fail(self, probe: str, exc: BaseException) -> None:
+        n = self._errors.get(probe, 0)
+        self._errors[probe] = n + 1
+        if n == 0:
+            log.warning("gradvitals: probe %r failed (%s: %s); training continues", probe,
+                        type(exc).__name__, exc)
+            self.record.event("probe_error", probe=probe, error=f"{type(exc).__name__}: {exc}",
+                              step=self.step)
+
+    # ------------------------------------------------------- TensorBoard
+    def _open_tensorboard(self, logdir: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # pragma: no cover - depends on extras
+            raise ImportError("tensorboard=... needs the tensorboard package: "
+                              "pip install 'gradvitals[tensorboard]'") from exc
+        self._tb = SummaryWriter(logdir)
+
+    def _write_tensorboard(self, pending: list[tuple[int, list[str], Tensor]]) -> None:
+        for key in ("loss", "grad_norm_global"):
+            s = self.record.series.get(key)
+            if s is not None and s.last_step is not None and math.isfinite(s.last_value):
+                self._tb.add_scalar(f"gradvitals/{key}", s.last_value, s.last_step)
+        for step, keys, _ in pending:
+            for k in keys:
+                q = k.split("/", 1)[0]
+                if q in ("grad_norm", "update_ratio"):
+                    s = self.record.series[k]
+                    if math.isfinite(s.last_value):
+                        self._tb.add_scalar(f"gradvitals/{k}", s.last_value, step)
+
+    # ------------------------------------------------------------ close
+    def finish(self) -> None:
+        """Fetch whatever is pending and stamp the run's duration (idempotent)."""
+        if self._pending:
+            try:
+                self._flush()
+            except Exception as exc:
+                self._fail("flush", exc)
+        self.record.run["duration_s"] = round(time.time() - self._started, 3)
+        self.record.run["steps"] = self.step
+        self.record.steps = self.step
+        self.record.run["devices"] = sorted({str(p.device) for m in self.models for _, p in m.params})
+
+    def close(self) -> None:
+        """Remove every hook and patch this recorder installed. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._act_handles:
+            h.remove()
+        self._act_handles = []
+        if self._act_mode is not None:
+            try:
+                self._act_mode.__exit__(None, None, None)
+            except Exception:
+                pass
+            self._act_mode = None
+        for m in self.models:
+            for h in m.handles:
+                h.remove()
+            m.handles = []
+        for o in self._opts.values():
+            for h in o.handles:
+                h.remove()
+            o.handles = []
+            o.before = None
+        patches.uninstall(self)
+        self.finish()
+        if self._tb is not None:
+            try:
+                from .diagnose import diagnose
+
+                for f in diagnose(self.record):
+                    self._tb.add_text(f"gradvitals/{f.code}", f"**{f.severity}**: {f.summary}\n\n{f.advice}")
+                self._tb.close()
+            except Exception as exc:
+                self._fail("tensorboard", exc)
+            self._tb = None
+
+
+_NONFINITE_WATCHED = {"loss", "grad_norm", "grad_norm_global", "act_mean", "act_std", "weight_norm",
+                      "clip_total_norm"}
+
+
+def _environment() -> dict[str, Any]:
+    return {
+        "gradvitals_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "cuda": torch.cuda.is_available() and torch.version.cuda or None,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": list(sys.argv),
+    }
+
+
+def iter_modules(objs: Iterable[Any]) -> list[nn.Module]:
+    return [o for o in objs if isinstance(o, nn.Module)]

@@ -1,0 +1,1 @@
+"""Renderers: terminal, JSON, HTML. They only render a Report; no torch."""

@@ -1,0 +1,74 @@
+"""nonfinite: the first NaN/Inf in the loss, an activation, a gradient or a weight.
+
+Decided from the ``nonfinite_origin`` event the recorder writes when it first sees a
+non-finite value (it replays that step's forward with tracing to find the module
+that produced it), falling back to the series' first non-finite steps.
+"""
+
+from __future__ import annotations
+
+from ..findings import Finding
+from ..record import Record
+
+_WHAT = {
+    "activation": "produced the first non-finite activation",
+    "input": "received non-finite values in its input (the data or the loss target holds NaN/Inf)",
+    "weight": "holds non-finite weights",
+    "gradient": "received the first non-finite gradient (backward)",
+    "loss": "the loss computation itself produced the first NaN/Inf (forward outputs were finite)",
+}
+
+
+def nonfinite(record: Record) -> list[Finding]:
+    """Critical when any loss/gradient/activation/weight became NaN/Inf: names the origin."""
+    origins = record.events_of("nonfinite_origin")
+    if origins:
+        ev = origins[0]
+        module = ev.get("module")
+        layers = tuple(x for x in [module, *ev.get("also", [])] if x)
+        kind = ev.get("kind", "activation")
+        where = f"`{module}`" if module else "the loss function"
+        value = ev.get("value", "nan")
+        summary = (f"{str(value).upper()} first appeared at step {ev.get('step')}: {where} "
+                   f"{_WHAT.get(kind, 'produced it')}.")
+        if ev.get("module_kind"):
+            summary = summary.rstrip(".") + f" ({ev['module_kind']})."
+        return [Finding(
+            code="nonfinite", severity="critical", step=ev.get("step"), layers=layers,
+            summary=summary, evidence={k: v for k, v in ev.items() if k != "type"},
+            advice=_advice(kind, module),
+        )]
+    # Fallback: no origin event (e.g. a report from an older run): earliest series.
+    first: tuple[int, str] | None = None
+    for key, s in record.series.items():
+        if s.first_nonfinite_step is not None and key.split("/")[0] in (
+            "loss", "grad_norm", "grad_norm_global", "weight_norm", "act_mean", "act_std"
+        ):
+            cand = (s.first_nonfinite_step, key)
+            if first is None or cand < first:
+                first = cand
+    if first is None:
+        return []
+    step, key = first
+    name = key.split("/", 1)[1] if "/" in key else None
+    layer = record.layer_of(name) if name else None
+    return [Finding(
+        code="nonfinite", severity="critical", step=step, layers=(layer,) if layer else (),
+        summary=f"NaN/Inf first seen at step {step} in series `{key}`.",
+        evidence={"series": key, "step": step}, advice=_advice("gradient", layer),
+    )]
+
+
+def _advice(kind: str, module: str | None) -> str:
+    m = f"`{module}`" if module else "the model"
+    if kind == "input":
+        return ("Check the batch fed to the model for NaN/Inf before training on it, e.g. "
+                "`assert torch.isfinite(x).all()`; filter or impute bad samples.")
+    if kind == "loss":
+        return ("Make the loss numerically safe: use `F.cross_entropy` / `BCEWithLogitsLoss` on "
+                "logits instead of log(softmax)/log(sigmoid), and clamp arguments of log/sqrt/div "
+                "(e.g. `torch.log(p.clamp_min(1e-8))`).")
+    return (f"The values that overflow pass through {m}. Lower the learning rate, clip gradients "
+            "(`torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)` before "
+            "`optimizer.step()`), and initialise weights for the activation (`gv.init_(model, batch)`: "
+            "He for ReLU, Xavier for tanh/sigmoid).")

@@ -1,0 +1,90 @@
+"""``gv.watch``: attach gradvitals to a model (and its optimizers) in your own loop."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .record import Record
+from .recorder import Options, Recorder
+from .report import Report
+
+
+class Watch:
+    """A live watch over one or more models. Use as a context manager or call
+    :meth:`close`. ``record`` is the plain-data record, ``report()`` the JSON contract.
+    """
+
+    def __init__(self, model: nn.Module | Iterable[nn.Module], optimizer: Any = None, **options: Any) -> None:
+        models = _as_list(model, nn.Module, "model")
+        optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer") if optimizer is not None else []
+        self.options = Options.from_kwargs(options)
+        self._recorder = Recorder(self.options)
+        try:
+            for m in models:
+                self._recorder.add_model(m, label=self.options.name if len(models) == 1 else None)
+            for opt in optimizers:
+                self._recorder.add_optimizer(opt)
+        except BaseException:
+            self._recorder.close()
+            raise
+
+    # -- the record --------------------------------------------------------
+    @property
+    def record(self) -> Record:
+        return self._recorder.record
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps recorded so far."""
+        return self._recorder.step
+
+    def log_loss(self, loss: Any) -> None:
+        """Give this step's loss explicitly (otherwise taken from ``loss.backward()``)."""
+        self._recorder.log_loss(loss)
+
+    def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._recorder.add_optimizer(_as_list(optimizer, torch.optim.Optimizer, "optimizer")[0])
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report (schema gradvitals.report/1) as a dict."""
+        return self.diagnosis().to_json()
+
+    def diagnosis(self) -> Report:
+        self._recorder.finish()
+        return Report.from_record(self.record)
+
+    def save(self, path: str | os.PathLike[str]) -> Report:
+        """Write the JSON report atomically; returns the Report."""
+        rep = self.diagnosis()
+        rep.save(path)
+        return rep
+
+    # -- lifetime ----------------------------------------------------------
+    def close(self) -> None:
+        """Remove every hook gradvitals attached. Idempotent."""
+        self._recorder.close()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def watch(model: nn.Module | Iterable[nn.Module], optimizer: Any = None, **options: Any) -> Watch:
+    """Watch ``model`` (one module or several). ``optimizer``: one, several, or None
+    (then each ``backward()`` counts as a step). Options: see :class:`gradvitals.recorder.Options`.
+    """
+    return Watch(model, optimizer, **options)
+
+
+def _as_list(obj: Any, kind: type, what: str) -> list[Any]:
+    items = [obj] if isinstance(obj, kind) else list(obj) if isinstance(obj, (list, tuple)) else None
+    if not items or not all(isinstance(i, kind) for i in items):
+        raise TypeError(f"{what} must be a {kind.__module__}.{kind.__qualname__} or a list of them, "
+                        f"got {type(obj).__name__}")
+    return items
