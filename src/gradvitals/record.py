@@ -210,8 +210,8 @@ class Record:
             s = self.series[key] = Series(self.cap)
         s.append(step, value)
 
-    def event(self, kind: str, **data: Any) -> dict[str, Any]:
-        ev = {"type": kind, **data}
+    def event(self, event_type: str, /, **data: Any) -> dict[str, Any]:
+        ev = {"type": event_type, **data}
         self.events.append(ev)
         return ev
 

@@ -1,0 +1,121 @@
+"""Command line: ``gradvitals run | report`` (and ``checkup``, ``demo``).
+
+Exit codes: the script's own status for ``run``; 2 for bad usage (click's
+convention), with one line naming the bad argument and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+
+_RUN_CONTEXT = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"gradvitals: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gradvitals")
+def main() -> None:
+    """gradvitals: the vital signs of a PyTorch training run, and why it is failing."""
+
+
+def _options(every: int | None, full: bool, tensorboard: str | None) -> Any:
+    from .recorder import Options
+
+    kwargs: dict[str, Any] = {"full": full, "tensorboard": tensorboard}
+    if every is not None:
+        kwargs["every"] = every
+    try:
+        return Options(**kwargs)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--every") from None
+
+
+@main.command("run", context_settings=_RUN_CONTEXT)
+@click.option("--json", "json_path", metavar="PATH", help="Write the JSON report here.")
+@click.option("--html", "html_path", metavar="PATH", help="Write the self-contained HTML report here.")
+@click.option("--tensorboard", metavar="DIR", help="Also log per-layer scalars and findings to TensorBoard.")
+@click.option("--every", type=int, metavar="N", help="Activation stats / update ratios every N steps (default 25).")
+@click.option("--full", is_flag=True, help="Record every probe on every step (slower).")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but the script's own output.")
+@click.argument("script", metavar="SCRIPT")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[ARGS]...")
+def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | None, every: int | None,
+            full: bool, quiet: bool, script: str, args: tuple[str, ...]) -> None:
+    """Run SCRIPT with ARGS unmodified and diagnose its training.
+
+    Options before SCRIPT belong to gradvitals; everything after it goes to the script.
+    Exits with the script's own status.
+    """
+    from .runner import ScriptRunner, UsageError, check_outputs, write_outputs
+
+    options = _options(every, full, tensorboard)
+    runner = ScriptRunner(script, list(args), options)
+    try:
+        check_outputs({"--json": json_path, "--html": html_path})
+        runner.compile()
+    except UsageError as exc:
+        _fail(str(exc))
+    result = runner.run()
+    try:
+        written = write_outputs(result.report, json_path, html_path)
+    except OSError as exc:
+        _fail(f"could not write the report: {exc}", code=1)
+        return
+    if not quiet:
+        _summary(result.report, written)
+    sys.exit(result.status)
+
+
+def _summary(report: Any, written: list[str]) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True, no_color="NO_COLOR" in os.environ)
+    console.rule("gradvitals")
+    console.print(report)
+    for path in written:
+        console.print(f"report written to {path}")
+
+
+@main.command("report")
+@click.argument("report_json", metavar="RUN.json", type=click.Path(dir_okay=False))
+@click.option("--html", "html_path", metavar="PATH", help="Render the HTML report here.")
+@click.option("--rediagnose", is_flag=True, help="Re-run the rules on the saved record.")
+@click.option("--quiet", "-q", is_flag=True)
+def report_cmd(report_json: str, html_path: str | None, rediagnose: bool, quiet: bool) -> None:
+    """Print (and optionally re-render as HTML) a saved JSON report."""
+    from .report import Report, check_writable, write_atomic
+
+    try:
+        with open(report_json, encoding="utf-8") as fh:
+            data = json.load(fh)
+        report = Report.from_json(data, rediagnose=rediagnose)
+    except FileNotFoundError:
+        _fail(f"RUN.json: no such file: {report_json}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        _fail(f"RUN.json: {report_json} is not JSON ({exc})")
+    except (ValueError, KeyError, TypeError) as exc:
+        _fail(f"RUN.json: {report_json} is not a gradvitals report ({exc})")
+    if html_path:
+        why = check_writable(html_path)
+        if why:
+            _fail(f"--html {html_path}: {why}")
+        from .reports.html import render_html
+
+        write_atomic(html_path, render_html(report.to_json()))
+    if not quiet:
+        _summary(report, [html_path] if html_path else [])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,302 @@
+"""``gradvitals run SCRIPT``: watch an unmodified training script, in-process.
+
+Like ``python -m cProfile``: the script runs as ``__main__`` with ``sys.argv =
+[SCRIPT, *ARGS]`` and its folder first on ``sys.path``. This is the one module that
+installs process-global hooks (module forward hooks, optimizer step hooks, the
+optimizer constructor): nothing is attached to the user's modules between steps,
+so ``torch.save(model)`` pickles exactly what it would without gradvitals. Every
+hook is removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+import types
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.modules import module as nn_module
+from torch.optim import optimizer as optim_module
+
+from .recorder import Options, Recorder, _Model
+from .report import Report, check_writable, write_atomic
+
+
+class UsageError(Exception):
+    """Bad input to gradvitals itself (exit status 2, one line, no traceback)."""
+
+
+@dataclass
+class RunResult:
+    status: int
+    report: Report
+    error: str | None = None  # the script's exception, one line
+    outputs: list[str] = field(default_factory=list)
+
+
+class ScriptRunner:
+    """Runs one script under a Recorder with process-global hooks."""
+
+    def __init__(self, script: str, args: list[str], options: Options | None = None,
+                 *, stop_after_first_step: bool = False) -> None:
+        self.script = script
+        self.args = list(args)
+        self.options = options or Options()
+        self.stop_after_first_step = stop_after_first_step
+        self.recorder: Recorder | None = None
+        self._seen: dict[int, Any] = {}  # id(module) -> weakref (None for plain objects)
+        self._roots: dict[int, _Model] = {}
+        self._handles: list[Any] = []
+        self._opt_init: Callable[..., Any] | None = None
+        self._globals: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ checks
+    def compile(self) -> types.CodeType:
+        path = Path(self.script)
+        if not path.exists():
+            raise UsageError(f"script not found: {self.script}")
+        if path.is_dir():
+            raise UsageError(f"script is a directory, not a Python file: {self.script}")
+        try:
+            source = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read script {self.script}: {exc.strerror}") from None
+        try:
+            return compile(source, str(path), "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            raise UsageError(f"syntax error in {self.script}, line {exc.lineno}: {exc.msg}") from None
+        except ValueError as exc:
+            raise UsageError(f"cannot compile {self.script}: {exc}") from None
+
+    # ------------------------------------------------------------- hooks
+    def _install(self) -> None:
+        rec = self.recorder
+        assert rec is not None
+        self._handles.append(nn_module.register_module_forward_pre_hook(self._on_forward_pre))
+        self._handles.append(nn_module.register_module_forward_hook(
+            self._on_forward_post, with_kwargs=True, always_call=True))
+        self._handles.append(optim_module.register_optimizer_step_pre_hook(self._on_step_pre))
+        self._handles.append(optim_module.register_optimizer_step_post_hook(self._on_step_post))
+        orig_init = torch.optim.Optimizer.__init__
+        runner = self
+
+        def __init__(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+            orig_init(opt, *args, **kwargs)
+            try:
+                runner._on_optimizer(opt)
+            except Exception as exc:
+                rec._fail("optimizer_discovery", exc)
+
+        self._opt_init = orig_init
+        torch.optim.Optimizer.__init__ = __init__  # type: ignore[method-assign]
+
+    def _uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._opt_init is not None:
+            torch.optim.Optimizer.__init__ = self._opt_init  # type: ignore[method-assign]
+            self._opt_init = None
+
+    def _on_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        if self.recorder is not None:
+            self.recorder.add_optimizer(opt, local_hooks=False)
+
+    def _on_forward_pre(self, module: nn.Module, args: tuple) -> None:
+        ref = self._seen.get(id(module))
+        if ref is None or ref() is not module:
+            try:
+                self._discover(module)
+            except Exception as exc:
+                self.recorder._fail("model_discovery", exc)  # type: ignore[union-attr]
+                return
+        model = self._roots.get(id(module))
+        if model is not None and model.module is module:
+            try:
+                self.recorder._on_root_start(model)  # type: ignore[union-attr]
+            except Exception as exc:
+                self.recorder._fail("activations", exc)  # type: ignore[union-attr]
+
+    def _on_forward_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        model = self._roots.get(id(module))
+        if model is not None and model.module is module:
+            try:
+                self.recorder._on_root_end(model, args, kwargs)  # type: ignore[union-attr]
+            except Exception as exc:
+                self.recorder._fail("activations", exc)  # type: ignore[union-attr]
+
+    def _discover(self, module: nn.Module) -> None:
+        """A module called for the first time: a new root model, unless it belongs to one."""
+        rec = self.recorder
+        assert rec is not None
+        self._seen[id(module)] = weakref.ref(module)
+        if id(module) in rec._modules and rec._modules[id(module)][0].module is not module:
+            return  # a submodule of a known model called on its own
+        if not any(p.requires_grad for p in module.parameters()):
+            return  # loss modules, frozen feature extractors: nothing to train
+        # The outermost module runs its pre-hook first, so this is a root; it may
+        # contain models that were called on their own before (absorb them).
+        inner = {id(m) for m in module.modules()}
+        for r in list(rec.models):
+            if id(r.module) in inner and r.module is not module:
+                rec.remove_model(r.module)
+                self._roots.pop(id(r.module), None)
+        model = rec.add_model(module, label=self._label(module), local_hooks=False)
+        self._roots[id(module)] = model
+        for m in module.modules():
+            self._seen[id(m)] = weakref.ref(m)
+
+    def _label(self, module: nn.Module) -> str:
+        """The variable that holds the model in the script (``netD``), else its class."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            if "torch" + os.sep + "nn" not in frame.f_code.co_filename and "gradvitals" not in frame.f_code.co_filename:
+                for name, value in frame.f_locals.items():
+                    if value is module and not name.startswith("_") and name != "self":
+                        return name
+            frame = frame.f_back  # type: ignore[assignment]
+        for name, value in (self._globals or {}).items():
+            if value is module and not name.startswith("_"):
+                return name
+        return type(module).__name__
+
+    def _on_step_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        rec = self.recorder
+        if rec is None:
+            return
+        try:
+            rec.add_optimizer(opt, local_hooks=False)
+        except Exception as exc:
+            rec._fail("optimizer_discovery", exc)
+            return
+        rec._opt_pre_hook(opt, args, kwargs)
+        if self.stop_after_first_step:
+            raise _StopAtFirstStep()
+
+    def _on_step_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.recorder is not None:
+            self.recorder._opt_post_hook(opt, args, kwargs)
+
+    # --------------------------------------------------------------- run
+    def run(self) -> RunResult:
+        code = self.compile()
+        script_path = os.path.abspath(self.script)
+        command = " ".join(["gradvitals run", self.script, *self.args])
+        self.recorder = Recorder(self.options, command=command)
+        self.recorder.record.run["script"] = self.script
+        self.recorder.record.run["script_argv"] = [self.script, *self.args]
+        saved_argv, saved_path0 = sys.argv, list(sys.path)
+        saved_main = sys.modules.get("__main__")
+        main = types.ModuleType("__main__")
+        main.__dict__.update({"__file__": self.script, "__builtins__": __builtins__,
+                              "__cached__": None, "__spec__": None, "__package__": None,
+                              "__loader__": None})
+        self._globals = main.__dict__
+        old_term = _install_sigterm()
+        status, error = 0, None
+        try:
+            sys.argv = [self.script, *self.args]
+            sys.path.insert(0, os.path.dirname(script_path))
+            sys.modules["__main__"] = main
+            self._install()
+            try:
+                exec(code, main.__dict__)
+            except _StopAtFirstStep:
+                status = 0
+            except SystemExit as exc:
+                status, error = _exit_status(exc)
+            except KeyboardInterrupt:
+                status, error = 130, "KeyboardInterrupt"
+                _print_script_traceback(script_path)
+            except BaseException as exc:  # the script's own error: show it as python would
+                status, error = 1, f"{type(exc).__name__}: {exc}"
+                _print_script_traceback(script_path)
+        finally:
+            self._uninstall()
+            self.recorder.close()
+            sys.argv = saved_argv
+            sys.path[:] = saved_path0
+            if saved_main is not None:
+                sys.modules["__main__"] = saved_main
+            _restore_sigterm(old_term)
+        self.recorder.record.run["exit_status"] = status
+        if error:
+            self.recorder.record.run["script_error"] = error
+        report = Report.from_record(self.recorder.record)
+        return RunResult(status=status, report=report, error=error)
+
+
+class _StopAtFirstStep(BaseException):
+    """Raised from the first optimizer step in checkup mode to stop the script there."""
+
+
+class _Terminated(SystemExit):
+    pass
+
+
+def _install_sigterm() -> Any:
+    """SIGTERM ends the script through ``finally`` (so the report is written), status 143."""
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return None
+
+        def handler(signum: int, frame: Any) -> None:
+            raise _Terminated(128 + signum)
+
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not the main thread
+        return None
+
+
+def _restore_sigterm(old: Any) -> None:
+    if old is not None:
+        try:
+            signal.signal(signal.SIGTERM, old)
+        except (ValueError, OSError):
+            pass
+
+
+def _exit_status(exc: SystemExit) -> tuple[int, str | None]:
+    code = exc.code
+    if code is None:
+        return 0, None
+    if isinstance(code, int):
+        return code, (f"sys.exit({code})" if code else None)
+    print(code, file=sys.stderr)  # as python does for sys.exit("message")
+    return 1, f"sys.exit({code!r})"
+
+
+def _print_script_traceback(script_path: str) -> None:
+    """The script's traceback without gradvitals' own frames, as python prints it."""
+    etype, value, tb = sys.exc_info()
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != script_path:
+        tb = tb.tb_next
+    traceback.print_exception(etype, value, tb, file=sys.stderr)
+
+
+def write_outputs(report: Report, json_path: str | None, html_path: str | None) -> list[str]:
+    written = []
+    if json_path:
+        report.save(json_path)
+        written.append(json_path)
+    if html_path:
+        from .reports.html import render_html
+
+        write_atomic(html_path, render_html(report.to_json()))
+        written.append(html_path)
+    return written
+
+
+def check_outputs(paths: dict[str, str | None]) -> None:
+    for flag, path in paths.items():
+        if path:
+            why = check_writable(path)
+            if why:
+                raise UsageError(f"{flag} {path}: cannot write the report there ({why})")
