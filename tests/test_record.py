@@ -1,0 +1,85 @@
+"""Record and Series: bounded, exact summaries, JSON round trip. No torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from gradvitals.record import SCHEMA, LayerInfo, ParamInfo, Record, Series
+
+
+def test_series_keeps_all_points_below_cap():
+    s = Series(cap=100)
+    for i in range(50):
+        s.append(i, float(i))
+    assert list(s.steps) == list(range(50))
+    assert s.stride == 1 and s.count == 50
+
+
+def test_series_decimates_and_stays_bounded():
+    s = Series(cap=64)
+    for i in range(100_000):
+        s.append(i, float(i % 7))
+    assert len(s) < 64
+    assert s.count == 100_000
+    steps = list(s.steps)
+    assert steps == sorted(steps)
+    gaps = {b - a for a, b in zip(steps, steps[1:])}
+    assert gaps == {s.stride}  # evenly decimated
+
+
+def test_series_summary_survives_decimation():
+    s = Series(cap=16)
+    for i in range(10_000):
+        v = 1e6 if i == 4321 else (math.nan if i == 7777 else 1.0)
+        s.append(i, v)
+    assert s.max == 1e6 and s.max_step == 4321
+    assert s.first_nonfinite_step == 7777
+    assert 4321 not in list(s.steps)  # the spike was decimated away, the summary kept it
+
+
+def test_points_include_last_point():
+    s = Series(cap=16)
+    for i in range(1001):
+        s.append(i, float(i))
+    steps, values = s.points()
+    assert steps[-1] == 1000 and values[-1] == 1000.0
+
+
+def test_series_rejects_tiny_cap():
+    with pytest.raises(ValueError, match="cap"):
+        Series(cap=1)
+
+
+def test_record_json_roundtrip_with_nonfinite_values():
+    rec = Record()
+    rec.layers["fc"] = LayerInfo(name="fc", kind="Linear", depth=0, params=["fc.weight"])
+    rec.params["fc.weight"] = ParamInfo(name="fc.weight", layer="fc", shape=[2, 2], numel=4)
+    for i, v in enumerate([1.0, math.inf, -math.inf, math.nan]):
+        rec.add("grad_norm/fc.weight", i, v)
+    rec.event("nonfinite_origin", step=1, module="fc", value="inf")
+    data = rec.to_json()
+    text = json.dumps(data, allow_nan=False)  # strict JSON: no NaN literals
+    back = Record.from_json(json.loads(text))
+    assert data["schema"] == SCHEMA
+    vals = back.series["grad_norm/fc.weight"].values
+    assert vals[0] == 1.0 and vals[1] == math.inf and vals[2] == -math.inf and math.isnan(vals[3])
+    assert back.series["grad_norm/fc.weight"].first_nonfinite_step == 1
+    assert back.layers["fc"].params == ["fc.weight"]
+    assert back.events_of("nonfinite_origin")[0]["module"] == "fc"
+
+
+def test_from_json_rejects_other_schema():
+    with pytest.raises(ValueError, match="gradvitals.report/1"):
+        Record.from_json({"schema": "something/2"})
+
+
+def test_pure_layers_do_not_import_torch():
+    code = ("import sys, gradvitals.record, gradvitals.rules, gradvitals.diagnose, gradvitals.report, "
+            "gradvitals.findings; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,238 @@
+"""gv.watch on real training: measures what torch measures, changes nothing, leaves nothing behind."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradvitals as gv
+from gradvitals.probes import patches
+from models import FACTORIES, mlp, train
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_watched_run_is_bit_identical(kind, digits):
+    X, y = digits
+    torch.manual_seed(0)
+    base = FACTORIES[kind]()
+    twin = copy.deepcopy(base)
+    torch.manual_seed(1)
+    plain_losses, _ = train(base, X, y)
+    plain_rng = torch.get_rng_state()
+    torch.manual_seed(1)
+    with gv.watch(twin, every=1) as w:  # every probe on every step: the most intrusive setting
+        watched_losses, _ = train(twin, X, y)
+    watched_rng = torch.get_rng_state()
+    assert plain_losses == watched_losses
+    assert torch.equal(plain_rng, watched_rng)  # the RNG stream is untouched (dropout etc.)
+    a, b = _state(base), _state(twin)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert w.step == 12  # backward mode without an optimizer: one step per backward
+
+
+def test_grad_norms_match_torch_and_loss_is_captured(digits):
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = []
+    with gv.watch(model, opt) as w:
+        for i in range(5):
+            loss = nn.functional.cross_entropy(model(X[:64]), y[:64])
+            opt.zero_grad()
+            loss.backward()
+            expected.append({n: p.grad.norm().item() for n, p in model.named_parameters()} | {"loss": loss.item()})
+            opt.step()
+    rec = w.record
+    assert rec.steps == 5
+    for step, exp in enumerate(expected):
+        assert rec.series["loss"].values[step] == pytest.approx(exp["loss"], rel=1e-6)
+        for name, norm in exp.items():
+            if name != "loss":
+                assert rec.series[f"grad_norm/{name}"].values[step] == pytest.approx(norm, rel=1e-5)
+        glob = math.sqrt(sum(v * v for k, v in exp.items() if k != "loss"))
+        assert rec.series["grad_norm_global"].values[step] == pytest.approx(glob, rel=1e-5)
+
+
+def test_update_ratio_matches_oracle(digits):
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with gv.watch(model, opt, every=1) as w:
+        loss = nn.functional.cross_entropy(model(X[:64]), y[:64])
+        opt.zero_grad()
+        loss.backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+    for n, p in model.named_parameters():
+        oracle = ((p.detach() - before[n]).norm() / before[n].norm()).item()
+        assert w.record.series[f"update_ratio/{n}"].values[0] == pytest.approx(oracle, rel=1e-4)
+        assert w.record.series[f"weight_norm/{n}"].values[0] == pytest.approx(before[n].norm().item(), rel=1e-5)
+
+
+def test_activation_stats_match_oracle(digits):
+    X, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Sigmoid(), nn.Linear(16, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gv.watch(model, opt) as w:
+        out = model(X[:50])
+        nn.functional.cross_entropy(out, y[:50]).backward()
+        opt.step()
+    s = w.record.series
+    assert s["act_std/1"].values[0] > 0
+    assert 0 <= s["act_sat_frac/1"].values[0] <= 1
+    assert math.isnan(s["act_sat_frac/0"].values[0])  # Linear: not a saturating module
+    assert s["dead_frac/0"].values[0] >= 0
+    layers = w.record.layers
+    assert layers["0"].depth < layers["1"].depth < layers["2"].depth
+    from gradvitals.taxonomy import activation_family
+
+    assert activation_family(layers["0"].activation_after) == "sigmoid"
+
+
+def test_activation_stats_oracle_values(digits):
+    X, _ = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    x = X[:40]
+    with torch.no_grad():
+        pre = model[0](x)
+        post = torch.relu(pre)
+    with gv.watch(model) as w:
+        model(x).sum().backward()
+    s = w.record.series
+    assert s["act_mean/1"].values[0] == pytest.approx(post.mean().item(), rel=1e-5)
+    assert s["act_std/1"].values[0] == pytest.approx(post.std(unbiased=False).item(), rel=1e-5)
+    assert s["act_zero_frac/1"].values[0] == pytest.approx((post == 0).float().mean().item())
+    never = ((pre > 0).sum(0) == 0).float().mean().item()
+    assert s["dead_frac/0"].values[0] == pytest.approx(never)
+
+
+def test_close_removes_every_hook_and_patch():
+    model = mlp(depth=2)
+    opt = torch.optim.Adam(model.parameters())
+    backward_before = torch.Tensor.backward
+    clip_before = torch.nn.utils.clip_grad_norm_
+    w = gv.watch(model, opt, every=1)
+    assert torch.Tensor.backward is not backward_before
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    w.close()
+    w.close()  # idempotent
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+        assert not m._backward_hooks and not m._backward_pre_hooks
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert torch.Tensor.backward is backward_before
+    assert torch.nn.utils.clip_grad_norm_ is clip_before
+    assert patches.active() == []
+
+
+def test_several_optimizers_and_clipping(digits):
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    body = [p for n, p in model.named_parameters() if not n.startswith("4.")]
+    head = list(model[4].parameters())
+    opt_a, opt_b = torch.optim.SGD(body, lr=0.1), torch.optim.Adam(head, lr=1e-3)
+    with gv.watch(model, [opt_a, opt_b]) as w:
+        for _ in range(4):
+            loss = nn.functional.cross_entropy(model(X[:32]), y[:32])
+            opt_a.zero_grad(), opt_b.zero_grad()
+            loss.backward()
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt_a.step()
+            opt_b.step()
+    rec = w.record
+    assert rec.steps == 4
+    assert len(rec.series["grad_norm/0.weight"]) == 4
+    assert len(rec.series["grad_norm/4.weight"]) == 4
+    assert rec.series["clip_total_norm"].values[-1] == pytest.approx(total.item(), rel=1e-6)
+    assert rec.series["clip_clipped"].values[-1] == float(total.item() > 0.5)
+    # recorded before clipping: the global norm equals clip's total, not max_norm
+    assert rec.series["grad_norm_global"].values[-1] == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_probe_error_does_not_stop_training(digits, monkeypatch):
+    X, y = digits
+    from gradvitals.probes import activations
+
+    def broken(*a, **k):
+        raise RuntimeError("probe exploded")
+
+    monkeypatch.setattr(activations, "stats", broken)
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    with gv.watch(model, every=1) as w:
+        losses, _ = train(model, X, y, steps=5)
+    assert len(losses) == 5
+    errors = w.record.events_of("probe_error")
+    assert len(errors) == 1 and "probe exploded" in errors[0]["error"]
+    assert len(w.record.series["grad_norm_global"]) == 5  # the other probes kept working
+    assert any(e["type"] == "probe_error" for e in w.report()["run"]["events"])
+
+
+def test_nonfinite_origin_names_the_module(digits):
+    X, y = digits
+    torch.manual_seed(0)
+
+    class Bad(nn.Module):
+        def forward(self, x):
+            return torch.log(x - 10.0)  # NaN for every input below 10
+
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), Bad(), nn.Linear(16, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gv.watch(model, opt) as w:
+        train_loop_losses = []
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(model(X[:16]), y[:16])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            train_loop_losses.append(loss.item())
+    report = w.report()
+    nonfinite = [f for f in report["findings"] if f["code"] == "nonfinite"]
+    assert nonfinite and nonfinite[0]["layers"][0] == "2" and nonfinite[0]["step"] == 0
+    assert nonfinite[0]["evidence"]["op"] == "log"
+    assert math.isnan(train_loop_losses[0])
+
+
+def test_bad_options_are_rejected():
+    model = mlp(depth=1)
+    with pytest.raises(ValueError, match="every"):
+        gv.watch(model, every=0)
+    with pytest.raises(TypeError, match="unknown watch option.*evry"):
+        gv.watch(model, evry=3)
+    with pytest.raises(TypeError, match="model must be"):
+        gv.watch("not a model")
+    assert patches.active() == []
+
+
+def test_memory_is_bounded_on_long_run():
+    """200,000 steps of a 3-layer model: the record stays at its cap."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(8, 4)
+    with gv.watch(model, opt, cap=64, every=1000) as w:
+        for _ in range(3000):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    gc.collect()
+    for key, s in w.record.series.items():
+        assert len(s) < 64 or key.startswith(("act_", "dead_", "weight_", "update_")), key
+    assert w.record.series["loss"].count == 3000
+    assert len(w.record.series["loss"]) < 64
