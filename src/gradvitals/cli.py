@@ -117,5 +117,35 @@ def report_cmd(report_json: str, html_path: str | None, rediagnose: bool, quiet:
         _summary(report, [html_path] if html_path else [])
 
 
+@main.command("demo")
+@click.option("--out", "out_dir", default="gradvitals-demo", show_default=True, metavar="DIR",
+              help="Where the gallery HTML and the per-run JSON reports go.")
+@click.option("--steps", type=click.IntRange(min=10), metavar="N", help="Optimizer steps per run (default 300; --quick 120).")
+@click.option("--quick", is_flag=True, help="Fewer steps (used by the test suite).")
+@click.option("--only", multiple=True, metavar="CASE",
+              type=click.Choice(["vanishing", "exploding", "symmetry", "lr", "dead", "saturation", "modern"]),
+              help="Run only these gallery cases (repeatable).")
+def demo_cmd(out_dir: str, steps: int | None, quick: bool, only: tuple[str, ...]) -> None:
+    """The chapter's 20-layer digit classifier: every failure, its diagnosis and its fix."""
+    import time
+    from pathlib import Path
+
+    from .demo import quick_steps, run_demo, write_gallery
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(f"{out_dir} exists and is not a folder", param_hint="--out")
+    n = quick_steps(steps, quick)
+    click.echo(f"gradvitals demo: the 20-layer digit classifier, {n} steps per run "
+               f"(scikit-learn's bundled digits, no download)\n")
+    t0 = time.perf_counter()
+    results = run_demo(out, n, echo=lambda s: click.echo(s + "\n"), only=list(only) or None)
+    gallery = write_gallery(results, out / "gallery.html")
+    click.echo(f"finished in {time.perf_counter() - t0:.1f} s")
+    click.echo(f"per-run JSON reports: {out}/*.json")
+    if gallery is not None:
+        click.echo(f"gallery: {gallery}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
