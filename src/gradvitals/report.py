@@ -114,3 +114,12 @@ def check_writable(path: str | os.PathLike[str]) -> str | None:
 
 def schema_id() -> str:
     return SCHEMA
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of ``gradvitals.report/1`` (shipped as package data), so tools
+    that read reports can validate them: ``jsonschema.validate(report, schema())``."""
+    from importlib import resources
+
+    text = resources.files("gradvitals").joinpath("schema/report-1.json").read_text(encoding="utf-8")
+    return json.loads(text)
