@@ -48,10 +48,18 @@ def _options(every: int | None, full: bool, tensorboard: str | None) -> Any:
 @click.option("--every", type=int, metavar="N", help="Activation stats / update ratios every N steps (default 25).")
 @click.option("--full", is_flag=True, help="Record every probe on every step (slower).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but the script's own output.")
+@click.option("--try-fixes", is_flag=True, help="Then re-run the script with each remedy the findings point to "
+              "and show which one cures it.")
+@click.option("--budget-steps", type=click.IntRange(min=1), metavar="N",
+              help="Stop each run after N optimizer steps (with --try-fixes: each trial; default 200).")
+@click.option("--trials", type=click.IntRange(min=1, max=20), default=5, show_default=True, metavar="K",
+              help="With --try-fixes: at most K remedies.")
+@click.option("--remedy", "remedy_json", hidden=True, help="(internal) apply one remedy in this run.")
 @click.argument("script", metavar="SCRIPT")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[ARGS]...")
 def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | None, every: int | None,
-            full: bool, quiet: bool, script: str, args: tuple[str, ...]) -> None:
+            full: bool, quiet: bool, try_fixes: bool, budget_steps: int | None, trials: int,
+            remedy_json: str | None, script: str, args: tuple[str, ...]) -> None:
     """Run SCRIPT with ARGS unmodified and diagnose its training.
 
     Options before SCRIPT belong to gradvitals; everything after it goes to the script.
@@ -60,13 +68,43 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
     from .runner import ScriptRunner, UsageError, check_outputs, write_outputs
 
     options = _options(every, full, tensorboard)
-    runner = ScriptRunner(script, list(args), options)
+    applier = None
+    if remedy_json:
+        from .prescribe import Remedy, RemedyApplier
+
+        try:
+            applier = RemedyApplier(Remedy.from_json(remedy_json), budget_steps)
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--remedy") from None
+    runner = ScriptRunner(script, list(args), options,
+                          budget_steps=None if try_fixes else budget_steps, remedy=applier)
     try:
         check_outputs({"--json": json_path, "--html": html_path})
         runner.compile()
     except UsageError as exc:
         _fail(str(exc))
     result = runner.run()
+    if try_fixes:
+        from .prescribe import DEFAULT_BUDGET_STEPS, render_table, try_fixes as _try
+
+        def say(line: str) -> None:
+            if not quiet:
+                click.echo(line, err=True)
+
+        found = _try(script, list(args), result.report.to_json(), budget=budget_steps or DEFAULT_BUDGET_STEPS,
+                     trials=trials, echo=say)
+        result.report.extra["trials"] = [t.to_json() for t in found]
+        if found and not quiet:
+            from rich.console import Console
+
+            console = Console(stderr=True, no_color="NO_COLOR" in os.environ)
+            console.print(render_table(found))
+            winner = next((t for t in found if t.winner), None)
+            if winner is not None:
+                console.print(f"Winner: {winner.label}. Make it permanent:\n{winner.snippet}")
+            else:
+                console.print("No remedy both removed the critical findings and improved the loss "
+                              "within the budget.")
     try:
         written = write_outputs(result.report, json_path, html_path)
     except OSError as exc:

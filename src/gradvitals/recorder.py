@@ -471,6 +471,7 @@ class Recorder:
             o = self._opts.get(id(opt))
             if o is None:
                 return
+            o.preclip = None  # a clip after the measurement (Lightning) must not leak into the next step
             if o.before is not None:
                 keys, before, wnorm = o.before
                 o.before = None
@@ -483,6 +484,23 @@ class Recorder:
                 self._advance()
         except Exception as exc:
             self._fail("update_ratio", exc)
+
+    # ------------------------------------------- driven by a training framework
+    def step_begin(self, optimizer: torch.optim.Optimizer, *, sum_losses: bool = False) -> None:
+        """``optimizer`` is about to step with this step's final gradients: the work of
+        its step pre-hook. For frameworks whose ``optimizer.step(closure)`` runs forward
+        and backward inside the step (Lightning), where the pre-hook would still see the
+        previous step's gradients; such optimizers are added without hooks.
+        ``sum_losses``: the trainer divided each accumulation micro-batch's loss so that
+        they add up to the step's loss (HF Trainer); add them instead of averaging."""
+        self.add_optimizer(optimizer, local_hooks=False)  # idempotent
+        if sum_losses and len(self._losses) > 1:
+            self._losses = [torch.stack([l.to(self._losses[0].device) for l in self._losses]).sum()]
+        self._opt_pre_hook(optimizer, (), {})
+
+    def step_end(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer`` has stepped: the work of its step post-hook."""
+        self._opt_post_hook(optimizer, (), {})
 
     def _advance(self) -> None:
         self._stepped = []

@@ -45,8 +45,13 @@ class ScriptRunner:
     """Runs one script under a Recorder with process-global hooks."""
 
     def __init__(self, script: str, args: list[str], options: Options | None = None,
-                 *, stop_after_first_step: bool = False) -> None:
+                 *, stop_after_first_step: bool = False, budget_steps: int | None = None,
+                 remedy: Any = None) -> None:
         self.script = script
+        self.budget_steps = budget_steps
+        self.remedy = remedy  # a prescribe.RemedyApplier for --try-fixes trials
+        self._budget_used = 0
+        self._suspended = False  # while a remedy runs its own forward
         self.args = list(args)
         self.options = options or Options()
         self.stop_after_first_step = stop_after_first_step
@@ -108,8 +113,12 @@ class ScriptRunner:
     def _on_optimizer(self, opt: torch.optim.Optimizer) -> None:
         if self.recorder is not None:
             self.recorder.add_optimizer(opt, local_hooks=False)
+        if self.remedy is not None:
+            self.remedy.on_optimizer(opt)
 
     def _on_forward_pre(self, module: nn.Module, args: tuple) -> None:
+        if self._suspended:
+            return
         ref = self._seen.get(id(module))
         if ref is None or ref() is not module:
             try:
@@ -117,6 +126,17 @@ class ScriptRunner:
             except Exception as exc:
                 self.recorder._fail("model_discovery", exc)  # type: ignore[union-attr]
                 return
+            if self.remedy is not None and id(module) in self._roots:
+                self._suspended = True
+                try:
+                    self.remedy.on_new_model(module, args)
+                finally:
+                    self._suspended = False
+                self.recorder.remove_model(module)  # re-index: the remedy may have swapped modules
+                self._roots[id(module)] = self.recorder.add_model(module, label=self._label(module),
+                                                                   local_hooks=False)
+                for m in module.modules():
+                    self._seen[id(m)] = weakref.ref(m)
         model = self._roots.get(id(module))
         if model is not None and model.module is module:
             try:
@@ -125,6 +145,8 @@ class ScriptRunner:
                 self.recorder._fail("activations", exc)  # type: ignore[union-attr]
 
     def _on_forward_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._suspended:
+            return
         model = self._roots.get(id(module))
         if model is not None and model.module is module:
             try:
@@ -179,10 +201,18 @@ class ScriptRunner:
         rec._opt_pre_hook(opt, args, kwargs)
         if self.stop_after_first_step:
             raise _StopAtFirstStep()
+        if self.remedy is not None:
+            self.remedy.on_step_pre(opt)
 
     def _on_step_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.recorder is not None:
             self.recorder._opt_post_hook(opt, args, kwargs)
+        done = self.remedy.on_step_post(opt) if self.remedy is not None else False
+        if self.budget_steps is not None:
+            self._budget_used += 1
+            done = done or self._budget_used >= self.budget_steps
+        if done:
+            raise _StopAtFirstStep()  # the trial's step budget is spent: end the script here
 
     # --------------------------------------------------------------- run
     def run(self) -> RunResult:
@@ -227,6 +257,10 @@ class ScriptRunner:
                 sys.modules["__main__"] = saved_main
             _restore_sigterm(old_term)
         self.recorder.record.run["exit_status"] = status
+        if self.remedy is not None:
+            self.recorder.record.run["remedy_status"] = self.remedy.status()
+        if self.budget_steps is not None:
+            self.recorder.record.run["budget_steps"] = self.budget_steps
         if error:
             self.recorder.record.run["script_error"] = error
         report = Report.from_record(self.recorder.record)
