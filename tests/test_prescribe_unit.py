@@ -1,0 +1,107 @@
+"""try-fixes: remedy selection from findings, the in-process applier, the judge."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradvitals.prescribe import (HEALTHY_NORM_CEILING, Remedy, RemedyApplier, Trial, _judge,
+                                  observed_max_norm, select_remedies)
+
+
+def report(*codes, step=5, norms=None):
+    return {"findings": [{"code": c, "severity": "critical", "step": step} for c in codes],
+            "series": {"grad_norm_global": {"steps": list(range(len(norms or []))), "values": norms or []}}}
+
+
+def test_healthy_run_selects_nothing():
+    assert select_remedies({"findings": [{"code": "loss_plateau", "severity": "info"}]}, 200, 5) == []
+
+
+def test_explosion_points_to_lr_clip_warmup():
+    names = [r.name for r in select_remedies(report("nonfinite", "exploding_gradients"), 200, 5)]
+    assert names[:3] == ["lr_x0.1", "clip", "warmup"]
+    assert "init" not in names  # NaN late in the run: the init is not the suspect
+
+
+def test_nan_at_first_step_suspects_init_first():
+    names = [r.name for r in select_remedies(report("nonfinite", step=0), 200, 5)]
+    assert names[0] == "init"
+
+
+def test_limit_and_specific_remedies():
+    assert [r.name for r in select_remedies(report("dead_relu"), 200, 1)] == ["swap_relu"]
+    assert select_remedies(report("vanishing_gradients"), 200, 5)[0].name == "swap_saturating"
+    assert select_remedies(report("update_ratio_low"), 200, 5)[0].name == "lr_x10"
+
+
+def test_max_norm_from_early_norms_and_overflow_fallback():
+    assert observed_max_norm(report(norms=[2.0, 3.0, 4.0, 5.0, 6.0, 1e9, "nan"] * 2)) == pytest.approx(3.0)
+    assert observed_max_norm(report(norms=[HEALTHY_NORM_CEILING * 10] * 10)) == 1.0
+    assert observed_max_norm({"series": {}}) == 1.0
+
+
+def test_unknown_remedy_rejected_with_allowed_list():
+    with pytest.raises(ValueError, match="allowed: .*clip"):
+        Remedy.from_json('{"name": "magic"}')
+
+
+def test_applier_scales_lr_and_swaps_modules():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    RemedyApplier(Remedy("lr_x0.1", {"factor": 0.1}), None).on_optimizer(opt)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    a = RemedyApplier(Remedy("swap_relu"), None)
+    a.on_new_model(model, (torch.randn(2, 4),))
+    assert isinstance(model[1], nn.LeakyReLU) and a.status()["applicable"]
+
+
+def test_applier_says_when_a_functional_activation_cannot_be_swapped():
+    class F(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    a = RemedyApplier(Remedy("swap_relu"), None)
+    a.on_new_model(F(), (torch.randn(2, 4),))
+    st = a.status()
+    assert not st["applicable"] and "function call" in st["reason"]
+
+
+def test_warmup_restores_lr_after_each_step_and_budget_stops():
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    a = RemedyApplier(Remedy("warmup", {"steps": 4}), budget_steps=2)
+    seen = []
+    model(torch.ones(1, 2)).sum().backward()
+    a.on_step_pre(opt)
+    seen.append(opt.param_groups[0]["lr"])
+    assert not a.on_step_post(opt)
+    a.on_step_pre(opt)
+    seen.append(opt.param_groups[0]["lr"])
+    assert a.on_step_post(opt)  # budget of 2 steps spent
+    assert seen == [0.25, 0.5] and opt.param_groups[0]["lr"] == 1.0
+
+
+def _trial(name, codes, final, best=None, applicable=True):
+    return Trial(remedy=name, applicable=applicable, reason="", remaining_codes=codes, final_loss=final,
+                 best_loss=final if best is None else best, loss_curve={"steps": [0, 1], "values": [final, final]})
+
+
+def test_judge_picks_remedy_that_cures_and_improves():
+    trials = [_trial("none", ["nonfinite"], math.nan, best=2.3), _trial("clip", ["nonfinite"], math.nan, best=2.2),
+              _trial("lr_x0.1", [], 0.4), _trial("warmup", [], 0.9), _trial("init", [], 0.1, applicable=False)]
+    _judge(trials)
+    assert [t.remedy for t in trials if t.winner] == ["lr_x0.1"]
+
+
+def test_judge_no_winner_when_nothing_improves():
+    trials = [_trial("none", [], 0.5), _trial("clip", [], 0.6)]
+    _judge(trials)
+    assert not any(t.winner for t in trials)
