@@ -78,12 +78,18 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
             raise click.BadParameter(str(exc), param_hint="--remedy") from None
     runner = ScriptRunner(script, list(args), options,
                           budget_steps=None if try_fixes else budget_steps, remedy=applier)
+    if not quiet:
+        from .reports.progress import Progress
+
+        runner.progress = Progress()  # live status line on stderr
     try:
         check_outputs({"--json": json_path, "--html": html_path})
         runner.compile()
     except UsageError as exc:
         _fail(str(exc))
     result = runner.run()
+    if runner.progress is not None:
+        runner.progress.close()
     if try_fixes:
         from .prescribe import DEFAULT_BUDGET_STEPS, render_table, try_fixes as _try
 

@@ -141,6 +141,7 @@ class Recorder:
         self._closed = False
         self._started = time.time()
         self._tb: Any = None
+        self.progress: Any = None  # reports.progress.Progress: the CLI's live status line
         self.backward_mode_models: set[int] = set()
         patches.install(self)
         if self.options.tensorboard:
@@ -594,6 +595,8 @@ class Recorder:
                 self._locate_origin(nonfinite)
             except Exception as exc:
                 self._fail("nonfinite_origin", exc)
+        if self.progress is not None:
+            self.progress.update(self.record)  # reads the values just fetched; never raises
 
     # ------------------------------------------------------- NaN origin
     def _locate_origin(self, seen: list[tuple[int, str, float]]) -> None:

@@ -61,6 +61,7 @@ class ScriptRunner:
         self._handles: list[Any] = []
         self._opt_init: Callable[..., Any] | None = None
         self._globals: dict[str, Any] | None = None
+        self.progress: Any = None  # reports.progress.Progress, handed to the recorder (CLI)
 
     # ------------------------------------------------------------ checks
     def compile(self) -> types.CodeType:
@@ -220,6 +221,7 @@ class ScriptRunner:
         script_path = os.path.abspath(self.script)
         command = " ".join(["gradvitals run", self.script, *self.args])
         self.recorder = Recorder(self.options, command=command)
+        self.recorder.progress = self.progress
         self.recorder.record.run["script"] = self.script
         self.recorder.record.run["script_argv"] = [self.script, *self.args]
         saved_argv, saved_path0 = sys.argv, list(sys.path)

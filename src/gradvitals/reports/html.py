@@ -51,6 +51,13 @@ DEPTH_PANELS: tuple[tuple[str, str, bool, str], ...] = (
     ("act_std", "Activation std", True,
      "should stay roughly constant with depth; collapsing or growing means an init/scale problem"),
 )
+#: What an empty panel means, per quantity.
+EMPTY_PANEL = {
+    "update_ratio": "No update ratios recorded (no optimizer step was seen).",
+    "dead_frac": "No ReLU-family outputs in this model.",
+    "act_sat_frac": "No sigmoid/tanh outputs in this model.",
+    "act_std": "No activation statistics recorded.",
+}
 
 
 # ----------------------------------------------------------------- numbers
@@ -301,6 +308,7 @@ def depth_panels_data(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Per quantity: value by depth at the first and the last recorded step."""
     series = report.get("series", {})
     layers = _layers(report)
+    by_name = {l["name"]: l for l in layers}
     panels = []
     for quantity, title, log, hint in DEPTH_PANELS:
         names, kinds, first, last = [], [], [], []
@@ -325,10 +333,14 @@ def depth_panels_data(report: dict[str, Any]) -> list[dict[str, Any]]:
             last.append(_plot_value(fl[3]))
             first_steps.add(fl[0])
             last_steps.add(fl[2])
+        if quantity == "dead_frac":  # only ReLU-family outputs can be dead
+            keep = [i for i, n in enumerate(names) if _zeroing(by_name[n])]
+            names, kinds, first, last = ([x[i] for i in keep] for x in (names, kinds, first, last))
         if quantity != "update_ratio":
             keep = _comparable(kinds)
             names, kinds, first, last = ([x[i] for i in keep] for x in (names, kinds, first, last))
         panel: dict[str, Any] = {"quantity": quantity, "title": title, "log": log, "hint": hint,
+                                 "empty": EMPTY_PANEL.get(quantity, "Not recorded in this run."),
                                  "names": names, "kinds": kinds, "first": first, "last": last,
                                  "first_step": min(first_steps) if first_steps else None,
                                  "last_step": max(last_steps) if last_steps else None}
@@ -336,6 +348,13 @@ def depth_panels_data(report: dict[str, Any]) -> list[dict[str, Any]]:
             panel["guide"] = UPDATE_RATIO_GUIDE
         panels.append(panel)
     return panels
+
+
+def _zeroing(layer: dict[str, Any]) -> bool:
+    from ..taxonomy import ZEROING_FAMILIES, activation_family
+
+    fams = {activation_family(layer.get("kind")), activation_family(layer.get("activation_after"))}
+    return bool(ZEROING_FAMILIES & fams)
 
 
 def _comparable(kinds: list[str]) -> list[int]:

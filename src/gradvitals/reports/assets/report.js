@@ -340,7 +340,7 @@
     var h = document.createElement("h3"); h.textContent = p.title; box.appendChild(h);
     div("phint", box, p.hint);
     var n = p.names.length;
-    if (!n) { div("empty", box, "Not recorded in this run."); return; }
+    if (!n) { div("empty", box, p.empty || "Not recorded in this run."); return; }
     var first = p.first.map(num), last = p.last.map(num);
     var W = 420, H = 200, L = 50, R = W - 10, T = 12, B = H - 30;
     var svg = el("svg", { viewBox: "0 0 " + W + " " + H, "class": "gv-panel", "data-quantity": p.quantity });
