@@ -13,21 +13,34 @@ from .recorder import Options, Recorder
 from .report import Report
 
 
+DRIVES = ("hooks", "manual")
+
+
 class Watch:
     """A live watch over one or more models. Use as a context manager or call
     :meth:`close`. ``record`` is the plain-data record, ``report()`` the JSON contract.
+
+    ``drive="manual"``: no optimizer hooks; the caller marks each optimizer step with
+    :meth:`step_begin` (final gradients, before clipping) and :meth:`step_end` (after
+    the update). For trainers that run forward and backward inside ``optimizer.step``.
     """
 
-    def __init__(self, model: nn.Module | Iterable[nn.Module], optimizer: Any = None, **options: Any) -> None:
+    def __init__(self, model: nn.Module | Iterable[nn.Module], optimizer: Any = None, *,
+                 drive: str = "hooks", **options: Any) -> None:
+        if drive not in DRIVES:
+            raise ValueError(f"drive must be one of {', '.join(map(repr, DRIVES))}, got {drive!r}")
+        self.drive = drive
         models = _as_list(model, nn.Module, "model")
         optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer") if optimizer is not None else []
         self.options = Options.from_kwargs(options)
         self._recorder = Recorder(self.options)
+        if drive == "manual":
+            self._recorder._optimizer_seen = True  # steps come from step_begin, never from backward()
         try:
             for m in models:
                 self._recorder.add_model(m, label=self.options.name if len(models) == 1 else None)
             for opt in optimizers:
-                self._recorder.add_optimizer(opt)
+                self._recorder.add_optimizer(opt, local_hooks=drive == "hooks")
         except BaseException:
             self._recorder.close()
             raise
@@ -47,7 +60,17 @@ class Watch:
         self._recorder.log_loss(loss)
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        self._recorder.add_optimizer(_as_list(optimizer, torch.optim.Optimizer, "optimizer")[0])
+        self._recorder.add_optimizer(_as_list(optimizer, torch.optim.Optimizer, "optimizer")[0],
+                                     local_hooks=self.drive == "hooks")
+
+    def step_begin(self, optimizer: torch.optim.Optimizer, *, sum_losses: bool = False) -> None:
+        """(``drive="manual"``) ``optimizer`` is about to step: record its gradients.
+        ``sum_losses``: the step's micro-batch losses add up to its loss (see Recorder)."""
+        self._recorder.step_begin(optimizer, sum_losses=sum_losses)
+
+    def step_end(self, optimizer: torch.optim.Optimizer) -> None:
+        """(``drive="manual"``) ``optimizer`` has stepped: update ratios; next step."""
+        self._recorder.step_end(optimizer)
 
     def report(self) -> dict[str, Any]:
         """The JSON report (schema gradvitals.report/1) as a dict."""
@@ -75,11 +98,12 @@ class Watch:
         self.close()
 
 
-def watch(model: nn.Module | Iterable[nn.Module], optimizer: Any = None, **options: Any) -> Watch:
+def watch(model: nn.Module | Iterable[nn.Module], optimizer: Any = None, *, drive: str = "hooks",
+          **options: Any) -> Watch:
     """Watch ``model`` (one module or several). ``optimizer``: one, several, or None
     (then each ``backward()`` counts as a step). Options: see :class:`gradvitals.recorder.Options`.
     """
-    return Watch(model, optimizer, **options)
+    return Watch(model, optimizer, drive=drive, **options)
 
 
 def _as_list(obj: Any, kind: type, what: str) -> list[Any]:
