@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from .findings import Finding
 from .record import Record
@@ -11,30 +12,56 @@ log = logging.getLogger("gradvitals")
 
 _SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 
-#: The chapter's causal chain, cause first: a finding earlier in this list explains
-#: the ones after it when both are present ("connection triangle").
+#: The chapter's causal chain, cause first: among findings at the same place in a
+#: chain, one earlier in this list is shown first ("connection triangle":
+#: activation x init x gradient behaviour).
 CAUSAL_ORDER: tuple[str, ...] = (
     "symmetric_weights",
     "architecture_risk",
     "poor_initialization",
+    "batchnorm_small_batch",
+    "update_ratio_high",
     "saturated_activations",
     "dead_relu",
-    "update_ratio_high",
-    "batchnorm_small_batch",
     "exploding_gradients",
     "vanishing_gradients",
+    "clipping_always_active",
     "no_gradient",
     "not_updated",
-    "clipping_always_active",
     "update_ratio_low",
     "nonfinite",
     "loss_spike",
     "loss_plateau",
 )
 
+#: consequence -> the findings that can explain it, most direct first. The first one
+#: present (a warning or critical, not later than the consequence) becomes its
+#: ``caused_by``: nonfinite <- exploding_gradients <- update_ratio_high;
+#: loss_plateau <- vanishing_gradients <- saturated_activations.
+CAUSES: dict[str, tuple[str, ...]] = {
+    "nonfinite": ("exploding_gradients", "update_ratio_high", "loss_spike", "batchnorm_small_batch"),
+    "exploding_gradients": ("poor_initialization", "architecture_risk", "update_ratio_high",
+                            "batchnorm_small_batch"),
+    "update_ratio_high": ("exploding_gradients", "batchnorm_small_batch"),
+    "loss_spike": ("exploding_gradients", "update_ratio_high", "batchnorm_small_batch"),
+    "dead_relu": ("update_ratio_high", "exploding_gradients", "poor_initialization", "batchnorm_small_batch"),
+    "vanishing_gradients": ("saturated_activations", "poor_initialization", "symmetric_weights",
+                            "architecture_risk", "batchnorm_small_batch"),
+    "saturated_activations": ("poor_initialization", "update_ratio_high"),
+    "update_ratio_low": ("clipping_always_active",),
+    "not_updated": ("clipping_always_active",),
+    "loss_plateau": ("vanishing_gradients", "dead_relu", "saturated_activations", "clipping_always_active",
+                     "update_ratio_low", "update_ratio_high", "no_gradient", "not_updated",
+                     "symmetric_weights", "batchnorm_small_batch", "poor_initialization",
+                     "architecture_risk", "exploding_gradients"),
+}
+
+#: Consequences judged over the whole run: their cause may show up later than their step.
+_WHOLE_RUN = frozenset({"loss_plateau", "update_ratio_low", "not_updated"})
+
 
 def diagnose(record: Record) -> list[Finding]:
-    """All findings of all rules, root cause first, then by severity."""
+    """All findings of all rules, causes linked, root cause first."""
     from .rules import RULES
 
     findings: list[Finding] = []
@@ -44,27 +71,79 @@ def diagnose(record: Record) -> list[Finding]:
         except Exception as exc:  # a broken rule must not hide the others
             log.warning("gradvitals: rule %s failed: %r", getattr(rule, "__name__", rule), exc)
             record.event("rule_error", rule=getattr(rule, "__name__", str(rule)), error=repr(exc))
-    return order(findings)
+    return order(link(findings))
+
+
+def _explains(cause: Finding, effect: Finding) -> bool:
+    if cause.severity == "info" or cause is effect:
+        return False
+    if cause.code == "exploding_gradients" and effect.code == "update_ratio_high":
+        # Huge updates from gradients that were huge before the first step: the
+        # initialisation, not the learning rate, is the cause.
+        return bool(cause.evidence.get("at_init"))
+    if cause.code == "update_ratio_high" and effect.code == "exploding_gradients":
+        return not effect.evidence.get("at_init")
+    if effect.code in _WHOLE_RUN or cause.step is None or effect.step is None:
+        return True
+    return cause.step <= effect.step
+
+
+def link(findings: list[Finding]) -> list[Finding]:
+    """Set ``caused_by`` on consequences (keeps one set by a rule); never forms a cycle."""
+    by_code = {f.code: f for f in findings}
+    parent: dict[str, str] = {f.code: f.caused_by for f in findings if f.caused_by}
+
+    def reaches(start: str, target: str) -> bool:
+        seen = set()
+        while start in parent and start not in seen:
+            seen.add(start)
+            start = parent[start]
+            if start == target:
+                return True
+        return False
+
+    for f in findings:
+        if f.code in parent:
+            continue
+        for cause in CAUSES.get(f.code, ()):
+            c = by_code.get(cause)
+            if c is not None and _explains(c, f) and not reaches(cause, f.code):
+                parent[f.code] = cause
+                break
+    return [replace(f, caused_by=parent[f.code]) if parent.get(f.code) and f.caused_by is None else f
+            for f in findings]
+
+
+def _chain_depth(f: Finding, by_code: dict[str, Finding]) -> int:
+    depth, seen, code = 0, set(), f.caused_by
+    while code and code in by_code and code not in seen:
+        seen.add(code)
+        depth += 1
+        code = by_code[code].caused_by
+    return depth
 
 
 def order(findings: list[Finding]) -> list[Finding]:
-    """Root cause first: problems (critical/warning) before info, then causal order."""
+    """Root cause first: problems before info, then causes before their consequences
+    (depth in the ``caused_by`` chain), then the chapter's causal order, then severity."""
     rank = {c: i for i, c in enumerate(CAUSAL_ORDER)}
+    by_code = {f.code: f for f in findings}
 
-    def key(f: Finding) -> tuple[int, int, int]:
+    def key(f: Finding) -> tuple[int, int, int, int]:
         problem = 0 if f.severity in ("critical", "warning") else 1
-        return (problem, rank.get(f.code, len(rank)), _SEVERITY_RANK[f.severity])
+        return (problem, _chain_depth(f, by_code), rank.get(f.code, len(rank)), _SEVERITY_RANK[f.severity])
 
     return sorted(findings, key=key)
 
 
 def verdict(findings: list[Finding]) -> str:
-    """One line for the whole run."""
+    """One line for the whole run: state, root cause, where, since when, why."""
     problems = [f for f in findings if f.severity in ("critical", "warning")]
     if not problems:
         return "Healthy: no warning or critical findings."
     root = problems[0]
     state = "BROKEN" if any(f.severity == "critical" for f in problems) else "TRAINING POORLY"
     where = f" ({', '.join(root.layers[:2])})" if root.layers else ""
+    since = f" from step {root.step}" if root.step else ""
     more = f"; {len(problems) - 1} related finding(s)" if len(problems) > 1 else ""
-    return f"{state}: root cause {root.code}{where}: {root.summary}{more}"
+    return f"{state}: root cause {root.code}{where}{since}: {root.summary}{more}"

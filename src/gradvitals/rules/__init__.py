@@ -1,6 +1,10 @@
 """Rules: pure functions ``Record -> list[Finding]``, one module per family. No torch.
 
 Every rule is listed in :data:`RULES`; :func:`gradvitals.diagnose.diagnose` runs them all.
+Families: ``nonfinite``, ``gradients`` (vanishing/exploding), ``activations`` (dead ReLU,
+saturation), ``loss`` (plateau, spikes), ``updates`` (update/weight ratios: learning rate),
+``params`` (no gradient, not updated), ``normalization`` (BatchNorm batch size),
+``clipping``. The checkup's lint (``init``, ``architecture``) registers itself here too.
 """
 
 from __future__ import annotations
@@ -9,12 +13,24 @@ from typing import Callable
 
 from ..findings import Finding
 from ..record import Record
-from . import nonfinite
+from . import activations, clipping, gradients, loss, nonfinite, normalization, params, updates
 
 Rule = Callable[[Record], "list[Finding]"]
 
 RULES: list[Rule] = [
     nonfinite.nonfinite,
+    gradients.vanishing_gradients,
+    gradients.exploding_gradients,
+    activations.dead_relu,
+    activations.saturated_activations,
+    loss.loss_plateau,
+    loss.loss_spike,
+    updates.update_ratio_high,
+    updates.update_ratio_low,
+    normalization.batchnorm_small_batch,
+    clipping.clipping_always_active,
+    params.no_gradient,
+    params.not_updated,
 ]
 
 __all__ = ["RULES", "Rule"]

@@ -1,0 +1,238 @@
+"""Shared readings of a record for the rules: weight layers in forward order, the
+loss's levels, robust statistics and the wording every finding uses. No torch.
+
+The rules judge *weight* layers (Linear, Conv, recurrent) because biases,
+embeddings, norm layers and their gains legitimately differ by orders of
+magnitude; everything here is about picking the numbers that mean the same
+thing from layer to layer.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from ..record import LayerInfo, Record, Series
+from ..taxonomy import (
+    EMBEDDING_LAYERS,
+    RECURRENT_LAYERS,
+    WEIGHT_LAYERS,
+    activation_family,
+)
+
+#: Optimizer steps at the start of a run that no trend or loss rule judges on its
+#: own: the first updates of Adam-like optimizers are sign-like and a warmup ramps
+#: the learning rate, so the loss and the gradients are not yet representative.
+WARMUP_STEPS = 5
+
+#: Fraction of the run's loss points that make its "start" and "end" levels
+#: (medians over them, so one noisy mini-batch does not decide anything).
+LOSS_EDGE_FRACTION = 0.1
+
+#: Loss points at least in each edge window (fewer points: a level is too noisy).
+LOSS_EDGE_MIN_POINTS = 3
+
+#: A weight or gradient norm below this is "exactly zero" for a ratio.
+TINY_NORM = 1e-30
+
+
+# ---------------------------------------------------------------- formatting
+def q(name: str) -> str:
+    """A module or parameter name as the findings write it."""
+    return f"`{name}`"
+
+
+def names(items: Sequence[str], limit: int = 3) -> str:
+    """`a`, `b`, `c` and 4 more."""
+    shown = ", ".join(q(n) for n in items[:limit])
+    more = len(items) - limit
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def sci(value: float, digits: int = 2) -> str:
+    """A number as people read it: 0.0123 -> 0.012, 1.2e-07 -> 1.2e-07."""
+    if value is None or not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    if 1e-3 <= abs(value) < 1e4:
+        return f"{value:.{digits}g}"
+    return f"{value:.{max(digits - 1, 0)}e}"
+
+
+def orders(ratio: float) -> str:
+    """A ratio as a power of ten ("10^9x"); small ratios stay plain ("35x")."""
+    if not math.isfinite(ratio):
+        return "infinitely"
+    if ratio < 1000:
+        return f"{ratio:.0f}x"
+    return f"10^{round(math.log10(ratio))}x"
+
+
+# ---------------------------------------------------------------- series
+def points(series: Series | None, *, finite_only: bool = True) -> tuple[list[int], list[float]]:
+    if series is None:
+        return [], []
+    steps, values = series.points()
+    if not finite_only:
+        return steps, values
+    kept = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+    return [s for s, _ in kept], [v for _, v in kept]
+
+
+def as_dict(series: Series | None) -> dict[int, float]:
+    if series is None:
+        return {}
+    steps, values = series.points()
+    return dict(zip(steps, values))
+
+
+def median(values: Iterable[float]) -> float:
+    vals = [v for v in values if math.isfinite(v)]
+    return statistics.median(vals) if vals else math.nan
+
+
+def mad(values: Sequence[float], center: float) -> float:
+    """Median absolute deviation, scaled to a normal's standard deviation."""
+    vals = [abs(v - center) for v in values if math.isfinite(v)]
+    return 1.4826 * statistics.median(vals) if vals else math.nan
+
+
+def first_nonfinite_step(record: Record) -> int | None:
+    """First step the loss or a gradient norm was NaN/Inf (the run's breaking point)."""
+    found: list[int] = []
+    for key in ("loss", "grad_norm_global"):
+        s = record.get(key)
+        if s is not None and s.first_nonfinite_step is not None:
+            found.append(s.first_nonfinite_step)
+    for ev in record.events_of("nonfinite_origin"):
+        if isinstance(ev.get("step"), int):
+            found.append(ev["step"])
+    return min(found) if found else None
+
+
+# ---------------------------------------------------------------- loss
+@dataclass(frozen=True)
+class LossLevels:
+    """Where the loss started and ended (medians over the run's edges)."""
+
+    start: float
+    end: float
+    start_step: int
+    end_step: int
+    n_points: int
+    steps: tuple[int, ...]
+    values: tuple[float, ...]
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the starting loss removed by the end (1 = all of it)."""
+        if not math.isfinite(self.start) or not math.isfinite(self.end):
+            return math.nan
+        scale = abs(self.start) if abs(self.start) > 1e-12 else 1.0
+        return (self.start - self.end) / scale
+
+
+def loss_levels(record: Record, until: int | None = None) -> LossLevels | None:
+    """Start/end loss levels over the finite loss points (before ``until``)."""
+    steps, values = points(record.get("loss"))
+    if until is not None:
+        kept = [(s, v) for s, v in zip(steps, values) if s < until]
+        steps, values = [s for s, _ in kept], [v for _, v in kept]
+    n = len(values)
+    k = max(LOSS_EDGE_MIN_POINTS, int(n * LOSS_EDGE_FRACTION))
+    if n < 2 * LOSS_EDGE_MIN_POINTS:
+        return None
+    return LossLevels(start=median(values[:k]), end=median(values[-k:]), start_step=steps[0],
+                      end_step=steps[-1], n_points=n, steps=tuple(steps), values=tuple(values))
+
+
+# ---------------------------------------------------------------- layers
+@dataclass(frozen=True)
+class WeightParam:
+    """A weight matrix/kernel of a weight layer, with its place in the forward."""
+
+    param: str
+    layer: str
+    kind: str
+    depth: int
+    activation: str | None  # activation family after it (relu, sigmoid, ...)
+
+
+def weight_params(record: Record) -> list[WeightParam]:
+    """Weight tensors (>= 2-D) of Linear/Conv/recurrent layers, in forward order.
+
+    Biases, norm gains and embeddings are left out: their gradient scale differs
+    by orders of magnitude for good reasons. Layers never seen in a forward keep
+    their registration order after the ones that were.
+    """
+    out: list[tuple[tuple[int, int], WeightParam]] = []
+    for index, (name, info) in enumerate(record.params.items()):
+        if len(info.shape) < 2 or not info.requires_grad:
+            continue
+        layer = record.layers.get(info.layer)
+        kind = layer.kind if layer is not None else ""
+        if kind in EMBEDDING_LAYERS or (kind not in WEIGHT_LAYERS and kind not in RECURRENT_LAYERS):
+            continue
+        depth = layer.depth if layer is not None and layer.depth is not None else None
+        key = (depth if depth is not None else 10**9, index)
+        act = activation_family(layer.activation_after) if layer is not None else None
+        out.append((key, WeightParam(param=name, layer=info.layer, kind=kind,
+                                     depth=depth if depth is not None else 10**9 + index,
+                                     activation=act)))
+    out.sort(key=lambda x: x[0])
+    return [w for _, w in out]
+
+
+def activation_families(record: Record, layers: Iterable[str]) -> list[str]:
+    """Distinct activation families after the given layers, most common first."""
+    counts: dict[str, int] = {}
+    for name in layers:
+        layer = record.layers.get(name)
+        fam = activation_family(layer.activation_after) if layer is not None else None
+        if fam:
+            counts[fam] = counts.get(fam, 0) + 1
+    return sorted(counts, key=lambda f: -counts[f])
+
+
+def activation_names(record: Record, layers: Iterable[str]) -> list[str]:
+    """The activations as the user wrote them (``Sigmoid``, ``relu``), most common first."""
+    counts: dict[str, int] = {}
+    for name in layers:
+        layer = record.layers.get(name)
+        if layer is not None and layer.activation_after:
+            counts[layer.activation_after] = counts.get(layer.activation_after, 0) + 1
+    return sorted(counts, key=lambda f: -counts[f])
+
+
+def layer_kind(record: Record, name: str) -> str:
+    layer: LayerInfo | None = record.layers.get(name)
+    return layer.kind if layer is not None else ""
+
+
+def relative_grads(record: Record, wps: Sequence[WeightParam]) -> dict[int, list[float]]:
+    """Per scheduled step, |grad| / |weight| of each weight param (NaN where unknown).
+
+    The ratio is scale-free (it is the update ratio per unit learning rate of plain
+    SGD), so a wide first layer and a narrow head compare fairly. Weight norms are
+    recorded on scheduled steps only; those are the steps returned.
+    """
+    grads = record.per_name("grad_norm")
+    weights = record.per_name("weight_norm")
+    by_param = []
+    steps: set[int] = set()
+    for wp in wps:
+        g = as_dict(grads.get(wp.param))
+        w = as_dict(weights.get(wp.param))
+        by_param.append((g, w))
+        steps |= set(w) & set(g)
+    out: dict[int, list[float]] = {}
+    for step in sorted(steps):
+        row = []
+        for g, w in by_param:
+            gv, wv = g.get(step, math.nan), w.get(step, math.nan)
+            row.append(gv / wv if math.isfinite(gv) and math.isfinite(wv) and wv > TINY_NORM else math.nan)
+        out[step] = row
+    return out

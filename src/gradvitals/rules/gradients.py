@@ -1,0 +1,321 @@
+"""Gradient flow: vanishing and exploding gradients.
+
+Vanishing is judged from the *depth profile* of weight layers' relative gradients
+(|grad| / |weight|, scale-free) along the forward order, over every scheduled step
+where both norms are known, not from one absolute threshold: biases, embeddings,
+norm gains and heads are left out, and a profile must hold over most of the run.
+
+Exploding is judged from the *trend* of the global gradient norm (recorded every
+step): how far it climbed above the run's own normal level, and since when. The
+step where the climb became visible is the early warning the user could have had
+before the NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..findings import Finding
+from ..record import Record
+from ..taxonomy import RECURRENT_LAYERS
+from ._common import (
+    activation_families,
+    activation_names,
+    as_dict,
+    first_nonfinite_step,
+    median,
+    names,
+    orders,
+    points,
+    q,
+    relative_grads,
+    sci,
+    weight_params,
+)
+
+# ----------------------------------------------------------------- vanishing
+#: Weight layers needed for a depth profile (with two, "early vs late" is one pair).
+VANISH_MIN_LAYERS = 3
+
+#: Orders of magnitude between the late and the early weight layers' relative
+#: gradients that make a flow problem: the chapter's max/min > 100x.
+VANISH_ORDERS = 2.0
+
+#: Orders of magnitude that make it critical: early layers get < 1e-5 of the
+#: late layers' step size, they are effectively frozen.
+VANISH_CRITICAL_ORDERS = 5.0
+
+#: A layer whose relative gradient is this many orders below the best layer's
+#: gets < 1/1000 of its step size: "not learning" in the summary.
+STALL_ORDERS = 3.0
+
+#: Fraction of the profiled steps on which the gap must hold: a transient dip
+#: (a warmup step, a lucky batch) is not a vanishing gradient.
+VANISH_PERSIST = 0.6
+
+#: Largest relative gradient of any weight layer below this, persistently, is
+#: vanishing in absolute terms (a step of lr=1 would move the weights < 1e-8).
+VANISH_ABSOLUTE = 1e-8
+
+
+def vanishing_gradients(record: Record) -> list[Finding]:
+    """Early weight layers' |grad|/|weight| orders of magnitude below the late ones'.
+
+    Decides from ``grad_norm/<weight>`` and ``weight_norm/<weight>`` on scheduled
+    steps, weight layers ordered by ``LayerInfo.depth``: the median log10 ratio of
+    the last third of layers minus the first third's (exact zeros, i.e. dead
+    units, are left to ``dead_relu``). Fires when the gap is >= VANISH_ORDERS on
+    VANISH_PERSIST of the profiled steps, or when every layer's ratio is below
+    VANISH_ABSOLUTE.
+    """
+    wps = weight_params(record)
+    if len(wps) < VANISH_MIN_LAYERS:
+        return []
+    stop = first_nonfinite_step(record)
+    rel = {s: row for s, row in relative_grads(record, wps).items() if stop is None or s < stop}
+    n = len(wps)
+    third = max(1, n // 3)
+    gaps: dict[int, float] = {}
+    tops: dict[int, float] = {}
+    per_layer: list[list[float]] = [[] for _ in wps]
+    for step, row in rel.items():
+        logs = [math.log10(v) if math.isfinite(v) and v > 0 else math.nan for v in row]
+        valid = [x for x in logs if math.isfinite(x)]
+        if len(valid) < VANISH_MIN_LAYERS:
+            continue
+        early = median(logs[:third])
+        late = median(logs[-third:])
+        if math.isfinite(early) and math.isfinite(late):
+            gaps[step] = late - early
+        tops[step] = max(valid)
+        for i, x in enumerate(logs):
+            per_layer[i].append(x)
+    if not gaps and not tops:
+        return []
+    flagged = [s for s, g in gaps.items() if g >= VANISH_ORDERS]
+    tiny = [s for s, t in tops.items() if t < math.log10(VANISH_ABSOLUTE)]
+    by_gap = len(gaps) > 0 and len(flagged) >= VANISH_PERSIST * len(gaps)
+    by_abs = len(tops) > 0 and len(tiny) >= VANISH_PERSIST * len(tops)
+    if not (by_gap or by_abs):
+        return []
+    layer_level = [median(xs) for xs in per_layer]
+    best = max((x for x in layer_level if math.isfinite(x)), default=math.nan)
+    stalled = [i for i, x in enumerate(layer_level) if math.isfinite(x) and best - x >= STALL_ORDERS]
+    gap = median(gaps[s] for s in flagged) if by_gap else median(gaps.values())
+    first_step = min(flagged) if by_gap else min(tiny)
+    worst = sorted((i for i in range(n) if math.isfinite(layer_level[i])), key=lambda i: layer_level[i])
+    layers = [wps[i].layer for i in (sorted(stalled, key=lambda i: layer_level[i]) if stalled else worst[:third])]
+    head, first = wps[-1].layer, wps[0].layer
+    # The contiguous run of stalled layers from the input: "the first k of n".
+    k = 0
+    while k < n and k in stalled:
+        k += 1
+    early_names = [w.layer for w in wps[: max(k, third)]]
+    acts = activation_families(record, early_names)
+    act_names = activation_names(record, early_names)
+    if by_gap:
+        span = orders(10 ** gap)
+        if k:
+            tail = f"the first {k} of {n} weight layers are not learning"
+        elif stalled:
+            tail = f"{len(stalled)} of {n} weight layers get < 1/1000 of the best layer's step"
+        else:
+            tail = f"the first {third} of {n} weight layers learn {span} slower than the last"
+        summary = f"Gradients shrink {span} from {q(head)} to {q(first)}: {tail}."
+    else:
+        summary = (f"Gradients are vanishingly small in every weight layer: the largest "
+                   f"|grad|/|weight| is {sci(10 ** best)} (< {VANISH_ABSOLUTE:g}).")
+    severity = "critical" if (by_gap and gap >= VANISH_CRITICAL_ORDERS) or by_abs else "warning"
+    evidence = {
+        "gap_orders": round(gap, 2) if math.isfinite(gap) else None,
+        "profiled_steps": len(gaps),
+        "steps_with_gap": len(flagged),
+        "relative_grad_by_layer": {wps[i].layer: 10 ** layer_level[i] for i in range(n)
+                                   if math.isfinite(layer_level[i])},
+        "stalled_layers": [wps[i].layer for i in stalled],
+        "activation": act_names[0] if act_names else None,
+        "weight_layers": n,
+    }
+    return [Finding(code="vanishing_gradients", severity=severity, step=first_step,
+                    layers=tuple(layers), summary=summary, evidence=evidence,
+                    advice=_vanishing_advice(record, early_names, acts, act_names))]
+
+
+def _vanishing_advice(record: Record, early: list[str], acts: list[str], act_names: list[str]) -> str:
+    where = names(early)
+    kind = record.layers[early[0]].kind if early and early[0] in record.layers else "Linear"
+    if acts and acts[0] in ("sigmoid", "tanh"):
+        act = act_names[0] if act_names else acts[0]
+        return (f"`{act}` after {where} multiplies the gradient by at most "
+                f"{'0.25' if acts[0] == 'sigmoid' else '1'} per layer and it compounds with depth. "
+                f"Use ReLU/GELU with He init in the hidden layers (keep sigmoid only at the output), "
+                f"or add residual connections and normalisation:\n"
+                f"    for m in model.modules():\n"
+                f"        if isinstance(m, nn.{kind}):\n"
+                f"            nn.init.kaiming_normal_(m.weight, nonlinearity='relu'); nn.init.zeros_(m.bias)\n"
+                f"(with the hidden `nn.{act}()` replaced by `nn.ReLU()`).")
+    if acts and acts[0] in ("relu", "leaky_relu", "elu", "gelu"):
+        act = act_names[0] if act_names else acts[0]
+        return (f"The weights of {where} are too small for `{act}`: each layer shrinks the signal. "
+                f"Use He (Kaiming) init, Var(W) = 2/fan_in, or `gv.init_(model, batch)`:\n"
+                f"    for m in model.modules():\n"
+                f"        if isinstance(m, nn.{kind}):\n"
+                f"            nn.init.kaiming_normal_(m.weight, nonlinearity='relu'); nn.init.zeros_(m.bias)\n"
+                f"For very deep stacks add residual connections (x = x + block(x)) or normalisation.")
+    return (f"The gradient fades on its way back to {where}. Add residual connections "
+            f"(`x = x + block(x)`) and normalisation (LayerNorm/BatchNorm), and initialise each layer "
+            f"for its activation (`gv.init_(model, batch)`: He for ReLU, Xavier for tanh/sigmoid).")
+
+
+# ----------------------------------------------------------------- exploding
+#: Gradient norm this many times its normal level is a visible climb (healthy
+#: mini-batch noise stays within a few x of the median).
+GROWTH_VISIBLE = 10.0
+
+#: Peak gradient norm this many times the normal level, without a NaN, is an
+#: explosion the run survived (three orders of magnitude).
+EXPLODE_PEAK = 1e3
+
+#: Peak this many times normal is critical even without a NaN (the updates it
+#: produced are garbage).
+EXPLODE_CRITICAL_PEAK = 1e6
+
+#: The chapter's absolute alarm for a gradient norm; with a NaN following, a norm
+#: this large means the values overflowed rather than being NaN from bad data.
+ABSOLUTE_EXPLODING = 1e4
+
+#: NaN origins that are not the aftermath of growth (bad data, an unsafe loss).
+_NOT_GROWTH_ORIGINS = ("input", "loss")
+
+
+def exploding_gradients(record: Record) -> list[Finding]:
+    """Gradient norm climbing orders of magnitude above its normal level (or into NaN).
+
+    Decides from ``grad_norm_global`` (every step): the normal level is the lower
+    of the run's median and the median of the first half before the peak; the
+    climb is the last unbroken run of steps >= GROWTH_VISIBLE x normal ending at
+    the last finite value before the NaN (critical), or at a peak >= EXPLODE_PEAK x
+    normal. A NaN after a norm >= ABSOLUTE_EXPLODING also counts (explosion at
+    init, no normal level to compare with). The climb's first step is ``step``;
+    ``evidence.warning_steps`` is how many steps it preceded the NaN.
+    """
+    steps, values = points(record.get("grad_norm_global"))
+    if not steps:
+        return []
+    nan_step = first_nonfinite_step(record)
+    origin = next(iter(record.events_of("nonfinite_origin")), {})
+    if nan_step is not None:
+        kept = [(s, v) for s, v in zip(steps, values) if s < nan_step]
+        steps, values = [s for s, _ in kept], [v for _, v in kept]
+        if not steps:
+            return []
+        end = len(values) - 1
+    else:
+        end = max(range(len(values)), key=lambda i: values[i])
+    normal = min(median(values), median(values[: max(1, (end + 1) // 2)]))
+    if not math.isfinite(normal) or normal <= 0:
+        positive = [v for v in values if v > 0]
+        if not positive:
+            return []
+        normal = min(positive)
+    peak = values[end]
+    ratio = peak / normal
+    start = end
+    while start > 0 and values[start - 1] >= GROWTH_VISIBLE * normal:
+        start -= 1
+    if steps[0] == 0 and all(v >= ABSOLUTE_EXPLODING for v in values[: start + 1]):
+        start = 0  # already past the alarm at the first gradient: the climb began at init
+    if nan_step is not None:
+        grew = ratio >= GROWTH_VISIBLE
+        huge = peak >= ABSOLUTE_EXPLODING and origin.get("kind") not in _NOT_GROWTH_ORIGINS
+        if not (grew or huge):
+            return []
+        if not grew:
+            start = next(i for i, v in enumerate(values) if v >= ABSOLUTE_EXPLODING)
+        severity = "critical"
+    else:
+        if ratio < EXPLODE_PEAK:
+            return []
+        severity = "critical" if ratio >= EXPLODE_CRITICAL_PEAK else "warning"
+    visible = steps[start]
+    span = max(steps[end] - visible, 0)
+    factor = (peak / values[start]) ** (1.0 / span) if span and values[start] > 0 else math.nan
+    # The climb includes the very first gradient, measured before any update: the
+    # initialisation (or the data's scale), not the learning rate, started it.
+    at_init = start == 0 and steps[0] == 0
+    layers = _growing_layers(record, steps[end])
+    evidence = {
+        "normal_grad_norm": normal,
+        "peak_grad_norm": peak,
+        "peak_step": steps[end],
+        "growth": ratio,
+        "visible_step": visible,
+        "growth_per_step": factor if math.isfinite(factor) else None,
+        "nonfinite_step": nan_step,
+        "warning_steps": (nan_step - visible) if nan_step is not None else None,
+        "at_init": at_init,
+    }
+    if nan_step is not None:
+        warn = nan_step - visible
+        if ratio >= GROWTH_VISIBLE and span:
+            summary = (f"Gradient norm climbed {orders(ratio)} above normal ({sci(normal)} -> {sci(peak)}, "
+                       f"x{factor:.2g} per step) from step {visible} to the NaN at step {nan_step}: "
+                       f"{warn} step{'s' if warn != 1 else ''} of warning.")
+        else:
+            summary = (f"Gradient norm was already {sci(peak)} at step {visible} (alarm: > {ABSOLUTE_EXPLODING:g}) "
+                       f"and turned NaN at step {nan_step}: {warn} step{'s' if warn != 1 else ''} of warning.")
+    else:
+        summary = (f"Gradient norm spiked {orders(ratio)} above its normal level ({sci(normal)} -> {sci(peak)} "
+                   f"at step {steps[end]}), climbing from step {visible}.")
+    return [Finding(code="exploding_gradients", severity=severity, step=visible, layers=tuple(layers),
+                    summary=summary, evidence=evidence, advice=_exploding_advice(record, at_init, layers))]
+
+
+def _growing_layers(record: Record, at: int) -> list[str]:
+    """Weight layers ranked by how much their gradient grew from the first step to ``at``."""
+    grads = record.per_name("grad_norm")
+    scored = []
+    for wp in weight_params(record):
+        d = as_dict(grads.get(wp.param))
+        if not d:
+            continue
+        first = d[min(d)]
+        last = d.get(at, math.nan)
+        if math.isfinite(first) and first > 0 and math.isfinite(last):
+            scored.append((last / first, last, wp.layer))
+    scored.sort(key=lambda x: (-x[0], -x[1]))
+    out: list[str] = []
+    for _, _, layer in scored:
+        if layer not in out:
+            out.append(layer)
+    return out[:5]
+
+
+def _exploding_advice(record: Record, at_init: bool, layers: list[str]) -> str:
+    rnn = [l.name for l in record.layers.values() if l.kind in RECURRENT_LAYERS]
+    clipped = record.get("clip_max_norm") is not None
+    clip = ("    loss.backward()\n"
+            "    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)\n"
+            "    optimizer.step()")
+    if rnn:
+        return (f"The recurrent weights of {names(rnn)} multiply the gradient once per time step. "
+                f"Clip the gradient norm (max_norm 1.0 for RNNs/transformers)"
+                f"{' more tightly' if clipped else ''}, and lower the learning rate:\n{clip}")
+    wps = weight_params(record)
+    acts = activation_names(record, [w.layer for w in wps])
+    act = acts[0] if acts else None
+    if at_init:
+        kind = wps[0].kind if wps else "Linear"
+        fam = activation_families(record, [w.layer for w in wps])
+        init = ("nn.init.xavier_normal_(m.weight)" if fam and fam[0] in ("sigmoid", "tanh")
+                else "nn.init.kaiming_normal_(m.weight, nonlinearity='relu')")
+        return (f"The gradients were huge from the first step: the initial weights are too large"
+                f"{' for `' + act + '`' if act else ''}, so every layer multiplies the signal by > 1. "
+                f"Initialise by activation (He for ReLU, Xavier for tanh/sigmoid), or `gv.init_(model, batch)`:\n"
+                f"    for m in model.modules():\n"
+                f"        if isinstance(m, nn.{kind}):\n"
+                f"            {init}; nn.init.zeros_(m.bias)")
+    where = names(layers) if layers else "the model"
+    return (f"The gradient of {where} grew step after step: the learning rate is too high for this model "
+            f"(divide it by 10, or add a warmup), and clip the gradient norm"
+            f"{' (your max_norm lets it through)' if clipped else ''}:\n{clip}")

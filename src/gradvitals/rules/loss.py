@@ -1,0 +1,158 @@
+"""The loss curve: a plateau from the start, and sudden jumps (spikes, divergence).
+
+Both read the per-step ``loss`` series (finite points only, up to the first NaN,
+which ``nonfinite`` reports). Levels are medians over windows, so mini-batch
+noise never decides on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..findings import Finding
+from ..record import Record
+from ._common import first_nonfinite_step, loss_levels, mad, median, points, sci
+
+# ----------------------------------------------------------------- plateau
+#: Steps a run needs before "not decreasing" means anything (the first dozens of
+#: steps of a healthy run can look flat, e.g. under warmup).
+PLATEAU_MIN_STEPS = 50
+
+#: A run that removed less than this fraction of its starting loss (median of the
+#: first 10% of steps vs the last 10%) has not learned: a healthy digit MLP
+#: removes > 80% in 300 steps; the broken ones measured 0-2%.
+PLATEAU_PROGRESS = 0.05
+
+
+def loss_plateau(record: Record) -> list[Finding]:
+    """Loss not decreasing over the run.
+
+    Decides from the ``loss`` series before any NaN: the median of the last 10% of
+    points vs the first 10%; fires when less than PLATEAU_PROGRESS of the start
+    was removed over at least PLATEAU_MIN_STEPS steps. Adversarial runs (several
+    optimizers with their own loss) are skipped: their losses need not fall.
+    """
+    if any(k.startswith("loss/") for k in record.series):
+        return []
+    nan_step = first_nonfinite_step(record)
+    levels = loss_levels(record, until=nan_step)
+    if levels is None or levels.end_step - levels.start_step < PLATEAU_MIN_STEPS:
+        return []
+    progress = levels.progress
+    if not math.isfinite(progress) or progress >= PLATEAU_PROGRESS:
+        return []
+    if levels.end > DIVERGED_FACTOR * levels.start > 0:
+        return []  # the loss climbed: divergence, which loss_spike reports
+    span = levels.end_step - levels.start_step
+    if progress < 0:
+        how = f"rose {-progress:.0%}"
+    else:
+        how = f"fell only {progress:.1%}"
+    summary = (f"Loss did not decrease: {sci(levels.start, 3)} at the start, {sci(levels.end, 3)} "
+               f"after {span} steps (it {how}).")
+    evidence = {"start_loss": levels.start, "end_loss": levels.end, "progress": progress,
+                "steps": span, "threshold": PLATEAU_PROGRESS}
+    advice = ("A loss flat from the start means no useful gradient reaches the weights. Check the findings "
+              "linked to this one first (vanishing or dead units, a learning rate far off, clipping "
+              "everything). Then sanity-check the pipeline: overfit one small batch "
+              "(`for _ in range(200): train_step(x[:32], y[:32])` must drive the loss near 0), and make "
+              "sure `optimizer.zero_grad()`, `loss.backward()` and `optimizer.step()` run every step.")
+    return [Finding(code="loss_plateau", severity="warning", step=levels.start_step, layers=(),
+                    summary=summary, evidence=evidence, advice=advice)]
+
+
+# ----------------------------------------------------------------- spikes
+#: Previous loss points the spike test compares each step with (a rolling window).
+SPIKE_WINDOW = 20
+
+#: Points in the window below which the reference is too thin; then only a jump to
+#: more than SPIKE_EARLY_FACTOR x counts (e.g. 2.3 -> 40 right after step 0).
+SPIKE_MIN_WINDOW = 3
+SPIKE_EARLY_FACTOR = 2.0
+
+#: A spike is this many robust standard deviations (MAD) above the window's median...
+SPIKE_MADS = 6.0
+#: ...and at least this fraction above it (so a very quiet curve's wiggle is not one)...
+SPIKE_REL = 0.3
+#: ...and it undoes at least this fraction of the progress made so far (near-zero
+#: losses jump 5x between mini-batches in healthy runs without losing anything).
+SPIKE_UNDO = 0.25
+
+#: MAD floor as a fraction of the level: a perfectly flat window has MAD 0.
+SPIKE_NOISE_FLOOR = 0.02
+
+#: The loss ending above this multiple of its pre-spike level means the run
+#: diverged instead of recovering: critical.
+DIVERGED_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class Spike:
+    step: int
+    loss: float
+    before: float  # median of the window before it
+
+    @property
+    def factor(self) -> float:
+        return self.loss / self.before if self.before > 0 else math.inf
+
+
+def find_spikes(record: Record) -> list[Spike]:
+    """Every step whose loss jumps out of its recent window (see the SPIKE_* constants)."""
+    steps, values = points(record.get("loss"))
+    if len(values) < 2:
+        return []
+    start = median(values[: SPIKE_MIN_WINDOW])
+    spikes: list[Spike] = []
+    for i in range(1, len(values)):
+        window = values[max(0, i - SPIKE_WINDOW): i]
+        m = median(window)
+        v = values[i]
+        excess = v - m
+        if excess <= 0:
+            continue
+        if len(window) < SPIKE_MIN_WINDOW:
+            if m > 0 and v >= SPIKE_EARLY_FACTOR * m:
+                spikes.append(Spike(steps[i], v, m))
+            continue
+        noise = max(mad(window, m), SPIKE_NOISE_FLOOR * abs(m))
+        progress = max(start - m, 0.0)
+        if excess >= SPIKE_MADS * noise and excess >= SPIKE_REL * abs(m) and excess >= SPIKE_UNDO * progress:
+            spikes.append(Spike(steps[i], v, m))
+    return spikes
+
+
+def loss_spike(record: Record) -> list[Finding]:
+    """Sudden jumps of the loss, and divergence.
+
+    Decides from the ``loss`` series: a step is a spike when its loss exceeds the
+    median of the previous SPIKE_WINDOW points by SPIKE_MADS robust deviations,
+    by SPIKE_REL of the level, and by SPIKE_UNDO of the progress made so far.
+    Critical when the run diverged (a NaN followed, or the loss ended above
+    DIVERGED_FACTOR x its pre-spike level); else warning.
+    """
+    spikes = find_spikes(record)
+    if not spikes:
+        return []
+    first = spikes[0]
+    worst = max(spikes, key=lambda s: s.factor)
+    nan_step = first_nonfinite_step(record)
+    levels = loss_levels(record, until=nan_step)
+    end = levels.end if levels is not None else math.nan
+    diverged = (nan_step is not None and nan_step > first.step) or (
+        math.isfinite(end) and end > DIVERGED_FACTOR * first.before)
+    severity = "critical" if diverged else "warning"
+    summary = (f"Loss jumped from {sci(first.before, 3)} to {sci(first.loss, 3)} at step {first.step}"
+               + (f" ({len(spikes)} spikes, worst x{worst.factor:.3g} at step {worst.step})" if len(spikes) > 1 else "")
+               + ("; the run never recovered." if diverged else "."))
+    evidence = {"spikes": len(spikes), "first_step": first.step, "before": first.before, "after": first.loss,
+                "worst_step": worst.step, "worst_factor": worst.factor,
+                "spike_steps": [s.step for s in spikes[:20]], "diverged": diverged, "end_loss": end}
+    advice = ("Loss spikes come from steps that are too large for the curvature. Lower the learning rate "
+              "(divide by 3-10), add a warmup, and clip the gradient norm:\n"
+              "    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 500))\n"
+              "    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)  # before optimizer.step()\n"
+              "If a single batch causes it, check that batch for outliers or bad labels.")
+    return [Finding(code="loss_spike", severity=severity, step=first.step, layers=(), summary=summary,
+                    evidence=evidence, advice=advice)]

@@ -1,0 +1,123 @@
+"""Parameters that do not take part in learning: no gradient ever reaches them
+(disconnected from the loss), or gradients reach them but the optimizer never
+moves them (missing from the optimizer).
+
+Decided from ``ParamInfo`` facts the recorder keeps exactly (``requires_grad``,
+``in_optimizer``, ``grad_seen``) and, for the "moves exactly 0" case, the
+scheduled ``update_ratio`` series. Intentionally frozen parameters
+(``requires_grad=False``) are never reported.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..findings import Finding
+from ..record import ParamInfo, Record
+from ._common import as_dict, names, points
+
+#: Recorded optimizer steps before "never" means anything.
+MIN_STEPS = 1
+
+#: Relative gradient (|grad|/|weight|) above which an update of exactly 0 cannot
+#: be float32 rounding of a tiny step (needs lr < 1e-4 to round away): only then
+#: is a parameter with ratio 0 "not updated" rather than "vanishing".
+NOT_UPDATED_MIN_RELATIVE_GRAD = 1e-3
+
+#: Scheduled points with ratio exactly 0 needed (one step may be skipped by an AMP
+#: scaler or accumulation).
+NOT_UPDATED_MIN_POINTS = 2
+
+
+def _by_layer(params: list[ParamInfo]) -> dict[str, list[ParamInfo]]:
+    out: dict[str, list[ParamInfo]] = {}
+    for p in params:
+        out.setdefault(p.layer, []).append(p)
+    return out
+
+
+def no_gradient(record: Record) -> list[Finding]:
+    """Trainable parameters that never received a gradient.
+
+    Decides from ``ParamInfo``: ``requires_grad`` and not ``grad_seen`` after at
+    least MIN_STEPS steps with gradients, and not known to be outside the
+    optimizer (``in_optimizer is False``: the user left it out on purpose).
+    Critical when no trainable parameter got a gradient at all.
+    """
+    if record.steps < MIN_STEPS or record.get("grad_norm_global") is None:
+        return []
+    trainable = [p for p in record.params.values() if p.requires_grad]
+    missing = [p for p in trainable if not p.grad_seen and p.in_optimizer is not False]
+    if not missing:
+        return []
+    layers = _by_layer(missing)
+    numel = sum(p.numel for p in missing)
+    everything = len(missing) == len(trainable)
+    summary = (f"{names(list(layers))} ({len(missing)} tensor{'s' if len(missing) != 1 else ''}, {numel:,} "
+               f"parameters) never received a gradient in {record.steps} steps: "
+               f"{'they are' if len(layers) > 1 else 'it is'} not connected to the loss.")
+    evidence = {"params": [p.name for p in missing], "numel": numel, "steps": record.steps,
+                "layers": list(layers)}
+    first = next(iter(layers))
+    advice = (f"Make sure the output of {names(list(layers))} flows into the loss: it is not called in "
+              f"forward(), or its output is detached (`.detach()`, `.item()`, `torch.no_grad()`, a NumPy "
+              f"round trip) or unused. If it is meant to be frozen, say so:\n"
+              f"    model.{first}.requires_grad_(False)")
+    return [Finding(code="no_gradient", severity="critical" if everything else "warning", step=0,
+                    layers=tuple(layers), summary=summary, evidence=evidence, advice=advice)]
+
+
+def not_updated(record: Record) -> list[Finding]:
+    """Parameters that receive gradients but never change.
+
+    Decides from ``ParamInfo`` (``grad_seen`` and ``in_optimizer is False``: the
+    optimizer does not hold them), or from ``update_ratio/<param>`` exactly 0 on
+    every (>= NOT_UPDATED_MIN_POINTS) scheduled step while |grad|/|weight| is
+    >= NOT_UPDATED_MIN_RELATIVE_GRAD and other parameters do move (so it is not a
+    learning rate or clipping that stops everything).
+    """
+    outside = [p for p in record.params.values()
+               if p.requires_grad and p.grad_seen and p.in_optimizer is False]
+    frozen_by_ratio = _zero_ratio_params(record, exclude={p.name for p in outside})
+    found = outside + frozen_by_ratio
+    if not found:
+        return []
+    layers = _by_layer(found)
+    numel = sum(p.numel for p in found)
+    if outside:
+        why = "they are not in the optimizer" if len(outside) > 1 else "it is not in the optimizer"
+    else:
+        why = "the optimizer step leaves them exactly unchanged"
+    summary = (f"{names(list(layers))} ({numel:,} parameters) receive gradients but never change: {why}.")
+    evidence = {"params": [p.name for p in found], "not_in_optimizer": [p.name for p in outside],
+                "zero_update_ratio": [p.name for p in frozen_by_ratio], "numel": numel}
+    first = next(iter(layers))
+    advice = (f"Build the optimizer from every trainable parameter, after the model is complete (modules "
+              f"added or replaced later, e.g. {names(list(layers))}, are not in it):\n"
+              f"    optimizer = torch.optim.AdamW(model.parameters(), lr=...)\n"
+              f"or add them: `optimizer.add_param_group({{'params': model.{first}.parameters()}})`. "
+              f"If they are meant to stay fixed, freeze them: `model.{first}.requires_grad_(False)`.")
+    return [Finding(code="not_updated", severity="warning", step=0, layers=tuple(layers), summary=summary,
+                    evidence=evidence, advice=advice)]
+
+
+def _zero_ratio_params(record: Record, exclude: set[str]) -> list[ParamInfo]:
+    ratios = record.per_name("update_ratio")
+    grads = record.per_name("grad_norm")
+    weights = record.per_name("weight_norm")
+    moving = any(v > 0 for s in ratios.values() for v in points(s)[1])
+    if not moving:
+        return []  # nothing moves: a learning rate or clipping matter, not this parameter
+    out = []
+    for name, series in ratios.items():
+        info = record.params.get(name)
+        if info is None or name in exclude or not info.requires_grad or not info.grad_seen:
+            continue
+        steps, values = points(series)
+        if len(values) < NOT_UPDATED_MIN_POINTS or any(v != 0 for v in values):
+            continue
+        g, w = as_dict(grads.get(name)), as_dict(weights.get(name))
+        rel = [g[s] / w[s] for s in steps if s in g and s in w and w[s] > 0 and math.isfinite(g[s])]
+        if rel and min(rel) >= NOT_UPDATED_MIN_RELATIVE_GRAD:
+            out.append(info)
+    return out
