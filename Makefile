@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean chromium
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,7 +16,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gradvitals run --json gradvitals-demo-run.json examples/nan_mlp.py --steps 30
 
-test: $(STAMP)
+# The HTML report's browser test needs headless Chromium: install it when missing.
+# Tolerates failure (no root, no apt): the test then skips and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "warning: could not install chromium; the HTML report's browser test will be skipped"
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 clean:

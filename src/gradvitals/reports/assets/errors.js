@@ -7,6 +7,7 @@
     var list = document.getElementById("gv-errors");
     if (list) {
       var li = document.createElement("li");
+      li.className = "gv-error";
       li.textContent = String(msg);
       list.appendChild(li);
       list.hidden = false;

@@ -1,0 +1,73 @@
+"""TensorBoard output of ``watch(..., tensorboard=DIR)``, read back with EventAccumulator;
+torch is the oracle for every logged number."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradvitals as gv
+
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+
+def _read(logdir) -> event_accumulator.EventAccumulator:
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_scalars_and_findings_round_trip(tmp_path, digits):
+    X, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps, nan_step = 6, 4
+    grad_norms: dict[str, list[float]] = {n: [] for n, _ in model.named_parameters()}
+    ratios: dict[str, list[float]] = {n: [] for n, _ in model.named_parameters()}
+    losses = []
+    with gv.watch(model, opt, tensorboard=str(tmp_path), every=1) as w:
+        for step in range(steps):
+            xb = X[step * 32:(step + 1) * 32].clone()
+            if step == nan_step:
+                xb[0, 0] = math.inf  # a corrupt sample: the loss and gradients go NaN
+            loss = nn.functional.cross_entropy(model(xb), y[step * 32:(step + 1) * 32])
+            opt.zero_grad()
+            loss.backward()
+            losses.append(loss.item())
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            for n, p in model.named_parameters():
+                grad_norms[n].append(p.grad.norm().item())
+            if step < nan_step:
+                opt.step()
+                for n, p in model.named_parameters():
+                    ratios[n].append(((p.detach() - before[n]).norm() / before[n].norm()).item())
+            else:
+                opt.step()
+    assert w.step == steps
+    acc = _read(tmp_path)
+    tags = acc.Tags()["scalars"]
+    loss_events = acc.Scalars("gradvitals/loss")
+    # finite values are logged, NaN ones are left out (TensorBoard would break its axis)
+    assert [e.step for e in loss_events] == list(range(nan_step))
+    for e in loss_events:
+        assert math.isclose(e.value, losses[e.step], rel_tol=1e-5)
+    assert [e.step for e in acc.Scalars("gradvitals/grad_norm_global")] == list(range(nan_step))
+    for name in grad_norms:
+        tag = f"gradvitals/grad_norm/{name}"
+        assert tag in tags, tags
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == list(range(nan_step))
+        for e in events:
+            assert math.isclose(e.value, grad_norms[name][e.step], rel_tol=1e-4), (name, e.step)
+        ur = acc.Scalars(f"gradvitals/update_ratio/{name}")
+        assert [e.step for e in ur] == list(range(nan_step))
+        for e in ur:
+            assert math.isclose(e.value, ratios[name][e.step], rel_tol=1e-3), (name, e.step)
+    texts = acc.Tags()["tensors"]
+    assert "gradvitals/nonfinite/text_summary" in texts, texts
+    text = acc.Tensors("gradvitals/nonfinite/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("**critical**") and f"step {nan_step}" in text
