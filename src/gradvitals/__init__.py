@@ -21,7 +21,7 @@ def __getattr__(name: str):  # torch-dependent parts load lazily: rules/reports 
 
         return getattr(_w, name)
     if name == "checkup":
-        from .checkup import checkup
+        from .preflight import checkup  # not checkup.py: importing it would shadow this function
 
         return checkup
     if name == "init_":

@@ -191,5 +191,41 @@ def demo_cmd(out_dir: str, steps: int | None, quick: bool, only: tuple[str, ...]
         click.echo(f"gallery: {gallery}")
 
 
+@main.command("checkup", context_settings=_RUN_CONTEXT)
+@click.option("--json", "json_path", metavar="PATH", help="Write the JSON report here.")
+@click.option("--html", "html_path", metavar="PATH", help="Write the self-contained HTML report here.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but the script's own output.")
+@click.argument("script", metavar="SCRIPT")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[ARGS]...")
+def checkup_cmd(json_path: str | None, html_path: str | None, quiet: bool, script: str,
+                args: tuple[str, ...]) -> None:
+    """Preflight: run SCRIPT only to its first optimizer step (or first backward when it
+    steps no optimizer), stop it there, and diagnose step 0: init, signal propagation,
+    architecture. Same report as `run`. Exits 0 once step 0 is diagnosed; the script's
+    own status if it fails before; 1 if it ends without a backward."""
+    from .recorder import Options
+    from .runner import ScriptRunner, UsageError, check_outputs, write_outputs
+
+    runner = ScriptRunner(script, list(args), Options(every=1), stop_after_first_step=True)
+    try:
+        check_outputs({"--json": json_path, "--html": html_path})
+        runner.compile()
+    except UsageError as exc:
+        _fail(str(exc))
+    result = runner.run()
+    result.report.record.run["mode"] = "checkup"
+    try:
+        written = write_outputs(result.report, json_path, html_path)
+    except OSError as exc:
+        _fail(f"could not write the report: {exc}", code=1)
+        return
+    if not quiet:
+        _summary(result.report, written)
+    if result.status:
+        sys.exit(result.status)
+    if not result.report.record.per_name("grad_norm"):
+        _fail(f"{script} ended before its first backward(): nothing to diagnose", code=1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .probes import activations as act_probe
+from .probes import init_audit
 from .probes import patches
 from .probes.nonfinite import replay_forward
 from .probes.norms import fused_norms
@@ -340,6 +341,10 @@ class Recorder:
         self._act_model = model
         self._act_seen = set()
         if not model.topology_done:
+            try:  # once per model: init/architecture facts for the rules (probes/init_audit.py)
+                init_audit.start(self, model)
+            except Exception as exc:
+                self._fail("init_audit", exc)
             self._act_events = []
             self._act_mode = ActivationCalls(self._act_events)
             self._act_mode.__enter__()

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 from torch.optim import optimizer as optim_module
 
+from .probes import patches
 from .recorder import Options, Recorder, _Model
 from .report import Report, check_writable, write_atomic
 
@@ -102,6 +103,8 @@ class ScriptRunner:
 
         self._opt_init = orig_init
         torch.optim.Optimizer.__init__ = __init__  # type: ignore[method-assign]
+        if self.stop_after_first_step:  # a script without an optimizer: stop after its first backward
+            self._handles.append(_StopAfterBackward(rec))
 
     def _uninstall(self) -> None:
         for h in self._handles:
@@ -219,7 +222,8 @@ class ScriptRunner:
     def run(self) -> RunResult:
         code = self.compile()
         script_path = os.path.abspath(self.script)
-        command = " ".join(["gradvitals run", self.script, *self.args])
+        command = " ".join(["gradvitals checkup" if self.stop_after_first_step else "gradvitals run",
+                            self.script, *self.args])
         self.recorder = Recorder(self.options, command=command)
         self.recorder.progress = self.progress
         self.recorder.record.run["script"] = self.script
@@ -271,6 +275,35 @@ class ScriptRunner:
 
 class _StopAtFirstStep(BaseException):
     """Raised from the first optimizer step in checkup mode to stop the script there."""
+
+
+class _StopAfterBackward:
+    """Checkup mode, scripts that step no optimizer: a backward listener (after the
+    recorder's, which has measured that backward as step 0) that ends the script.
+    Installed as a removable handle."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        patches.install(self)
+
+    def _on_backward_start(self, tensor: Any) -> None:
+        pass
+
+    def _on_backward_end(self, tensor: Any) -> None:
+        if self.recorder._backward_mode() and self.recorder.step >= 1:
+            raise _StopAtFirstStep()
+
+    def _on_clip_start(self, parameters: Any, max_norm: float) -> None:
+        pass
+
+    def _on_clip_end(self, total: Any, max_norm: float) -> None:
+        pass
+
+    def _fail(self, probe: str, exc: BaseException) -> None:
+        self.recorder._fail(probe, exc)
+
+    def remove(self) -> None:
+        patches.uninstall(self)
 
 
 class _Terminated(SystemExit):

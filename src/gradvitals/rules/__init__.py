@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..findings import Finding
 from ..record import Record
-from . import activations, clipping, gradients, loss, nonfinite, normalization, params, updates
+from . import activations, architecture, clipping, gradients, init, loss, nonfinite, normalization, params, updates
 
 Rule = Callable[[Record], "list[Finding]"]
 
@@ -31,6 +31,9 @@ RULES: list[Rule] = [
     clipping.clipping_always_active,
     params.no_gradient,
     params.not_updated,
+    init.poor_initialization,
+    init.symmetric_weights,
+    architecture.architecture_risk,
 ]
 
 __all__ = ["RULES", "Rule"]

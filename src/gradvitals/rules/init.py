@@ -1,0 +1,266 @@
+"""Initialisation at step 0: ``poor_initialization`` and ``symmetric_weights``.
+
+Decided from the init audit's facts in ``LayerInfo.extra`` (``weight_std``,
+``fan_in``, ``fan_out``, ``identical_rows``, ``identical_cols``, ``residual_bypass``;
+see ``probes/init_audit.py``), the activation that follows each weight layer in the
+forward (``LayerInfo.activation_after``) and the step-0 series (``act_std``,
+``grad_norm``). No torch.
+
+The chapter's init rule: Var(W) = 2/fan_in (He) before the ReLU family (GELU/SiLU
+too), Var(W) = 2/(fan_in + fan_out) (Xavier) before sigmoid/tanh or no activation.
+A weight std ``r`` times the expected one scales the signal by ``r`` at that layer;
+along a chain of weight layers with neither normalisation nor a residual path, the
+factors multiply. That product, in decades, is what this rule judges.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..findings import Finding
+from ..record import LayerInfo, Record, Series
+from ..taxonomy import HE_FAMILIES, NORM_LAYERS, WEIGHT_LAYERS, activation_family
+
+#: Signal scale off by 10^3 along one unnormalised chain: a 20-layer ReLU MLP with
+#: PyTorch's default init (std x0.41 of He per layer) is at 10^-7.8; a healthy 3-layer
+#: one at 10^-0.8. 1000x is where training visibly stalls or needs a tuned lr.
+CHAIN_DECADES_WARNING = 3.0
+#: 10^6: activations or gradients leave float32's comfortable range within a few steps.
+CHAIN_DECADES_CRITICAL = 6.0
+
+
+@dataclass
+class ChainLayer:
+    """One weight layer of a chain with its init ratio (weight std / expected std)."""
+
+    layer: LayerInfo
+    family: str | None
+    rule: str  # "He" or "Xavier"
+    expected_std: float
+    ratio: float
+
+
+@dataclass
+class Chain:
+    """Consecutive weight layers (forward order) with no normalisation or residual path between."""
+
+    model: str
+    layers: list[ChainLayer] = field(default_factory=list)
+
+    @property
+    def predicted_decades(self) -> float:
+        return sum(math.log10(c.ratio) for c in self.layers)
+
+
+def expected_std(family: str | None, fan_in: int, fan_out: int) -> tuple[str, float]:
+    """(rule name, the std the chapter's init gives) for the activation family that follows."""
+    if family in HE_FAMILIES:
+        return "He", math.sqrt(2.0 / fan_in)
+    return "Xavier", math.sqrt(2.0 / (fan_in + fan_out))
+
+
+def has_weight_facts(layer: LayerInfo) -> bool:
+    return layer.kind in WEIGHT_LAYERS and isinstance(layer.extra.get("weight_std"), (int, float)) \
+        and bool(layer.extra.get("fan_in")) and bool(layer.extra.get("fan_out"))
+
+
+def weight_layers_by_model(record: Record) -> dict[str, list[LayerInfo]]:
+    """Audited weight layers of each model, in forward order."""
+    out: dict[str, list[LayerInfo]] = {}
+    for layer in record.layers_in_order():
+        if layer.depth is not None and has_weight_facts(layer):
+            out.setdefault(layer.model, []).append(layer)
+    return out
+
+
+def chains(record: Record) -> list[Chain]:
+    """Split each model's forward order into plain chains: a normalisation layer, a
+    residual-bypassed layer or any other parameterised module (attention, RNN,
+    embedding) ends a chain. Constant (e.g. zero) weights are left to
+    ``symmetric_weights`` and do not count."""
+    result: list[Chain] = []
+    current: dict[str, Chain] = {}
+
+    def close(model: str) -> None:
+        c = current.pop(model, None)
+        if c is not None and c.layers:
+            result.append(c)
+
+    for layer in record.layers_in_order():
+        if layer.depth is None:
+            continue
+        model = layer.model
+        if layer.kind in NORM_LAYERS or layer.extra.get("residual_bypass"):
+            close(model)
+            continue
+        if has_weight_facts(layer):
+            ex = layer.extra
+            std = float(ex["weight_std"])
+            if ex.get("weight_constant") or not math.isfinite(std) or std <= 0:
+                close(model)
+                continue
+            fam = activation_family(layer.activation_after)
+            rule, exp = expected_std(fam, int(ex["fan_in"]), int(ex["fan_out"]))
+            current.setdefault(model, Chain(model)).layers.append(
+                ChainLayer(layer, fam, rule, exp, std / exp))
+        elif layer.params:
+            close(model)
+    for model in list(current):
+        close(model)
+    return result
+
+
+def first_point(series: Series | None) -> float | None:
+    """The value at the series' first recorded step (step 0 for a checkup or a watch)."""
+    if series is None or not series.count or not len(series.values):
+        return None
+    return series.values[0]
+
+
+def measured_decades(record: Record, chain: Chain) -> tuple[float | None, bool, dict[str, Any]]:
+    """log10(act_std of the chain's last layer / first layer) at the first step, whether
+    a non-finite value was seen, and the numbers."""
+    stds = [(c.layer.name, first_point(record.get(f"act_std/{c.layer.name}"))) for c in chain.layers]
+    stds = [(n, v) for n, v in stds if v is not None]
+    nonfinite = any(not math.isfinite(v) for _, v in stds)
+    usable = [(n, v) for n, v in stds if math.isfinite(v) and v > 0]
+    evidence: dict[str, Any] = {}
+    if len(usable) >= 2:
+        evidence = {"act_std_first": usable[0][1], "act_std_last": usable[-1][1],
+                    "act_std_first_layer": usable[0][0], "act_std_last_layer": usable[-1][0]}
+        return math.log10(usable[-1][1] / usable[0][1]), nonfinite, evidence
+    return None, nonfinite, evidence
+
+
+def grad_profile(record: Record, layers: list[LayerInfo]) -> dict[str, float]:
+    """Step-0 gradient norm of each layer's weight, by layer (evidence only)."""
+    out = {}
+    for layer in layers:
+        for p in layer.params:
+            if p.endswith("weight"):
+                v = first_point(record.get(f"grad_norm/{p}"))
+                if v is not None:
+                    out[layer.name] = v
+    return out
+
+
+def _audit_step(record: Record) -> int | None:
+    steps = [e.get("step") for e in record.events_of("init_audit") if isinstance(e.get("step"), int)]
+    return min(steps) if steps else (0 if record.steps else None)
+
+
+# ----------------------------------------------------------------- poor_initialization
+def poor_initialization(record: Record) -> list[Finding]:
+    """Warning (critical beyond 10^6) when a plain chain's weight scales, compounded,
+    put the signal >= 10^3 away from where He/Xavier for its activations would keep
+    it (predicted from weight std vs fan-in/fan-out), or the step-0 activation std
+    measured along the chain collapses or blows up as much."""
+    findings = []
+    step = _audit_step(record)
+    for chain in chains(record):
+        predicted = chain.predicted_decades
+        measured, nonfinite, act_ev = measured_decades(record, chain)
+        worst = max(abs(predicted), abs(measured) if measured is not None else 0.0)
+        if worst < CHAIN_DECADES_WARNING and not (nonfinite and abs(predicted) >= CHAIN_DECADES_WARNING):
+            continue
+        severity = "critical" if worst >= CHAIN_DECADES_CRITICAL or nonfinite else "warning"
+        ranked = sorted(chain.layers, key=lambda c: -abs(math.log10(c.ratio)))
+        direction = "grow" if (measured if measured is not None and abs(measured) > abs(predicted)
+                               else predicted) > 0 else "shrink"
+        names = [c.layer.name for c in chain.layers]
+        typical = ranked[0]
+        acts = sorted({c.layer.activation_after or "none" for c in chain.layers})
+        summary = (f"Init mismatched to the activations: along {len(names)} weight layers without "
+                   f"normalisation or residual path (`{names[0]}` ... `{names[-1]}`) the signal is set to "
+                   f"{direction} about 10^{abs(predicted):.1f}x at step 0 "
+                   f"(e.g. `{typical.layer.name}`: weight std {float(typical.layer.extra['weight_std']):.3g} "
+                   f"vs {typical.rule}'s {typical.expected_std:.3g} for "
+                   f"{typical.layer.activation_after or 'no activation'}).")
+        if measured is not None:
+            summary = summary[:-1] + (f"; measured activation std goes from {act_ev['act_std_first']:.3g} to "
+                                      f"{act_ev['act_std_last']:.3g}.")
+        evidence: dict[str, Any] = {
+            "model": chain.model,
+            "predicted_decades": round(predicted, 3),
+            "measured_decades": None if measured is None else round(measured, 3),
+            "nonfinite_activations": nonfinite,
+            "chain_layers": len(names),
+            "init_ratio": {c.layer.name: round(c.ratio, 4) for c in ranked[:8]},
+            "expected": {c.layer.name: f"{c.rule} std {c.expected_std:.4g}" for c in ranked[:8]},
+            "activation_after": {c.layer.name: c.layer.activation_after for c in ranked[:8]},
+            "grad_norm_step0": grad_profile(record, [chain.layers[0].layer, chain.layers[-1].layer]),
+            "threshold_decades": CHAIN_DECADES_WARNING,
+            **act_ev,
+        }
+        findings.append(Finding(
+            code="poor_initialization", severity=severity, step=step,
+            layers=tuple(c.layer.name for c in ranked),
+            summary=summary, evidence=evidence, advice=_init_advice(acts)))
+    return findings
+
+
+def _init_advice(acts: list[str]) -> str:
+    he = [a for a in acts if activation_family(a) in HE_FAMILIES]
+    xavier = [a for a in acts if a not in he]
+    parts = []
+    if he:
+        parts.append(f"He (Kaiming) before {', '.join(he)}: `nn.init.kaiming_normal_(m.weight, nonlinearity='relu')`")
+    if xavier:
+        parts.append(f"Xavier before {', '.join(xavier)}: `nn.init.xavier_normal_(m.weight)`")
+    return ("Initialise each layer for the activation that follows it, biases zero: "
+            + "; ".join(parts) + ". One call does it by tracing a batch: "
+            "`gv.init_(model, example_batch)`. Normalisation (LayerNorm/BatchNorm) or residual "
+            "connections also stop the scale from compounding with depth.")
+
+
+# ------------------------------------------------------------------ symmetric_weights
+def symmetric_weights(record: Record) -> list[Finding]:
+    """Hidden Linear/Conv layers whose output units all have identical incoming weights
+    (zero/constant init). Critical when symmetry cannot break: the next weight layer's
+    columns are identical too, or the layer got no gradient at step 0; warning when
+    only the next layer's randomness can slowly break it. The last weight layer (the
+    targets differ per output) and residual-branch layers (zero-init on purpose,
+    e.g. Fixup/ReZero) are exempt."""
+    hits: list[tuple[str, LayerInfo, dict[str, Any]]] = []
+    for model, layers in weight_layers_by_model(record).items():
+        for i, layer in enumerate(layers):
+            ex = layer.extra
+            if not ex.get("identical_rows") or ex.get("residual_bypass"):
+                continue
+            if int(layer.out_features or ex.get("fan_out", 0) or 0) <= 1 or i == len(layers) - 1:
+                continue
+            nxt = layers[i + 1]
+            grads = grad_profile(record, [layer])
+            g = grads.get(layer.name)
+            next_symmetric = bool(nxt.extra.get("identical_cols") or nxt.extra.get("weight_constant"))
+            stuck = next_symmetric or (g is not None and g == 0.0)
+            hits.append(("critical" if stuck else "warning", layer, {
+                "weight_std": ex.get("weight_std"), "weight_mean": ex.get("weight_mean"),
+                "constant": bool(ex.get("weight_constant")), "next_layer": nxt.name,
+                "next_layer_columns_identical": next_symmetric, "grad_norm_step0": g}))
+    if not hits:
+        return []
+    hits.sort(key=lambda h: (h[0] != "critical", h[1].depth or 0))
+    severity = hits[0][0]
+    names = [h[1].name for h in hits]
+    zero = [h[1].name for h in hits if h[2]["constant"] and h[2]["weight_mean"] == 0]
+    what = "all zero" if len(zero) == len(hits) else "identical rows (zero/constant init)"
+    shown = ", ".join(f"`{n}`" for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    summary = (f"{shown}: every unit starts with the same weights ({what}), so the units compute the "
+               f"same function and receive the same gradient"
+               + (" - the symmetry can never break." if severity == "critical"
+                  else " - only randomness in the next layer can slowly break it."))
+    return [Finding(
+        code="symmetric_weights", severity=severity, step=_audit_step(record), layers=tuple(names),
+        summary=summary,
+        evidence={"layers": {h[1].name: h[2] for h in hits[:16]}, "count": len(hits)},
+        advice=("Break the symmetry with random init (biases may stay zero): `gv.init_(model, batch)`, "
+                "or per layer `nn.init.kaiming_normal_(m.weight, nonlinearity='relu')` (ReLU family) / "
+                "`nn.init.xavier_normal_(m.weight)` (sigmoid/tanh). Zero init is fine only for biases, "
+                "the final output layer, or the last layer of a residual branch."),
+    )]
+
+
+RULES = [poor_initialization, symmetric_weights]
