@@ -125,13 +125,13 @@ def _chain_depth(f: Finding, by_code: dict[str, Finding]) -> int:
 
 def order(findings: list[Finding]) -> list[Finding]:
     """Root cause first: problems before info, then causes before their consequences
-    (depth in the ``caused_by`` chain), then the chapter's causal order, then severity."""
+    (depth in the ``caused_by`` chain), then severity, then the chapter's causal order."""
     rank = {c: i for i, c in enumerate(CAUSAL_ORDER)}
     by_code = {f.code: f for f in findings}
 
     def key(f: Finding) -> tuple[int, int, int, int]:
         problem = 0 if f.severity in ("critical", "warning") else 1
-        return (problem, _chain_depth(f, by_code), rank.get(f.code, len(rank)), _SEVERITY_RANK[f.severity])
+        return (problem, _chain_depth(f, by_code), _SEVERITY_RANK[f.severity], rank.get(f.code, len(rank)))
 
     return sorted(findings, key=key)
 

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 from ..record import LayerInfo, Record, Series
 from ..taxonomy import (
     EMBEDDING_LAYERS,
+    NORM_LAYERS,
     RECURRENT_LAYERS,
     WEIGHT_LAYERS,
     activation_family,
@@ -49,6 +50,34 @@ def names(items: Sequence[str], limit: int = 3) -> str:
     shown = ", ".join(q(n) for n in items[:limit])
     more = len(items) - limit
     return f"{shown} and {more} more" if more > 0 else shown
+
+
+def attr(path: str, root: str = "model") -> str:
+    """A module path as Python that reaches it: "blocks.0.mlp" -> "model.blocks[0].mlp"."""
+    if ":" in path:  # several watched models: "netD:main.0" -> netD.main[0]
+        root, path = path.split(":", 1)
+    out = root
+    for part in path.split("."):
+        out += f"[{part}]" if part.isdigit() else f".{part}"
+    return out
+
+
+#: Activation family -> the torch.nn class to write in advice when the record
+#: only knows a function name (``F.relu`` -> ``nn.ReLU``).
+_NN_CLASS = {"relu": "ReLU", "leaky_relu": "LeakyReLU", "elu": "ELU", "gelu": "GELU",
+             "sigmoid": "Sigmoid", "tanh": "Tanh"}
+
+
+def nn_class(record: Record, name: str | None) -> str:
+    """The user's activation class for an activation name (``sigmoid`` -> ``Sigmoid``)."""
+    fam = activation_family(name)
+    for layer in record.layers.values():
+        if activation_family(layer.kind) == fam and fam is not None and layer.kind.lower() == (name or "").lower().replace("_", ""):
+            return layer.kind
+    for layer in record.layers.values():
+        if fam is not None and activation_family(layer.kind) == fam:
+            return layer.kind
+    return _NN_CLASS.get(fam or "", name or "ReLU")
 
 
 def sci(value: float, digits: int = 2) -> str:
@@ -174,7 +203,7 @@ def weight_params(record: Record) -> list[WeightParam]:
             continue
         layer = record.layers.get(info.layer)
         kind = layer.kind if layer is not None else ""
-        if kind in EMBEDDING_LAYERS or (kind not in WEIGHT_LAYERS and kind not in RECURRENT_LAYERS):
+        if not _is_weight(kind, name):
             continue
         depth = layer.depth if layer is not None and layer.depth is not None else None
         key = (depth if depth is not None else 10**9, index)
@@ -184,6 +213,25 @@ def weight_params(record: Record) -> list[WeightParam]:
                                      activation=act)))
     out.sort(key=lambda x: x[0])
     return [w for _, w in out]
+
+
+def _is_weight(kind: str, param: str) -> bool:
+    """Linear/Conv/recurrent weights, and the ``weight`` of layers we don't know by
+    name (HF's GPT-2 ``Conv1D``, quantizable Linear subclasses), never embeddings or norms."""
+    if kind in EMBEDDING_LAYERS or kind in NORM_LAYERS:
+        return False
+    if kind in WEIGHT_LAYERS or kind in RECURRENT_LAYERS:
+        return True
+    return param.rsplit(".", 1)[-1] == "weight"
+
+
+def by_model(wps: Sequence[WeightParam], record: Record) -> list[list[WeightParam]]:
+    """Weight params split by watched model (a GAN's G and D have separate depth profiles)."""
+    groups: dict[str, list[WeightParam]] = {}
+    for wp in wps:
+        layer = record.layers.get(wp.layer)
+        groups.setdefault(layer.model if layer is not None else "", []).append(wp)
+    return list(groups.values())
 
 
 def activation_families(record: Record, layers: Iterable[str]) -> list[str]:

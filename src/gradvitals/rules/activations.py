@@ -18,7 +18,7 @@ from ..taxonomy import (
     ZEROING_FAMILIES,
     activation_family,
 )
-from ._common import WARMUP_STEPS, first_nonfinite_step, loss_levels, median, names, points, q, sci
+from ._common import WARMUP_STEPS, attr, first_nonfinite_step, loss_levels, median, names, points, q, sci
 
 # ----------------------------------------------------------------- dead ReLU
 #: Fraction of a layer's units never positive over the recorder's window (4
@@ -216,7 +216,7 @@ def _sat_advice(record: Record, module: str, feeder: str | None, pre_std: float,
     if recurrent:
         return (f"The hidden state of {q(module)} sits at tanh's bounds. Normalise its inputs, clip the "
                 f"gradient norm (max_norm=1.0) and lower the learning rate; initialise recurrent weights "
-                f"orthogonally: `nn.init.orthogonal_({module}.weight_hh_l0)`.")
+                f"orthogonally: `nn.init.orthogonal_({attr(module)}.weight_hh_l0)`.")
     big = math.isfinite(pre_std) and pre_std > SAT_PREACT_STD
     if is_input and big:
         return (f"The inputs are not normalised: {q(feeder)} feeds {q(module)} pre-activations with std "
@@ -226,6 +226,6 @@ def _sat_advice(record: Record, module: str, feeder: str | None, pre_std: float,
                 f"hidden layers.")
     target = feeder or "the layer before it"
     return (f"{q(target)} drives {q(module)} into its flat tails. Use Xavier init for {kind} "
-            f"(`nn.init.xavier_normal_({target}.weight)`), add normalisation before the activation, lower the "
+            f"(`nn.init.xavier_normal_({attr(feeder) if feeder else 'layer'}.weight)`), add normalisation before the activation, lower the "
             f"learning rate, or switch hidden activations to ReLU/GELU with He init.")
 

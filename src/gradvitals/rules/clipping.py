@@ -68,7 +68,7 @@ def clipping_always_active(record: Record) -> list[Finding]:
     p90 = norms[min(len(norms) - 1, int(0.9 * len(norms)))]
     suggest = float(f"{p90:.1g}") if p90 > 0 else 1.0
     summary = (f"clip_grad_norm_ scaled the gradients down on {frac:.0%} of {len(late)} steps, by "
-               f"{sci(scale)}x on the median step (norm {sci(median(norms))} vs max_norm {max_norm:g}): "
+               f"{scale:.3g}x on the median step (norm {sci(median(norms))} vs max_norm {max_norm:g}): "
                f"the threshold, not the learning rate, sets every step.")
     evidence = {"clipped_fraction": frac, "calls": len(late), "max_norm": max_norm,
                 "median_grad_norm": median(norms), "p90_grad_norm": p90, "median_scale": scale,

@@ -22,9 +22,11 @@ from ._common import (
     activation_families,
     activation_names,
     as_dict,
+    by_model,
     first_nonfinite_step,
     median,
     names,
+    nn_class,
     orders,
     points,
     q,
@@ -68,7 +70,13 @@ def vanishing_gradients(record: Record) -> list[Finding]:
     VANISH_PERSIST of the profiled steps, or when every layer's ratio is below
     VANISH_ABSOLUTE.
     """
-    wps = weight_params(record)
+    found = [f for group in by_model(weight_params(record), record)
+             for f in _vanishing_in(record, group)]
+    # Several models (a GAN): report the worst profile.
+    return sorted(found, key=lambda f: -(f.evidence.get("gap_orders") or 0))[:1]
+
+
+def _vanishing_in(record: Record, wps: list) -> list[Finding]:
     if len(wps) < VANISH_MIN_LAYERS:
         return []
     stop = first_nonfinite_step(record)
@@ -145,18 +153,18 @@ def _vanishing_advice(record: Record, early: list[str], acts: list[str], act_nam
     where = names(early)
     kind = record.layers[early[0]].kind if early and early[0] in record.layers else "Linear"
     if acts and acts[0] in ("sigmoid", "tanh"):
-        act = act_names[0] if act_names else acts[0]
-        return (f"`{act}` after {where} multiplies the gradient by at most "
+        act = nn_class(record, act_names[0] if act_names else acts[0])
+        return (f"`nn.{act}` after {where} multiplies the gradient by at most "
                 f"{'0.25' if acts[0] == 'sigmoid' else '1'} per layer and it compounds with depth. "
                 f"Use ReLU/GELU with He init in the hidden layers (keep sigmoid only at the output), "
                 f"or add residual connections and normalisation:\n"
                 f"    for m in model.modules():\n"
                 f"        if isinstance(m, nn.{kind}):\n"
                 f"            nn.init.kaiming_normal_(m.weight, nonlinearity='relu'); nn.init.zeros_(m.bias)\n"
-                f"(with the hidden `nn.{act}()` replaced by `nn.ReLU()`).")
+                f"(with the hidden `nn.{act}()` replaced by `nn.ReLU()`; `gv.init_(model, batch)` picks the init).")
     if acts and acts[0] in ("relu", "leaky_relu", "elu", "gelu"):
-        act = act_names[0] if act_names else acts[0]
-        return (f"The weights of {where} are too small for `{act}`: each layer shrinks the signal. "
+        act = nn_class(record, act_names[0] if act_names else acts[0])
+        return (f"The weights of {where} are too small for `nn.{act}`: each layer shrinks the signal. "
                 f"Use He (Kaiming) init, Var(W) = 2/fan_in, or `gv.init_(model, batch)`:\n"
                 f"    for m in model.modules():\n"
                 f"        if isinstance(m, nn.{kind}):\n"

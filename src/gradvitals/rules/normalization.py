@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..findings import Finding
 from ..record import Record
 from ..taxonomy import BATCHNORM_LAYERS
-from ._common import median, names, points
+from ._common import attr, median, names, points
 
 #: Batch size below which BatchNorm's per-batch mean/variance are too noisy to
 #: normalise with (GroupNorm paper: error climbs steeply below 8 per GPU; at 2
@@ -56,7 +56,7 @@ def batchnorm_small_batch(record: Record) -> list[Finding]:
                f"train/eval behaviour differ.")
     evidence = {"batch_size_by_layer": dict(small), "threshold": BN_MIN_BATCH}
     advice = (f"Use a normalisation that does not depend on the batch for {names(mods)}, e.g. "
-              f"`model.{mods[0]} = {repl}` (GroupNorm for conv nets, LayerNorm for MLPs/transformers), or "
+              f"`{attr(mods[0])} = {repl}` (GroupNorm for conv nets, LayerNorm for MLPs/transformers), or "
               f"train with batches of >= {BN_MIN_BATCH * 2} samples (gradient accumulation does not help "
               f"BatchNorm: it still sees each micro-batch).")
     return [Finding(code="batchnorm_small_batch", severity="warning", step=0, layers=tuple(mods),

@@ -14,7 +14,7 @@ import math
 
 from ..findings import Finding
 from ..record import ParamInfo, Record
-from ._common import as_dict, names, points
+from ._common import as_dict, attr, names, points
 
 #: Recorded optimizer steps before "never" means anything.
 MIN_STEPS = 1
@@ -62,7 +62,7 @@ def no_gradient(record: Record) -> list[Finding]:
     advice = (f"Make sure the output of {names(list(layers))} flows into the loss: it is not called in "
               f"forward(), or its output is detached (`.detach()`, `.item()`, `torch.no_grad()`, a NumPy "
               f"round trip) or unused. If it is meant to be frozen, say so:\n"
-              f"    model.{first}.requires_grad_(False)")
+              f"    {attr(first)}.requires_grad_(False)")
     return [Finding(code="no_gradient", severity="critical" if everything else "warning", step=0,
                     layers=tuple(layers), summary=summary, evidence=evidence, advice=advice)]
 
@@ -95,8 +95,8 @@ def not_updated(record: Record) -> list[Finding]:
     advice = (f"Build the optimizer from every trainable parameter, after the model is complete (modules "
               f"added or replaced later, e.g. {names(list(layers))}, are not in it):\n"
               f"    optimizer = torch.optim.AdamW(model.parameters(), lr=...)\n"
-              f"or add them: `optimizer.add_param_group({{'params': model.{first}.parameters()}})`. "
-              f"If they are meant to stay fixed, freeze them: `model.{first}.requires_grad_(False)`.")
+              f"or add them: `optimizer.add_param_group({{'params': {attr(first)}.parameters()}})`. "
+              f"If they are meant to stay fixed, freeze them: `{attr(first)}.requires_grad_(False)`.")
     return [Finding(code="not_updated", severity="warning", step=0, layers=tuple(layers), summary=summary,
                     evidence=evidence, advice=advice)]
 

@@ -1,0 +1,150 @@
+"""vanishing_gradients / exploding_gradients on hand-built records, at their edges."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from rulebuild import Build
+
+from gradvitals.rules import gradients as g
+
+STEPS = range(0, 300, 25)
+
+
+def profile(gap_orders: float, n: int = 10) -> Build:
+    """Relative gradient falling log-linearly by ``gap_orders`` from head to first layer."""
+    b = Build().mlp(n)
+    return b.grads(STEPS, lambda s, i, p: 5.0 * 10 ** (-gap_orders * (n - 1 - i) / (n - 1)))
+
+
+def scaled_for_gap(target: float) -> float:
+    """Head-to-first orders of ``profile`` (n=10) whose thirds' gap is ``target``: the
+    rule compares the medians of layers 0-2 and 7-9, i.e. layer 1 vs layer 8 (7/9 of it)."""
+    return target * 9 / 7
+
+
+def test_vanishing_fires_at_the_chapter_100x_and_not_below():
+    just = scaled_for_gap(g.VANISH_ORDERS + 0.01)
+    below = scaled_for_gap(g.VANISH_ORDERS - 0.05)
+    found = g.vanishing_gradients(profile(just).record)
+    assert [f.code for f in found] == ["vanishing_gradients"]
+    assert found[0].severity == "warning"
+    assert found[0].evidence["gap_orders"] == pytest.approx(g.VANISH_ORDERS + 0.01, abs=0.01)
+    assert g.vanishing_gradients(profile(below).record) == []
+
+
+def test_vanishing_critical_names_layers_and_counts_the_stalled_ones():
+    f = g.vanishing_gradients(profile(12.0, n=20).record)[0]
+    assert f.severity == "critical"
+    assert f.step == 0
+    assert f.layers[0] == "layers.0"  # worst first
+    stalled = f.evidence["stalled_layers"]
+    # relative grads fall 12/19 orders per layer: > 3 orders below the head for i <= 14
+    assert stalled == [f"layers.{i}" for i in range(15)]
+    assert "from `head` to `layers.0`" in f.summary and "the first 15 of 20" in f.summary
+    assert "10^" in f.summary
+    assert "nn.init.kaiming_normal_" in f.advice and "ReLU" in f.advice
+
+
+def test_vanishing_sigmoid_advice_names_the_activation_and_layers():
+    b = Build().mlp(8, act="Sigmoid")
+    b.grads(STEPS, lambda s, i, p: 10.0 ** (-(7 - i)))
+    f = g.vanishing_gradients(b.record)[0]
+    assert "nn.Sigmoid" in f.advice and "`layers.0`" in f.advice
+    assert f.evidence["activation"] == "Sigmoid"
+
+
+def test_vanishing_needs_the_gap_on_most_steps():
+    steps = list(STEPS)
+    flagged = set(steps[: int(len(steps) * g.VANISH_PERSIST) - 1])  # just under the persistence
+
+    def grad(s: int, i: int, p: str) -> float:
+        return 10.0 ** (-(9 - i)) if s in flagged else 1.0
+
+    assert g.vanishing_gradients(Build().mlp(10).grads(steps, grad).record) == []
+
+
+def test_vanishing_ignores_biases_and_needs_three_weight_layers():
+    # Flat weight profile; biases (set by the builder 1000x larger) must not matter.
+    assert g.vanishing_gradients(profile(0.0).record) == []
+    two = Build().mlp(2).grads(STEPS, lambda s, i, p: 10.0 ** (-8 * (1 - i)))
+    assert g.vanishing_gradients(two.record) == []
+
+
+def test_vanishing_skips_exact_zero_gradients_left_to_dead_relu():
+    b = Build().mlp(6).grads(STEPS, lambda s, i, p: 0.0 if i < 4 else 1.0)
+    assert g.vanishing_gradients(b.record) == []
+
+
+def test_vanishing_profiles_each_model_of_a_gan_separately():
+    b = Build()
+    b.mlp(5, model="G")
+    for i in range(4):  # a second model whose first layers come *after* G's head in depth
+        b.layer(f"D.layers.{i}", "Linear", activation_after="LeakyReLU",
+                params={"weight": [64, 64], "bias": [64]}, model="D")
+    # G: healthy flat profile. D: healthy too, but 10^4 smaller overall than G.
+    b.grads(STEPS, lambda s, i, p: 1e-4 if p.startswith("D.") else 1.0)
+    assert g.vanishing_gradients(b.record) == []
+
+
+def test_vanishing_absolute_when_every_layer_is_tiny():
+    b = Build().mlp(6).grads(STEPS, lambda s, i, p: 1e-9)
+    f = g.vanishing_gradients(b.record)
+    assert f and f[0].severity == "critical" and "vanishingly small" in f[0].summary
+
+
+# ------------------------------------------------------------------ exploding
+def climbing(n_flat: int, factor: float, n_climb: int, nan: bool = True, wiggle: float = 0.1) -> Build:
+    values = [1.0 + wiggle * math.sin(i) for i in range(n_flat)]
+    values += [factor ** (k + 1) for k in range(n_climb)]  # the climb starts from the normal 1.0
+    if nan:
+        values.append(math.nan)
+    b = Build().mlp(4)
+    b.series("grad_norm_global", values)
+    b.series("loss", [2.3] * (len(values) - 1) + ([math.nan] if nan else [2.3]))
+    return b
+
+
+def test_exploding_reports_the_step_growth_became_visible_and_warning_steps():
+    b = climbing(40, 3.0, 10)  # x3 per step: 10x the normal level after 3 steps of climbing
+    f = g.exploding_gradients(b.record)[0]
+    assert f.severity == "critical"
+    nan_step = 50
+    assert f.evidence["nonfinite_step"] == nan_step
+    # 1.0*3^k >= 10 first at k=3 (step 40 + 2): the first step >= GROWTH_VISIBLE x normal
+    assert f.step == 42
+    assert f.evidence["warning_steps"] == nan_step - 42
+    assert f.evidence["growth_per_step"] == pytest.approx(3.0, rel=0.05)
+    assert "8 steps of warning" in f.summary
+
+
+def test_exploding_not_for_a_nan_without_growth():
+    b = climbing(40, 1.0, 0)
+    b.event("nonfinite_origin", step=40, kind="input", module="layers.0", value="nan")
+    assert g.exploding_gradients(b.record) == []
+
+
+def test_exploding_huge_gradient_at_init_counts_even_without_a_climb():
+    b = Build().mlp(4)
+    b.series("grad_norm_global", [2e14, math.nan])
+    f = g.exploding_gradients(b.record)[0]
+    assert f.step == 0 and f.evidence["at_init"] is True and f.evidence["warning_steps"] == 1
+    assert "kaiming_normal_" in f.advice
+
+
+def test_exploding_without_nan_needs_three_orders_above_normal():
+    b = climbing(40, 10.0, 3, nan=False, wiggle=0.0)  # peak exactly 1000x the median 1.0 -> warning
+    b.series("grad_norm_global", {43 + k: 1.0 for k in range(40)})
+    found = g.exploding_gradients(b.record)
+    assert found and found[0].severity == "warning"
+    b2 = climbing(40, 9.99, 3, nan=False, wiggle=0.0)  # 997x
+    b2.series("grad_norm_global", {43 + k: 1.0 for k in range(40)})
+    assert g.exploding_gradients(b2.record) == []
+
+
+def test_exploding_rnn_advice_is_clipping():
+    b = climbing(20, 3.0, 8)
+    b.layer("rnn", "RNN", params={"weight_ih_l0": [32, 8], "weight_hh_l0": [32, 32]})
+    f = g.exploding_gradients(b.record)[0]
+    assert "`rnn`" in f.advice and "clip_grad_norm_" in f.advice and "max_norm=1.0" in f.advice

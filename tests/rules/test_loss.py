@@ -1,0 +1,73 @@
+"""loss_plateau / loss_spike on hand-built loss curves, at their edges."""
+
+from __future__ import annotations
+
+import math
+
+from rulebuild import Build, falling_loss, flat_loss
+
+from gradvitals.rules import loss as L
+
+
+def with_progress(progress: float, n: int = 300, start: float = 2.3) -> list[float]:
+    """Flat start level, then a step down so that (start - end) / start == progress."""
+    k = n // 10
+    return [start] * (n - k) + [start * (1 - progress)] * k
+
+
+def test_plateau_fires_below_five_percent_progress_and_not_above():
+    f = L.loss_plateau(Build().loss(with_progress(L.PLATEAU_PROGRESS - 0.001)).record)
+    assert [x.code for x in f] == ["loss_plateau"]
+    assert f[0].evidence["progress"] < L.PLATEAU_PROGRESS
+    assert "2.3 at the start" in f[0].summary and "after 299 steps" in f[0].summary
+    assert L.loss_plateau(Build().loss(with_progress(L.PLATEAU_PROGRESS + 0.001)).record) == []
+
+
+def test_plateau_needs_enough_steps():
+    assert L.loss_plateau(Build().loss(flat_loss(L.PLATEAU_MIN_STEPS)).record) == []
+    assert L.loss_plateau(Build().loss(flat_loss(L.PLATEAU_MIN_STEPS + 2)).record)
+
+
+def test_plateau_skips_adversarial_runs_and_diverged_ones():
+    gan = Build().loss(flat_loss(300)).series("loss/opt1", flat_loss(300))
+    assert L.loss_plateau(gan.record) == []
+    rising = Build().loss([2.3] * 150 + [5.0] * 150)
+    assert L.loss_plateau(rising.record) == []
+
+
+def test_plateau_judges_only_the_loss_before_a_nan():
+    b = Build().loss(flat_loss(200) + [math.nan] * 100)
+    f = L.loss_plateau(b.record)
+    assert f and f[0].evidence["steps"] == 199
+
+
+def test_no_spike_in_a_healthy_noisy_curve_even_near_zero():
+    noisy = [max(0.01, v * (1 + 0.9 * math.sin(7.3 * i))) for i, v in enumerate(falling_loss(400, end=0.05))]
+    assert L.find_spikes(Build().loss(noisy).record) == []
+
+
+def test_spike_found_at_its_step_and_recovery_is_a_warning():
+    values = flat_loss(100, level=1.0, wiggle=0.02)
+    values[60] = 3.0
+    f = L.loss_spike(Build().loss(values).record)[0]
+    assert f.step == 60 and f.severity == "warning"
+    assert f.evidence["after"] == 3.0 and "at step 60" in f.summary
+
+
+def test_spike_must_clear_the_relative_threshold():
+    values = flat_loss(100, level=1.0, wiggle=0.0)
+    values[60] = 1.0 + L.SPIKE_REL * 0.99
+    assert L.find_spikes(Build().loss(values).record) == []
+    values[60] = 1.0 + L.SPIKE_REL * 1.01
+    assert [s.step for s in L.find_spikes(Build().loss(values).record)] == [60]
+
+
+def test_early_jump_right_after_the_first_step():
+    f = L.loss_spike(Build().loss([2.3, 40.0] + [2.2] * 50).record)[0]
+    assert f.step == 1 and f.evidence["after"] == 40.0
+
+
+def test_divergence_is_critical():
+    values = flat_loss(100, level=1.0, wiggle=0.02) + [3.0] * 40
+    f = L.loss_spike(Build().loss(values).record)[0]
+    assert f.severity == "critical" and f.evidence["diverged"] is True

@@ -1,0 +1,129 @@
+"""no_gradient / not_updated / batchnorm_small_batch / clipping_always_active."""
+
+from __future__ import annotations
+
+from rulebuild import Build, falling_loss, flat_loss
+
+from gradvitals.rules import clipping as c
+from gradvitals.rules import normalization as n
+from gradvitals.rules import params as p
+
+STEPS = list(range(0, 300, 25))
+
+
+def trained(b: Build, steps: int = 100) -> Build:
+    return b.series("grad_norm_global", [1.0] * steps).loss(falling_loss(steps))
+
+
+# ------------------------------------------------------------------ no_gradient
+def test_no_gradient_for_a_disconnected_trainable_layer():
+    b = trained(Build().mlp(3).layer("aux", "Linear", params={"weight": [5, 10], "bias": [5]}))
+    for name in ("aux.weight", "aux.bias"):
+        b.record.params[name].grad_seen = False
+    f = p.no_gradient(b.record)[0]
+    assert f.severity == "warning" and f.layers == ("aux",)
+    assert "`aux` (2 tensors, 55 parameters) never received a gradient in 100 steps" in f.summary
+    assert "model.aux.requires_grad_(False)" in f.advice
+
+
+def test_frozen_or_excluded_parameters_are_not_no_gradient():
+    b = trained(Build().mlp(3))
+    for info in list(b.record.params.values())[:2]:
+        info.requires_grad = False
+        info.grad_seen = False
+    third = list(b.record.params.values())[2]
+    third.grad_seen, third.in_optimizer = False, False
+    assert p.no_gradient(b.record) == []
+
+
+def test_no_gradient_anywhere_is_critical_and_needs_a_step():
+    b = trained(Build().mlp(3))
+    for info in b.record.params.values():
+        info.grad_seen = False
+    assert p.no_gradient(b.record)[0].severity == "critical"
+    assert p.no_gradient(Build().mlp(3).record) == []  # nothing recorded yet
+
+
+# ------------------------------------------------------------------ not_updated
+def test_not_updated_when_missing_from_the_optimizer():
+    b = trained(Build().mlp(4))
+    b.record.params["layers.1.weight"].in_optimizer = False
+    b.record.params["layers.1.bias"].in_optimizer = False
+    f = p.not_updated(b.record)[0]
+    assert f.layers == ("layers.1",) and "not in the optimizer" in f.summary
+    assert "model.layers[1].parameters()" in f.advice
+
+
+def test_not_updated_from_exact_zero_ratios_only_when_others_move_and_the_gradient_is_real():
+    def build(rel_grad: float, others: float) -> Build:
+        b = Build().mlp(4)
+        b.ratios(STEPS, lambda s, i, name: 0.0 if name == "layers.0.weight" else others, grad=rel_grad * 5.0)
+        return trained(b, 300)
+
+    f = p.not_updated(build(p.NOT_UPDATED_MIN_RELATIVE_GRAD, 1e-3).record)
+    assert f and f[0].evidence["zero_update_ratio"] == ["layers.0.weight"]
+    # a vanishing gradient rounds to a zero update: not this finding
+    assert p.not_updated(build(p.NOT_UPDATED_MIN_RELATIVE_GRAD * 0.9, 1e-3).record) == []
+    # nothing moves anywhere: a learning rate / clipping matter
+    assert p.not_updated(build(1.0, 0.0).record) == []
+
+
+# ------------------------------------------------------------------ BatchNorm
+def bn_run(samples: list[float], batch: int | None, kind: str = "BatchNorm1d") -> Build:
+    b = Build()
+    b.layer("fc", "Linear", params={"weight": [32, 16]})
+    extra = {"batch_size": batch} if batch is not None else {}
+    b.layer("bn", kind, params={"weight": [32], "bias": [32]}, **extra)
+    return b.series("bn_batch/bn", dict(zip(STEPS, samples)))
+
+
+def test_batchnorm_small_batch_below_eight_samples():
+    f = n.batchnorm_small_batch(bn_run([7.0] * 12, 7).record)[0]
+    assert f.layers == ("bn",) and "batches of 7 samples" in f.summary
+    assert "model.bn = nn.LayerNorm(32)" in f.advice
+    assert n.batchnorm_small_batch(bn_run([8.0] * 12, 8).record) == []
+
+
+def test_batchnorm_conv_uses_the_batch_size_not_the_pixels_and_ignores_a_short_last_batch():
+    # BatchNorm2d over 4 x 16 x 16: 1024 samples per channel, but a batch of 4.
+    f = n.batchnorm_small_batch(bn_run([1024.0] * 12, 4, kind="BatchNorm2d").record)[0]
+    assert f.evidence["batch_size_by_layer"] == {"bn": 4.0}
+    assert "nn.GroupNorm(8, 32)" in f.advice
+    # batches of 64, the epoch's last one of 3: the median decides
+    assert n.batchnorm_small_batch(bn_run([64.0] * 11 + [3.0], 3).record) == []
+
+
+# ------------------------------------------------------------------ clipping
+def clip_run(max_norm: float, norms: list[float], loss: list[float]) -> Build:
+    b = Build().mlp(3)
+    b.series("clip_max_norm", [max_norm] * len(norms))
+    b.series("clip_total_norm", norms)
+    b.series("clip_clipped", [1.0 if x > max_norm else 0.0 for x in norms])
+    return b.loss(loss)
+
+
+def test_clip_max_norm_zero_is_critical():
+    f = c.clipping_always_active(clip_run(0.0, [1.0] * 50, flat_loss(50)).record)[0]
+    assert f.severity == "critical" and "max_norm=0" in f.summary
+
+
+def test_clipping_every_step_by_10x_is_a_warning_with_a_suggested_max_norm():
+    f = c.clipping_always_active(clip_run(0.1, [1.0] * 100, falling_loss(100)).record)[0]
+    assert f.severity == "warning" and f.evidence["median_scale"] == 10.0
+    assert "max_norm=1)" in f.advice
+
+
+def test_mild_constant_clipping_of_a_learning_run_is_info():
+    f = c.clipping_always_active(clip_run(1.0, [2.0] * 100, falling_loss(100)).record)[0]
+    assert f.severity == "info"
+    # the same mild clipping (3x) while the loss is stuck is a warning
+    assert c.clipping_always_active(clip_run(1.0, [3.0] * 100, flat_loss(100)).record)[0].severity == "warning"
+
+
+def test_clipping_under_ninety_percent_is_not_a_finding():
+    norms = [2.0] * 88 + [0.5] * 12  # 88% of the 95 steps after warmup... check the edge
+    late = norms[c.WARMUP_STEPS:]
+    assert sum(x > 1.0 for x in late) / len(late) < c.CLIP_ALWAYS_FRACTION
+    assert c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record) == []
+    norms = [2.0] * 92 + [0.5] * 8
+    assert c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record)

@@ -1,0 +1,78 @@
+"""update_ratio_high / update_ratio_low: ratios judged together with the loss."""
+
+from __future__ import annotations
+
+import math
+
+from rulebuild import Build, falling_loss, flat_loss
+
+from gradvitals.rules import updates as u
+
+STEPS = list(range(0, 300, 25))
+
+
+def run(ratio: float, loss: list[float], lr: float = 0.1) -> Build:
+    b = Build().mlp(5).ratios(STEPS, lambda s, i, p: ratio).loss(loss)
+    return b.series("lr/opt.0", [lr] * len(loss))
+
+
+def spiky(n: int = 300, at: int = 30) -> list[float]:
+    values = falling_loss(n)
+    values[at] = 10.0
+    return values
+
+
+def test_high_ratio_with_a_healthy_loss_is_not_a_finding():
+    # BatchNorm CNNs and clipped SGD LSTMs train well at 2e-2..3e-2 per step.
+    assert u.update_ratio_high(run(3e-2, falling_loss(300)).record) == []
+
+
+def test_high_ratio_before_a_loss_spike_is_too_high_a_learning_rate():
+    f = u.update_ratio_high(run(u.UPDATE_RATIO_HIGH, spiky()).record)
+    assert [x.code for x in f] == ["update_ratio_high"]
+    assert f[0].severity == "warning" and f[0].step == 0
+    assert "lr=0.1" in f[0].summary and "jumped at step 30" in f[0].summary
+    assert "lr=0.01" in f[0].advice
+    assert u.update_ratio_high(run(u.UPDATE_RATIO_HIGH * 0.99, spiky()).record) == []
+
+
+def test_high_ratio_must_come_before_the_trouble():
+    b = Build().mlp(5).ratios(STEPS, lambda s, i, p: 0.05 if s >= 50 else 1e-3).loss(spiky(at=30))
+    assert u.update_ratio_high(b.record) == []
+
+
+def test_nan_after_high_ratio_is_critical():
+    loss = falling_loss(100) + [math.nan] * 200
+    f = u.update_ratio_high(run(0.02, loss).record)[0]
+    assert f.severity == "critical" and "went NaN" in f.summary
+
+
+def test_stalled_loss_needs_a_much_higher_ratio():
+    assert u.update_ratio_high(run(0.05, flat_loss(300)).record) == []
+    f = u.update_ratio_high(run(u.UPDATE_RATIO_HIGH_PLATEAU, flat_loss(300)).record)
+    assert f and "did not fall" in f[0].summary
+
+
+def test_low_ratio_fires_below_1e5_of_the_fastest_layer():
+    f = u.update_ratio_low(run(u.UPDATE_RATIO_LOW * 0.99, flat_loss(300), lr=1e-7).record)
+    assert [x.code for x in f] == ["update_ratio_low"] and f[0].severity == "warning"
+    assert "lr=1.0e-07" in f[0].summary and "Try lr=" in f[0].advice
+    assert f[0].step == 25  # after warmup
+    assert u.update_ratio_low(run(u.UPDATE_RATIO_LOW * 1.01, flat_loss(300)).record) == []
+
+
+def test_low_is_judged_on_the_fastest_layer_not_the_vanishing_ones():
+    b = Build().mlp(5).ratios(STEPS, lambda s, i, p: 1e-3 if i == 4 else 1e-12).loss(flat_loss(300))
+    assert u.update_ratio_low(b.record) == []
+
+
+def test_low_ratio_while_learning_is_info():
+    f = u.update_ratio_low(run(1e-6, falling_loss(300)).record)[0]
+    assert f.severity == "info"
+
+
+def test_zero_updates_with_gradients_and_layers_without_gradient_are_skipped():
+    f = u.update_ratio_low(run(0.0, flat_loss(300)).record)[0]
+    assert "exactly 0" in f.summary
+    dead = Build().mlp(5).ratios(STEPS, lambda s, i, p: 0.0, grad=0.0).loss(flat_loss(300))
+    assert u.update_ratio_low(dead.record) == []  # no gradient at all: dead_relu's business
