@@ -51,7 +51,7 @@ def chromium() -> str:
 
 
 class _Dom(HTMLParser):
-    """Elements (tag, attrs) and the text of SVG <text> nodes of a dumped DOM."""
+    """Elements (tag, attrs) and the text of SVG <text>/<title> nodes of a dumped DOM."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
@@ -62,7 +62,7 @@ class _Dom(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         self.elements.append((tag, {k: v or "" for k, v in attrs}))
-        self._in_text = tag == "text"
+        self._in_text = tag in ("text", "title")
 
     def handle_endtag(self, tag):
         self._in_text = False
@@ -139,7 +139,10 @@ def test_nan_run_marks_every_finding_step(chromium, tmp_path):
     assert int(hm["data-nonfinite-cells"]) > 0 and int(hm["data-markers"]) >= len(stepped)
     (gn,) = dom.find("svg", **{"data-chart": "grad_norm"})
     assert int(gn["data-nonfinite"]) > 0 and int(gn["data-points"]) >= 1
-    labels = "".join(dom.svg_text)
+    labels = "\n".join(dom.svg_text)  # marker titles list every finding at their step
     for f in stepped:
         assert f"{f['code']} @{f['step']}" in labels, (f["code"], f["step"])
+    nan_step = next(f["step"] for f in stepped if f["code"] == "nonfinite")
+    # the NaN step is marked as critical on both the loss and the gradient-norm chart
+    assert len(dom.find("g", **{"class": "marker critical", "data-step": str(nan_step)})) == 2
     assert len(dom.find("li", **{"data-code": "nonfinite"})) == 1

@@ -410,7 +410,7 @@ def _prose(text: str) -> str:
     pos = 0
     for m in _FENCE.finditer(text):
         out.append(_inline(text[pos:m.start()]))
-        out.append(f"<pre><code>{html.escape(m.group(1).rstrip())}</code></pre>")
+        out.append(f"<pre><code>{html.escape(m.group(1).strip(chr(10)).rstrip())}</code></pre>")
         pos = m.end()
     out.append(_inline(text[pos:]))
     return "".join(out)
@@ -424,7 +424,7 @@ def _inline(text: str) -> str:
         parts.append(f"<code>{html.escape(m.group(1))}</code>")
         pos = m.end()
     parts.append(_bold(html.escape(text[pos:])))
-    return "".join(parts).replace("\n", "<br>")
+    return "".join(parts)  # newlines and indentation kept: the prose is white-space: pre-wrap
 
 
 def _bold(escaped: str) -> str:
@@ -471,8 +471,8 @@ def _findings_html(findings: list[dict[str, Any]]) -> str:
             f'<li class="finding {sev}" id="finding-{i}" data-code="{code}">'
             f'<div class="fhead"><span class="sev {sev}">{sev}</span> <b>{code}</b>'
             f'<span class="meta">{" · ".join(meta)}</span></div>'
-            f'<p class="summary">{_prose(str(f.get("summary", "")))}</p>'
-            f'<div class="advice"><span>Fix:</span> {_prose(str(f.get("advice", "")))}</div>'
+            f'<p class="summary">{_prose(str(f.get("summary", "")).strip())}</p>'
+            f'<div class="advice"><span>Fix:</span> {_prose(str(f.get("advice", "")).strip())}</div>'
             f"{ev_html}</li>")
     return '<ol class="findings">' + "".join(items) + "</ol>"
 
@@ -553,7 +553,7 @@ def render_html(report: dict[str, Any]) -> str:
     data = _script_json(payload(report))
     body = f"""
 <header class="{_severity_class(findings)}"><div class="brand">gradvitals</div>
-<h1 id="verdict">{html.escape(verdict)}</h1><div class="sub">{html.escape(str(name))}</div></header>
+<h1 id="verdict">{_inline(verdict)}</h1><div class="sub">{html.escape(str(name))}</div></header>
 <main>
 <section id="heatmap-section"><h2>Gradient flow</h2>
 <p class="hint">Gradient norm of each layer (rows, in forward order: input at the top) at each recorded

@@ -83,10 +83,30 @@
     return out;
   }
 
+  // One marker per step: the findings at that step share it, worst severity wins.
+  var RANK = { critical: 0, warning: 1, info: 2 }, MAX_LABEL = 64;
+  function rank(severity) { return severity in RANK ? RANK[severity] : 2; }
+  function groupMarks(marks) {
+    var byStep = {}, out = [];
+    marks.forEach(function (m) {
+      var g = byStep[m.step];
+      if (!g) { g = byStep[m.step] = { step: m.step, labels: [], severity: m.severity }; out.push(g); }
+      g.labels.push(m.label);
+      if (rank(m.severity) < rank(g.severity)) g.severity = m.severity;
+    });
+    out.forEach(function (g) {
+      var label = "", n = 0;
+      while (n < g.labels.length && (n === 0 || label.length + g.labels[n].length < MAX_LABEL)) {
+        label += (n ? " · " : "") + g.labels[n]; n++;
+      }
+      g.label = label + (n < g.labels.length ? " +" + (g.labels.length - n) : "");
+    });
+    return out;
+  }
   // Marker labels sit in rows above the plot so that close steps do not overlap.
   function placeLabels(marks, xOf, charW) {
     var rowsEnd = [], out = [];
-    marks.forEach(function (m) {
+    groupMarks(marks).forEach(function (m) {
       var x = xOf(m.step), w = m.label.length * charW + 6, r = 0;
       while (r < rowsEnd.length && rowsEnd[r] > x) r++;
       rowsEnd[r] = x + w;
@@ -311,7 +331,8 @@
       if (names.length > 1) el("text", { x: R - 4, y: T + 12 + 12 * i, "text-anchor": "end", fill: colr, style: "fill:" + colr }, svg, k);
     });
     placed.forEach(function (p) {
-      var g = el("g", { "class": "marker " + p.m.severity }, svg);
+      var g = el("g", { "class": "marker " + p.m.severity, "data-step": p.m.step }, svg);
+      el("title", {}, g, p.m.labels.map(function (l) { return l + " @" + p.m.step; }).join("\n"));
       el("line", { x1: p.x, x2: p.x, y1: 4 + p.row * 12 + 9, y2: B }, g);
       el("text", { x: p.x + 2, y: 4 + p.row * 12 + 8 }, g, p.m.label + " @" + p.m.step);
     });
