@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -69,6 +70,13 @@ class Options:
             raise ValueError(f"every must be a positive integer (steps), got {self.every!r}")
         if not isinstance(self.cap, int) or self.cap < 16:
             raise ValueError(f"cap must be an integer >= 16 (points per series), got {self.cap!r}")
+        for flag in ("full", "activations", "nonfinite_origin"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
+            raise ValueError(f"name must be a non-empty string or None, got {self.name!r}")
+        if self.tensorboard is not None and not isinstance(self.tensorboard, (str, os.PathLike)):
+            raise ValueError(f"tensorboard must be a folder path (str) or None, got {self.tensorboard!r}")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> Options:
@@ -127,6 +135,8 @@ class Recorder:
         self._optimizer_seen = False
         self._losses: list[Tensor] = []
         self._explicit_loss = False
+        self._saw_forward = False  # a root training forward was ever seen
+        self._forward_since_flush = False  # ... since the last measured step
         self._pending: list[tuple[int, list[str], Tensor]] = []
         self._act_handles: list[Any] = []
         self._act_model: _Model | None = None
@@ -159,7 +169,10 @@ class Recorder:
         model = _Model(module=module, index=len(self.models), label=label or self.options.name
                        or type(module).__name__)
         self.models.append(model)
-        self._index_model(model)
+        if len(self.models) == 1:
+            self._index_model(model)
+        # else _relabel() indexes it under its prefix: indexed bare first, its names
+        # would collide with the first model's ("0.weight") and take over its series
         if local_hooks:
             model.handles.append(module.register_forward_pre_hook(self._root_pre_hook))
             model.handles.append(module.register_forward_hook(self._root_post_hook, with_kwargs=True,
@@ -244,6 +257,13 @@ class Recorder:
         if not renames:
             return
         rec = self.record
+        for old, new in renames.items():  # what was learned under the old name stays
+            if old != new and old in rec.layers and new in rec.layers:
+                was, now = rec.layers[old], rec.layers[new]
+                now.depth, now.activation_after, now.extra = was.depth, was.activation_after, was.extra
+            if old != new and old in rec.params and new in rec.params:
+                rec.params[new].grad_seen = rec.params[old].grad_seen
+                rec.params[new].in_optimizer = rec.params[old].in_optimizer
         rec.layers = {k: v for k, v in rec.layers.items() if k not in renames or renames[k] == k}
         rec.params = {k: v for k, v in rec.params.items() if k not in renames or renames[k] == k}
         new_series = {}
@@ -355,6 +375,7 @@ class Recorder:
         if torch.is_grad_enabled() and model.module.training:
             # Kept (references only) so a NaN can be traced back by replaying this forward.
             model.last_inputs = (args, kwargs)
+            self._saw_forward = self._forward_since_flush = True
         if self._act_model is not model:
             return
         for h in self._act_handles:
@@ -423,12 +444,22 @@ class Recorder:
         pass
 
     def _on_backward_end(self, tensor: Any) -> None:
+        if not self._owns_backward():
+            return  # another watch's model (two models trained in turn)
         if (isinstance(tensor, Tensor) and tensor.numel() == 1 and tensor.is_floating_point()
                 and not self._explicit_loss):
             self._losses.append(tensor.detach().reshape(()))
+            if len(self._losses) > MAX_STEP_LOSSES:
+                del self._losses[0]
         if self._backward_mode():
             self._measure_and_flush(None)
             self._advance()
+
+    def _owns_backward(self) -> bool:
+        """With several recorders at once every backward() reaches all of them: it belongs
+        to those whose model ran a training forward since their last step (or that never
+        see their root's forward, e.g. submodules called directly: then all)."""
+        return self._forward_since_flush or not self._saw_forward or len(patches.active()) < 2
 
     def _backward_mode(self) -> bool:
         """No optimizer to mark steps: each backward is a step."""
@@ -492,6 +523,12 @@ class Recorder:
                     ratio = dnorm / wnorm.clamp_min(1e-12)
                 self._pending.append((self.step, ["update_ratio/" + k for k in keys], ratio))
             if len(self._opts) == 1 or self._cycle_last == id(opt):
+                self._advance()
+            elif self._cycle_last is None and set(self._stepped) >= {
+                    k for k, other in self._opts.items() if other.ref() is not None}:
+                # every optimizer has stepped once: this one ends the step (else a clip
+                # or a loss of the next step would be recorded one step too early)
+                self._cycle_last = id(opt)
                 self._advance()
         except Exception as exc:
             self._fail("update_ratio", exc)
@@ -557,6 +594,7 @@ class Recorder:
             self._pending.append((step, keys, norms))
             self._pending.append((step, ["grad_norm_global"], torch.linalg.vector_norm(norms).reshape(1)))
         loss_key = "loss" if o is None or o.index == 0 else f"loss/{o.label}"
+        self._forward_since_flush = False
         if self._losses:
             losses = self._losses
             self._losses = []
@@ -732,6 +770,10 @@ class Recorder:
                 self._fail("tensorboard", exc)
             self._tb = None
 
+
+#: A step's loss is the mean of at most this many backward() losses (the latest):
+#: an optimizer that never steps must not hold every loss of the run.
+MAX_STEP_LOSSES = 1024
 
 _NONFINITE_WATCHED = {"loss", "grad_norm", "grad_norm_global", "act_mean", "act_std", "weight_norm",
                       "clip_total_norm"}

@@ -32,7 +32,11 @@ class Report:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, rediagnose: bool = False) -> Report:
-        record = Record.from_json(data)
+        _check_shape(data)
+        try:
+            record = Record.from_json(data)
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"not a valid {SCHEMA} report: {type(exc).__name__}: {exc}") from None
         if rediagnose:
             return cls.from_record(record)
         findings = [Finding.from_json(f) for f in data.get("findings", [])]
@@ -42,7 +46,10 @@ class Report:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Report:
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not JSON ({exc}); expected a {SCHEMA} report") from None
         return cls.from_json(data)
 
     @property
@@ -77,7 +84,12 @@ class Report:
 def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write text so that ``path`` is either the old file or the whole new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write the report to {path}: it is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as exc:  # name the report, not the temporary file
+        raise type(exc)(exc.errno, f"cannot write the report to {path} ({check_writable(path) or exc.strerror})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -110,6 +122,22 @@ def check_writable(path: str | os.PathLike[str]) -> str | None:
     if p.exists() and not os.access(p, os.W_OK):
         return f"{p} is not writable"
     return None
+
+
+#: The top-level fields of a report and the JSON type each must have.
+_SHAPE: dict[str, type] = {"run": dict, "layers": list, "series": dict, "findings": list}
+
+
+def _check_shape(data: Any) -> None:
+    """One clear error for a file that is JSON but not a report (instead of an AttributeError)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"not a {SCHEMA} report: expected a JSON object, got {type(data).__name__}")
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"not a {SCHEMA} report (schema={data.get('schema')!r})")
+    for key, kind in _SHAPE.items():
+        if key in data and not isinstance(data[key], kind):
+            raise ValueError(f"not a valid {SCHEMA} report: {key!r} must be a JSON "
+                             f"{'object' if kind is dict else 'array'}, got {type(data[key]).__name__}")
 
 
 def schema_id() -> str:
