@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ pytest.importorskip("accelerate")
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, Trainer  # noqa: E402
 
 from gradvitals.integrations.hf import GradVitalsCallback  # noqa: E402
+from gradvitals.report import schema  # noqa: E402
 
 from conftest import hf_args, problems  # noqa: E402
 
@@ -57,6 +59,7 @@ def test_healthy_run_matches_the_trainers_own_numbers(tmp_path, capsys):
     assert report.record.series["loss"].points()[1] == pytest.approx(logged(trainer, "loss"), abs=1e-3)
     saved = json.loads((tmp_path / "gradvitals.json").read_text())
     assert saved["run"]["steps"] == 30 and saved["run"]["integration"].startswith("transformers")
+    jsonschema.validate(saved, schema())
     assert report.verdict in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 
+import jsonschema
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 L = pytest.importorskip("lightning")
 
 from gradvitals.integrations.lightning import GradVitalsCallback  # noqa: E402
+from gradvitals.report import schema  # noqa: E402
 
 from conftest import lightning_trainer, problems  # noqa: E402
 
@@ -79,6 +81,9 @@ def test_healthy_run_records_every_optimizer_step_and_logs_layer_norms(tmp_path,
     # The report lands in the logger's folder and the verdict is printed.
     saved = json.loads((tmp_path / "logs" / "lightning_logs" / "version_0" / "gradvitals.json").read_text())
     assert saved["run"]["steps"] == 40 and saved["run"]["verdict"] == report.verdict
+    jsonschema.validate(saved, schema())
+    html = (tmp_path / "logs" / "lightning_logs" / "version_0" / "gradvitals.html").read_text()
+    assert html.lstrip().lower().startswith("<!doctype html")
     assert report.verdict in capsys.readouterr().err
     # Per-layer norms went to the trainer's logger every 10 steps, from the record's values.
     rows = list(csv.DictReader(open(tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv")))

@@ -40,6 +40,7 @@ class GradVitalsCallback(L.Callback):
         self.log_every_n_steps = log_every_n_steps
         self.quiet = quiet
         self._driver = StepDriver(watch_options)
+        self._folder: str | None = None
         self.report = None  # the Report, once training ended
 
     @property
@@ -47,6 +48,9 @@ class GradVitalsCallback(L.Callback):
         return self._driver.record
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resolved now, on every rank: trainer.log_dir is a collective (broadcast), and an
+        # exception may reach on_exception on one rank only.
+        self._folder = self.report_dir or trainer.log_dir or trainer.default_root_dir
         self._driver.start(pl_module, trainer.optimizers, integration=f"lightning {L.__version__}",
                            accumulate_grad_batches=trainer.accumulate_grad_batches)
 
@@ -82,7 +86,6 @@ class GradVitalsCallback(L.Callback):
     def _finish(self, trainer: L.Trainer, error: BaseException | None) -> None:
         if self._driver.watch is None:
             return
-        folder = self.report_dir or trainer.log_dir or trainer.default_root_dir
-        report = self._driver.finish(folder, write=trainer.is_global_zero, quiet=self.quiet, error=error)
+        report = self._driver.finish(self._folder, write=trainer.is_global_zero, quiet=self.quiet, error=error)
         if report is not None:
             self.report = report
