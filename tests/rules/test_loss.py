@@ -46,7 +46,7 @@ def test_no_spike_in_a_healthy_noisy_curve_even_near_zero():
     assert L.find_spikes(Build().loss(noisy).record) == []
 
 
-def test_spike_found_at_its_step_and_recovery_is_a_warning():
+def test_spike_found_at_its_step_and_severe_is_a_warning():
     values = flat_loss(100, level=1.0, wiggle=0.02)
     values[60] = 3.0
     f = L.loss_spike(Build().loss(values).record)[0]
@@ -71,3 +71,19 @@ def test_divergence_is_critical():
     values = flat_loss(100, level=1.0, wiggle=0.02) + [3.0] * 40
     f = L.loss_spike(Build().loss(values).record)[0]
     assert f.severity == "critical" and f.evidence["diverged"] is True
+
+
+def test_moderate_spike_the_run_recovers_from_is_info_but_not_if_it_stays_high():
+    # a BatchNorm CNN at a brisk lr: 2.6 -> 3.5 in its first steps, then learns to 0.1
+    early = [2.56, 2.62, 3.31, 3.52, 2.47, 1.66, 1.24, 0.9, 0.65, 0.35] + [0.1] * 140
+    f = L.loss_spike(Build().loss(early).record)[0]
+    assert f.step == 3 and f.severity == "info"
+    stuck = [2.32, 2.28, 2.65, 3.25, 3.42] + [2.3] * 145  # lr too high: up, then nothing learned
+    assert L.loss_spike(Build().loss(stuck).record)[0].severity == "warning"
+
+
+def test_spikes_of_adversarial_losses_are_only_info():
+    values = flat_loss(100, level=1.0, wiggle=0.02)
+    values[60] = 5.0
+    b = Build().loss(values).series("loss/opt1", flat_loss(100))
+    assert L.loss_spike(b.record)[0].severity == "info"

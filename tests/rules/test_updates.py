@@ -76,3 +76,8 @@ def test_zero_updates_with_gradients_and_layers_without_gradient_are_skipped():
     assert "exactly 0" in f.summary
     dead = Build().mlp(5).ratios(STEPS, lambda s, i, p: 0.0, grad=0.0).loss(flat_loss(300))
     assert u.update_ratio_low(dead.record) == []  # no gradient at all: dead_relu's business
+
+
+def test_a_moderate_early_spike_the_run_recovers_from_does_not_blame_the_lr():
+    early = [2.56, 2.62, 3.31, 3.52, 2.47, 1.66, 1.24, 0.9, 0.65, 0.35] + [0.1] * 290
+    assert u.update_ratio_high(run(0.04, early).record) == []

@@ -33,7 +33,7 @@ def loss_plateau(record: Record) -> list[Finding]:
     was removed over at least PLATEAU_MIN_STEPS steps. Adversarial runs (several
     optimizers with their own loss) are skipped: their losses need not fall.
     """
-    if any(k.startswith("loss/") for k in record.series):
+    if _adversarial(record):
         return []
     nan_step = first_nonfinite_step(record)
     levels = loss_levels(record, until=nan_step)
@@ -86,6 +86,14 @@ SPIKE_NOISE_FLOOR = 0.02
 #: diverged instead of recovering: critical.
 DIVERGED_FACTOR = 1.5
 
+#: A spike this many times its pre-spike level is a warning even if the run recovers.
+SPIKE_SEVERE_FACTOR = 3.0
+
+#: A run whose loss ends below this fraction of the pre-spike level recovered and
+#: learned: a moderate early spike (a BatchNorm CNN at a brisk lr goes 2.6 -> 3.5
+#: in its first steps, then to 0.1) is then only info.
+RECOVERED_FRACTION = 0.5
+
 
 @dataclass(frozen=True)
 class Spike:
@@ -123,6 +131,27 @@ def find_spikes(record: Record) -> list[Spike]:
     return spikes
 
 
+def spike_severity(record: Record, spikes: list[Spike]) -> str:
+    """critical: diverged; warning: severe or not recovered; info: moderate and recovered."""
+    first = spikes[0]
+    nan_step = first_nonfinite_step(record)
+    levels = loss_levels(record, until=nan_step)
+    end = levels.end if levels is not None else math.nan
+    if (nan_step is not None and nan_step > first.step) or (
+            math.isfinite(end) and end > DIVERGED_FACTOR * first.before):
+        return "critical"
+    if _adversarial(record):
+        return "info"  # a GAN's losses jump by design when one player gains
+    worst = max(s.factor for s in spikes)
+    recovered = math.isfinite(end) and end < RECOVERED_FRACTION * first.before
+    return "warning" if worst >= SPIKE_SEVERE_FACTOR or not recovered else "info"
+
+
+def _adversarial(record: Record) -> bool:
+    """Several optimizers with their own loss (GAN-style): losses need not fall."""
+    return any(k.startswith("loss/") for k in record.series)
+
+
 def loss_spike(record: Record) -> list[Finding]:
     """Sudden jumps of the loss, and divergence.
 
@@ -130,7 +159,9 @@ def loss_spike(record: Record) -> list[Finding]:
     median of the previous SPIKE_WINDOW points by SPIKE_MADS robust deviations,
     by SPIKE_REL of the level, and by SPIKE_UNDO of the progress made so far.
     Critical when the run diverged (a NaN followed, or the loss ended above
-    DIVERGED_FACTOR x its pre-spike level); else warning.
+    DIVERGED_FACTOR x its pre-spike level); warning when a spike reached
+    SPIKE_SEVERE_FACTOR x or the loss never got below RECOVERED_FRACTION of the
+    pre-spike level; info for a moderate spike the run recovered from.
     """
     spikes = find_spikes(record)
     if not spikes:
@@ -140,9 +171,8 @@ def loss_spike(record: Record) -> list[Finding]:
     nan_step = first_nonfinite_step(record)
     levels = loss_levels(record, until=nan_step)
     end = levels.end if levels is not None else math.nan
-    diverged = (nan_step is not None and nan_step > first.step) or (
-        math.isfinite(end) and end > DIVERGED_FACTOR * first.before)
-    severity = "critical" if diverged else "warning"
+    severity = spike_severity(record, spikes)
+    diverged = severity == "critical"
     summary = (f"Loss jumped from {sci(first.before, 3)} to {sci(first.loss, 3)} at step {first.step}"
                + (f" ({len(spikes)} spikes, worst x{worst.factor:.3g} at step {worst.step})" if len(spikes) > 1 else "")
                + ("; the run never recovered." if diverged else "."))

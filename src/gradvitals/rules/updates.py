@@ -23,7 +23,7 @@ from ._common import (
     sci,
     weight_params,
 )
-from .loss import PLATEAU_PROGRESS, find_spikes
+from .loss import PLATEAU_PROGRESS, find_spikes, spike_severity
 
 #: The rule of thumb: a healthy step moves each weight matrix by ~1e-3 of its norm.
 UPDATE_RATIO_TARGET = 1e-3
@@ -80,6 +80,8 @@ def update_ratio_high(record: Record) -> list[Finding]:
         return []
     nan_step = first_nonfinite_step(record)
     spikes = find_spikes(record)
+    if spikes and spike_severity(record, spikes) == "info":
+        spikes = []  # a moderate spike the run recovered from is no verdict on the lr
     trouble = [s.step for s in spikes]
     if nan_step is not None:
         trouble.append(nan_step)
