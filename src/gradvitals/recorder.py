@@ -709,7 +709,10 @@ class Recorder:
         self._tb = SummaryWriter(logdir)
 
     def _write_tensorboard(self, pending: list[tuple[int, list[str], Tensor]]) -> None:
+        fetched = {k for _, keys, _ in pending for k in keys}
         for key in ("loss", "grad_norm_global"):
+            if key not in fetched:
+                continue  # e.g. the last step's update ratios: this step's loss is already logged
             s = self.record.series.get(key)
             if s is not None and s.last_step is not None and math.isfinite(s.last_value):
                 self._tb.add_scalar(f"gradvitals/{key}", s.last_value, s.last_step)

@@ -6,6 +6,7 @@ every finding's step, and saves screenshots."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -127,6 +128,38 @@ def test_vanishing_run_heatmap_is_dark_in_early_layers(chromium, tmp_path):
     for quantity in ("update_ratio", "act_sat_frac", "act_std"):
         (svg,) = dom.find("svg", **{"data-quantity": quantity})
         assert int(svg["data-points"]) >= 12, (quantity, svg)
+
+
+#: Appended to a copy of the page: moves the mouse over the first layer's last cell
+#: like a person would, and writes the tooltip it got into the DOM.
+HOVER_SCRIPT = """<script>
+window.addEventListener("load", function () {
+  var c = document.querySelector("canvas.gv-heatmap"), p = c.getAttribute("data-plot").split(",").map(Number);
+  var rows = +c.getAttribute("data-rows"), r = c.getBoundingClientRect();
+  c.dispatchEvent(new MouseEvent("mousemove", {bubbles: true, clientX: r.left + p[0] + p[2] - 2,
+                                               clientY: r.top + p[1] + p[3] / rows / 2}));
+  var tip = document.querySelector(".tooltip");
+  document.body.setAttribute("data-hover", tip ? tip.textContent : "no tooltip");
+});
+</script>"""
+
+
+def test_heatmap_hover_shows_layer_step_and_value(chromium, tmp_path):
+    steps = 8
+    report = _run(str(HERE / "scripts" / "vanishing_sigmoid.py"), tmp_path / "hover", "--steps", str(steps))
+    page = tmp_path / "hover.html"
+    page.write_text(page.read_text().replace("</body>", HOVER_SCRIPT + "</body>"))
+    dom, stderr = _browse(chromium, page, tmp_path, tmp_path / "hover.png")
+    _assert_clean(dom, stderr)
+    hover = dom.find("body")[0]["data-hover"]
+    first = report["layers"][0]
+    norms = [report["series"][f"grad_norm/{p['name']}"] for p in first["params"]]
+    expected = math.sqrt(sum(s["values"][-1] ** 2 for s in norms))  # torch measured, the JSON holds it
+    name, where, value = hover.split("\n")
+    assert name == f"{first['name']} ({first['kind']} → {first['activation_after']})"
+    assert where == f"step {steps - 1}"
+    assert value.startswith("grad norm ")
+    assert math.isclose(float(value.split()[-1]), expected, rel_tol=1e-2), (hover, expected)
 
 
 def test_nan_run_marks_every_finding_step(chromium, tmp_path):

@@ -71,3 +71,21 @@ def test_scalars_and_findings_round_trip(tmp_path, digits):
     assert "gradvitals/nonfinite/text_summary" in texts, texts
     text = acc.Tensors("gradvitals/nonfinite/text_summary")[0].tensor_proto.string_val[0].decode()
     assert text.startswith("**critical**") and f"step {nan_step}" in text
+
+
+def test_one_scalar_per_step_on_a_finite_run(tmp_path, digits):
+    """The last step's update ratios arrive in a later fetch: its loss must not be logged twice."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gv.watch(model, opt, tensorboard=str(tmp_path), every=1):
+        for step in range(3):
+            loss = nn.functional.cross_entropy(model(X[:32]), y[:32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    acc = _read(tmp_path)
+    for tag in ("gradvitals/loss", "gradvitals/grad_norm_global", "gradvitals/grad_norm/0.weight",
+                "gradvitals/update_ratio/0.weight"):
+        assert [e.step for e in acc.Scalars(tag)] == [0, 1, 2], tag

@@ -284,7 +284,7 @@ def markers_data(report: dict[str, Any]) -> list[dict[str, Any]]:
         code = str(f.get("code", "?"))
         cands: list[tuple[Any, str]] = [(f.get("step"), code)]
         for key, value in (f.get("evidence") or {}).items():
-            if key != "step" and key.endswith("_step"):
+            if key != "step" and key.endswith("_step") and value != f.get("step"):
                 cands.append((value, f"{code}: {key[:-5].replace('_', ' ')}"))
         for step, label in cands:
             if isinstance(step, bool) or not isinstance(step, int):
@@ -590,7 +590,7 @@ def render_gallery(entries: Iterable[tuple[str, dict[str, Any]]]) -> str:
         cards.append(
             f'<figure class="card {_severity_class(findings)}"><figcaption><b>{html.escape(str(title))}</b>'
             f'<span class="codes">{html.escape(codes)}</span></figcaption>'
-            f'<div class="verdict">{html.escape(_verdict(report))}</div>'
+            f'<div class="verdict">{_inline(_verdict(report))}</div>'
             f'<div class="gv-report" data-payload="gv-data-{i}"><div class="heatmap small" data-role="heatmap"></div></div>'
             f"</figure>")
         blobs.append(f'<script type="application/json" id="gv-data-{i}">{_script_json(data)}</script>')

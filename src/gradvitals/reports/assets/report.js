@@ -159,7 +159,7 @@
     var labelW = 0;
     hm.layers.forEach(function (l) { labelW = Math.max(labelW, probe.measureText(l.name).width); });
     var left = Math.min(small ? 90 : 190, Math.ceil(labelW) + 10);
-    var rowH = small ? Math.max(1, Math.min(12, Math.floor(240 / rows))) : Math.max(2, Math.min(22, Math.floor(520 / rows)));
+    var rowH = small ? Math.max(1, Math.min(24, Math.floor(240 / rows))) : Math.max(2, Math.min(48, Math.floor(520 / rows)));
     var plotH = rows * rowH, x0 = hm.steps[0], x1 = ends[cols - 1] + 1;
     var plotW = width - left - 12;
     function xOf(step) { return left + (step - x0) / Math.max(1e-9, x1 - x0) * plotW; }
@@ -209,6 +209,7 @@
     canvas.setAttribute("data-nonfinite-cells", nonfinite);
     canvas.setAttribute("data-markers", marks.length);
     canvas.setAttribute("data-row-luma", luma.join(","));
+    canvas.setAttribute("data-plot", [left, top, plotW, plotH].map(Math.round).join(","));
     canvas.className = "gv-heatmap";
 
     canvas.addEventListener("mousemove", function (ev) {
