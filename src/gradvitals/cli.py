@@ -78,7 +78,9 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
             raise click.BadParameter(str(exc), param_hint="--remedy") from None
     runner = ScriptRunner(script, list(args), options,
                           budget_steps=None if try_fixes else budget_steps, remedy=applier)
-    if not quiet:
+    from .distributed import writes_report
+
+    if not quiet and writes_report():  # torchrun: rank 0's line only
         from .reports.progress import Progress
 
         runner.progress = Progress()  # live status line on stderr
@@ -123,6 +125,11 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
 
 def _summary(report: Any, written: list[str]) -> None:
     from rich.console import Console
+
+    from .distributed import writes_report
+
+    if not writes_report():
+        return  # torchrun: rank 0 prints the merged summary once
 
     console = Console(stderr=True, no_color="NO_COLOR" in os.environ)
     console.rule("gradvitals")

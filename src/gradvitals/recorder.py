@@ -34,6 +34,7 @@ from . import __version__
 from .probes import activations as act_probe
 from .probes import init_audit
 from .probes import patches
+from . import distributed
 from .probes.nonfinite import replay_forward
 from .probes.norms import fused_norms
 from .probes.topology import ActivationCalls, activation_after
@@ -152,6 +153,7 @@ class Recorder:
         self._closed = False
         self._started = time.time()
         self._tb: Any = None
+        self._dist: Any = None  # distributed.Merger once a multi-rank process group exists
         self.progress: Any = None  # reports.progress.Progress: the CLI's live status line
         self.backward_mode_models: set[int] = set()
         patches.install(self)
@@ -194,13 +196,17 @@ class Recorder:
     def _index_model(self, model: _Model) -> None:
         pre = model.prefix
         model.names = {}
-        for name, mod in model.module.named_modules():
+        base = distributed.unwrap(model.module)  # DDP: the user's names, without "module."
+        if base is not model.module:
+            model.names[id(model.module)] = pre.rstrip(":") or "(root)"
+            self._modules[id(model.module)] = (model, model.names[id(model.module)])
+        for name, mod in base.named_modules():
             full = pre + (name or "(root)") if pre else (name or "(root)")
             if not name and pre:
                 full = pre.rstrip(":")
             model.names[id(mod)] = full
             self._modules[id(mod)] = (model, full)
-            kind = type(mod).__name__
+            kind = distributed.module_kind(mod)
             own = [(n, p) for n, p in mod.named_parameters(recurse=False)]
             is_leaf = next(mod.children(), None) is None
             if own or is_leaf:
@@ -213,7 +219,7 @@ class Recorder:
                 self.record.layers[full] = layer
         model.params = []
         seen: set[int] = set()
-        for name, p in model.module.named_parameters():
+        for name, p in base.named_parameters():
             if id(p) in seen:
                 continue
             seen.add(id(p))
@@ -368,7 +374,7 @@ class Recorder:
             self._act_events = []
             self._act_mode = ActivationCalls(self._act_events)
             self._act_mode.__enter__()
-        for mod in model.module.modules():
+        for mod in distributed.unwrap(model.module).modules():
             self._act_handles.append(mod.register_forward_hook(self._act_hook))
 
     def _on_root_end(self, model: _Model, args: tuple, kwargs: dict) -> None:
@@ -406,7 +412,7 @@ class Recorder:
             if entry is None:
                 return
             name = entry[1]
-            kind = type(module).__name__
+            kind = distributed.module_kind(module)
             if self._act_events is not None and self._act_mode is not None and next(module.children(), None) is None:
                 self._act_events.append(("module", name, kind))
             layer = self.record.layers.get(name)
@@ -620,6 +626,7 @@ class Recorder:
             return
         pending = self._pending
         self._pending = []
+        pending = distributed.merge_pending(self, pending)  # multi-rank: global values, one all-reduce
         by_device: dict[torch.device, list[tuple[int, list[str], Tensor]]] = {}
         for item in pending:
             by_device.setdefault(item[2].device, []).append(item)
@@ -659,7 +666,11 @@ class Recorder:
                 if model.last_inputs is None:
                     continue
                 args, kwargs = model.last_inputs
-                found = replay_forward(model.module, model.names, args, kwargs)
+                target = distributed.replay_target(model.module)  # no collectives on one rank
+                if target is None:
+                    event["replay"] = "skipped: an FSDP forward needs every rank"
+                    continue
+                found = replay_forward(target, model.names, args, kwargs)
                 if found is not None:
                     event["source"] = "replay"
                     break
@@ -687,6 +698,7 @@ class Recorder:
         module = event.get("module")
         if module and module in self.record.layers:
             event["module_kind"] = self.record.layers[module].kind
+        event = distributed.merge_origin(self, event)  # multi-rank: the first bad rank's origin
         self.record.event("nonfinite_origin", **event)
 
     # ---------------------------------------------------------- failures
@@ -727,7 +739,7 @@ class Recorder:
     # ------------------------------------------------------------ close
     def finish(self) -> None:
         """Fetch whatever is pending and stamp the run's duration (idempotent)."""
-        if self._pending:
+        if self._pending and not distributed.holds_pending(self):
             try:
                 self._flush()
             except Exception as exc:

@@ -26,6 +26,7 @@ from torch.nn.modules import module as nn_module
 from torch.optim import optimizer as optim_module
 
 from .probes import patches
+from . import distributed
 from .recorder import Options, Recorder, _Model
 from .report import Report, check_writable, write_atomic
 
@@ -351,15 +352,18 @@ def _print_script_traceback(script_path: str) -> None:
 
 
 def write_outputs(report: Report, json_path: str | None, html_path: str | None) -> list[str]:
-    written = []
-    if json_path:
-        report.save(json_path)
-        written.append(json_path)
-    if html_path:
-        from .reports.html import render_html
+    written: list[str] = []
+    if not distributed.writes_report():
+        return written  # torchrun: rank 0 writes the merged report, the other ranks nothing
+    with distributed.sigterm_deferred():
+        if json_path:
+            report.save(json_path)
+            written.append(json_path)
+        if html_path:
+            from .reports.html import render_html
 
-        write_atomic(html_path, render_html(report.to_json()))
-        written.append(html_path)
+            write_atomic(html_path, render_html(report.to_json()))
+            written.append(html_path)
     return written
 
 

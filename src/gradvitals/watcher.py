@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .record import Record
+from . import distributed
 from .recorder import Options, Recorder
 from .report import Report
 
@@ -81,9 +82,11 @@ class Watch:
         return Report.from_record(self.record)
 
     def save(self, path: str | os.PathLike[str]) -> Report:
-        """Write the JSON report atomically; returns the Report."""
+        """Write the JSON report atomically; returns the Report. Under torchrun only
+        rank 0 writes (every rank holds the same merged record)."""
         rep = self.diagnosis()
-        rep.save(path)
+        if distributed.writes_report():
+            rep.save(path)
         return rep
 
     # -- lifetime ----------------------------------------------------------

@@ -10,6 +10,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from ..distributed import local_tensors
+
 _FOREACH_DTYPE_ARG = True  # torch >= 2.3 takes dtype= in _foreach_norm; probed once below
 
 
@@ -28,6 +30,7 @@ def fused_norms(tensors: list[Tensor]) -> Tensor:
     """L2 norm of each tensor, as one float32 vector (order kept), no host sync."""
     if not tensors:
         return torch.zeros(0)
+    tensors = local_tensors(tensors)  # FSDP2 DTensors: the local shard (merged across ranks later)
     home = tensors[0].device
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     sparse: list[int] = []

@@ -33,6 +33,10 @@ def nonfinite(record: Record) -> list[Finding]:
                    f"{_WHAT.get(kind, 'produced it')}.")
         if ev.get("module_kind"):
             summary = summary.rstrip(".") + f" ({ev['module_kind']})."
+        if ev.get("rank") is not None and (ev.get("world_size") or 1) > 1:  # torchrun: whose data
+            ranks = ev.get("ranks") or [ev["rank"]]
+            on = f"rank {ev['rank']} only" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+            summary = summary.rstrip(".") + f", on {on} (of {ev['world_size']} ranks)."
         return [Finding(
             code="nonfinite", severity="critical", step=ev.get("step"), layers=layers,
             summary=summary, evidence={k: v for k, v in ev.items() if k != "type"},

@@ -1,0 +1,498 @@
+"""torch.distributed runs (DDP, FSDP2 ``fully_shard``) under torchrun: one merged record.
+
+Every rank records; at each recorded step the recorder's pending values are merged
+across ranks with ONE fused all-reduce (a float64 SUM over a small CPU buffer, on a
+private gloo group with a time-out), so after every step each rank holds the same,
+global record and rank 0 alone writes the report. What each value becomes:
+
+========================  ===========================================================
+value                     how it is merged
+========================  ===========================================================
+grad / weight norm        sharded DTensor (FSDP2): ``sqrt(sum over ranks of |local
+                          shard|^2)``; replicated (DDP: gradients are already
+                          averaged by DDP's own all-reduce): ``sqrt(mean of squares)``,
+                          which returns the identical per-rank value exactly
+grad_norm_global          recomputed from the merged per-parameter norms
+update ratio              sharded: ``|dW| / |W|`` from merged |dW| and |W|; else mean
+loss, lr, clip values     mean over ranks (each rank's loss is its micro-batch's mean;
+                          with equal micro-batches that is the global batch's loss)
+activation mean/std/      weighted by each rank's share of the elements (the numel of
+zero/sat/NaN fractions    the model's input on that rank): mean and second moment are
+                          combined, then std = sqrt(E[x^2] - mean^2)
+dead_frac                 units never positive on ANY rank over the window (per-unit
+                          "ever active" masks are summed)
+========================  ===========================================================
+
+Cost per recorded step: 8 bytes x (1 + world_size + #gradient tensors + #losses +
+#param groups), plus on scheduled steps 8 bytes x (2 x #parameter tensors + 6 x
+#recorded modules + #output units of the ReLU/weight/BatchNorm layers). That is
+O(#tensors + #units), never O(#parameters): see :func:`allreduce_bytes`.
+
+Crash safety: every collective added here waits at most ``GRADVITALS_DIST_TIMEOUT_S``
+seconds (default :data:`DEFAULT_TIMEOUT_S`); none runs on an exit path (the values
+still pending when the run ends stay local and are dropped); a time-out or a layout
+mismatch switches merging off for the rest of the run (the report says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+import signal
+import threading
+import zlib
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+log = logging.getLogger("gradvitals")
+
+#: Seconds a gradvitals collective may wait for the other ranks. The merge runs just
+#: before ``optimizer.step()``, right after the gradient all-reduce synchronised the
+#: ranks, so a healthy peer arrives within milliseconds; 300 s leaves room for a rank
+#: that checkpoints between backward and step, and still ends a hang.
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_ENV = "GRADVITALS_DIST_TIMEOUT_S"
+
+#: |W| below this is treated as this (the recorder clamps the same way) so a ratio
+#: of an all-zero shard can be turned back into |dW|.
+_W_FLOOR = 1e-12
+
+#: Quantities computed from each rank's own micro-batch: a non-finite value here
+#: tells WHICH rank went bad (gradients are shared, so they go bad everywhere).
+_FORWARD_SIDE = ("loss", "act_mean", "act_std")
+
+_ACT = ("act_mean", "act_std", "act_zero_frac", "act_sat_frac", "act_nonfinite_frac")
+
+
+# ---------------------------------------------------------------- ranks
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def initialized() -> bool:
+    """True when a default process group exists (and torch was built with distributed)."""
+    try:
+        dist = _dist()
+        return bool(dist.is_available() and dist.is_initialized())
+    except Exception:
+        return False
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's (rank, world size): from the process group once it exists,
+    else from torchrun's environment (RANK, WORLD_SIZE), else (0, 1)."""
+    if initialized():
+        dist = _dist()
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+def writes_report() -> bool:
+    """Only rank 0 writes the (already merged) report; other ranks write nothing."""
+    return rank_and_world()[0] == 0
+
+
+def timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
+# ------------------------------------------------------ modules, tensors
+def unwrap(module: nn.Module) -> nn.Module:
+    """The user's model inside a DDP / DataParallel wrapper (their names lack ``module.``)."""
+    seen = 0
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and seen < 8:
+        module = module.module
+        seen += 1
+    return module
+
+
+def module_kind(module: nn.Module) -> str:
+    """The user's class name: FSDP2 swaps ``Linear`` for a generated ``FSDPLinear``."""
+    cls = type(module)
+    name = cls.__name__
+    if name.startswith("FSDP") and len(cls.__bases__) > 1:
+        for base in cls.__bases__:
+            if base.__name__ == name[4:]:
+                return base.__name__
+    return name
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor
+    except Exception:  # torch without distributed
+        return None
+
+
+def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    """Each DTensor's local shard (no communication); plain tensors unchanged."""
+    dt = _dtensor_type()
+    if dt is None:
+        return tensors
+    return [t.to_local() if isinstance(t, dt) else t for t in tensors]
+
+
+def is_sharded(t: Any) -> bool:
+    """A DTensor split across ranks (its norm is the root of a sum over ranks)."""
+    dt = _dtensor_type()
+    if dt is None or not isinstance(t, dt):
+        return False
+    return any(p.is_shard() or p.is_partial() for p in t.placements)
+
+
+def has_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except Exception:
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def replay_target(module: nn.Module) -> nn.Module | None:
+    """What a NaN-origin replay may run on this rank alone, without collectives:
+    the module inside DDP (DDP's own forward may broadcast buffers). None under
+    FSDP2, whose forward all-gathers parameters with every rank."""
+    if initialized() and has_fsdp(module):
+        return None
+    return unwrap(module)
+
+
+def strategy(module: nn.Module) -> str:
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return "ddp"
+    if has_fsdp(module):
+        return "fsdp2"
+    return "replicated" if initialized() else "none"
+
+
+# ------------------------------------------------------------ the merge
+def allreduce_bytes(world_size: int, grad_tensors: int, losses: int = 1, lr_groups: int = 1,
+                    weight_tensors: int = 0, modules: int = 0, units: int = 0) -> int:
+    """Bytes each rank sends into the one fused all-reduce of a recorded step.
+
+    ``weight_tensors``, ``modules`` and ``units`` are non-zero on scheduled steps only:
+    weight norms + update ratios (2 per tensor), 6 numbers per recorded module
+    (element weight, mean, second moment, 3 fractions), one "ever active" flag per
+    output unit of a dead-unit-tracked layer.
+    """
+    elements = 1 + world_size + grad_tensors + losses + lr_groups + 2 * weight_tensors + 6 * modules + units
+    return 8 * elements
+
+
+def combine_moments(weights: Tensor, means: Tensor, stds: Tensor) -> tuple[Tensor, Tensor]:
+    """Global (mean, std) of data split in parts with these element counts, means and
+    population stds: the parts' first and second moments are averaged by weight."""
+    w = weights.double()
+    total = w.sum()
+    mean = (w * means.double()).sum() / total
+    second = (w * (stds.double() ** 2 + means.double() ** 2)).sum() / total
+    return mean, (second - mean * mean).clamp_min(0).sqrt()
+
+
+class Merger:
+    """Merges a recorder's pending values across ranks, one all-reduce per flush."""
+
+    def __init__(self, recorder: Any) -> None:
+        dist = _dist()
+        self.recorder = recorder
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.timeout = datetime.timedelta(seconds=timeout_s())
+        self.active = True
+        self.calls = 0
+        self.bad_ranks: list[int] = []
+        self._local_w: dict[tuple[int, str], float] = {}
+        self._global_w: dict[tuple[int, str], float] = {}
+        self._sharded: dict[str, bool] = {}
+        self._sharded_version = -1
+        # A private gloo group: our CPU buffer never interleaves with the user's
+        # collectives (NCCL or gloo), and its time-out is ours. Creating it is itself
+        # a collective: every rank gets here at its first recorded step.
+        self.group = dist.new_group(backend="gloo", timeout=self.timeout)
+        self.info: dict[str, Any] = {
+            "world_size": self.world, "rank": self.rank, "backend": str(dist.get_backend()),
+            "strategy": ",".join(sorted({strategy(m.module) for m in recorder.models})) or "none",
+            "merge": "one fused float64 all-reduce (SUM) per recorded step on a gloo group",
+            "allreduce_calls": 0, "allreduce_bytes_last": 0, "allreduce_bytes_max": 0,
+            "timeout_s": self.timeout.total_seconds(),
+        }
+        recorder.record.run["distributed"] = self.info
+
+    # -- what each parameter is --------------------------------------------
+    def _sharded_names(self) -> dict[str, bool]:
+        rec = self.recorder
+        if self._sharded_version != rec._version:
+            self._sharded = {name: is_sharded(p) for m in rec.models for name, p in m.params}
+            self._sharded_version = rec._version
+        return self._sharded
+
+    def _input_numel(self) -> dict[str, float]:
+        """Per module name: the element count of its model's last input on this rank."""
+        out: dict[str, float] = {}
+        for m in self.recorder.models:
+            n = 1.0
+            if m.last_inputs is not None:
+                leaves = [t for t in tree_leaves(m.last_inputs) if isinstance(t, Tensor)]
+                if leaves:
+                    n = float(leaves[0].numel())
+            for name in m.names.values():
+                out[name] = n
+        return out
+
+    # -- the merge ---------------------------------------------------------
+    def merge(self, pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:
+        """Global values for ``pending`` (same items, same keys). Holds the step's one
+        device-to-host copy and the one all-reduce."""
+        masks: dict[int, Tensor] = {}  # item -> "ever active" mask of a dead-unit-tracked layer
+        for j, (_, keys, _) in enumerate(pending):
+            if len(keys) > 5 and keys[0].startswith("act_mean/") and keys[5].startswith("dead_frac/"):
+                mask = self._ever_active(keys[5].split("/", 1)[1])
+                if mask is not None:
+                    masks[j] = mask
+        fetched = _fetch([t for _, _, t in pending] + list(masks.values()))  # THE host sync
+        values = fetched[:len(pending)]
+        masks = dict(zip(masks, fetched[len(pending):]))
+        sharded = self._sharded_names()
+        numel = None
+        W = float(self.world)
+        sends: list[Tensor] = []
+        plans: list[tuple[str, Any]] = []
+        layout: list[str] = []
+        bad_here = False
+        for j, ((step, keys, _), v) in enumerate(zip(pending, values)):
+            q = keys[0].split("/", 1)[0]
+            names = [k.split("/", 1)[1] if "/" in k else k for k in keys]
+            if q in _FORWARD_SIDE or q.startswith("loss"):
+                bad_here = bad_here or not bool(torch.isfinite(v[:2] if q == "act_mean" else v).all())
+            if q in ("grad_norm", "weight_norm"):
+                shard = torch.tensor([sharded.get(n, False) for n in names], dtype=torch.bool)
+                send = torch.where(shard, v * v, v * v / W)
+                if q == "weight_norm":
+                    for n, x in zip(names, v.tolist()):
+                        self._local_w[(step, n)] = x
+                plans.append(("norm", None))
+            elif q == "grad_norm_global":
+                send = v[:0]
+                plans.append(("global", None))
+            elif q == "update_ratio":
+                shard, local_w = [], []
+                for n in names:
+                    lw = self._local_w.pop((step, n), None)
+                    shard.append(sharded.get(n, False) and lw is not None)
+                    local_w.append(max(lw if lw is not None else 1.0, _W_FLOOR))
+                sh = torch.tensor(shard, dtype=torch.bool)
+                d = v * torch.tensor(local_w, dtype=torch.float64)
+                send = torch.where(sh, d * d, v / W)
+                plans.append(("ratio", (sh, [(step, n) for n in names])))
+            elif q == "act_mean" and len(keys) >= 5 and [k.split("/", 1)[0] for k in keys[:5]] == list(_ACT):
+                if numel is None:
+                    numel = self._input_numel()
+                w = numel.get(names[0], 1.0)
+                mean, std, zero, sat, nonfin = v[0], v[1], v[2], v[3], v[4]
+                parts = [torch.stack([torch.tensor(w, dtype=torch.float64), w * mean,
+                                      w * (std * std + mean * mean), w * zero, w * sat, w * nonfin])]
+                mask = masks.get(j)
+                if len(keys) > 5 and keys[5].startswith("dead_frac/"):
+                    parts.append(mask if mask is not None else (v[5:6] / W))
+                if len(keys) > 6:
+                    parts.append(v[6:] / W)
+                send = torch.cat(parts)
+                plans.append(("act", mask is not None))
+            else:  # loss, lr, clip values and anything a newer probe adds: the mean
+                send = v / W
+                plans.append(("mean", None))
+            sends.append(send)
+            layout.append(f"{'|'.join(keys)}:{plans[-1][0]}:{send.numel()}")
+        flags = torch.zeros(self.world, dtype=torch.float64)
+        flags[self.rank] = 1.0 if bad_here else 0.0
+        signature = float(zlib.crc32("\n".join(layout).encode()))
+        buf = torch.cat([torch.tensor([signature], dtype=torch.float64), flags, *sends])
+        self._allreduce(buf)
+        if buf[0].item() != signature * W:
+            raise _LayoutMismatch("ranks recorded different values at this step "
+                                  "(different models, schedules or unused parameters per rank)")
+        self.bad_ranks = [r for r, f in enumerate(buf[1:1 + self.world].tolist()) if f > 0]
+        out: list[tuple[int, list[str], Tensor]] = []
+        i = 1 + self.world
+        last_grad: Tensor | None = None
+        for (step, keys, _), send, (kind, extra) in zip(pending, sends, plans):
+            s = buf[i:i + send.numel()]
+            i += send.numel()
+            if kind == "norm":
+                g = s.sqrt()
+                if keys[0].startswith("weight_norm/"):
+                    for k, x in zip(keys, g.tolist()):
+                        self._global_w[(step, k.split("/", 1)[1])] = x
+                else:
+                    last_grad = g
+            elif kind == "global":
+                g = (last_grad.square().sum().sqrt().reshape(1) if last_grad is not None
+                     else torch.full((1,), math.nan, dtype=torch.float64))
+            elif kind == "ratio":
+                sh, where = extra
+                gw = torch.tensor([max(self._global_w.pop(w, 1.0), _W_FLOOR) for w in where],
+                                  dtype=torch.float64)
+                g = torch.where(sh, s.sqrt() / gw, s)
+            elif kind == "act":
+                total = s[0]
+                mean = s[1] / total
+                std = (s[2] / total - mean * mean).clamp_min(0).sqrt()
+                stats = [mean, std, s[3] / total, s[4] / total, s[5] / total]
+                rest = s[6:]
+                if extra:  # the summed "ever active" masks of a dead-unit-tracked layer
+                    n_units = rest.numel() - (len(keys) - 6)
+                    units = rest[:n_units]
+                    stats.append((units == 0).double().mean() if n_units else torch.tensor(math.nan))
+                    rest = rest[n_units:]
+                g = torch.cat([torch.stack(stats).reshape(-1), rest])
+            else:
+                g = s
+            out.append((step, keys, g.float()))
+        self._prune()
+        return out
+
+    def _ever_active(self, name: str) -> Tensor | None:
+        dead = getattr(self.recorder, "_dead", {}).get(name)
+        masks = getattr(dead, "masks", None)
+        if not masks:
+            return None
+        ever = masks[0] if len(masks) == 1 else torch.stack(masks).any(0)
+        return ever.reshape(-1)
+
+    def _allreduce(self, buf: Tensor) -> None:
+        dist = _dist()
+        work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        work.wait(timeout=self.timeout)  # raises after the time-out: a rank is gone or stuck
+        nbytes = buf.numel() * buf.element_size()
+        self.calls += 1
+        self.info["allreduce_calls"] = self.calls
+        self.info["allreduce_bytes_last"] = nbytes
+        self.info["allreduce_bytes_max"] = max(self.info["allreduce_bytes_max"], nbytes)
+
+    def _prune(self) -> None:
+        step = self.recorder.step
+        for d in (self._local_w, self._global_w):
+            for key in [k for k in d if k[0] < step - 1]:
+                del d[key]
+
+    # -- the first NaN, per rank -------------------------------------------
+    def merge_origin(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Every rank's local origin, gathered; the report keeps the first bad rank's.
+        Runs on every rank at the same flush (the merged values are identical)."""
+        gathered: list[Any] = [None] * self.world
+        _dist().all_gather_object(gathered, event, group=self.group)
+        pick = self.bad_ranks[0] if self.bad_ranks else None
+        chosen = dict(gathered[pick if pick is not None else 0] or event)
+        chosen["rank"] = pick
+        chosen["ranks"] = list(self.bad_ranks)
+        chosen["world_size"] = self.world
+        return chosen
+
+
+class _LayoutMismatch(RuntimeError):
+    pass
+
+
+def _fetch(tensors: list[Tensor]) -> list[Tensor]:
+    """Each tensor as a flat float64 CPU tensor, with one copy per device."""
+    tensors = local_tensors([t.detach() for t in tensors])
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out: list[Tensor | None] = [None] * len(tensors)
+    for _, idx in by_device.items():
+        flat = torch.cat([tensors[i].reshape(-1).double() for i in idx]).cpu()
+        j = 0
+        for i in idx:
+            n = tensors[i].numel()
+            out[i] = flat[j:j + n]
+            j += n
+    return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------ hooks the recorder calls
+def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:
+    """Called by ``Recorder._flush``: the global values when this is a multi-rank run
+    (else ``pending`` unchanged). Never raises; a failure turns merging off."""
+    merger = getattr(recorder, "_dist", None)
+    if merger is False:
+        return pending
+    try:
+        if merger is None:
+            if not initialized() or _dist().get_world_size() < 2:
+                return pending
+            merger = recorder._dist = Merger(recorder)
+        if not merger.active or not initialized():
+            return pending
+        return merger.merge(pending)
+    except Exception as exc:
+        _switch_off(recorder, exc)
+        return [(s, k, local_tensors([t])[0]) for s, k, t in pending]
+
+
+def _switch_off(recorder: Any, exc: BaseException) -> None:
+    merger = getattr(recorder, "_dist", None)
+    if isinstance(merger, Merger):
+        merger.active = False
+        merger.info["merged"] = False
+        merger.info["merge_stopped"] = f"{type(exc).__name__}: {exc}"[:300]
+    else:
+        recorder._dist = False
+    recorder._fail("distributed", exc)
+
+
+def holds_pending(recorder: Any) -> bool:
+    """At the end of a run (or a mid-run ``report()``) the pending values are NOT
+    merged: that would be a collective on an exit path. They stay pending for the
+    next step (or are dropped with the run)."""
+    merger = getattr(recorder, "_dist", None)
+    return isinstance(merger, Merger) and merger.active and initialized()
+
+
+def merge_origin(recorder: Any, event: dict[str, Any]) -> dict[str, Any]:
+    merger = getattr(recorder, "_dist", None)
+    if not isinstance(merger, Merger) or not merger.active or not initialized():
+        return event
+    try:
+        return merger.merge_origin(event)
+    except Exception as exc:
+        _switch_off(recorder, exc)
+        return {**event, "rank": merger.rank, "world_size": merger.world}
+
+
+# --------------------------------------------------------- report writing
+@contextlib.contextmanager
+def sigterm_deferred() -> Iterator[None]:
+    """Hold SIGTERM while the report is written: torchrun SIGTERMs the surviving
+    ranks as soon as one fails, which would otherwise cut rank 0's report short."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)

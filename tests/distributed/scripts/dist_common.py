@@ -1,0 +1,36 @@
+"""The model and data shared by the distributed test script and its single-process oracle.
+
+Hidden width 33 makes FSDP2 shard unevenly (17 + 16 rows on 2 ranks).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GLOBAL_BATCH = 32
+HIDDEN = 33
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+                         nn.Linear(HIDDEN, 10))
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    return torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
+
+
+def global_batch(X: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's global batch, the same on every rank (each takes its slice)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    idx = torch.randint(0, len(X), (GLOBAL_BATCH,), generator=g)
+    return X[idx], y[idx]
+
+
+def rank_slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    n = t.shape[0] // world
+    return t[rank * n:(rank + 1) * n]

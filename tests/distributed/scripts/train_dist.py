@@ -1,0 +1,74 @@
+"""A plain distributed training script (DDP or FSDP2 on gloo/CPU), for torchrun.
+
+Each rank trains on its slice of the same global batch. ``--watch PATH`` uses
+``gv.watch`` inside the script; otherwise the script knows nothing of gradvitals.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dist_common import digits, global_batch, make_model, rank_slice  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+p.add_argument("--steps", type=int, default=4)
+p.add_argument("--lr", type=float, default=0.1)
+p.add_argument("--nan-rank", type=int, default=-1)
+p.add_argument("--nan-step", type=int, default=-1)
+p.add_argument("--raise-rank", type=int, default=-1)
+p.add_argument("--raise-step", type=int, default=-1)
+p.add_argument("--watch", default=None, help="use gv.watch and save its report here")
+p.add_argument("--every", type=int, default=1)
+a = p.parse_args()
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+model = make_model()
+if a.strategy == "ddp":
+    net = nn.parallel.DistributedDataParallel(model)
+else:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    net = fully_shard(model, mesh=mesh)
+opt = torch.optim.SGD(net.parameters(), lr=a.lr)
+watch = None
+if a.watch:
+    import gradvitals as gv
+
+    watch = gv.watch(net, opt, every=a.every)
+X, y = digits()
+losses = []
+for step in range(a.steps):
+    xb, yb = global_batch(X, y, step)
+    xb, yb = rank_slice(xb, rank, world).clone(), rank_slice(yb, rank, world)
+    if step == a.nan_step and rank == a.nan_rank:
+        xb[0, 5] = float("nan")  # one rank's data is corrupt
+    loss = nn.functional.cross_entropy(net(xb), yb)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+    if step == a.raise_step and rank == a.raise_rank:
+        raise RuntimeError(f"rank {rank} fails at step {step}")
+if watch is not None:
+    watch.save(a.watch)
+    watch.close()
+if rank == 0:
+    print(json.dumps({"losses": losses, "world": world}))
+# torch 2.13 + gloo: a rank that tears its group down while its peer is still
+# finishing aborts now and then ("terminate called without an active exception"),
+# with or without gradvitals; meeting at a barrier first avoids it.
+del net, opt
+dist.barrier()
+dist.destroy_process_group()

@@ -1,0 +1,199 @@
+"""DDP and FSDP2 under torchrun (gloo, CPU, 2 processes): the merged report holds the
+numbers a single process computes on the global batch (torch is the oracle), a NaN on
+one rank names that rank and its module, and a rank that raises ends nobody's run
+in a hang while rank 0 still writes the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradvitals import distributed
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "scripts" / "train_dist.py"
+sys.path.insert(0, str(HERE / "scripts"))
+from dist_common import digits, global_batch, make_model  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+#: Wall-clock limit of one 2-process torchrun; a hang fails the test instead of the suite.
+RUN_TIMEOUT_S = 120
+#: Ranks wait this long in a gradvitals collective before giving up (tests only).
+MERGE_TIMEOUT_S = "20"
+#: float32 training on 2 ranks vs 1 process: same maths, different summation order.
+REL = 1e-4
+#: |W_after - W_before| loses ~log10(1/ratio) digits to cancellation in float32.
+REL_UPDATE = 2e-3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 ARGS`` in its own session, killed whole on time-out."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: MERGE_TIMEOUT_S,
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def oracle(steps: int, lr: float = 0.1) -> dict[str, list[float]]:
+    """What one process measures training the same model on the whole global batch."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    X, y = digits()
+    out: dict[str, list[float]] = defaultdict(list)
+    windows: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for step in range(steps):
+        xb, yb = global_batch(X, y, step)
+        acts: dict[str, torch.Tensor] = {}
+        def keep(mod, inputs, output, name):
+            acts.setdefault(name, output.detach())  # returns None: the output is unchanged
+
+        hooks = [m.register_forward_hook(lambda mod, i, o, n=name: keep(mod, i, o, n))
+                 for name, m in model.named_children()]
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        for h in hooks:
+            h.remove()
+        opt.zero_grad()
+        loss.backward()
+        out["loss"].append(loss.item())
+        grads = {n: torch.linalg.vector_norm(p.grad).item() for n, p in model.named_parameters()}
+        for n, g in grads.items():
+            out[f"grad_norm/{n}"].append(g)
+        out["grad_norm_global"].append(math.sqrt(sum(g * g for g in grads.values())))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        for n, p in model.named_parameters():
+            w = torch.linalg.vector_norm(before[n])
+            out[f"weight_norm/{n}"].append(w.item())
+            out[f"update_ratio/{n}"].append((torch.linalg.vector_norm(p.detach() - before[n]) / w).item())
+        for n, a in acts.items():
+            var, mean = torch.var_mean(a, correction=0)
+            out[f"act_mean/{n}"].append(mean.item())
+            out[f"act_std/{n}"].append(var.sqrt().item())
+            out[f"act_zero_frac/{n}"].append((a == 0).float().mean().item())
+            windows[n] = (windows[n] + [a.amax(0) > 0])[-4:]  # the recorder's 4-batch window
+            out[f"dead_frac/{n}"].append(1 - torch.stack(windows[n]).any(0).float().mean().item())
+    return out
+
+
+def assert_matches(report: dict, expected: dict[str, list[float]], steps: int) -> None:
+    series = report["series"]
+    checked = 0
+    for key, want in expected.items():
+        got = series[key]
+        assert got["steps"][:steps] == list(range(len(got["steps"][:steps]))), key
+        values = got["values"]
+        n = min(len(values), steps)
+        assert n >= steps - 1, (key, got["steps"])  # the last update ratio stays pending
+        rel = REL_UPDATE if key.startswith("update_ratio/") else REL
+        assert values[:n] == pytest.approx(want[:n], rel=rel, abs=1e-6), key
+        checked += n
+    assert checked > 100
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+STEPS = 4
+
+
+def test_ddp_under_gradvitals_run_matches_single_process(tmp_path):
+    out = tmp_path / "ddp.json"
+    p = torchrun(["-m", "gradvitals", "run", "--every", "1", "--json", str(out), str(SCRIPT),
+                  "--strategy", "ddp", "--steps", str(STEPS)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(out)
+    assert_matches(rep, oracle(STEPS), STEPS)
+    # The user's names, not DDP's "module.0.weight"; one summary, from rank 0.
+    assert [l["name"] for l in rep["layers"]] == ["0", "1", "2", "3", "4"]
+    assert {q["name"] for l in rep["layers"] for q in l["params"]} == {
+        f"{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")}
+    assert p.stderr.count("report written to") == 1
+    info = rep["run"]["distributed"]
+    assert (info["world_size"], info["rank"], info["strategy"]) == (2, 0, "ddp")
+    # One all-reduce per recorded step, of the stated size: O(#tensors + #units).
+    assert info["allreduce_calls"] == STEPS
+    units = 4 * 33 + 10  # ever-active flags of Linear/ReLU outputs
+    assert info["allreduce_bytes_max"] == distributed.allreduce_bytes(
+        2, grad_tensors=6, losses=1, lr_groups=0, weight_tensors=6, modules=5, units=units)
+    assert info["allreduce_bytes_max"] < 8 * sum(
+        p.numel() for p in make_model().parameters()) / 10
+    assert not [f for f in rep["findings"] if f["code"] == "nonfinite"]
+
+
+def test_fsdp2_with_watch_inside_the_script_matches_single_process(tmp_path):
+    out = tmp_path / "fsdp.json"
+    p = torchrun([str(SCRIPT), "--strategy", "fsdp", "--steps", str(STEPS), "--watch", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(out)
+    # Sharded gradients (17 + 16 rows of a 33-row weight): local squared norms summed.
+    assert_matches(rep, oracle(STEPS), STEPS)
+    assert [l["kind"] for l in rep["layers"]] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    layer0 = next(l for l in rep["layers"] if l["name"] == "0")
+    assert layer0["params"][0]["shape"] == [33, 64]  # the global shape, not a shard's
+    info = rep["run"]["distributed"]
+    assert (info["strategy"], info["allreduce_calls"]) == ("fsdp2", STEPS)
+
+
+@pytest.mark.parametrize("corrupt", ["nan"])
+def test_nan_on_one_rank_names_the_rank_and_module(tmp_path, corrupt):
+    out = tmp_path / "nan.json"
+    p = torchrun(["-m", "gradvitals", "run", "--json", str(out), str(SCRIPT), "--strategy", "ddp",
+                  "--steps", "4", "--nan-rank", "1", "--nan-step", "2"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(out)
+    origin = [e for e in rep["run"]["events"] if e["type"] == "nonfinite_origin"]
+    assert len(origin) == 1
+    ev = origin[0]
+    assert (ev["step"], ev["rank"], ev["ranks"], ev["world_size"]) == (2, 1, [1], 2)
+    assert ev["kind"] == "input" and ev["source"] == "replay"
+    finding = next(f for f in rep["findings"] if f["code"] == "nonfinite")
+    assert finding["step"] == 2 and "rank 1 only" in finding["summary"]
+    # Until the bad step the merged numbers are finite; from it, the loss is NaN.
+    loss = rep["series"]["loss"]
+    assert loss["first_nonfinite_step"] == 2
+
+
+def test_a_rank_that_raises_ends_the_run_and_rank0_still_reports(tmp_path):
+    out = tmp_path / "crash.json"
+    started = time.monotonic()
+    p = torchrun(["-m", "gradvitals", "run", "--every", "1", "--json", str(out), str(SCRIPT),
+                  "--strategy", "ddp", "--steps", "50", "--raise-rank", "1", "--raise-step", "1"])
+    elapsed = time.monotonic() - started
+    assert p.returncode != 0
+    assert "rank 1 fails at step 1" in p.stderr
+    assert elapsed < RUN_TIMEOUT_S
+    rep = _load(out)
+    assert rep["run"]["exit_status"] != 0
+    assert rep["run"]["distributed"]["rank"] == 0
+    # The steps both ranks completed were merged and kept.
+    assert rep["series"]["grad_norm/0.weight"]["steps"][:2] == [0, 1]
+    assert rep["run"]["steps"] < 50
