@@ -199,9 +199,33 @@ def _clipped_full():
     return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), {"clip": 1.0, "full": True}
 
 
-@pytest.mark.parametrize("make", [_he_mlp, _bn_mlp, _frozen_backbone, _accumulation, _clipped_full],
+class _Residual(nn.Module):
+    """x + block(x) with the block's last layer zero-initialised (the "zero-init residual" trick)."""
+
+    def __init__(self, blocks: int = 12, width: int = 64) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+                                    for _ in range(blocks))
+        for block in self.blocks:
+            nn.init.zeros_(block[2].weight)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+def _residual():
+    model = _Residual()
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), {"steps": 150}
+
+
+@pytest.mark.parametrize("make", [_he_mlp, _bn_mlp, _frozen_backbone, _accumulation, _clipped_full, _residual],
                          ids=["he-mlp-20", "batchnorm-mlp", "frozen-backbone", "grad-accumulation",
-                              "clipped-full-record"])
+                              "clipped-full-record", "zero-init-residual"])
 def test_healthy_runs_have_no_problem(digits, make):
     X, y = digits
     torch.manual_seed(0)

@@ -87,3 +87,12 @@ def test_spikes_of_adversarial_losses_are_only_info():
     values[60] = 5.0
     b = Build().loss(values).series("loss/opt1", flat_loss(100))
     assert L.loss_spike(b.record)[0].severity == "info"
+
+
+def test_a_late_spike_undoing_a_third_of_the_progress_then_recovering_is_info():
+    # a healthy residual MLP: 2.3 -> 0.09, one batch jumps to 0.76 at step 100, back to 0.09
+    values = [0.09 + 2.2 * math.exp(-i / 15) for i in range(100)] + [0.76] + [0.09] * 99
+    f = L.loss_spike(Build().loss(values).record)[0]
+    assert f.step == 100 and f.severity == "info"
+    values[100] = 0.09 + 0.55 * 2.21  # undoes 55% of the progress: severe
+    assert L.loss_spike(Build().loss(values).record)[0].severity == "warning"

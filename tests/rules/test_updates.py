@@ -81,3 +81,14 @@ def test_zero_updates_with_gradients_and_layers_without_gradient_are_skipped():
 def test_a_moderate_early_spike_the_run_recovers_from_does_not_blame_the_lr():
     early = [2.56, 2.62, 3.31, 3.52, 2.47, 1.66, 1.24, 0.9, 0.65, 0.35] + [0.1] * 290
     assert u.update_ratio_high(run(0.04, early).record) == []
+
+
+def test_zero_initialised_weights_have_no_meaningful_ratio():
+    b = Build().mlp(5)
+    # the recorder divides by a clamped 1e-12 norm: zero-init layers show astronomic ratios at step 0
+    b.ratios([0], lambda s, i, p: 6e9 if i in (1, 2, 3) else 2e-3, weight=5.0)
+    for i, name in enumerate(b.weights()):
+        if i in (1, 2, 3):
+            b.record.series[f"weight_norm/{name}"].values[0] = 0.0
+    b.loss(spiky(at=3))
+    assert u.update_ratio_high(b.record) == []

@@ -86,13 +86,22 @@ SPIKE_NOISE_FLOOR = 0.02
 #: diverged instead of recovering: critical.
 DIVERGED_FACTOR = 1.5
 
-#: A spike this many times its pre-spike level is a warning even if the run recovers.
+#: A spike that undoes this fraction of the progress made before it is a warning
+#: even if the run recovers (a healthy residual MLP jumped 0.09 -> 0.76 from a
+#: start of 2.3, undoing 30%, and went on to 0.09).
+SPIKE_SEVERE_UNDO = 0.5
+
+#: Before any progress, a spike this many times its pre-spike level is severe
+#: (Adam at lr=0.1: 2.3 -> 40 on its second step).
 SPIKE_SEVERE_FACTOR = 3.0
 
-#: A run whose loss ends below this fraction of the pre-spike level recovered and
-#: learned: a moderate early spike (a BatchNorm CNN at a brisk lr goes 2.6 -> 3.5
-#: in its first steps, then to 0.1) is then only info.
-RECOVERED_FRACTION = 0.5
+#: Recovered: the loss ends within this fraction of the jump above the pre-spike
+#: level...
+RECOVERED_JUMP_FRACTION = 0.25
+#: ...and the run removed at least this fraction of its starting loss (a BatchNorm
+#: CNN at a brisk lr goes 2.6 -> 3.5 in its first steps, then to 0.1: info; an lr
+#: that pushes 2.3 -> 3.4 and then learns nothing: warning).
+RECOVERED_PROGRESS = 0.5
 
 
 @dataclass(frozen=True)
@@ -142,9 +151,19 @@ def spike_severity(record: Record, spikes: list[Spike]) -> str:
         return "critical"
     if _adversarial(record):
         return "info"  # a GAN's losses jump by design when one player gains
-    worst = max(s.factor for s in spikes)
-    recovered = math.isfinite(end) and end < RECOVERED_FRACTION * first.before
-    return "warning" if worst >= SPIKE_SEVERE_FACTOR or not recovered else "info"
+    start = median(points(record.get("loss"))[1][:SPIKE_MIN_WINDOW])
+    severe = False
+    for s in spikes:
+        made = start - s.before
+        if made > SPIKE_NOISE_FLOOR * 5 * abs(start):
+            severe |= s.loss - s.before >= SPIKE_SEVERE_UNDO * made
+        else:
+            severe |= s.factor >= SPIKE_SEVERE_FACTOR
+    worst = max(spikes, key=lambda s: s.loss - s.before)
+    recovered = (math.isfinite(end) and start > 0
+                 and end <= worst.before + RECOVERED_JUMP_FRACTION * (worst.loss - worst.before)
+                 and (start - end) / start >= RECOVERED_PROGRESS)
+    return "warning" if severe or not recovered else "info"
 
 
 def _adversarial(record: Record) -> bool:
@@ -159,9 +178,9 @@ def loss_spike(record: Record) -> list[Finding]:
     median of the previous SPIKE_WINDOW points by SPIKE_MADS robust deviations,
     by SPIKE_REL of the level, and by SPIKE_UNDO of the progress made so far.
     Critical when the run diverged (a NaN followed, or the loss ended above
-    DIVERGED_FACTOR x its pre-spike level); warning when a spike reached
-    SPIKE_SEVERE_FACTOR x or the loss never got below RECOVERED_FRACTION of the
-    pre-spike level; info for a moderate spike the run recovered from.
+    DIVERGED_FACTOR x its pre-spike level); warning when a spike undid
+    SPIKE_SEVERE_UNDO of the progress (SPIKE_SEVERE_FACTOR x before any) or the run
+    did not recover (see RECOVERED_*); info for a moderate spike it recovered from.
     """
     spikes = find_spikes(record)
     if not spikes:

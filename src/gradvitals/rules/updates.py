@@ -41,17 +41,26 @@ UPDATE_RATIO_HIGH_PLATEAU = 1e-1
 UPDATE_RATIO_LOW = 1e-5
 
 
+#: A weight norm below this is a zero-initialised tensor: its ratio is meaningless.
+ZERO_WEIGHT_NORM = 1e-6
+
+
 def _typical_ratios(record: Record) -> dict[int, tuple[float, float, list[tuple[str, float]]]]:
     """Per scheduled step: (median, max, [(layer, ratio)]) over weight layers that got a gradient."""
     wps = weight_params(record)
     ratios = record.per_name("update_ratio")
     grads = record.per_name("grad_norm")
+    weights = record.per_name("weight_norm")
     table: dict[int, list[tuple[str, float]]] = {}
     for wp in wps:
         r = as_dict(ratios.get(wp.param))
         g = as_dict(grads.get(wp.param))
+        w = as_dict(weights.get(wp.param))
         for step, v in r.items():
             gv = g.get(step, math.nan)
+            # a zero-initialised weight (residual branch, LoRA B) has no scale to move against
+            if w.get(step, 1.0) < ZERO_WEIGHT_NORM:
+                continue
             if math.isfinite(v) and math.isfinite(gv) and gv > 0:
                 table.setdefault(step, []).append((wp.layer, v))
     return {s: (median(v for _, v in row), max(v for _, v in row), row) for s, row in sorted(table.items())
