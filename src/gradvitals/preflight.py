@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .probes.norms import fused_norms
 from .recorder import Options, Recorder
 from .report import Report
 
@@ -78,11 +79,15 @@ def checkup(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> Repo
             loss, how = compute_loss(output, targets, batch, loss_fn)
             recorder.record.run["checkup_loss"] = how
             loss.backward()
+            _weight_norms(recorder, step=0)
     finally:
         recorder.close()
         with torch.no_grad():
-            for t, value, version in zip(params + buffers, saved_values, versions):
-                if t._version != version:
+            # Parameters: a forward that writes them bumps their version counter. Buffers:
+            # BatchNorm's kernel updates running stats without bumping it, so compare values.
+            # Copy back only what changed (a copy_ would bump a version an autograd graph saved).
+            for i, (t, value, version) in enumerate(zip(params + buffers, saved_values, versions)):
+                if t._version != version or (i >= len(params) and not torch.equal(t, value)):
                     t.copy_(value)
         for p, g in zip(params, saved_grads):
             p.grad = g
@@ -90,6 +95,17 @@ def checkup(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> Repo
             m.training = training
     recorder.record.run["checkup_s"] = round(time.perf_counter() - started, 3)
     return Report.from_record(recorder.record)
+
+
+def _weight_norms(recorder: Recorder, step: int) -> None:
+    """``weight_norm/<param>`` at step 0, as a run records them at its optimizer step
+    (a checkup has none): the rules read gradients relative to weights."""
+    named = [(n, p.detach()) for m in recorder.models for n, p in m.params if p.requires_grad]
+    if not named:
+        return
+    norms = fused_norms([p for _, p in named]).tolist()  # one host sync
+    for (name, _), value in zip(named, norms):
+        recorder.record.add(f"weight_norm/{name}", step, value)
 
 
 def split_batch(batch: Any) -> tuple[tuple, dict, Any]:

@@ -170,7 +170,8 @@ def poor_initialization(record: Record) -> list[Finding]:
         direction = "grow" if (measured if measured is not None and abs(measured) > abs(predicted)
                                else predicted) > 0 else "shrink"
         names = [c.layer.name for c in chain.layers]
-        typical = ranked[0]
+        mean_log = predicted / len(chain.layers)  # the layer that best represents the chain
+        typical = min(chain.layers, key=lambda c: abs(math.log10(c.ratio) - mean_log))
         acts = sorted({c.layer.activation_after or "none" for c in chain.layers})
         summary = (f"Init mismatched to the activations: along {len(names)} weight layers without "
                    f"normalisation or residual path (`{names[0]}` ... `{names[-1]}`) the signal is set to "
