@@ -311,7 +311,7 @@ def _exploding_advice(record: Record, at_init: bool, layers: list[str]) -> str:
                 f"{' more tightly' if clipped else ''}, and lower the learning rate:\n{clip}")
     wps = weight_params(record)
     acts = activation_names(record, [w.layer for w in wps])
-    act = acts[0] if acts else None
+    act = f"nn.{nn_class(record, acts[0])}" if acts else None
     if at_init:
         kind = wps[0].kind if wps else "Linear"
         fam = activation_families(record, [w.layer for w in wps])

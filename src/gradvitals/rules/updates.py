@@ -23,6 +23,7 @@ from ._common import (
     sci,
     weight_params,
 )
+from .gradients import ABSOLUTE_EXPLODING
 from .loss import PLATEAU_PROGRESS, find_spikes, spike_severity
 
 #: The rule of thumb: a healthy step moves each weight matrix by ~1e-3 of its norm.
@@ -79,7 +80,8 @@ def update_ratio_high(record: Record) -> list[Finding]:
     """Steps that rewrite the weights (learning rate too high), shown by the loss.
 
     Decides from ``update_ratio/<weight>`` (median over weight layers per
-    scheduled step) and the loss: fires when the typical ratio reached
+    scheduled step, leaving out steps whose global gradient norm was already past
+    ABSOLUTE_EXPLODING) and the loss: fires when the typical ratio reached
     UPDATE_RATIO_HIGH at or before the loss spiked, went NaN or diverged, or
     reached UPDATE_RATIO_HIGH_PLATEAU in a run whose loss did not fall.
     Critical when the loss went NaN or diverged.
@@ -95,6 +97,10 @@ def update_ratio_high(record: Record) -> list[Finding]:
     if nan_step is not None:
         trouble.append(nan_step)
     trouble_step = min(trouble) if trouble else None
+    # Steps whose gradient was already past the exploding alarm moved the weights
+    # because of the gradient, not the learning rate: exploding_gradients' business.
+    grad_at = as_dict(record.get("grad_norm_global"))
+    typical = {s: v for s, v in typical.items() if not grad_at.get(s, 0.0) >= ABSOLUTE_EXPLODING}
     high = [(s, med) for s, (med, _, _) in typical.items() if med >= UPDATE_RATIO_HIGH
             and (trouble_step is None or s <= trouble_step)]
     levels = loss_levels(record, until=nan_step)
