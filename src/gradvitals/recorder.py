@@ -305,13 +305,12 @@ class Recorder:
         own_ids = {id(p) for p in own}
         models = {id(self._param_owner[id(p)][0]) for p in own if id(p) in self._param_owner}
         claimed: set[int] = set()
-        owned_elsewhere: set[int] = set()  # another optimizer's own parameters are its to measure
         for other in self._opts.values():
             if other is not o and other.index < o.index:
+                other_opt = other.ref()
+                if other_opt is not None:  # claims go in index order, whichever optimizer steps first
+                    self._opt_params(other, other_opt)
                 claimed |= {id(p) for p in other.params}
-            other_opt = other.ref() if other is not o else None
-            if other_opt is not None:
-                owned_elsewhere |= {id(p) for g in other_opt.param_groups for p in g["params"]}
         params: list[nn.Parameter] = []
         for p in own:
             if id(p) not in claimed:
@@ -319,8 +318,7 @@ class Recorder:
         for m in self.models:
             if id(m) in models:
                 for name, p in m.params:
-                    if (id(p) not in own_ids and id(p) not in claimed and id(p) not in owned_elsewhere
-                            and p.requires_grad):
+                    if id(p) not in own_ids and id(p) not in claimed and p.requires_grad:
                         params.append(p)
         for m in self.models:
             for name, p in m.params:

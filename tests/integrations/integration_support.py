@@ -1,4 +1,7 @@
-"""Shared pieces of the integration tests: the broken script's model, tiny trainers."""
+"""Shared pieces of the integration tests: the broken script's model, tiny trainers.
+
+A plain module, not a conftest.py: a second ``conftest`` would shadow tests/conftest.py
+for the ``from conftest import ...`` lines of other test modules."""
 
 from __future__ import annotations
 
@@ -6,8 +9,6 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
-
-import pytest
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 BROKEN_SCRIPT = SCRIPTS / "broken_mlp.py"
@@ -23,11 +24,6 @@ def load_broken() -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
-
-
-@pytest.fixture(scope="session")
-def broken() -> ModuleType:
-    return load_broken()
 
 
 def problems(report) -> list[tuple[str, str]]:

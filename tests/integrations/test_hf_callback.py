@@ -17,7 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 from gradvitals.integrations.hf import GradVitalsCallback  # noqa: E402
 from gradvitals.report import schema  # noqa: E402
 
-from conftest import hf_args, problems  # noqa: E402
+from integration_support import hf_args, problems  # noqa: E402
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:

@@ -18,7 +18,7 @@ L = pytest.importorskip("lightning")
 from gradvitals.integrations.lightning import GradVitalsCallback  # noqa: E402
 from gradvitals.report import schema  # noqa: E402
 
-from conftest import lightning_trainer, problems  # noqa: E402
+from integration_support import lightning_trainer, problems  # noqa: E402
 
 
 class DigitsMLP(L.LightningModule):

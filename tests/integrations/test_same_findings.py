@@ -15,7 +15,7 @@ pytest.importorskip("accelerate")
 import gradvitals as gv  # noqa: E402
 from gradvitals.report import Report  # noqa: E402
 
-from conftest import BROKEN_SCRIPT, hf_args, lightning_trainer  # noqa: E402
+from integration_support import BROKEN_SCRIPT, hf_args, lightning_trainer, load_broken  # noqa: E402
 
 STEPS = 6
 
@@ -91,7 +91,8 @@ def signature(report: Report) -> tuple:
     return tuple(critical), origin
 
 
-def test_one_broken_model_one_diagnosis_four_ways(tmp_path, broken):
+def test_one_broken_model_one_diagnosis_four_ways(tmp_path):
+    broken = load_broken()
     reports = {
         "gradvitals run": via_cli(tmp_path),
         "gv.watch": via_watch(broken),
