@@ -162,12 +162,14 @@ def test_heatmap_hover_shows_layer_step_and_value(chromium, tmp_path):
     assert math.isclose(float(value.split()[-1]), expected, rel_tol=1e-2), (hover, expected)
 
 
-def test_nan_run_marks_every_finding_step(chromium, tmp_path):
-    report = _run(str(ROOT / "examples" / "nan_mlp.py"), tmp_path / "nan", "--steps", "12")
-    dom, stderr = _browse(chromium, tmp_path / "nan.html", tmp_path, tmp_path / "nan.png")
+def test_exploding_run_marks_where_growth_became_visible_and_the_nan_step(chromium, tmp_path):
+    report = _run(str(HERE / "scripts" / "exploding_lr.py"), tmp_path / "exploding", "--steps", "24")
+    dom, stderr = _browse(chromium, tmp_path / "exploding.html", tmp_path, tmp_path / "exploding.png")
     _assert_clean(dom, stderr)
     stepped = [f for f in report["findings"] if f.get("step") is not None]
-    assert any(f["code"] == "nonfinite" for f in stepped), report["findings"]
+    codes = {f["code"]: f for f in stepped}
+    assert "nonfinite" in codes and "exploding_gradients" in codes, report["findings"]
+    assert codes["exploding_gradients"]["step"] < codes["nonfinite"]["step"]  # visible before the NaN
     (hm,) = dom.find("canvas", **{"class": "gv-heatmap"})
     assert int(hm["data-nonfinite-cells"]) > 0 and int(hm["data-markers"]) >= len(stepped)
     (gn,) = dom.find("svg", **{"data-chart": "grad_norm"})
@@ -175,6 +177,11 @@ def test_nan_run_marks_every_finding_step(chromium, tmp_path):
     labels = "\n".join(dom.svg_text)  # marker titles list every finding at their step
     for f in stepped:
         assert f"{f['code']} @{f['step']}" in labels, (f["code"], f["step"])
+    for f in report["findings"]:  # e.g. exploding_gradients' visible_step: where growth became visible
+        for key, value in f["evidence"].items():
+            if key.endswith("_step") and isinstance(value, int) and value != f.get("step"):
+                label = f"{f['code']}: {key[:-5].replace('_', ' ')} @{value}"
+                assert label in labels, label
     nan_step = next(f["step"] for f in stepped if f["code"] == "nonfinite")
     # the NaN step is marked as critical on both the loss and the gradient-norm chart
     assert len(dom.find("g", **{"class": "marker critical", "data-step": str(nan_step)})) == 2

@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 from _report_records import clone_series, mlp_record, report_of
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gradvitals.findings import Finding
 from gradvitals.record import LayerInfo, ParamInfo, Record, Series
@@ -198,3 +200,40 @@ def test_reports_package_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+_values = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64),
+                    st.sampled_from([0.0, 5e-324, 1e308, -1.0]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.lists(st.lists(_values, min_size=1, max_size=12), min_size=1, max_size=4),
+       step=st.one_of(st.none(), st.integers(-5, 50)),
+       evidence=st.dictionaries(st.sampled_from(["peak_step", "nan_step", "x", "growth_per_step"]),
+                                st.one_of(st.integers(-3, 99), st.floats(), st.text(max_size=5), st.none())))
+def test_any_record_renders_to_a_page_with_valid_embedded_json(values, step, evidence):
+    """The renderer runs after the user's training: it must never fail on odd numbers."""
+    rec = mlp_record(depth=len(values), steps=0)
+    for i, row in enumerate(values):
+        for s, v in enumerate(row):
+            rec.add(f"grad_norm/net.{2 * i}.weight", s, v)
+            rec.add("loss", s, v)
+            rec.add(f"update_ratio/net.{2 * i}.weight", s, v)
+    rec.steps = max(len(r) for r in values)
+    finding = Finding(code="loss_spike", severity="warning", summary="s", advice="a", step=step, evidence=evidence)
+    page = render_html(json.loads(json.dumps(report_of(rec, [finding]), allow_nan=False)))
+    data = _payload(page)
+    assert len(data["heatmap"]["layers"]) == len(values)
+    rows = decode_heatmap(data["heatmap"])
+    for row, expected in zip(rows, values):
+        for got, v in zip(row, expected):  # bias absent: the layer norm is the weight's
+            if v < 0:  # not a norm: only "renders" is asked of it
+                continue
+            if math.isnan(v):
+                assert math.isnan(got)
+            elif math.isinf(v):
+                assert got == math.inf
+            elif v == 0:
+                assert got == 0.0
+            else:
+                assert math.isclose(got, v, rel_tol=0.05) or v < 1e-300

@@ -16,6 +16,7 @@ import html
 import json
 import math
 import re
+import sys
 from array import array
 from importlib import resources
 from typing import Any, Iterable
@@ -82,7 +83,8 @@ def _plot_value(v: float) -> float | str:
         return "nan"
     if math.isinf(v):
         return "inf" if v > 0 else "-inf"
-    return float(f"{v:.{PLOT_DIGITS}g}")
+    rounded = float(f"{v:.{PLOT_DIGITS}g}")
+    return rounded if math.isfinite(rounded) else v  # 1.7975e308 would round up to Inf
 
 
 def _fmt(v: Any) -> str:
@@ -195,8 +197,8 @@ def heatmap_data(report: dict[str, Any], max_columns: int = MAX_HEATMAP_COLUMNS)
         logs.extend(math.log10(v) for v in row if math.isfinite(v) and v > 0)
     lo = min(logs) if logs else 0.0
     hi = max(logs) if logs else 1.0
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
+    if hi - lo < 1e-9:  # one level: a decade below it, so the cells show the top colour
+        lo = hi - 1.0
     codes = array("H")
     span = _MAX_CODE - _FIRST_VALUE_CODE
     for row in grid:
@@ -251,7 +253,11 @@ def decode_heatmap(data: dict[str, Any]) -> list[list[float]]:
             elif c == CODE_ZERO:
                 row.append(0.0)
             else:
-                row.append(10 ** (lo + (c - _FIRST_VALUE_CODE) / (_MAX_CODE - _FIRST_VALUE_CODE) * (hi - lo)))
+                exponent = lo + (c - _FIRST_VALUE_CODE) / (_MAX_CODE - _FIRST_VALUE_CODE) * (hi - lo)
+                try:
+                    row.append(10.0 ** exponent)
+                except OverflowError:  # the largest floats, after quantisation
+                    row.append(sys.float_info.max)
         out.append(row)
     return out
 
