@@ -179,9 +179,6 @@ def heatmap_data(report: dict[str, Any], max_columns: int = MAX_HEATMAP_COLUMNS)
     rows = layer_grad_norms(report)
     all_steps = sorted({s for _, per in rows for s in per})
     bins = _bins(all_steps, max_columns)
-    index = {}
-    for c, (a, b) in enumerate(bins):
-        index[a] = c
     starts = [a for a, _ in bins]
     grid: list[list[float]] = []
     logs: list[float] = []
