@@ -200,3 +200,18 @@ def test_bad_options_fail_when_the_callback_is_built():
         GradVitalsCallback(every=0)
     with pytest.raises(ValueError, match="log_every_n_steps"):
         GradVitalsCallback(log_every_n_steps=-1)
+
+
+def test_amp_loss_and_gradients_are_recorded_unscaled(tmp_path, digits):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # a real loss scale, on CPU
+    model, cb = DigitsMLP(), GradVitalsCallback(quiet=True)
+    trainer = lightning_trainer(tmp_path, cb, max_steps=5, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(model, loader(digits))
+
+    assert scaler.get_scale() >= 1024.0
+    series = cb.report.record.series
+    assert series["loss"].points()[1] == pytest.approx(model.micro_losses, rel=1e-5)
+    # The module's hook sees the gradients Lightning unscaled before on_before_optimizer_step.
+    assert series["grad_norm_global"].points()[1] == pytest.approx(model.oracle_norms, rel=1e-5)
