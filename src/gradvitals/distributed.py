@@ -201,14 +201,20 @@ def allreduce_bytes(world_size: int, grad_tensors: int, losses: int = 1, lr_grou
     return 8 * elements
 
 
-def combine_moments(weights: Tensor, means: Tensor, stds: Tensor) -> tuple[Tensor, Tensor]:
-    """Global (mean, std) of data split in parts with these element counts, means and
-    population stds: the parts' first and second moments are averaged by weight."""
-    w = weights.double()
-    total = w.sum()
-    mean = (w * means.double()).sum() / total
-    second = (w * (stds.double() ** 2 + means.double() ** 2)).sum() / total
-    return mean, (second - mean * mean).clamp_min(0).sqrt()
+def moment_terms(weight: Tensor | float, mean: Tensor, std: Tensor) -> Tensor:
+    """What one part contributes to the SUM all-reduce: [n, n*mean, n*E[x^2]] for n
+    elements with this mean and population std. Summed over parts, then
+    :func:`moments_from_sums` gives the whole's mean and std."""
+    w = torch.as_tensor(weight, dtype=torch.float64)
+    mean, std = mean.double(), std.double()
+    return torch.stack([w, w * mean, w * (std * std + mean * mean)])
+
+
+def moments_from_sums(sums: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, population std) from summed :func:`moment_terms`."""
+    total = sums[0]
+    mean = sums[1] / total
+    return mean, (sums[2] / total - mean * mean).clamp_min(0).sqrt()
 
 
 class Merger:
@@ -311,8 +317,7 @@ class Merger:
                     numel = self._input_numel()
                 w = numel.get(names[0], 1.0)
                 mean, std, zero, sat, nonfin = v[0], v[1], v[2], v[3], v[4]
-                parts = [torch.stack([torch.tensor(w, dtype=torch.float64), w * mean,
-                                      w * (std * std + mean * mean), w * zero, w * sat, w * nonfin])]
+                parts = [moment_terms(w, mean, std), torch.stack([w * zero, w * sat, w * nonfin])]
                 mask = masks.get(j)
                 if len(keys) > 5 and keys[5].startswith("dead_frac/"):
                     parts.append(mask if mask is not None else (v[5:6] / W))
@@ -357,8 +362,7 @@ class Merger:
                 g = torch.where(sh, s.sqrt() / gw, s)
             elif kind == "act":
                 total = s[0]
-                mean = s[1] / total
-                std = (s[2] / total - mean * mean).clamp_min(0).sqrt()
+                mean, std = moments_from_sums(s[:3])
                 stats = [mean, std, s[3] / total, s[4] / total, s[5] / total]
                 rest = s[6:]
                 if extra:  # the summed "ever active" masks of a dead-unit-tracked layer
@@ -401,6 +405,8 @@ class Merger:
     def merge_origin(self, event: dict[str, Any]) -> dict[str, Any]:
         """Every rank's local origin, gathered; the report keeps the first bad rank's.
         Runs on every rank at the same flush (the merged values are identical)."""
+        if str(event.get("replay", "")).startswith("skipped") and self.rank in self.bad_ranks:
+            event = {**event, **self._input_origin()}
         gathered: list[Any] = [None] * self.world
         _dist().all_gather_object(gathered, event, group=self.group)
         pick = self.bad_ranks[0] if self.bad_ranks else None
@@ -409,6 +415,18 @@ class Merger:
         chosen["ranks"] = list(self.bad_ranks)
         chosen["world_size"] = self.world
         return chosen
+
+
+    def _input_origin(self) -> dict[str, Any]:
+        """Without a replay (FSDP2), what this rank can still tell alone: whether the
+        batch it was fed already held NaN/Inf."""
+        for m in self.recorder.models:
+            if m.last_inputs is None:
+                continue
+            leaves = [t for t in tree_leaves(m.last_inputs) if isinstance(t, Tensor) and t.is_floating_point()]
+            if any(not bool(torch.isfinite(t).all()) for t in leaves):  # syncs: the NaN step only
+                return {"kind": "input", "module": m.names.get(id(m.module)), "op": None}
+        return {}
 
 
 class _LayoutMismatch(RuntimeError):

@@ -163,23 +163,31 @@ def test_fsdp2_with_watch_inside_the_script_matches_single_process(tmp_path):
     assert (info["strategy"], info["allreduce_calls"]) == ("fsdp2", STEPS)
 
 
-@pytest.mark.parametrize("corrupt", ["nan"])
-def test_nan_on_one_rank_names_the_rank_and_module(tmp_path, corrupt):
+#: (strategy, corrupt batch) -> (kind, module) of the origin the report names.
+NAN_CASES = {
+    ("ddp", "nan"): ("input", "(root)"),  # the replay sees the NaN already in the batch
+    ("ddp", "huge"): ("activation", "0"),  # 3e38 inputs: the first Linear overflows
+    ("fsdp", "nan"): ("input", "(root)"),  # no replay under FSDP2: the rank checks its batch
+}
+
+
+@pytest.mark.parametrize("strategy,corrupt", sorted(NAN_CASES))
+def test_nan_on_one_rank_names_the_rank_and_module(tmp_path, strategy, corrupt):
     out = tmp_path / "nan.json"
-    p = torchrun(["-m", "gradvitals", "run", "--json", str(out), str(SCRIPT), "--strategy", "ddp",
-                  "--steps", "4", "--nan-rank", "1", "--nan-step", "2"])
+    p = torchrun(["-m", "gradvitals", "run", "-q", "--json", str(out), str(SCRIPT), "--strategy", strategy,
+                  "--steps", "4", "--nan-rank", "1", "--nan-step", "2", "--corrupt", corrupt])
     assert p.returncode == 0, p.stderr[-3000:]
     rep = _load(out)
     origin = [e for e in rep["run"]["events"] if e["type"] == "nonfinite_origin"]
     assert len(origin) == 1
     ev = origin[0]
     assert (ev["step"], ev["rank"], ev["ranks"], ev["world_size"]) == (2, 1, [1], 2)
-    assert ev["kind"] == "input" and ev["source"] == "replay"
+    assert (ev["kind"], ev["module"]) == NAN_CASES[strategy, corrupt]
     finding = next(f for f in rep["findings"] if f["code"] == "nonfinite")
     assert finding["step"] == 2 and "rank 1 only" in finding["summary"]
-    # Until the bad step the merged numbers are finite; from it, the loss is NaN.
-    loss = rep["series"]["loss"]
-    assert loss["first_nonfinite_step"] == 2
+    assert finding["layers"][0] == ev["module"]
+    # Until the bad step the merged loss is finite; from it on, every rank's record says NaN.
+    assert rep["series"]["loss"]["first_nonfinite_step"] == 2
 
 
 def test_a_rank_that_raises_ends_the_run_and_rank0_still_reports(tmp_path):

@@ -21,6 +21,7 @@ p.add_argument("--steps", type=int, default=4)
 p.add_argument("--lr", type=float, default=0.1)
 p.add_argument("--nan-rank", type=int, default=-1)
 p.add_argument("--nan-step", type=int, default=-1)
+p.add_argument("--corrupt", choices=["nan", "huge"], default="nan")
 p.add_argument("--raise-rank", type=int, default=-1)
 p.add_argument("--raise-step", type=int, default=-1)
 p.add_argument("--watch", default=None, help="use gv.watch and save its report here")
@@ -52,8 +53,11 @@ losses = []
 for step in range(a.steps):
     xb, yb = global_batch(X, y, step)
     xb, yb = rank_slice(xb, rank, world).clone(), rank_slice(yb, rank, world)
-    if step == a.nan_step and rank == a.nan_rank:
-        xb[0, 5] = float("nan")  # one rank's data is corrupt
+    if step == a.nan_step and rank == a.nan_rank:  # one rank's data is corrupt
+        if a.corrupt == "nan":
+            xb[0, 5] = float("nan")
+        else:  # finite but huge: the first Linear overflows to inf
+            xb[0, :] = 3e38
     loss = nn.functional.cross_entropy(net(xb), yb)
     opt.zero_grad()
     loss.backward()
