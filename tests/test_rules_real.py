@@ -273,3 +273,14 @@ def test_healthy_lstm_language_model_with_clipping():
             opt.step()
         rep = watch.diagnosis()
     assert problems(rep) == [], verdict(rep.findings)
+
+
+def test_chapter_mlp_on_raw_pixels_saturates_its_first_sigmoid(digits):
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(act=nn.Sigmoid)  # the chapter's 20 layers, PyTorch's default init
+    rep = train(model, torch.optim.SGD(model.parameters(), lr=0.1), X * 16, y, steps=100)
+    found = by_code(rep)
+    assert found["saturated_activations"].layers[0] == "1"
+    assert found["saturated_activations"].severity == "warning"
+    assert found["vanishing_gradients"].caused_by is not None

@@ -87,3 +87,10 @@ def test_saturation_is_info_when_the_run_learns_anyway():
 
 def test_saturation_of_the_output_layer_is_not_reported():
     assert a.saturated_activations(sat({"out": 0.99}, flat_loss(300)).record) == []
+
+
+def test_saturation_needs_a_bounded_output():
+    # nn.RNN(nonlinearity="relu") is probed like a tanh RNN; its outputs are not bounded
+    b = sat({"acts.0": 0.9}, flat_loss(300))
+    b.series("act_std/acts.0", dict(zip(STEPS, [0.5] * 11 + [a.BOUNDED_STD * 1.5])))
+    assert a.saturated_activations(b.record) == []

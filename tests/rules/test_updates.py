@@ -53,12 +53,17 @@ def test_stalled_loss_needs_a_much_higher_ratio():
     assert f and "did not fall" in f[0].summary
 
 
-def test_low_ratio_fires_below_1e5_of_the_fastest_layer():
-    f = u.update_ratio_low(run(u.UPDATE_RATIO_LOW * 0.99, flat_loss(300), lr=1e-7).record)
+def test_low_ratio_with_a_stalled_loss_fires_below_3e4_of_the_fastest_layer():
+    f = u.update_ratio_low(run(u.UPDATE_RATIO_LOW_STALLED * 0.99, flat_loss(300), lr=1e-7).record)
     assert [x.code for x in f] == ["update_ratio_low"] and f[0].severity == "warning"
     assert "lr=1.0e-07" in f[0].summary and "Try lr=" in f[0].advice
     assert f[0].step == 25  # after warmup
-    assert u.update_ratio_low(run(u.UPDATE_RATIO_LOW * 1.01, flat_loss(300)).record) == []
+    assert u.update_ratio_low(run(u.UPDATE_RATIO_LOW_STALLED * 1.01, flat_loss(300)).record) == []
+
+
+def test_low_ratio_while_learning_needs_1e5():
+    assert u.update_ratio_low(run(u.UPDATE_RATIO_LOW * 1.01, falling_loss(300)).record) == []
+    assert u.update_ratio_low(run(u.UPDATE_RATIO_LOW * 0.99, falling_loss(300)).record)[0].severity == "info"
 
 
 def test_low_is_judged_on_the_fastest_layer_not_the_vanishing_ones():
