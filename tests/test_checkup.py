@@ -486,3 +486,35 @@ def test_cli_checkup_exit_statuses(chapter, tmp_path):
     assert res.exit_code == 2 and "--json" in res.output
     res = invoke(tmp_path / "nope.py")
     assert res.exit_code == 2 and "script not found" in res.output
+
+
+def test_audit_trace_survives_a_forward_that_raises():
+    """The user's exception comes through unchanged, the function mode is gone, and the
+    recorder's close removes the root hook that had to stay during torch's hook loop."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from gradvitals.probes import init_audit
+    from gradvitals.recorder import Recorder
+
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = self.lin(x)
+            raise RuntimeError("boom in forward")
+
+    model = Boom()
+    rec = Recorder()
+    try:
+        entry = rec.add_model(model, local_hooks=False)
+        init_audit.start(rec, entry)
+        with pytest.raises(RuntimeError, match="boom in forward"):
+            model(torch.randn(2, 4))
+        assert _get_current_function_mode_stack() == []
+        assert not model.lin._forward_hooks and not model.lin._forward_pre_hooks
+        assert rec.record.layers["lin"].extra["fan_in"] == 4
+    finally:
+        rec.close()
+    assert not model._forward_hooks and not patches.active()

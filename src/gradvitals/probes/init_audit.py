@@ -32,6 +32,7 @@ host sync and the eigenvalues a CPU copy of each recurrent matrix, once per mode
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from typing import Any
 
@@ -68,7 +69,7 @@ def start(recorder: Any, model: Any) -> None:
     record = recorder.record
     event = record.event("init_audit", model=model.label, step=recorder.step)
     write_weight_facts(model.module, model.names, record.layers, event)
-    _SkipTrace(model.module, model.names, record, event, recorder).begin()
+    _SkipTrace(model.module, model.names, record, event, recorder, model.handles).begin()
 
 
 # --------------------------------------------------------------------- weights
@@ -167,6 +168,8 @@ class _Stamps(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        if self.trace.mode is not self:
+            return out  # ended (left on the stack only if another mode misbehaved): pass through
         try:
             self.trace.note(getattr(func, "__name__", ""), (args, kwargs), out)
         except Exception as exc:  # observation must never break the forward
@@ -176,8 +179,9 @@ class _Stamps(TorchFunctionMode):
 
 class _SkipTrace:
     def __init__(self, root: nn.Module, names: dict[int, str], record: Any, event: dict[str, Any],
-                 recorder: Any) -> None:
+                 recorder: Any, model_handles: list[Any]) -> None:
         self.root = root
+        self.model_handles = model_handles
         self.names = names
         self.record = record
         self.event = event
@@ -190,6 +194,7 @@ class _SkipTrace:
         self.residual_adds = 0
         self.post_ln_norms: list[str] = []
         self.handles: list[Any] = []
+        self.end_handle: Any = None
         self.mode: _Stamps | None = None
         self.error: BaseException | None = None
 
@@ -201,24 +206,30 @@ class _SkipTrace:
                     continue
                 self.handles.append(mod.register_forward_pre_hook(self._pre))
                 self.handles.append(mod.register_forward_hook(self._post, always_call=True))
-            self.handles.append(self.root.register_forward_hook(self._end, always_call=True))
+            self.end_handle = self.root.register_forward_hook(self._end, always_call=True)
+            self.handles.append(self.end_handle)
+            self.model_handles.append(self.end_handle)  # the recorder removes it too (close, remove_model)
             self.mode = _Stamps(self)
             self.mode.__enter__()
         except BaseException:
             self._remove()
             raise
 
-    def _remove(self) -> None:
+    def _remove(self, keep_root: bool = False) -> None:
         for h in self.handles:
-            h.remove()
+            if not (keep_root and h is self.end_handle):
+                h.remove()
         self.handles = []
 
     def _end(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.mode is None:
+            return
         try:
-            self._remove()
-            if self.mode is not None:
-                mode, self.mode = self.mode, None
-                mode.__exit__(None, None, None)
+            # When the forward raised, torch is iterating the root's hook dict itself:
+            # leave our root hook there (a no-op now; the recorder removes it on close).
+            self._remove(keep_root=sys.exc_info()[0] is not None)
+            mode, self.mode = self.mode, None
+            _exit_mode(mode)
             self._write()
         except Exception as exc:
             self.recorder._fail("init_audit", exc)
@@ -290,6 +301,19 @@ class _SkipTrace:
         self.tensors.clear()
         if self.error is not None:
             self.recorder._fail("init_audit", self.error)
+
+
+def _exit_mode(mode: TorchFunctionMode) -> None:
+    """Pop exactly ``mode`` off torch's function-mode stack, keeping any mode above it
+    (``mode.__exit__`` pops whatever is on top, which is only right in LIFO order)."""
+    above = []
+    while torch._C._len_torch_function_stack() > 0:
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for m in reversed(above):
+        torch._C._push_on_torch_function_stack(m)
 
 
 def _tensors(obj: Any) -> list[Tensor]:

@@ -204,7 +204,7 @@ def poor_initialization(record: Record) -> list[Finding]:
 
 def _init_advice(acts: list[str]) -> str:
     he = [a for a in acts if activation_family(a) in HE_FAMILIES]
-    xavier = [a for a in acts if a not in he]
+    xavier = [a if a != "none" else "no activation (output/projection layers)" for a in acts if a not in he]
     parts = []
     if he:
         parts.append(f"He (Kaiming) before {', '.join(he)}: `nn.init.kaiming_normal_(m.weight, nonlinearity='relu')`")
