@@ -424,7 +424,12 @@
     var data = JSON.parse(blob.textContent);
     var hm = report.querySelector('[data-role="heatmap"]');
     var x0 = data.heatmap.steps.length ? data.heatmap.steps[0] : 0;
-    var x1 = Math.max(data.steps - 1, x0 + 1);
+    var x1 = Math.max(data.steps - 1, x0 + 1);  // run.steps may be missing: cover every point
+    var ends = data.heatmap.ends || data.heatmap.steps;
+    if (ends.length) x1 = Math.max(x1, ends[ends.length - 1]);
+    [data.curves && data.curves.loss, data.curves && data.curves.grad_norm].forEach(function (group) {
+      for (var k in group || {}) { var st = group[k].steps; if (st.length) x1 = Math.max(x1, st[st.length - 1]); }
+    });
     if (hm) heatmap(hm, data.heatmap, data.markers, hm.classList.contains("small"));
     var loss = report.querySelector('[data-role="loss"]');
     if (loss) lineChart(loss, "Loss", data.curves.loss, { log: "auto", markers: data.markers, x0: 0, x1: x1, id: "loss" });
