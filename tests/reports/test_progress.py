@@ -91,3 +91,16 @@ def test_never_raises_into_the_training():
     p.update(mlp_record(depth=1, steps=1))
     p.update(mlp_record(depth=1, steps=1))
     assert p.updates == 0
+
+
+def test_a_failing_rule_pass_leaves_the_line_running(monkeypatch):
+    def broken(record):
+        raise RuntimeError("rule crashed")
+
+    monkeypatch.setattr("gradvitals.diagnose.diagnose", broken)
+    clock, out = Clock(), io.StringIO()
+    p = Progress(out, clock=clock, interval_s=1.0)
+    for t in (0.0, 1.0, 2.0):
+        clock.t = t
+        p.update(mlp_record(depth=1, steps=2))
+    assert p.updates == 3 and out.getvalue().count("findings: none") == 3

@@ -60,11 +60,14 @@ class Progress:
         if now < self._next_draw:
             return
         self._next_draw = now + self.interval_s
-        try:
-            if now >= self._next_rules:
+        if now >= self._next_rules:
+            try:
                 self._run_rules(record, now)
+            except Exception:  # a rule that fails mid-run: the line goes on without findings
+                self._findings, self._next_rules = [], math.inf
+        try:
             self._write(self.line(record))
-        except Exception:  # a status line must never break the training
+        except Exception:  # a status line must never break the training (e.g. stderr closed)
             self._failed = True
 
     def _run_rules(self, record: Any, now: float) -> None:
