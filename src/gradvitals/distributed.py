@@ -9,9 +9,10 @@ global record and rank 0 alone writes the report. What each value becomes:
 value                     how it is merged
 ========================  ===========================================================
 grad / weight norm        sharded DTensor (FSDP2): ``sqrt(sum over ranks of |local
-                          shard|^2)``; replicated (DDP: gradients are already
-                          averaged by DDP's own all-reduce): ``sqrt(mean of squares)``,
-                          which returns the identical per-rank value exactly
+                          shard|^2)`` (HSDP: divided by the replicas); replicated
+                          (DDP: gradients are already averaged by DDP's own
+                          all-reduce): ``sqrt(mean of squares)``, which returns the
+                          identical per-rank value exactly
 grad_norm_global          recomputed from the merged per-parameter norms
 update ratio              sharded: ``|dW| / |W|`` from merged |dW| and |W|; else mean
 loss, lr, clip values     mean over ranks (each rank's loss is its micro-batch's mean;
@@ -154,12 +155,19 @@ def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
     return [t.to_local() if isinstance(t, dt) else t for t in tensors]
 
 
-def is_sharded(t: Any) -> bool:
-    """A DTensor split across ranks (its norm is the root of a sum over ranks)."""
+def square_share(t: Any, world: int) -> float:
+    """Weight of this rank's ``|local|^2`` in the sum over ranks that gives ``|t|^2``.
+    A plain tensor (DDP: replicated) is whole on every rank: 1/world. A DTensor split
+    in S shards over its mesh (FSDP2: S = world) appears world/S times (HSDP
+    replicas): S/world."""
     dt = _dtensor_type()
     if dt is None or not isinstance(t, dt):
-        return False
-    return any(p.is_shard() or p.is_partial() for p in t.placements)
+        return 1.0 / world
+    shards = 1
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard():
+            shards *= t.device_mesh.size(dim)
+    return shards / world
 
 
 def has_fsdp(module: nn.Module) -> bool:
@@ -231,8 +239,8 @@ class Merger:
         self.bad_ranks: list[int] = []
         self._local_w: dict[tuple[int, str], float] = {}
         self._global_w: dict[tuple[int, str], float] = {}
-        self._sharded: dict[str, bool] = {}
-        self._sharded_version = -1
+        self._share: dict[str, float] = {}
+        self._share_version = -1
         # A private gloo group: our CPU buffer never interleaves with the user's
         # collectives (NCCL or gloo), and its time-out is ours. Creating it is itself
         # a collective: every rank gets here at its first recorded step.
@@ -247,12 +255,13 @@ class Merger:
         recorder.record.run["distributed"] = self.info
 
     # -- what each parameter is --------------------------------------------
-    def _sharded_names(self) -> dict[str, bool]:
+    def _shares(self) -> dict[str, float]:
+        """Per parameter name: :func:`square_share` (cached until the models change)."""
         rec = self.recorder
-        if self._sharded_version != rec._version:
-            self._sharded = {name: is_sharded(p) for m in rec.models for name, p in m.params}
-            self._sharded_version = rec._version
-        return self._sharded
+        if self._share_version != rec._version:
+            self._share = {name: square_share(p, self.world) for m in rec.models for name, p in m.params}
+            self._share_version = rec._version
+        return self._share
 
     def _input_numel(self) -> dict[str, float]:
         """Per module name: the element count of its model's last input on this rank."""
@@ -280,7 +289,7 @@ class Merger:
         fetched = _fetch([t for _, _, t in pending] + list(masks.values()))  # THE host sync
         values = fetched[:len(pending)]
         masks = dict(zip(masks, fetched[len(pending):]))
-        sharded = self._sharded_names()
+        shares = self._shares()
         numel = None
         W = float(self.world)
         sends: list[Tensor] = []
@@ -293,8 +302,8 @@ class Merger:
             if q in _FORWARD_SIDE or q.startswith("loss"):
                 bad_here = bad_here or not bool(torch.isfinite(v[:2] if q == "act_mean" else v).all())
             if q in ("grad_norm", "weight_norm"):
-                shard = torch.tensor([sharded.get(n, False) for n in names], dtype=torch.bool)
-                send = torch.where(shard, v * v, v * v / W)
+                share = torch.tensor([shares.get(n, 1.0 / W) for n in names], dtype=torch.float64)
+                send = v * v * share
                 if q == "weight_norm":
                     for n, x in zip(names, v.tolist()):
                         self._local_w[(step, n)] = x
@@ -303,14 +312,15 @@ class Merger:
                 send = v[:0]
                 plans.append(("global", None))
             elif q == "update_ratio":
-                shard, local_w = [], []
+                shard, local_w, share = [], [], []
                 for n in names:
                     lw = self._local_w.pop((step, n), None)
-                    shard.append(sharded.get(n, False) and lw is not None)
+                    share.append(shares.get(n, 1.0 / W))
+                    shard.append(share[-1] * W > 1 and lw is not None)
                     local_w.append(max(lw if lw is not None else 1.0, _W_FLOOR))
                 sh = torch.tensor(shard, dtype=torch.bool)
                 d = v * torch.tensor(local_w, dtype=torch.float64)
-                send = torch.where(sh, d * d, v / W)
+                send = torch.where(sh, d * d * torch.tensor(share, dtype=torch.float64), v / W)
                 plans.append(("ratio", (sh, [(step, n) for n in names])))
             elif q == "act_mean" and len(keys) >= 5 and [k.split("/", 1)[0] for k in keys[:5]] == list(_ACT):
                 if numel is None:

@@ -123,6 +123,8 @@ def _load(path: Path) -> dict:
 
 
 STEPS = 4
+#: A max_norm no gradient here reaches: clipping is observed but changes nothing.
+NEVER_CLIPS = 1e6
 
 
 def test_ddp_under_gradvitals_run_matches_single_process(tmp_path):
@@ -151,11 +153,16 @@ def test_ddp_under_gradvitals_run_matches_single_process(tmp_path):
 
 def test_fsdp2_with_watch_inside_the_script_matches_single_process(tmp_path):
     out = tmp_path / "fsdp.json"
-    p = torchrun([str(SCRIPT), "--strategy", "fsdp", "--steps", str(STEPS), "--watch", str(out)])
+    p = torchrun([str(SCRIPT), "--strategy", "fsdp", "--steps", str(STEPS), "--watch", str(out),
+                  "--clip", str(NEVER_CLIPS)])
     assert p.returncode == 0, p.stderr[-3000:]
     rep = _load(out)
     # Sharded gradients (17 + 16 rows of a 33-row weight): local squared norms summed.
-    assert_matches(rep, oracle(STEPS), STEPS)
+    expected = oracle(STEPS)
+    assert_matches(rep, expected, STEPS)
+    # clip_grad_norm_ on DTensors returns a replicated total: the same global norm.
+    assert rep["series"]["clip_total_norm"]["values"] == pytest.approx(expected["grad_norm_global"], rel=REL)
+    assert rep["series"]["clip_clipped"]["values"] == [0.0] * STEPS
     assert [l["kind"] for l in rep["layers"]] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
     layer0 = next(l for l in rep["layers"] if l["name"] == "0")
     assert layer0["params"][0]["shape"] == [33, 64]  # the global shape, not a shard's
@@ -190,11 +197,16 @@ def test_nan_on_one_rank_names_the_rank_and_module(tmp_path, strategy, corrupt):
     assert rep["series"]["loss"]["first_nonfinite_step"] == 2
 
 
-def test_a_rank_that_raises_ends_the_run_and_rank0_still_reports(tmp_path):
+@pytest.mark.parametrize("where", ["after_step", "before_step"])
+def test_a_rank_that_raises_ends_the_run_and_rank0_still_reports(tmp_path, where):
+    """after_step: rank 0 is next blocked in DDP's gradient all-reduce; before_step: in
+    gradvitals' own merge (the optimizer pre-hook). Either way it fails fast, goes on,
+    and writes the report."""
     out = tmp_path / "crash.json"
     started = time.monotonic()
     p = torchrun(["-m", "gradvitals", "run", "--every", "1", "--json", str(out), str(SCRIPT),
-                  "--strategy", "ddp", "--steps", "50", "--raise-rank", "1", "--raise-step", "1"])
+                  "--strategy", "ddp", "--steps", "50", "--raise-rank", "1", "--raise-step", "1",
+                  "--raise-where", where])
     elapsed = time.monotonic() - started
     assert p.returncode != 0
     assert "rank 1 fails at step 1" in p.stderr
@@ -203,5 +215,7 @@ def test_a_rank_that_raises_ends_the_run_and_rank0_still_reports(tmp_path):
     assert rep["run"]["exit_status"] != 0
     assert rep["run"]["distributed"]["rank"] == 0
     # The steps both ranks completed were merged and kept.
-    assert rep["series"]["grad_norm/0.weight"]["steps"][:2] == [0, 1]
+    merged = 2 if where == "after_step" else 1
+    assert rep["series"]["grad_norm/0.weight"]["steps"][:merged] == list(range(merged))
+    assert rep["run"]["distributed"]["allreduce_calls"] == merged
     assert rep["run"]["steps"] < 50

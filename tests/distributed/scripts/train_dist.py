@@ -24,8 +24,11 @@ p.add_argument("--nan-step", type=int, default=-1)
 p.add_argument("--corrupt", choices=["nan", "huge"], default="nan")
 p.add_argument("--raise-rank", type=int, default=-1)
 p.add_argument("--raise-step", type=int, default=-1)
+p.add_argument("--raise-where", choices=["after_step", "before_step"], default="after_step",
+               help="before_step: the other ranks are already in the optimizer step (gradvitals' merge)")
 p.add_argument("--watch", default=None, help="use gv.watch and save its report here")
 p.add_argument("--every", type=int, default=1)
+p.add_argument("--clip", type=float, default=None, help="clip_grad_norm_ to this max_norm")
 a = p.parse_args()
 
 dist.init_process_group("gloo")
@@ -61,9 +64,13 @@ for step in range(a.steps):
     loss = nn.functional.cross_entropy(net(xb), yb)
     opt.zero_grad()
     loss.backward()
+    if a.clip is not None:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), a.clip)
+    if step == a.raise_step and rank == a.raise_rank and a.raise_where == "before_step":
+        raise RuntimeError(f"rank {rank} fails at step {step}")
     opt.step()
     losses.append(loss.item())
-    if step == a.raise_step and rank == a.raise_rank:
+    if step == a.raise_step and rank == a.raise_rank and a.raise_where == "after_step":
         raise RuntimeError(f"rank {rank} fails at step {step}")
 if watch is not None:
     watch.save(a.watch)
