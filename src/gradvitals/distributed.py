@@ -328,13 +328,14 @@ class Merger:
                 w = numel.get(names[0], 1.0)
                 mean, std, zero, sat, nonfin = v[0], v[1], v[2], v[3], v[4]
                 parts = [moment_terms(w, mean, std), torch.stack([w * zero, w * sat, w * nonfin])]
-                mask = masks.get(j)
-                if len(keys) > 5 and keys[5].startswith("dead_frac/"):
-                    parts.append(mask if mask is not None else (v[5:6] / W))
-                if len(keys) > 6:
-                    parts.append(v[6:] / W)
+                extras: list[int] = []  # per key after the five: units of its mask, or 0 (mean)
+                for i, k in enumerate(keys[5:], start=5):
+                    mask = masks.get(j) if k.startswith("dead_frac/") else None
+                    mask = mask if mask is not None and mask.numel() else None
+                    parts.append(mask if mask is not None else v[i:i + 1] / W)
+                    extras.append(mask.numel() if mask is not None else 0)
                 send = torch.cat(parts)
-                plans.append(("act", mask is not None))
+                plans.append(("act", extras))
             else:  # loss, lr, clip values and anything a newer probe adds: the mean
                 send = v / W
                 plans.append(("mean", None))
@@ -374,15 +375,19 @@ class Merger:
                 total = s[0]
                 mean, std = moments_from_sums(s[:3])
                 stats = [mean, std, s[3] / total, s[4] / total, s[5] / total]
-                rest = s[6:]
-                if extra:  # the summed "ever active" masks of a dead-unit-tracked layer
-                    n_units = rest.numel() - (len(keys) - 6)
-                    units = rest[:n_units]
-                    stats.append((units == 0).double().mean() if n_units else torch.tensor(math.nan))
-                    rest = rest[n_units:]
-                g = torch.cat([torch.stack(stats).reshape(-1), rest])
+                at = 6
+                for units in extra:
+                    if units:  # summed "ever active" flags: dead = never active on any rank
+                        stats.append((s[at:at + units] == 0).double().mean())
+                        at += units
+                    else:
+                        stats.append(s[at])
+                        at += 1
+                g = torch.stack(stats).reshape(-1)
             else:
                 g = s
+            if g.numel() != len(keys):  # a value shifted would misname every later one
+                raise _LayoutMismatch(f"{len(keys)} keys but {g.numel()} merged values for {keys[0]}")
             out.append((step, keys, g.float()))
         self._prune()
         return out
