@@ -126,10 +126,8 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
 def _summary(report: Any, written: list[str]) -> None:
     from rich.console import Console
 
-    from .distributed import writes_report
-
-    if not writes_report():
-        return  # torchrun: rank 0 prints the merged summary once
+    if os.environ.get("RANK", "0") not in ("0", ""):
+        return  # torchrun: rank 0 prints the merged summary once (no torch import: `report` stays light)
 
     console = Console(stderr=True, no_color="NO_COLOR" in os.environ)
     console.rule("gradvitals")
