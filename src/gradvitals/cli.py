@@ -86,6 +86,10 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
         runner.progress = Progress()  # live status line on stderr
     try:
         check_outputs({"--json": json_path, "--html": html_path})
+        from .report import check_folder
+
+        if tensorboard and (why := check_folder(tensorboard)):
+            raise UsageError(f"--tensorboard {tensorboard}: cannot write there ({why})")
         runner.compile()
     except UsageError as exc:
         _fail(str(exc))

@@ -124,6 +124,19 @@ def check_writable(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def check_folder(path: str | os.PathLike[str]) -> str | None:
+    """None if files can be written in folder ``path`` (created if missing, as the
+    TensorBoard writer would); otherwise why not (said at start, not at the first write)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return f"{p} exists and is not a folder"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create it: {exc.strerror or exc}"
+    return check_writable(p / "gradvitals-check")
+
+
 #: The top-level fields of a report and the JSON type each must have.
 _SHAPE: dict[str, type] = {"run": dict, "layers": list, "series": dict, "findings": list}
 

@@ -205,12 +205,17 @@ def test_cli_rejects_bad_arguments_with_one_line(tmp_path):
     script.write_text("print('ran')\n")
     notreport = tmp_path / "list.json"
     notreport.write_text("[1, 2]")
+    good = tmp_path / "good.json"
+    Report.from_record(Record()).save(good)
     cases = [
         (["run", "--every", "0", str(script)], "--every", "every must be a positive integer"),
         (["run", "--every", "abc", str(script)], "--every", "abc"),
         (["run", "--json", str(tmp_path), str(script)], "--json", "is a directory"),
         (["run", "--html", str(tmp_path / "no" / "r.html"), str(script)], "--html", "does not exist"),
+        (["run", "--tensorboard", str(notreport), str(script)], "--tensorboard", "is not a folder"),
         (["run"], "SCRIPT", "Missing argument"),
+        (["checkup", "--json", str(tmp_path / "no" / "r.json"), str(script)], "--json", "does not exist"),
+        (["report", str(good), "--html", str(tmp_path / "no" / "r.html")], "--html", "does not exist"),
         (["report", str(tmp_path / "none.json")], "RUN.json", "no such file"),
         (["report", str(notreport)], "RUN.json", "expected a JSON object"),
         (["frobnicate"], "frobnicate", "No such command"),
