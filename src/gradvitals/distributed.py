@@ -59,6 +59,8 @@ log = logging.getLogger("gradvitals")
 #: that checkpoints between backward and step, and still ends a hang.
 DEFAULT_TIMEOUT_S = 300.0
 TIMEOUT_ENV = "GRADVITALS_DIST_TIMEOUT_S"
+#: "0": no merge; each rank records its own values (for a watch on some ranks only).
+MERGE_ENV = "GRADVITALS_DIST_MERGE"
 
 #: |W| below this is treated as this (the recorder clamps the same way) so a ratio
 #: of an all-zero shard can be turned back into |dW|.
@@ -241,10 +243,7 @@ class Merger:
         self._global_w: dict[tuple[int, str], float] = {}
         self._share: dict[str, float] = {}
         self._share_version = -1
-        # A private gloo group: our CPU buffer never interleaves with the user's
-        # collectives (NCCL or gloo), and its time-out is ours. Creating it is itself
-        # a collective: every rank gets here at its first recorded step.
-        self.group = dist.new_group(backend="gloo", timeout=self.timeout)
+        self.group = _side_group(self.timeout)
         self.info: dict[str, Any] = {
             "world_size": self.world, "rank": self.rank, "backend": str(dist.get_backend()),
             "strategy": ",".join(sorted({strategy(m.module) for m in recorder.models})) or "none",
@@ -444,6 +443,30 @@ class Merger:
         return {}
 
 
+_GROUP: tuple[Any, Any] | None = None  # (the default group it belongs to, gradvitals' gloo group)
+
+
+def _side_group(timeout: datetime.timedelta) -> Any:
+    """gradvitals' private gloo group over every rank, made once per process group.
+
+    Private: our CPU buffer never interleaves with the user's collectives (NCCL or
+    gloo) and its time-out is ours. Made with ``use_local_synchronization`` so its
+    name is a hash of the ranks, not the next number of torch's group counter: a
+    rank that watches while another does not leaves the numbering of the user's
+    later ``new_group`` calls the same on every rank. Creating it is a rendezvous:
+    every watching rank gets here at its first recorded step.
+    """
+    global _GROUP
+    dist = _dist()
+    world = dist.group.WORLD
+    if _GROUP is not None and _GROUP[0] is world:
+        return _GROUP[1]
+    group = dist.new_group(ranks=list(range(dist.get_world_size())), backend="gloo", timeout=timeout,
+                           use_local_synchronization=True)
+    _GROUP = (world, group)
+    return group
+
+
 class _LayoutMismatch(RuntimeError):
     pass
 
@@ -476,6 +499,12 @@ def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -
         if merger is None:
             if not initialized() or _dist().get_world_size() < 2:
                 return pending
+            if os.environ.get(MERGE_ENV, "1").strip() == "0":
+                recorder._dist = False
+                rank, world = rank_and_world()
+                recorder.record.run["distributed"] = {"world_size": world, "rank": rank, "merged": False,
+                                                      "merge_stopped": f"{MERGE_ENV}=0: this rank's own values"}
+                return pending
             merger = recorder._dist = Merger(recorder)
         if not merger.active or not initialized():
             return pending
@@ -491,8 +520,13 @@ def _switch_off(recorder: Any, exc: BaseException) -> None:
         merger.active = False
         merger.info["merged"] = False
         merger.info["merge_stopped"] = f"{type(exc).__name__}: {exc}"[:300]
-    else:
+    else:  # the merge could not even start (e.g. some rank does not record): never retry
         recorder._dist = False
+        rank, world = rank_and_world()
+        recorder.record.run["distributed"] = {
+            "world_size": world, "rank": rank, "merged": False,
+            "merge_stopped": (f"{type(exc).__name__}: {exc}"[:240] + f" (is gv.watch running on every "
+                              f"rank? {MERGE_ENV}=0 records each rank alone)")}
     recorder._fail("distributed", exc)
 
 

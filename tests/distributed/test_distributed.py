@@ -45,12 +45,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], timeout: float = RUN_TIMEOUT_S,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node 2 ARGS`` in its own session, killed whole on time-out."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: MERGE_TIMEOUT_S,
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -219,3 +220,14 @@ def test_a_rank_that_raises_ends_the_run_and_rank0_still_reports(tmp_path, where
     assert rep["series"]["grad_norm/0.weight"]["steps"][:merged] == list(range(merged))
     assert rep["run"]["distributed"]["allreduce_calls"] == merged
     assert rep["run"]["steps"] < 50
+
+
+def test_watch_on_rank0_only_stops_merging_after_the_timeout_and_says_why(tmp_path):
+    out = tmp_path / "r0.json"
+    p = torchrun([str(SCRIPT), "--steps", "3", "--watch", str(out), "--watch-ranks", "0"],
+                 env={distributed.TIMEOUT_ENV: "3"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["users_group_sum"] == 2.0
+    info = _load(out)["run"]["distributed"]
+    assert info["merged"] is False and "every rank" in info["merge_stopped"]
+    assert len(_load(out)["series"]["grad_norm/0.weight"]["values"]) == 3  # rank 0's own record

@@ -28,6 +28,7 @@ p.add_argument("--raise-where", choices=["after_step", "before_step"], default="
                help="before_step: the other ranks are already in the optimizer step (gradvitals' merge)")
 p.add_argument("--watch", default=None, help="use gv.watch and save its report here")
 p.add_argument("--every", type=int, default=1)
+p.add_argument("--watch-ranks", default="all", choices=["all", "0"], help="which ranks call gv.watch")
 p.add_argument("--clip", type=float, default=None, help="clip_grad_norm_ to this max_norm")
 a = p.parse_args()
 
@@ -47,7 +48,7 @@ else:
     net = fully_shard(model, mesh=mesh)
 opt = torch.optim.SGD(net.parameters(), lr=a.lr)
 watch = None
-if a.watch:
+if a.watch and (a.watch_ranks == "all" or rank == 0):
     import gradvitals as gv
 
     watch = gv.watch(net, opt, every=a.every)
@@ -75,8 +76,13 @@ for step in range(a.steps):
 if watch is not None:
     watch.save(a.watch)
     watch.close()
+# A group the user makes after gradvitals made its own: torch numbers groups in
+# creation order, so this hangs if gradvitals desynchronised that numbering.
+users_group = dist.new_group(timeout=__import__("datetime").timedelta(seconds=30))
+ones = torch.ones(1)
+dist.all_reduce(ones, group=users_group)
 if rank == 0:
-    print(json.dumps({"losses": losses, "world": world}))
+    print(json.dumps({"losses": losses, "world": world, "users_group_sum": ones.item()}))
 # torch 2.13 + gloo: a rank that tears its group down while its peer is still
 # finishing aborts now and then ("terminate called without an active exception"),
 # with or without gradvitals; meeting at a barrier first avoids it.
