@@ -25,7 +25,7 @@ dead_frac                 units never positive on ANY rank over the window (per-
 ========================  ===========================================================
 
 Cost per recorded step: 8 bytes x (1 + world_size + #gradient tensors + #losses +
-#param groups), plus on scheduled steps 8 bytes x (2 x #parameter tensors + 6 x
+#param groups whose lr is a tensor), plus on scheduled steps 8 bytes x (2 x #parameter tensors + 6 x
 #recorded modules + #output units of the ReLU/weight/BatchNorm layers). That is
 O(#tensors + #units), never O(#parameters): see :func:`allreduce_bytes`.
 
@@ -33,6 +33,10 @@ Crash safety: every collective added here waits at most ``GRADVITALS_DIST_TIMEOU
 seconds (default :data:`DEFAULT_TIMEOUT_S`); none runs on an exit path (the values
 still pending when the run ends stay local and are dropped); a time-out or a layout
 mismatch switches merging off for the rest of the run (the report says so).
+
+Not merged: the NaN-origin replay under FSDP2 (its forward all-gathers with every
+rank, so one rank cannot replay alone; the bad rank checks its own batch instead),
+``bn_batch`` (what each rank's BatchNorm really normalised over), per-rank events.
 """
 
 from __future__ import annotations
