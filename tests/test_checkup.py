@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import runpy
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -238,7 +238,7 @@ class _SkipTrace:
     def _pre(self, mod: nn.Module, args: Any) -> None:
         for t in _tensors(args):  # the model's own inputs first meet a module here
             self._stamp_if_new(t, self.stamp)
-        if isinstance(mod, _STAMP_LAYERS):
+        if _is_stamp_layer(mod):
             if self.inside == 0:
                 self.stamp += 1
                 name = self.names.get(id(mod))
@@ -247,7 +247,7 @@ class _SkipTrace:
             self.inside += 1
 
     def _post(self, mod: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(mod, _STAMP_LAYERS):
+        if _is_stamp_layer(mod):
             self.inside = max(0, self.inside - 1)
         if isinstance(mod, _POST_LN_NORMS) and isinstance(output, Tensor):
             entry = self.tensors.get(id(output))
@@ -301,6 +301,11 @@ class _SkipTrace:
         self.tensors.clear()
         if self.error is not None:
             self.recorder._fail("init_audit", self.error)
+
+
+def _is_stamp_layer(mod: nn.Module) -> bool:
+    # Hugging Face's GPT-2 "Conv1D" is a Linear with a transposed weight
+    return isinstance(mod, _STAMP_LAYERS) or type(mod).__name__ == "Conv1D"
 
 
 def _exit_mode(mode: TorchFunctionMode) -> None:

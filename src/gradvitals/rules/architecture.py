@@ -159,7 +159,8 @@ def _post_ln(record: Record, step: int | None) -> list[Finding]:
             advice=("Use Pre-LN: `nn.TransformerEncoderLayer(..., norm_first=True)` (or `x = x + f(norm(x))` "
                     "in your blocks) with a final LayerNorm; if you keep Post-LN, warm the learning rate up "
                     "over the first ~1-4k steps (`torch.optim.lr_scheduler.LinearLR(opt, 0.01, 1.0, "
-                    "total_iters=2000)`) and clip gradients at max_norm=1.0."),
+                    "total_iters=2000)`) and clip gradients at max_norm=1.0. Fine-tuning a pretrained "
+                    "Post-LN model (BERT): a short warmup (`warmup_ratio=0.06` in the HF Trainer) is the usual remedy."),
         ))
     return out
 
