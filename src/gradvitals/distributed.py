@@ -498,24 +498,31 @@ def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -
     (else ``pending`` unchanged). Never raises; a failure turns merging off."""
     merger = getattr(recorder, "_dist", None)
     if merger is False:
-        return pending
+        return _local_items(pending)
     try:
         if merger is None:
             if not initialized() or _dist().get_world_size() < 2:
-                return pending
+                return _local_items(pending)  # e.g. FSDP2 on one rank: clip_grad_norm_'s DTensor
             if os.environ.get(MERGE_ENV, "1").strip() == "0":
                 recorder._dist = False
                 rank, world = rank_and_world()
                 recorder.record.run["distributed"] = {"world_size": world, "rank": rank, "merged": False,
                                                       "merge_stopped": f"{MERGE_ENV}=0: this rank's own values"}
-                return pending
+                return _local_items(pending)
             merger = recorder._dist = Merger(recorder)
         if not merger.active or not initialized():
-            return pending
+            return _local_items(pending)
         return merger.merge(pending)
     except Exception as exc:
         _switch_off(recorder, exc)
-        return [(s, k, local_tensors([t])[0]) for s, k, t in pending]
+        return _local_items(pending)
+
+
+def _local_items(pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:
+    """This rank's values as plain tensors (a DTensor's local part; no communication)."""
+    if not any(type(t).__name__ == "DTensor" for _, _, t in pending):  # no import on plain runs
+        return pending
+    return [(s, k, local_tensors([t])[0]) for s, k, t in pending]
 
 
 def _switch_off(recorder: Any, exc: BaseException) -> None:
