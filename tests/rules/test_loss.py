@@ -94,5 +94,15 @@ def test_a_late_spike_undoing_a_third_of_the_progress_then_recovering_is_info():
     values = [0.09 + 2.2 * math.exp(-i / 15) for i in range(100)] + [0.76] + [0.09] * 99
     f = L.loss_spike(Build().loss(values).record)[0]
     assert f.step == 100 and f.severity == "info"
-    values[100] = 0.09 + 0.55 * 2.21  # undoes 55% of the progress: severe
+    values[100] = 0.09 + 0.55 * 2.21  # undoes 55% of the progress, but the next batches shrug it off
+    assert L.loss_spike(Build().loss(values).record)[0].severity == "info"
+    for k in range(100, 100 + L.SPIKE_RECOVERY_STEPS):  # ...and now it persists: severe
+        values[k] = 0.09 + 0.55 * 2.21
     assert L.loss_spike(Build().loss(values).record)[0].severity == "warning"
+
+
+def test_a_spike_above_twice_the_starting_loss_is_severe_even_if_it_passes():
+    values = [2.3, 2.3, 2.3, 2.3] + [2.3 * L.SPIKE_EXTREME_OF_START * 1.01] + [0.1] * 200
+    assert L.loss_spike(Build().loss(values).record)[0].severity == "warning"
+    values[4] = 2.3 * L.SPIKE_EXTREME_OF_START * 0.99
+    assert L.loss_spike(Build().loss(values).record)[0].severity == "info"

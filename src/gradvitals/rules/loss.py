@@ -91,9 +91,17 @@ DIVERGED_FACTOR = 1.5
 #: start of 2.3, undoing 30%, and went on to 0.09).
 SPIKE_SEVERE_UNDO = 0.5
 
-#: Before any progress, a spike this many times its pre-spike level is severe
-#: (Adam at lr=0.1: 2.3 -> 40 on its second step).
+#: Before any progress, a spike this many times its pre-spike level is severe...
 SPIKE_SEVERE_FACTOR = 3.0
+
+#: ...but only if it persists: the median of the next SPIKE_RECOVERY_STEPS losses
+#: stays above the middle of the jump. A single bad batch the next steps shrug off
+#: (a healthy 20-layer He MLP: 1.24 -> 2.77 -> 1.34) is not severe.
+SPIKE_RECOVERY_STEPS = 10
+
+#: A loss above this multiple of the run's starting loss is severe, persisting or
+#: not: no initialisation produced it (Adam at lr=0.1: 2.3 -> 40 on its second step).
+SPIKE_EXTREME_OF_START = 2.0
 
 #: Recovered: the loss ends within this fraction of the jump above the pre-spike
 #: level...
@@ -151,9 +159,16 @@ def spike_severity(record: Record, spikes: list[Spike]) -> str:
         return "critical"
     if _adversarial(record):
         return "info"  # a GAN's losses jump by design when one player gains
-    start = median(points(record.get("loss"))[1][:SPIKE_MIN_WINDOW])
+    steps, values = points(record.get("loss"))
+    start = median(values[:SPIKE_MIN_WINDOW])
     severe = False
     for s in spikes:
+        if start > 0 and s.loss >= SPIKE_EXTREME_OF_START * start:
+            severe = True
+            continue
+        after = [v for st, v in zip(steps, values) if st > s.step][:SPIKE_RECOVERY_STEPS]
+        if after and median(after) <= s.before + 0.5 * (s.loss - s.before):
+            continue  # transient: the next steps came back down
         made = start - s.before
         if made > SPIKE_NOISE_FLOOR * 5 * abs(start):
             severe |= s.loss - s.before >= SPIKE_SEVERE_UNDO * made
@@ -178,9 +193,10 @@ def loss_spike(record: Record) -> list[Finding]:
     median of the previous SPIKE_WINDOW points by SPIKE_MADS robust deviations,
     by SPIKE_REL of the level, and by SPIKE_UNDO of the progress made so far.
     Critical when the run diverged (a NaN followed, or the loss ended above
-    DIVERGED_FACTOR x its pre-spike level); warning when a spike undid
-    SPIKE_SEVERE_UNDO of the progress (SPIKE_SEVERE_FACTOR x before any) or the run
-    did not recover (see RECOVERED_*); info for a moderate spike it recovered from.
+    DIVERGED_FACTOR x its pre-spike level); warning when a spike went above
+    SPIKE_EXTREME_OF_START x the starting loss, or persisted and undid
+    SPIKE_SEVERE_UNDO of the progress (SPIKE_SEVERE_FACTOR x before any), or the run
+    did not recover (see RECOVERED_*); info for a spike it shrugged off.
     """
     spikes = find_spikes(record)
     if not spikes:
