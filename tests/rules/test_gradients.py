@@ -148,3 +148,15 @@ def test_exploding_rnn_advice_is_clipping():
     b.layer("rnn", "RNN", params={"weight_ih_l0": [32, 8], "weight_hh_l0": [32, 32]})
     f = g.exploding_gradients(b.record)[0]
     assert "`rnn`" in f.advice and "clip_grad_norm_" in f.advice and "max_norm=1.0" in f.advice
+
+
+def test_exploding_peak_survives_decimation_of_a_long_run():
+    b = Build().mlp(4)
+    b.record.cap = 64  # decimate early: most single steps are dropped
+    values = [1.0] * 5000
+    values[2501] = 5e3  # an odd step: dropped by every stride >= 2
+    b.series("grad_norm_global", values)
+    kept_steps = list(b.record.series["grad_norm_global"].steps)
+    assert 2501 not in kept_steps
+    f = g.exploding_gradients(b.record)
+    assert f and f[0].evidence["peak_step"] == 2501 and f[0].evidence["peak_grad_norm"] == 5e3

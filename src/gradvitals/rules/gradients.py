@@ -207,10 +207,17 @@ def exploding_gradients(record: Record) -> list[Finding]:
     init, no normal level to compare with). The climb's first step is ``step``;
     ``evidence.warning_steps`` is how many steps it preceded the NaN.
     """
-    steps, values = points(record.get("grad_norm_global"))
+    series = record.get("grad_norm_global")
+    steps, values = points(series)
     if not steps:
         return []
     nan_step = first_nonfinite_step(record)
+    if (series is not None and series.max_step is not None and series.max_step not in steps
+            and math.isfinite(series.max) and series.max > max(values)):
+        # a long run's series is decimated; its exact maximum is kept: never lose the peak
+        i = next((k for k, st in enumerate(steps) if st > series.max_step), len(steps))
+        steps.insert(i, series.max_step)
+        values.insert(i, series.max)
     origin = next(iter(record.events_of("nonfinite_origin")), {})
     if nan_step is not None:
         kept = [(s, v) for s, v in zip(steps, values) if s < nan_step]
