@@ -160,3 +160,15 @@ def test_exploding_peak_survives_decimation_of_a_long_run():
     assert 2501 not in kept_steps
     f = g.exploding_gradients(b.record)
     assert f and f[0].evidence["peak_step"] == 2501 and f[0].evidence["peak_grad_norm"] == 5e3
+
+
+def test_norm_overflowing_to_inf_then_staying_huge_is_an_explosion_without_warning():
+    # Adam at lr=1: the float32 norm overflows at step 1, then the run goes on at 1e17..1e19
+    b = Build().mlp(4)
+    b.series("grad_norm_global", [0.7, math.inf, 6e17, 1.5e19, math.inf] + [0.4] * 50)
+    f = g.exploding_gradients(b.record)[0]
+    assert f.severity == "critical" and f.step == 1 and f.evidence["warning_steps"] == 0
+    assert f.evidence["peak_grad_norm"] == 1.5e19
+    b2 = Build().mlp(4)
+    b2.series("grad_norm_global", [0.7, math.inf, 0.8] + [0.7] * 50)  # one overflowed norm, nothing huge
+    assert g.exploding_gradients(b2.record) == []

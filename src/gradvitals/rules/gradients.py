@@ -221,9 +221,13 @@ def exploding_gradients(record: Record) -> list[Finding]:
     origin = next(iter(record.events_of("nonfinite_origin")), {})
     if nan_step is not None:
         kept = [(s, v) for s, v in zip(steps, values) if s < nan_step]
+        later = [(s, v) for s, v in zip(steps, values) if s > nan_step]
         steps, values = [s for s, _ in kept], [v for _, v in kept]
         if not steps:
             return []
+        huge_later = [(s, v) for s, v in later if v >= max(ABSOLUTE_EXPLODING, GROWTH_VISIBLE * median(values))]
+        if huge_later and values[-1] < GROWTH_VISIBLE * median(values):
+            return [_overflow_then_huge(record, nan_step, median(values), huge_later)]
         end = len(values) - 1
     else:
         end = max(range(len(values)), key=lambda i: values[i])
@@ -284,6 +288,22 @@ def exploding_gradients(record: Record) -> list[Finding]:
                    f"at step {steps[end]}), climbing from step {visible}.")
     return [Finding(code="exploding_gradients", severity=severity, step=visible, layers=tuple(layers),
                     summary=summary, evidence=evidence, advice=_exploding_advice(record, at_init, layers))]
+
+
+def _overflow_then_huge(record: Record, nan_step: int, normal: float,
+                        huge: list[tuple[int, float]]) -> Finding:
+    """The norm jumped straight to Inf (float32 overflow of the norm itself) and the
+    run went on with finite but enormous gradients: an explosion without a climb."""
+    peak_step, peak = max(huge, key=lambda x: x[1])
+    layers = _growing_layers(record, peak_step)
+    summary = (f"Gradient norm jumped from {sci(normal)} to Inf at step {nan_step} and stayed huge "
+               f"(up to {sci(peak)} at step {peak_step}, {orders(peak / normal)} normal): 0 steps of warning.")
+    evidence = {"normal_grad_norm": normal, "peak_grad_norm": peak, "peak_step": peak_step,
+                "growth": peak / normal, "visible_step": nan_step, "growth_per_step": None,
+                "nonfinite_step": nan_step, "warning_steps": 0, "at_init": False,
+                "huge_steps_after_nonfinite": len(huge)}
+    return Finding(code="exploding_gradients", severity="critical", step=nan_step, layers=tuple(layers),
+                   summary=summary, evidence=evidence, advice=_exploding_advice(record, False, layers))
 
 
 def _growing_layers(record: Record, at: int) -> list[str]:
