@@ -41,7 +41,10 @@ def test_fully_dead_layer_is_critical_and_listed_worst_first():
     assert f.severity == "critical"
     assert f.layers == ("acts.2", "acts.0")
     assert f.evidence["fully_dead_layers"] == ["acts.2"]
-    assert "1 of 4 ReLU layers have every unit dead" in f.summary
+    assert "2 of 4 ReLU layers have over 50% of their units dead, 1 entirely" in f.summary
+    assert "e.g. `acts.2`" in f.summary and "below it." in f.summary
+    g = a.dead_relu(dead({"acts.2": [1.0] * 12}).record)[0]
+    assert "1 of 4 ReLU layers have every unit dead" in g.summary
 
 
 def test_dead_relu_ignores_points_after_the_first_nan():

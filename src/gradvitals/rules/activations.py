@@ -65,8 +65,11 @@ def dead_relu(record: Record) -> list[Finding]:
     step = min(d[2] for d in dead)
     layers = tuple(d[0] for d in dead)
     if full:
-        summary = (f"{len(full)} of {measured} ReLU layers have every unit dead (never positive over the last "
-                   f"batches), e.g. {names([d[0] for d in full], 2)}: no gradient flows below them.")
+        more = (f"{len(dead)} of {measured} ReLU layers have over {DEAD_LAYER_FRAC:.0%} of their units dead, "
+                f"{len(full)} entirely" if len(dead) > len(full) else
+                f"{len(full)} of {measured} ReLU layers have every unit dead")
+        summary = (f"{more} (never positive over the last batches, e.g. {names([d[0] for d in full], 2)}): "
+                   f"no gradient flows below {'it' if len(full) == 1 else 'them'}.")
     else:
         worst = dead[0]
         others = f" ({len(dead)} of {measured} ReLU layers over {DEAD_LAYER_FRAC:.0%})" if len(dead) > 1 else ""

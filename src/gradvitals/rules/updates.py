@@ -177,13 +177,13 @@ def update_ratio_low(record: Record) -> list[Finding]:
         factor_txt = "much higher"
     else:
         factor = UPDATE_RATIO_TARGET / fastest
-        factor_txt = f"about {sci(factor, 2)}x higher"
+        factor_txt = f"about {sci(factor, 2)}x"
         summary = (f"Even the fastest weight layer moves only {sci(fastest)} of its norm per step "
                    f"(healthy ~1e-3): {lr_txt} is ~{ratio_words(factor)} too low to learn.")
     suggest = ""
     if math.isfinite(lr) and lr > 0 and fastest > 0:
         new = min(lr * UPDATE_RATIO_TARGET / fastest, 1.0)
-        suggest = f" Try lr={sci(10 ** round(math.log10(new)))}."
+        suggest = f" Try lr={sci(float(f'{new:.1g}'))}."
     evidence = {"fastest_update_ratio": fastest, "target": UPDATE_RATIO_TARGET, "lr": lr if math.isfinite(lr) else None,
                 "steps": sorted(late), "loss_progress": progress if math.isfinite(progress) else None}
     clipped = record.get("clip_max_norm") is not None
