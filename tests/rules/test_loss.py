@@ -106,3 +106,9 @@ def test_a_spike_above_twice_the_starting_loss_is_severe_even_if_it_passes():
     assert L.loss_spike(Build().loss(values).record)[0].severity == "warning"
     values[4] = 2.3 * L.SPIKE_EXTREME_OF_START * 0.99
     assert L.loss_spike(Build().loss(values).record)[0].severity == "info"
+
+
+def test_a_short_run_that_bumps_early_then_learns_recovered():
+    early = [2.56, 2.62, 3.31, 3.52, 2.47, 1.66, 1.24, 0.9, 0.65, 0.35, 0.41, 0.48, 0.44, 0.37, 0.36, 0.29]
+    assert L.loss_spike(Build().loss(early + [1.4] * 4).record)[0].severity == "info"  # ends 0.54x the level
+    assert L.loss_spike(Build().loss(early[:6] + [2.2] * 10).record)[0].severity == "warning"

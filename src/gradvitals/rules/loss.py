@@ -110,6 +110,8 @@ RECOVERED_JUMP_FRACTION = 0.25
 #: CNN at a brisk lr goes 2.6 -> 3.5 in its first steps, then to 0.1: info; an lr
 #: that pushes 2.3 -> 3.4 and then learns nothing: warning).
 RECOVERED_PROGRESS = 0.5
+#: ...or, in a run too short for that, it ended this far below the pre-spike level.
+RECOVERED_BELOW = 0.75
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def spike_severity(record: Record, spikes: list[Spike]) -> str:
     worst = max(spikes, key=lambda s: s.loss - s.before)
     recovered = (math.isfinite(end) and start > 0
                  and end <= worst.before + RECOVERED_JUMP_FRACTION * (worst.loss - worst.before)
-                 and (start - end) / start >= RECOVERED_PROGRESS)
+                 and ((start - end) / start >= RECOVERED_PROGRESS or end <= RECOVERED_BELOW * worst.before))
     return "warning" if severe or not recovered else "info"
 
 
