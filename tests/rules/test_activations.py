@@ -47,10 +47,18 @@ def test_fully_dead_layer_is_critical_and_listed_worst_first():
     assert "1 of 4 ReLU layers have every unit dead" in g.summary
 
 
-def test_dead_relu_ignores_points_after_the_first_nan():
+def test_dead_relu_ignores_points_after_the_first_nan_and_just_before_it():
     b = dead({"acts.0": [0.1] * 4 + [1.0] * 8})
     b.series("loss", {s: (2.3 if s < 100 else math.nan) for s in range(300)})
     assert a.dead_relu(b.record) == []
+    # dead at 50 and 75, NaN at 100: 75 is in the blow-up margin, 50 alone is not confirmed
+    b = dead({"acts.0": [0.1] * 2 + [1.0] * 10})
+    b.series("loss", {s: (2.3 if s < 100 else math.nan) for s in range(300)})
+    assert a.dead_relu(b.record) == []
+    # NaN much later: dead at 50 and 75 counts
+    b = dead({"acts.0": [0.1] * 2 + [1.0] * 10})
+    b.series("loss", {s: (2.3 if s < 101 + a.DEAD_BEFORE_NAN_MARGIN else math.nan) for s in range(300)})
+    assert a.dead_relu(b.record)
 
 
 def test_dead_relu_functional_relu_reads_the_weight_layer_or_the_batchnorm_after_it():

@@ -33,6 +33,11 @@ DEAD_FULL_FRAC = 0.99
 #: Last scheduled points that must all be dead: units that revive are not dead.
 DEAD_CONFIRM_POINTS = 2
 
+#: Steps before a NaN whose dead fractions are ignored: in the blow-up that precedes
+#: it (a too-high lr: dead from step 12, NaN at 21) units die as a consequence.
+#: One default recording period (25 steps).
+DEAD_BEFORE_NAN_MARGIN = 25
+
 
 def dead_relu(record: Record) -> list[Finding]:
     """ReLU-family units that never activate across the recorder's window.
@@ -46,6 +51,8 @@ def dead_relu(record: Record) -> list[Finding]:
     dead: list[tuple[str, float, int]] = []  # (module, fraction, first step of the final dead run)
     measured = 0
     stop = first_nonfinite_step(record)  # NaN is never > 0: after it every unit looks dead
+    if stop is not None:
+        stop -= DEAD_BEFORE_NAN_MARGIN  # units dying in the blow-up before a NaN are its aftermath
     for name in _relu_outputs(record):
         steps, values = _before(points(record.get(f"dead_frac/{name}")), stop)
         if not values:
