@@ -149,6 +149,12 @@ class Recorder:
         self._next_depth = 0
         self._unseen_grads: set[int] = set()
         self._errors: dict[str, int] = {}
+        self._closure_step: _Opt | None = None  # a closure optimizer's step awaiting its first backward
+        self._closure_measured = False  # that step is measured: later (line-search) losses are not the step's
+        self._manual_before: tuple[list[str], list[Tensor], list[Tensor], Tensor] | None = None
+        self._scaled_loss: tuple[Tensor, Any] | None = None  # (loss * scale, the GradScaler's scale)
+        self._pre_hook_calls = 0
+        self._scaler_pre_calls = 0
         self._origin_done = False
         self._closed = False
         self._started = time.time()
@@ -451,13 +457,68 @@ class Recorder:
         if not self._owns_backward():
             return  # another watch's model (two models trained in turn)
         if (isinstance(tensor, Tensor) and tensor.numel() == 1 and tensor.is_floating_point()
-                and not self._explicit_loss):
-            self._losses.append(tensor.detach().reshape(()))
+                and not self._explicit_loss and not self._closure_measured):
+            loss = tensor.detach().reshape(())
+            scaled, self._scaled_loss = self._scaled_loss, None
+            if scaled is not None and scaled[0] is tensor:
+                loss = loss / scaled[1].reshape(())  # GradScaler: the user's loss, not loss * 65536
+            self._losses.append(loss)
             if len(self._losses) > MAX_STEP_LOSSES:
                 del self._losses[0]
+        if self._closure_step is not None:
+            # LBFGS & co.: the closure's first backward holds the step's gradient at its
+            # starting weights (what the optimizer's pre-hook would see without a closure).
+            o, self._closure_step = self._closure_step, None
+            self._closure_measured = True
+            self._measure_and_flush(o)
+            return
         if self._backward_mode():
+            self._manual_update_ratio()
             self._measure_and_flush(None)
+            if self._scheduled(self.step):
+                with torch.no_grad():
+                    named = [(n, p) for m in self.models for n, p in m.params if p.requires_grad]
+                    params = [p for _, p in named]
+                    if params:
+                        self._manual_before = ([n for n, _ in named], params,
+                                               torch._foreach_mul([p.detach() for p in params], 1.0),
+                                               fused_norms([p.detach() for p in params]))
             self._advance()
+
+    def _manual_update_ratio(self) -> None:
+        """No optimizer (``p.data.add_(p.grad, alpha=-lr)``): the update is the weight
+        change between two backward passes, recorded for the step that made it."""
+        if self._manual_before is None:
+            return
+        names, params, before, wnorm = self._manual_before
+        self._manual_before = None
+        with torch.no_grad():
+            dnorm = fused_norms(torch._foreach_sub([p.detach() for p in params], before))
+        self._pending.append((self.step - 1, ["update_ratio/" + n for n in names], dnorm / wnorm.clamp_min(1e-12)))
+
+    # ------------------------------------------------------------ GradScaler
+    def _on_loss_scaled(self, scaled: Any, scaler: Any) -> None:
+        scale = getattr(scaler, "_scale", None)
+        if isinstance(scaled, Tensor) and scaled.numel() == 1 and isinstance(scale, Tensor):
+            self._scaled_loss = (scaled, scale)
+
+    def _on_scaler_step_begin(self, optimizer: Any) -> None:
+        self._scaler_pre_calls = self._pre_hook_calls
+
+    def _on_scaler_step_end(self, optimizer: Any) -> None:
+        """The scaler skipped ``optimizer.step()`` (inf/NaN in the fp16 gradients): an
+        expected overflow, not a step and not a NaN. Forget what this iteration left."""
+        if self._pre_hook_calls != self._scaler_pre_calls:
+            return
+        self._losses = []
+        o = self._opts.get(id(optimizer))
+        if o is not None:
+            o.preclip = None
+        self._pending = [item for item in self._pending if item[1][0] != "clip_total_norm"]
+        n = int(self.record.run.get("amp_skipped_steps", 0)) + 1
+        self.record.run["amp_skipped_steps"] = n
+        if n == 1:
+            self.record.event("amp_skipped_step", step=self.step)
 
     def _owns_backward(self) -> bool:
         """With several recorders at once every backward() reaches all of them: it belongs
@@ -503,11 +564,16 @@ class Recorder:
             if o is None:
                 return
             self._optimizer_seen = True
+            self._pre_hook_calls += 1
             if id(opt) in self._stepped:  # a new cycle began before we learned its end
                 if self._cycle_last is None and self._stepped:
                     self._cycle_last = self._stepped[-1]
                 self._advance()
             self._stepped.append(id(opt))
+            rest = args[1:] if args and args[0] is opt else args  # global hooks get (opt, *args)
+            if (rest and callable(rest[0])) or callable(kwargs.get("closure")):
+                self._closure_step = o  # measured at the closure's first backward
+                return
             self._measure_and_flush(o)
         except Exception as exc:
             self._fail("gradients", exc)
@@ -517,6 +583,10 @@ class Recorder:
             o = self._opts.get(id(opt))
             if o is None:
                 return
+            self._closure_measured = False
+            if self._closure_step is o:  # a closure that never called backward
+                self._closure_step = None
+                self._measure_and_flush(o)
             o.preclip = None  # a clip after the measurement (Lightning) must not leak into the next step
             if o.before is not None:
                 keys, before, wnorm = o.before

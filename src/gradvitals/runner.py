@@ -10,11 +10,14 @@ hook is removed in ``finally``.
 
 from __future__ import annotations
 
+import builtins
+import importlib.machinery
 import os
 import signal
 import sys
 import traceback
 import types
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +66,7 @@ class ScriptRunner:
         self._handles: list[Any] = []
         self._opt_init: Callable[..., Any] | None = None
         self._globals: dict[str, Any] | None = None
+        self._compiled: set[int] = set()  # id() of root models run through torch.compile
         self.progress: Any = None  # reports.progress.Progress, handed to the recorder (CLI)
 
     # ------------------------------------------------------------ checks
@@ -77,7 +81,8 @@ class ScriptRunner:
         except OSError as exc:
             raise UsageError(f"cannot read script {self.script}: {exc.strerror}") from None
         try:
-            return compile(source, str(path), "exec", dont_inherit=True)
+            # python names a script's code by its absolute path (tracebacks, __file__)
+            return compile(source, os.path.abspath(path), "exec", dont_inherit=True)
         except SyntaxError as exc:
             raise UsageError(f"syntax error in {self.script}, line {exc.lineno}: {exc.msg}") from None
         except ValueError as exc:
@@ -122,8 +127,13 @@ class ScriptRunner:
             self.remedy.on_optimizer(opt)
 
     def _on_forward_pre(self, module: nn.Module, args: tuple) -> None:
-        if self._suspended:
-            return
+        if self._suspended or torch.compiler.is_compiling():
+            return  # inside a graph Dynamo is tracing: a hook body here would break the graph
+        compiled = _compiled_inner(module)
+        if compiled is not None:
+            module = compiled  # torch.compile(model): the user's model is the root, not the wrapper
+        elif id(module) in self._compiled:
+            return  # the compiled model's own forward (Dynamo's eager fallback)
         ref = self._seen.get(id(module))
         if ref is None or ref() is not module:
             try:
@@ -144,14 +154,22 @@ class ScriptRunner:
                     self._seen[id(m)] = weakref.ref(m)
         model = self._roots.get(id(module))
         if model is not None and model.module is module:
+            if compiled is not None:
+                # No per-module activation hooks inside a compiled model: they would be
+                # traced into its graph (graph breaks, a recompile per scheduled step).
+                self._compiled.add(id(module))
+                return
             try:
                 self.recorder._on_root_start(model)  # type: ignore[union-attr]
             except Exception as exc:
                 self.recorder._fail("activations", exc)  # type: ignore[union-attr]
 
     def _on_forward_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._suspended:
+        if self._suspended or torch.compiler.is_compiling():
             return
+        compiled = _compiled_inner(module)
+        if compiled is not None:
+            module = compiled
         model = self._roots.get(id(module))
         if model is not None and model.module is module:
             try:
@@ -232,9 +250,12 @@ class ScriptRunner:
         saved_argv, saved_path0 = sys.argv, list(sys.path)
         saved_main = sys.modules.get("__main__")
         main = types.ModuleType("__main__")
-        main.__dict__.update({"__file__": self.script, "__builtins__": __builtins__,
+        # Exactly the globals ``python SCRIPT`` gives __main__ (a config system that
+        # exec()s into globals() or lists them must see nothing else).
+        main.__dict__.update({"__file__": script_path, "__builtins__": builtins,
                               "__cached__": None, "__spec__": None, "__package__": None,
-                              "__loader__": None})
+                              "__loader__": importlib.machinery.SourceFileLoader("__main__", script_path),
+                              "__annotations__": {}})
         self._globals = main.__dict__
         old_term = _install_sigterm()
         status, error = 0, None
@@ -244,7 +265,11 @@ class ScriptRunner:
             sys.modules["__main__"] = main
             self._install()
             try:
-                exec(code, main.__dict__)
+                with warnings.catch_warnings():
+                    # torch warns once per compiled call that global module hooks exist:
+                    # they are ours, and the script's stderr must stay its own.
+                    warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+                    exec(code, main.__dict__)
             except _StopAtFirstStep:
                 status = 0
             except SystemExit as exc:
@@ -272,6 +297,12 @@ class ScriptRunner:
             self.recorder.record.run["script_error"] = error
         report = Report.from_record(self.recorder.record)
         return RunResult(status=status, report=report, error=error)
+
+
+def _compiled_inner(module: nn.Module) -> nn.Module | None:
+    """The user's model inside a ``torch.compile`` wrapper (OptimizedModule), else None."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule" else None
 
 
 class _StopAtFirstStep(BaseException):

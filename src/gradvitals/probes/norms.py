@@ -17,6 +17,10 @@ _FOREACH_DTYPE_ARG = True  # torch >= 2.3 takes dtype= in _foreach_norm; probed 
 
 def _foreach_norm(tensors: list[Tensor]) -> list[Tensor]:
     global _FOREACH_DTYPE_ARG
+    if tensors and tensors[0].dtype == torch.float64:
+        # dtype=float32 would narrow float64 inside the kernel (a RuntimeError): take
+        # the norm in float64, then convert.
+        return [n.float() for n in torch._foreach_norm(tensors, 2)]
     if _FOREACH_DTYPE_ARG:
         try:
             # float32 accumulation: a half-precision norm overflows at 65504.

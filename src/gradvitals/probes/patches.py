@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.utils
 import torch.nn.utils.clip_grad
+from torch.amp.grad_scaler import GradScaler as _GradScaler
 
 _lock = threading.Lock()
 _listeners: list[Any] = []  # recorders, in creation order
@@ -69,6 +70,30 @@ def _clip_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
     return clip_grad_norm_
 
 
+def _scale_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def scale(scaler: Any, outputs: Any) -> Any:
+        result = orig(scaler, outputs)
+        if _listeners:
+            _each("_on_loss_scaled", result, scaler)
+        return result
+
+    return scale
+
+
+def _scaler_step_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def step(scaler: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        if _listeners:
+            _each("_on_scaler_step_begin", optimizer)
+        result = orig(scaler, optimizer, *args, **kwargs)
+        if _listeners:
+            _each("_on_scaler_step_end", optimizer)
+        return result
+
+    return step
+
+
 def install(recorder: Any) -> None:
     with _lock:
         if recorder in _listeners:
@@ -85,6 +110,11 @@ def install(recorder: Any) -> None:
         wrapped = _clip_wrapper(_originals["clip"])
         torch.nn.utils.clip_grad_norm_ = wrapped
         torch.nn.utils.clip_grad.clip_grad_norm_ = wrapped
+        # GradScaler: the loss it scales (recorded unscaled) and the steps it skips.
+        _originals["scaler.scale"] = _GradScaler.scale
+        _originals["scaler.step"] = _GradScaler.step
+        _GradScaler.scale = _scale_wrapper(_GradScaler.scale)  # type: ignore[method-assign]
+        _GradScaler.step = _scaler_step_wrapper(_GradScaler.step)  # type: ignore[method-assign]
 
 
 def uninstall(recorder: Any) -> None:
@@ -98,6 +128,8 @@ def uninstall(recorder: Any) -> None:
         torch.autograd.backward = _originals.pop("autograd.backward")
         torch.nn.utils.clip_grad_norm_ = _originals.pop("clip")
         torch.nn.utils.clip_grad.clip_grad_norm_ = _originals.pop("clip_mod")
+        _GradScaler.scale = _originals.pop("scaler.scale")  # type: ignore[method-assign]
+        _GradScaler.step = _originals.pop("scaler.step")  # type: ignore[method-assign]
 
 
 def active() -> list[Any]:

@@ -1,0 +1,196 @@
+"""Issue 12: the training programs people actually write, run unmodified.
+
+Each program in this folder is run twice, as ``python PROGRAM`` and as
+``gradvitals run PROGRAM``, from this folder. The script's stdout (which ends with a
+checksum of its final weights, repr of a float64 sum) must be identical, its exit
+status the same, and the report must say what the run really showed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import gradvitals_cmd
+
+HERE = Path(__file__).resolve().parent
+ALARM = ("warning", "critical")
+TIMEOUT_S = 300
+pytestmark = pytest.mark.slow
+
+
+def run_both(program: str, *args: str, expect_status: int = 0) -> tuple[dict, str]:
+    """Run plain and watched; assert identical stdout and status; return (report, stdout)."""
+    plain = subprocess.run([sys.executable, program, *args], capture_output=True, text=True,
+                           cwd=HERE, timeout=TIMEOUT_S)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        watched = subprocess.run([*gradvitals_cmd(), "run", "-q", "--json", str(out), program, *args],
+                                 capture_output=True, text=True, cwd=HERE, timeout=TIMEOUT_S)
+        # python dies of an uncaught KeyboardInterrupt by SIGINT (-2, a shell's 130);
+        # gradvitals must write its report first, then exits 130.
+        plain_status = 128 + signal.SIGINT if plain.returncode == -signal.SIGINT else plain.returncode
+        assert plain_status == expect_status, plain.stderr[-3000:]
+        assert watched.returncode == plain_status, watched.stderr[-3000:]
+        assert watched.stdout == plain.stdout, "gradvitals changed the script's output or its final weights"
+        if expect_status == 0:
+            assert watched.stderr == plain.stderr  # no warnings of ours, nothing else
+        assert out.exists(), watched.stderr[-3000:]
+        report = json.loads(out.read_text())
+    assert report["run"]["exit_status"] == plain_status
+    return report, plain.stdout
+
+
+def codes(report: dict, severities: tuple[str, ...] = ALARM) -> dict[str, dict]:
+    found: dict[str, dict] = {}
+    for f in report["findings"]:
+        if f["severity"] in severities:
+            found.setdefault(f["code"], f)
+    return found
+
+
+def assert_healthy(report: dict) -> None:
+    alarms = codes(report)
+    assert not alarms, {c: f["summary"] for c, f in alarms.items()}
+    assert not [e for e in report["run"].get("events", []) if e["type"] == "probe_error"], report["run"]["events"]
+
+
+def series(report: dict, key: str) -> dict:
+    return report["series"][key]
+
+
+# ------------------------------------------------------------- patterns 1-10
+def test_manual_sgd_without_optimizer():
+    report, _ = run_both("manual_sgd.py", "--steps", "60")
+    assert report["run"]["steps"] == 60  # one step per backward
+    assert series(report, "grad_norm/0.weight")["count"] == 60
+    ratios = [v for v in series(report, "update_ratio/0.weight")["values"]]
+    assert ratios and all(0 < float(v) < 1 for v in ratios)  # measured from the weight change
+    assert_healthy(report)
+
+
+def test_gan_three_backwards_two_models_same_paths():
+    report, stdout = run_both("gan.py", "--steps", "60")
+    names = {l["name"] for l in report["layers"]}
+    assert {"netD:main.12", "netG:main.12", "netD:main.0", "netG:main.0"} <= names
+    assert report["run"]["steps"] == 60  # one step per iteration, not per backward (3) or optimizer (2)
+    assert series(report, "grad_norm/netD:main.10.weight")["count"] == 60
+    assert series(report, "grad_norm/netG:main.0.weight")["count"] == 60
+    assert_healthy(report)  # G's loss rises while D learns: by design
+
+
+def test_gan_finding_names_the_model():
+    report, _ = run_both("gan.py", "--steps", "60", "--dead-d")
+    dead = codes(report).get("dead_relu")
+    assert dead is not None, report["findings"]
+    assert dead["layers"][0] in ("netD:main.6", "netD:main.7"), dead["layers"]
+
+
+def test_lbfgs_closure_measures_the_step_gradient():
+    report, stdout = run_both("lbfgs.py")
+    assert report["run"]["steps"] == 15
+    g = series(report, "grad_norm/0.weight")
+    assert g["steps"][0] == 0 and g["count"] == 15  # step 0's gradient is seen (the closure computed it)
+    loss = series(report, "loss")
+    printed = [float(l.split()[-1]) for l in stdout.splitlines() if l.startswith("step ")]
+    assert loss["count"] == 15
+    # the step's loss is the closure's first evaluation (what LBFGS returns), not a trial average
+    assert [float(v) for v in loss["values"]] == pytest.approx(printed, rel=1e-5)
+    assert_healthy(report)
+
+
+def test_whole_model_pickling():
+    report, stdout = run_both("pickle_model.py")
+    assert "hooks on clone 0, hooks on model 0" in stdout
+    assert_healthy(report)
+
+
+def test_inplace_activations_after_hooked_modules():
+    report, _ = run_both("inplace_activations.py")
+    assert "act_std/stem.1" in report["series"] or "act_std/stem.0" in report["series"]
+    assert_healthy(report)
+
+
+def test_torch_compile_report_equals_eager():
+    compiled, stdout = run_both("compiled.py", "--backend", "aot_eager")
+    assert "graph breaks 0" in stdout  # our hooks must not break Dynamo's graph
+    eager, eager_out = run_both("compiled.py", "--eager")
+    assert stdout.splitlines()[-1] == eager_out.splitlines()[-1]  # same final weights
+    assert {l["name"] for l in compiled["layers"]} == {l["name"] for l in eager["layers"]}
+    for key, s in eager["series"].items():
+        if key.split("/")[0] in ("loss", "grad_norm", "grad_norm_global", "update_ratio", "weight_norm"):
+            assert compiled["series"][key]["values"] == pytest.approx(s["values"], rel=1e-5), key
+    assert sorted(codes(compiled, ("critical", "warning", "info"))) == sorted(codes(eager, ("critical", "warning", "info")))
+    assert_healthy(compiled)
+
+
+def test_gradscaler_records_unscaled_values():
+    report, stdout = run_both("amp_scaler.py", "--steps", "30")
+    loss = [float(v) for v in series(report, "loss")["values"]]
+    assert max(loss) < 5  # cross-entropy of 10 classes, not x65536
+    assert_healthy(report)
+
+
+def test_gradscaler_skipped_steps_are_not_nonfinite():
+    report, stdout = run_both("amp_scaler.py", "--steps", "30", "--init-scale", str(2.0 ** 24))
+    skipped = int(stdout.split("skipped ")[-1].split()[0])
+    assert skipped >= 1
+    assert "nonfinite" not in codes(report, ("critical", "warning", "info")), report["findings"]
+    assert report["run"]["steps"] == 30 - skipped  # steps are optimizer steps that happened
+    assert_healthy(report)
+
+
+def test_clip_grad_norm_nan_origin_before_clipping():
+    report, _ = run_both("clip_nan.py", "--nan-at", "5")
+    nf = codes(report)["nonfinite"]
+    assert nf["step"] == 5
+    assert nf["layers"][0] == "encoder.2"  # after clipping every gradient is NaN, the head's too
+    assert "update_ratio_high" not in codes(report)  # lr 0.1 was fine; the NaN came from sqrt(0)
+
+
+def test_clip_max_norm_zero_is_reported():
+    report, _ = run_both("clip_nan.py", "--max-norm", "0")
+    found = {c: f for c, f in codes(report).items() if c in ("clipping_always_active", "not_updated")}
+    assert found, report["findings"]
+    assert any("max_norm" in f["summary"] + f["advice"] for f in found.values())
+
+
+def test_config_exec_sees_exactly_pythons_globals():
+    report, stdout = run_both("config_exec.py", "config/small.py", "--learning_rate=0.05")
+    assert "config {'learning_rate': 0.05, 'n_hidden': 48, 'max_iters': 30" in stdout
+    assert report["run"]["steps"] == 30
+
+
+@pytest.mark.parametrize("mode,status,steps", [("overflow", 1, None), ("sigint", 130, 11), ("early", 1, 0)])
+def test_scripts_that_end_badly(mode, status, steps):
+    report, stdout = run_both("ends_badly.py", "--mode", mode, expect_status=status)
+    iters = sum(1 for l in stdout.splitlines() if l.startswith("iter "))
+    # overflow: the step whose log line raised had happened (iters printed + 1)
+    assert report["run"]["steps"] == (iters + 1 if steps is None else steps)
+    if mode == "overflow":
+        assert "OverflowError" in report["run"]["script_error"]
+        assert {"loss_spike", "update_ratio_high"} & set(codes(report)) or "exploding_gradients" in codes(report)
+    if mode == "early":
+        assert report["findings"] == [] or not codes(report)
+        assert "FileNotFoundError" in report["run"]["script_error"]
+
+
+def test_keeps_running_after_nan():
+    report, stdout = run_both("nan_continue.py", "--nan-at", "15")
+    assert "CHECKSUM nan" in stdout
+    nf = codes(report)["nonfinite"]
+    assert nf["step"] == 15 and nf["layers"][0] == "3"  # the Temperature module divided by 0
+
+
+# ------------------------------------------------- looks bad, is normal
+@pytest.mark.parametrize("program", ["attention_masks.py", "bce_clamp.py", "policy_gradient.py",
+                                     "float64_unbatched.py"])
+def test_looks_bad_but_normal(program):
+    report, _ = run_both(program)
+    assert_healthy(report)
