@@ -172,3 +172,18 @@ def test_norm_overflowing_to_inf_then_staying_huge_is_an_explosion_without_warni
     b2 = Build().mlp(4)
     b2.series("grad_norm_global", [0.7, math.inf, 0.8] + [0.7] * 50)  # one overflowed norm, nothing huge
     assert g.exploding_gradients(b2.record) == []
+
+
+def test_a_norm_still_climbing_at_the_end_of_the_run_is_an_early_warning():
+    n = 300
+    growth = 200.0  # over the run (after the trend's warmup skip)
+    values = [growth ** (i / (n - 1)) for i in range(n)]
+    b = Build().mlp(4)
+    b.series("grad_norm_global", values)
+    f = g.exploding_gradients(b.record)
+    assert f and f[0].severity == "warning" and f[0].evidence["trend"] is True
+    assert "still climbing" in f[0].summary
+    # a healthy 10x rise (the loss surface sharpens as it learns) is not one
+    b2 = Build().mlp(4)
+    b2.series("grad_norm_global", [10.0 ** (i / (n - 1)) for i in range(n)])
+    assert g.exploding_gradients(b2.record) == []

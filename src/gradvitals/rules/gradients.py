@@ -192,6 +192,14 @@ EXPLODE_CRITICAL_PEAK = 1e6
 #: this large means the values overflowed rather than being NaN from bad data.
 ABSOLUTE_EXPLODING = 1e4
 
+#: A gradient norm whose last tenth of the run sits this far above its first tenth,
+#: rising through the middle, is climbing without bound (healthy runs grew <= 10x:
+#: the gradient norm of a learning MLP rises as the loss surface sharpens).
+TREND_GROWTH = 100.0
+#: Steps skipped before the trend's first window (warmup), and points per window.
+TREND_SKIP_STEPS = 10
+TREND_MIN_POINTS = 5
+
 #: NaN origins that are not the aftermath of growth (bad data, an unsafe loss).
 _NOT_GROWTH_ORIGINS = ("input", "loss")
 
@@ -254,7 +262,7 @@ def exploding_gradients(record: Record) -> list[Finding]:
         severity = "critical"
     else:
         if ratio < EXPLODE_PEAK:
-            return []
+            return _growing_trend(record, steps, values)
         severity = "critical" if ratio >= EXPLODE_CRITICAL_PEAK else "warning"
     visible = steps[start]
     span = max(steps[end] - visible, 0)
@@ -288,6 +296,30 @@ def exploding_gradients(record: Record) -> list[Finding]:
                    f"at step {steps[end]}), climbing from step {visible}.")
     return [Finding(code="exploding_gradients", severity=severity, step=visible, layers=tuple(layers),
                     summary=summary, evidence=evidence, advice=_exploding_advice(record, at_init, layers))]
+
+
+def _growing_trend(record: Record, steps: list[int], values: list[float]) -> list[Finding]:
+    """No peak yet, but the norm keeps climbing: the run's last tenth sits
+    TREND_GROWTH x above its first tenth (after warmup), the early warning of a run
+    stopped before its NaN."""
+    late = [(s, v) for s, v in zip(steps, values) if s >= TREND_SKIP_STEPS]
+    k = max(TREND_MIN_POINTS, len(late) // 10)
+    if len(late) < 3 * k:
+        return []
+    first, last = median(v for _, v in late[:k]), median(v for _, v in late[-k:])
+    middle = median(v for _, v in late[len(late) // 2 - k // 2: len(late) // 2 + k // 2 + 1])
+    if not (first > 0 and last >= TREND_GROWTH * first and last > middle > first):
+        return []
+    span = late[-1][0] - late[0][0]
+    per_step = (last / first) ** (1.0 / span) if span else math.nan
+    layers = _growing_layers(record, late[-1][0])
+    summary = (f"Gradient norm grew {orders(last / first)} over the run ({sci(first)} -> {sci(last)}, "
+               f"x{per_step:.3g} per step) and is still climbing.")
+    evidence = {"normal_grad_norm": first, "peak_grad_norm": last, "peak_step": late[-1][0],
+                "growth": last / first, "visible_step": late[0][0], "growth_per_step": per_step,
+                "nonfinite_step": None, "warning_steps": None, "at_init": False, "trend": True}
+    return [Finding(code="exploding_gradients", severity="warning", step=late[0][0], layers=tuple(layers),
+                    summary=summary, evidence=evidence, advice=_exploding_advice(record, False, layers))]
 
 
 def _overflow_then_huge(record: Record, nan_step: int, normal: float,
