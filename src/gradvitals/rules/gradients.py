@@ -32,6 +32,7 @@ from ._common import (
     q,
     relative_grads,
     sci,
+    WeightParam,
     weight_params,
 )
 
@@ -76,7 +77,7 @@ def vanishing_gradients(record: Record) -> list[Finding]:
     return sorted(found, key=lambda f: -(f.evidence.get("gap_orders") or 0))[:1]
 
 
-def _vanishing_in(record: Record, wps: list) -> list[Finding]:
+def _vanishing_in(record: Record, wps: list[WeightParam]) -> list[Finding]:
     if len(wps) < VANISH_MIN_LAYERS:
         return []
     stop = first_nonfinite_step(record)
@@ -112,7 +113,8 @@ def _vanishing_in(record: Record, wps: list) -> list[Finding]:
     gap = median(gaps[s] for s in flagged) if by_gap else median(gaps.values())
     first_step = min(flagged) if by_gap else min(tiny)
     worst = sorted((i for i in range(n) if math.isfinite(layer_level[i])), key=lambda i: layer_level[i])
-    layers = [wps[i].layer for i in (sorted(stalled, key=lambda i: layer_level[i]) if stalled else worst[:third])]
+    layers = list(dict.fromkeys(  # an RNN's weight_ih/weight_hh share one module path
+        wps[i].layer for i in (sorted(stalled, key=lambda i: layer_level[i]) if stalled else worst[:third])))
     head, first = wps[-1].layer, wps[0].layer
     # The contiguous run of stalled layers from the input: "the first k of n".
     k = 0
