@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -51,7 +51,6 @@ class Labels:
     healthy: bool = False
     origin: str | None = None
     exit: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 _HEADER = re.compile(r"^#\s*(expect|forbid|healthy|origin|exit)\s*:\s*(.*?)\s*$")
