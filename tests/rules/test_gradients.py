@@ -187,3 +187,14 @@ def test_a_norm_still_climbing_at_the_end_of_the_run_is_an_early_warning():
     b2 = Build().mlp(4)
     b2.series("grad_norm_global", [10.0 ** (i / (n - 1)) for i in range(n)])
     assert g.exploding_gradients(b2.record) == []
+
+
+def test_a_converging_run_whose_gradient_shrinks_is_not_a_spike():
+    # LBFGS: 2.4 at step 0, then 1e-3 once converged
+    b = Build().mlp(4)
+    b.series("grad_norm_global", [2.4, 0.5, 0.05] + [1.2e-3] * 12)
+    assert g.exploding_gradients(b.record) == []
+    # ...and an ordinary early bump in a run that later converges is not one either
+    b2 = Build().mlp(4)
+    b2.series("grad_norm_global", [1.0, 1.2, 3.0, 1.0, 0.5] + [1e-3] * 50)
+    assert g.exploding_gradients(b2.record) == []

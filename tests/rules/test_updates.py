@@ -41,10 +41,23 @@ def test_high_ratio_must_come_before_the_trouble():
     assert u.update_ratio_high(b.record) == []
 
 
-def test_nan_after_high_ratio_is_critical():
+def climb_into_nan(b: Build, nan_at: int = 100) -> Build:
+    """grad_norm_global flat at 1, then x3 per step for the 8 steps before a NaN."""
+    values = [1.0] * (nan_at - 8) + [3.0 ** (k + 1) for k in range(8)] + [math.nan]
+    return b.series("grad_norm_global", values)
+
+
+def test_nan_after_high_ratio_and_a_climbing_gradient_is_critical():
     loss = falling_loss(100) + [math.nan] * 200
-    f = u.update_ratio_high(run(0.02, loss).record)[0]
+    f = u.update_ratio_high(climb_into_nan(run(0.02, loss)).record)[0]
     assert f.severity == "critical" and "went NaN" in f.summary
+
+
+def test_nan_out_of_the_blue_says_nothing_about_the_lr():
+    # sqrt(0) in backward: the gradient norm was flat until the NaN
+    loss = falling_loss(100) + [math.nan] * 200
+    b = run(0.02, loss).series("grad_norm_global", [1.0] * 100 + [math.nan])
+    assert u.update_ratio_high(b.record) == []
 
 
 def test_stalled_loss_needs_a_much_higher_ratio():
@@ -104,5 +117,6 @@ def test_huge_updates_from_huge_initial_gradients_are_not_blamed_on_the_lr():
     b = Build().mlp(5).ratios([0], lambda s, i, p: 1e9).loss(loss)
     b.series("grad_norm_global", {0: 2e14})
     assert u.update_ratio_high(b.record) == []
-    b.record.series["grad_norm_global"].values[0] = 9e3  # below the alarm: the lr is the suspect
-    assert u.update_ratio_high(b.record)
+    b2 = Build().mlp(5).ratios([0], lambda s, i, p: 1e9).loss(loss)
+    climb_into_nan(b2)  # step 0's gradient is normal and it climbs into the NaN: the lr is the suspect
+    assert u.update_ratio_high(b2.record)

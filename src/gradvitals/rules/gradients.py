@@ -209,11 +209,11 @@ _NOT_GROWTH_ORIGINS = ("input", "loss")
 def exploding_gradients(record: Record) -> list[Finding]:
     """Gradient norm climbing orders of magnitude above its normal level (or into NaN).
 
-    Decides from ``grad_norm_global`` (every step): the normal level is the lower
-    of the run's median and the median of the first half before the peak; the
-    climb is the last unbroken run of steps >= GROWTH_VISIBLE x normal ending at
-    the last finite value before the NaN (critical), or at a peak >= EXPLODE_PEAK x
-    normal. A NaN after a norm >= ABSOLUTE_EXPLODING also counts (explosion at
+    Decides from ``grad_norm_global`` (every step): the normal level is the median
+    of the first half of the steps before the peak (before a NaN: the lower of
+    that and the median of all of them); the climb is the last unbroken run of
+    steps >= GROWTH_VISIBLE x normal ending at the last finite value before the
+    NaN (critical), or at a peak >= EXPLODE_PEAK x normal. A NaN after a norm >= ABSOLUTE_EXPLODING also counts (explosion at
     init, no normal level to compare with). The climb's first step is ``step``;
     ``evidence.warning_steps`` is how many steps it preceded the NaN.
     """
@@ -239,9 +239,20 @@ def exploding_gradients(record: Record) -> list[Finding]:
         if huge_later and values[-1] < GROWTH_VISIBLE * median(values):
             return [_overflow_then_huge(record, nan_step, median(values), huge_later)]
         end = len(values) - 1
+        normal = min(median(values), median(values[: max(1, (end + 1) // 2)]))
     else:
         end = max(range(len(values)), key=lambda i: values[i])
-    normal = min(median(values), median(values[: max(1, (end + 1) // 2)]))
+        if end == 0:
+            # Largest at the first step and lower ever after: a converging run (LBFGS,
+            # a loss that gets easier), unless the start itself was past the alarm.
+            rest = median(values[1:])
+            if not (values[0] >= ABSOLUTE_EXPLODING and rest > 0 and values[0] >= EXPLODE_PEAK * rest):
+                return _growing_trend(record, steps, values)
+            normal = rest
+        else:
+            # The normal level is what came *before* the peak: a run whose gradient later
+            # shrinks (convergence) must not make an ordinary early value look like a spike.
+            normal = median(values[: max(1, (end + 1) // 2)])
     if not math.isfinite(normal) or normal <= 0:
         positive = [v for v in values if v > 0]
         if not positive:

@@ -88,7 +88,8 @@ def update_ratio_high(record: Record) -> list[Finding]:
     Decides from ``update_ratio/<weight>`` (median over weight layers per
     scheduled step, leaving out steps whose global gradient norm was already past
     ABSOLUTE_EXPLODING) and the loss: fires when the typical ratio reached
-    UPDATE_RATIO_HIGH at or before the loss spiked, went NaN or diverged, or
+    UPDATE_RATIO_HIGH at or before the loss spiked, went NaN after a climbing
+    gradient (see ``exploding_gradients``), or
     reached UPDATE_RATIO_HIGH_PLATEAU in a run whose loss did not fall.
     Critical when the loss went NaN or diverged.
     """
@@ -100,7 +101,7 @@ def update_ratio_high(record: Record) -> list[Finding]:
     if spikes and spike_severity(record, spikes) == "info":
         spikes = []  # a moderate spike the run recovered from is no verdict on the lr
     trouble = [s.step for s in spikes]
-    if nan_step is not None:
+    if nan_step is not None and _nan_after_growth(record):
         trouble.append(nan_step)
     trouble_step = min(trouble) if trouble else None
     # Steps whose gradient was already past the exploding alarm moved the weights
@@ -141,6 +142,15 @@ def update_ratio_high(record: Record) -> list[Finding]:
               f"    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)")
     return [Finding(code="update_ratio_high", severity=severity, step=step, layers=layers, summary=summary,
                     evidence=evidence, advice=advice)]
+
+
+def _nan_after_growth(record: Record) -> bool:
+    """A NaN that large steps can explain: the gradient climbed into it. A NaN out of
+    the blue (sqrt(0) in backward, bad data) says nothing about the learning rate."""
+    from .gradients import exploding_gradients
+
+    return any(not f.evidence.get("at_init") and f.evidence.get("nonfinite_step") is not None
+               for f in exploding_gradients(record))
 
 
 def update_ratio_low(record: Record) -> list[Finding]:
