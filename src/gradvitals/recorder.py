@@ -565,6 +565,7 @@ class Recorder:
                 return
             self._optimizer_seen = True
             self._pre_hook_calls += 1
+            self._drop_dead_optimizers()
             if id(opt) in self._stepped:  # a new cycle began before we learned its end
                 if self._cycle_last is None and self._stepped:
                     self._cycle_last = self._stepped[-1]
@@ -577,6 +578,22 @@ class Recorder:
             self._measure_and_flush(o)
         except Exception as exc:
             self._fail("gradients", exc)
+
+    def _drop_dead_optimizers(self) -> None:
+        """An optimizer re-created every epoch (``opt = SGD(model.parameters(), lr)`` in
+        the epoch loop): the garbage one must not keep claiming the parameters, split
+        the loss series (``loss/opt1``) or hold a place in the step cycle."""
+        dead = [k for k, o in self._opts.items() if o.ref() is None]
+        if not dead:
+            return
+        for k in dead:
+            del self._opts[k]
+        for i, o in enumerate(sorted(self._opts.values(), key=lambda o: o.index)):
+            o.index, o.label = i, ("opt" if i == 0 else f"opt{i}")
+        self._stepped = [k for k in self._stepped if k in self._opts]
+        if self._cycle_last not in self._opts:
+            self._cycle_last = None
+        self._version += 1
 
     def _opt_post_hook(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:

@@ -194,3 +194,12 @@ def test_keeps_running_after_nan():
 def test_looks_bad_but_normal(program):
     report, _ = run_both(program)
     assert_healthy(report)
+
+
+def test_optimizer_recreated_every_epoch():
+    report, _ = run_both("optimizer_per_epoch.py")
+    assert report["run"]["steps"] == 100  # 4 epochs x 25 steps, one optimizer at a time
+    assert series(report, "loss")["count"] == 100  # one loss series, not loss/opt1, loss/opt2, ...
+    assert not [k for k in report["series"] if k.startswith("loss/")]
+    assert series(report, "grad_norm/0.weight")["count"] == 100  # the dead optimizer claims nothing
+    assert_healthy(report)
