@@ -190,7 +190,7 @@ def test_keeps_running_after_nan():
 
 # ------------------------------------------------- looks bad, is normal
 @pytest.mark.parametrize("program", ["attention_masks.py", "bce_clamp.py", "policy_gradient.py",
-                                     "float64_unbatched.py"])
+                                     "float64_unbatched.py", "hf_gpt2.py"])
 def test_looks_bad_but_normal(program):
     report, _ = run_both(program)
     assert_healthy(report)
