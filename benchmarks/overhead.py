@@ -1,0 +1,649 @@
+"""What gradvitals costs a training step, measured side by side with a plain step.
+
+    python benchmarks/overhead.py                 # all four workloads, PASS/FAIL vs budgets
+    python benchmarks/overhead.py --quick         # smoke run (seconds)
+    python benchmarks/overhead.py --workloads W1,W3 --rounds 20 --steps 25
+
+One process, CPU, float32, ``torch.set_num_threads(2)``, fixed seeds. Every method
+trains its own copy of the workload's model (same initial weights, same batches).
+Methods run in rounds, alternating (A B C ... then B C ... A: the order rotates each
+round) so machine drift hits all of them alike.
+
+A *step* is ``zero_grad, forward, loss, backward, optimizer.step``. No method calls
+``loss.item()`` (a real loop often does): the plain step then has no host sync of its
+own, so gradvitals' one sync per step is charged to it in full.
+
+Time per step: one round times a block of ``--steps`` consecutive steps of a method
+(default 25 = gradvitals' default schedule, so each block holds exactly one scheduled
+step and the scheduled probes are counted at their real rate); the reported ms/step is
+the median over rounds of the block mean; the ratio is the median over rounds of the
+block time divided by the plain block of the same round (paired, so slow phases of the
+shared machine cancel). ``spread`` is the ratio's inter-quartile range.
+
+Peak RSS: the process's resident set after each block of the method, highest seen (all
+methods share one process, so this is an upper bound of what the method itself holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+import gradvitals as gv
+from gradvitals.probes import patches
+from gradvitals.record import Record
+
+THREADS = 2  # the reference machines have 2 cores
+SEED = 0
+BATCH_POOL = 8  # pre-built batches cycled through, so data loading costs nothing
+VOCAB = 1000  # synthetic LM vocabulary (W3, W4): small, so the model part dominates less
+
+#: Budgets (issue 7): median step time of gradvitals relative to the plain step.
+BUDGET_DEFAULT = 1.02  # default watch on W2-W4
+BUDGET_DEFAULT_W1 = 1.03  # W1's fused norm pass alone is ~1.15% of its step
+BUDGET_FULL = 1.30  # every probe every step
+#: "No measurable steady-state cost" of NaN-origin capture: default vs
+#: nonfinite_origin=False within 1%, below what this machine can resolve in a step.
+BUDGET_ORIGIN = 1.01
+BUDGET_RECORD_MB = 100.0  # a 1,000,000-step run over 100 layers
+BUDGET_SYNCS_PER_STEP = 1  # host<->device synchronisations per optimizer step, default mode
+
+RECORD_STEPS = 1_000_000
+RECORD_LAYERS = 100
+
+
+# ---------------------------------------------------------------- workloads
+@dataclass
+class Workload:
+    name: str
+    title: str
+    build: Callable[[], nn.Module]
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    batches: list[tuple[Tensor, Tensor]]
+    loss: Callable[[Tensor, Tensor], Tensor]
+
+
+def _digits() -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    return torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
+
+
+def _digit_batches(batch: int, image: bool) -> list[tuple[Tensor, Tensor]]:
+    X, y = _digits()
+    g = torch.Generator().manual_seed(SEED)
+    out = []
+    for _ in range(BATCH_POOL):
+        idx = torch.randint(0, len(X), (batch,), generator=g)
+        x = X[idx].view(-1, 1, 8, 8) if image else X[idx]
+        out.append((x.contiguous(), y[idx]))
+    return out
+
+
+def _token_batches(batch: int, seq: int) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(SEED)
+    out = []
+    for _ in range(BATCH_POOL):
+        tokens = torch.randint(0, VOCAB, (batch, seq + 1), generator=g)
+        out.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    return out
+
+
+def _mlp() -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(64, 256), nn.ReLU()]
+    for _ in range(18):
+        layers += [nn.Linear(256, 256), nn.ReLU()]
+    layers.append(nn.Linear(256, 10))
+    return nn.Sequential(*layers)  # 20 Linear layers
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+class PreLNTransformerLM(nn.Module):
+    def __init__(self, d_model: int = 128, heads: int = 4, layers: int = 4, seq: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d_model)
+        self.pos = nn.Parameter(torch.zeros(seq, d_model))
+        block = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, VOCAB)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        h = self.blocks(h, mask=self.mask, is_causal=True)
+        return self.head(self.norm(h))
+
+
+class LSTMLM(nn.Module):
+    def __init__(self, hidden: int = 256, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out, _ = self.lstm(self.embed(tokens))
+        return self.head(out)
+
+
+def _lm_loss(logits: Tensor, target: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def workloads() -> dict[str, Callable[[], Workload]]:
+    return {
+        "W1": lambda: Workload("W1", "20-layer MLP w256 ReLU, digits b128, Adam", _mlp,
+                               lambda p: torch.optim.Adam(p, lr=1e-3), _digit_batches(128, image=False),
+                               nn.functional.cross_entropy),
+        "W2": lambda: Workload("W2", "CNN+BatchNorm, 8x8 digits b128, SGD momentum", _cnn,
+                               lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+                               _digit_batches(128, image=True), nn.functional.cross_entropy),
+        "W3": lambda: Workload("W3", "Pre-LN transformer LM 4x d128 h4, seq 64 b32, AdamW", PreLNTransformerLM,
+                               lambda p: torch.optim.AdamW(p, lr=3e-4), _token_batches(32, 64), _lm_loss),
+        "W4": lambda: Workload("W4", "2-layer LSTM LM h256, seq 70 b20, SGD", LSTMLM,
+                               lambda p: torch.optim.SGD(p, lr=1.0), _token_batches(20, 70), _lm_loss),
+    }
+
+
+# ------------------------------------------------------------------ methods
+class Method:
+    """One way of running a step. ``enter``/``exit`` bracket each timed block so
+    process-wide state (gradvitals' backward patch) is live only for its own block."""
+
+    name = "plain"
+    label = "plain step"
+
+    def __init__(self, wl: Workload) -> None:
+        torch.manual_seed(SEED)
+        self.wl = wl
+        self.model = wl.build()
+        self.opt = wl.optimizer(list(self.model.parameters()))
+        self.i = 0
+        self.setup()
+
+    def setup(self) -> None:
+        pass
+
+    def enter(self) -> None:
+        pass
+
+    def exit(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def forward_backward(self, x: Tensor, y: Tensor) -> None:
+        loss = self.wl.loss(self.model(x), y)
+        loss.backward()
+
+    def after_backward(self) -> None:
+        pass
+
+    def step(self) -> None:
+        x, y = self.wl.batches[self.i % len(self.wl.batches)]
+        self.i += 1
+        self.opt.zero_grad()
+        self.forward_backward(x, y)
+        self.after_backward()
+        self.opt.step()
+
+
+class GradvitalsMethod(Method):
+    name = "gv_default"
+    label = "gradvitals watch (default)"
+    options: dict[str, Any] = {}
+
+    def setup(self) -> None:
+        self.watch = gv.watch(self.model, self.opt, **self.options)
+        patches.uninstall(self.watch._recorder)  # live only inside this method's blocks
+
+    def enter(self) -> None:
+        patches.install(self.watch._recorder)
+
+    def exit(self) -> None:
+        patches.uninstall(self.watch._recorder)
+
+    def close(self) -> None:
+        self.watch.close()
+
+
+class GradvitalsNoOrigin(GradvitalsMethod):
+    name = "gv_no_origin"
+    label = "gradvitals, nonfinite_origin=False"
+    options = {"nonfinite_origin": False}
+
+
+class GradvitalsFull(GradvitalsMethod):
+    name = "gv_full"
+    label = "gradvitals full=True (every probe every step)"
+    options = {"full": True}
+
+
+class NaiveItem(Method):
+    name = "naive_item"
+    label = "per-parameter p.grad.norm().item() loop"
+
+    def after_backward(self) -> None:
+        self.norms = [p.grad.norm().item() for p in self.model.parameters() if p.grad is not None]
+
+
+class ClipTotal(Method):
+    name = "clip_total"
+    label = "clip_grad_norm_ total norm (never clips)"
+
+    def after_backward(self) -> None:
+        self.total = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1e30)
+
+
+class DetectAnomaly(Method):
+    name = "detect_anomaly"
+    label = "torch.autograd.detect_anomaly()"
+
+    def forward_backward(self, x: Tensor, y: Tensor) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autograd.detect_anomaly():
+                super().forward_backward(x, y)
+
+
+class ActHooks(Method):
+    name = "act_hooks"
+    label = "forward hooks: mean/std/zero-frac, every module, every step"
+
+    def setup(self) -> None:
+        self.stats: list[Tensor] = []
+        self.handles = []
+        for mod in self.model.modules():
+            self.handles.append(mod.register_forward_hook(self._hook))
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        x = output[0] if isinstance(output, tuple) else output
+        if isinstance(x, Tensor) and x.is_floating_point():
+            x = x.detach()
+            self.stats.append(torch.stack([x.mean(), x.std(), (x == 0).float().mean()]))
+
+    def after_backward(self) -> None:
+        self.stats = []  # kept on the device, like ours; a logger would also fetch them
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class TensorBoardHist(Method):
+    name = "tb_histogram"
+    label = "TensorBoard add_histogram of every gradient, every step"
+
+    def setup(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = tempfile.TemporaryDirectory(prefix="gv-bench-tb-")
+        self.writer = SummaryWriter(self.dir.name)
+        self.names = [n for n, _ in self.model.named_parameters()]
+
+    def after_backward(self) -> None:
+        for n, p in zip(self.names, self.model.parameters()):
+            if p.grad is not None:
+                self.writer.add_histogram(f"grad/{n}", p.grad, self.i)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.dir.cleanup()
+
+
+class WandbWatch(Method):
+    name = "wandb_watch"
+    label = 'wandb.watch(log="all", log_freq=1), offline'
+
+    def setup(self) -> None:
+        import wandb
+
+        self.dir = tempfile.TemporaryDirectory(prefix="gv-bench-wandb-")
+        self.run = wandb.init(mode="offline", dir=self.dir.name, project="gradvitals-bench", reinit=True)
+        wandb.watch(self.model, log="all", log_freq=1)
+        self.wandb = wandb
+
+    def step(self) -> None:
+        super().step()
+        self.wandb.log({}, commit=True)
+
+    def close(self) -> None:
+        self.run.finish(quiet=True)
+        self.dir.cleanup()
+
+
+def _available(method: type[Method]) -> bool:
+    try:
+        if method is WandbWatch:
+            import wandb  # noqa: F401
+        if method is TensorBoardHist:
+            import torch.utils.tensorboard  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+METHODS: list[type[Method]] = [Method, GradvitalsMethod, GradvitalsNoOrigin, GradvitalsFull, NaiveItem,
+                               ClipTotal, DetectAnomaly, ActHooks, TensorBoardHist, WandbWatch]
+
+
+# ------------------------------------------------------------------ timing
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps: int,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    insts = [m(wl) for m in methods]
+    names = [m.name for m in insts]
+    block: dict[str, list[float]] = {n: [] for n in names}
+    rss: dict[str, float] = {n: 0.0 for n in names}
+    gc.collect()
+    try:
+        # Warm-up block (untimed): allocator, first-step work (gradvitals traces the topology at step 0).
+        for m in insts:
+            m.enter()
+            for _ in range(steps):
+                m.step()
+            m.exit()
+        for r in range(rounds):
+            order = insts[r % len(insts):] + insts[: r % len(insts)]
+            for m in order:
+                m.enter()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    m.step()
+                dt = time.perf_counter() - t0
+                m.exit()
+                block[m.name].append(dt / steps)
+                rss[m.name] = max(rss[m.name], _rss_mb())
+            log(f"  {wl.name} round {r + 1}/{rounds}: plain {1e3 * block['plain'][-1]:.2f} ms/step")
+    finally:
+        for m in insts:
+            m.close()
+    plain = block["plain"]
+    out: dict[str, Any] = {}
+    for n in names:
+        ratios = [t / p for t, p in zip(block[n], plain)]
+        lo, hi = _quantiles(ratios)
+        out[n] = {"ms_per_step": 1e3 * statistics.median(block[n]), "ratio": statistics.median(ratios),
+                  "ratio_q1": lo, "ratio_q3": hi, "peak_rss_mb": round(rss[n], 1),
+                  "block_ms": [round(1e3 * t, 4) for t in block[n]]}
+    if "gv_default" in block and "gv_no_origin" in block:
+        rel = [a / b for a, b in zip(block["gv_default"], block["gv_no_origin"])]
+        lo, hi = _quantiles(rel)
+        out["_origin_vs_no_origin"] = {"ratio": statistics.median(rel), "ratio_q1": lo, "ratio_q3": hi}
+    return out
+
+
+# ----------------------------------------------------------- host syncs
+_SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_syncs(package: str = "gradvitals"):
+    """Count calls that make the host wait for a tensor's value (``.item()``,
+    ``.tolist()``, ``float(t)``, ``if t:`` ...) made from ``package``'s own code.
+    On a GPU each is a synchronisation; on the CPU this counts where they would be."""
+    counter = {"n": 0}
+    saved = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
+
+    def wrap(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller == package or caller.startswith(package + "."):
+                counter["n"] += 1
+            return orig(self, *args, **kwargs)
+
+        counted.__name__ = name
+        return counted
+
+    try:
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, wrap(name, orig))
+        yield counter
+    finally:
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, orig)
+
+
+def syncs_per_step(wl: Workload, steps: int) -> dict[str, Any]:
+    """Host syncs of gradvitals' default watch per optimizer step (max and mean)."""
+    m = GradvitalsMethod(wl)
+    per_step = []
+    try:
+        m.enter()
+        with count_host_syncs() as counter:
+            for _ in range(steps):
+                before = counter["n"]
+                m.step()
+                per_step.append(counter["n"] - before)
+        m.exit()
+    finally:
+        m.close()
+    return {"max": max(per_step), "mean": sum(per_step) / len(per_step), "steps": steps}
+
+
+# ---------------------------------------------------------- record size
+def record_size(steps: int = RECORD_STEPS, layers: int = RECORD_LAYERS, every: int = 25) -> dict[str, Any]:
+    """Bytes held by the Record of a ``steps``-step run over ``layers`` Linear layers,
+    fed through ``Record.add`` with default mode's series at their real rates.
+
+    Feeding 100 layers x 1M steps (~2e8 adds) would take minutes, so one layer's
+    series are fed for all ``steps`` and the peak traced memory is scaled: every
+    layer's series get the same number of points at the same steps, so they
+    decimate together and their sizes are identical."""
+    per_step_keys = ["grad_norm/L.weight", "grad_norm/L.bias"]
+    scheduled_keys = ([f"{q}/L.{p}" for q in ("weight_norm", "update_ratio") for p in ("weight", "bias")]
+                      + [f"{q}/L" for q in ("act_mean", "act_std", "act_zero_frac", "act_sat_frac",
+                                            "act_nonfinite_frac", "dead_frac")])
+    run_keys = ["loss", "grad_norm_global", "lr/opt.0"]
+
+    def feed(keys_every: list[str], keys_sched: list[str]) -> tuple[int, int]:
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        rec = Record()
+        add = rec.add
+        for s in range(steps):
+            v = 1.0 / (s + 1)
+            for k in keys_every:
+                add(k, s, v)
+            if s % every == 0:
+                for k in keys_sched:
+                    add(k, s, v)
+        cur, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        points = sum(len(x) for x in rec.series.values())
+        del rec
+        return peak - base, points
+
+    t0 = time.perf_counter()
+    layer_peak, layer_points = feed(per_step_keys, scheduled_keys)
+    run_peak, _ = feed(run_keys, [])
+    total = layers * layer_peak + run_peak
+    return {"steps": steps, "layers": layers, "series": layers * (len(per_step_keys) + len(scheduled_keys))
+            + len(run_keys), "bytes_per_layer": layer_peak, "points_per_layer": layer_points,
+            "mb": total / 2**20, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ------------------------------------------------------------------ report
+def _row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def render(results: dict[str, Any], method_names: list[str]) -> str:
+    lines = []
+    widths = [16] + [13] * len(results["workloads"])
+    wls = list(results["workloads"])
+    lines.append(_row(["method"] + [f"{w} ms (x)" for w in wls], widths))
+    for n in method_names:
+        cells = [n]
+        for w in wls:
+            r = results["workloads"][w]["methods"].get(n)
+            cells.append("-" if r is None else f"{r['ms_per_step']:.2f} ({r['ratio']:.3f})")
+        lines.append(_row(cells, widths))
+    lines.append("")
+    lines.append(_row(["peak RSS MB"] + ["" for _ in wls], widths))
+    for n in method_names:
+        cells = [n]
+        for w in wls:
+            r = results["workloads"][w]["methods"].get(n)
+            cells.append("-" if r is None else f"{r['peak_rss_mb']:.0f}")
+        lines.append(_row(cells, widths))
+    lines.append("")
+    lines.append("ratio spread (q1-q3 of per-round paired ratios):")
+    for n in method_names:
+        cells = [n]
+        for w in wls:
+            r = results["workloads"][w]["methods"].get(n)
+            cells.append("-" if r is None else f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}")
+        lines.append(_row(cells, widths))
+    lines.append("")
+    lines.append("budgets:")
+    for b in results["budgets"]:
+        lines.append(f"  {'PASS' if b['pass'] else 'FAIL'}  {b['name']}: {b['measured']} (budget {b['budget']})")
+    return "\n".join(lines)
+
+
+def check_budgets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for w, res in results["workloads"].items():
+        m = res["methods"]
+        if "gv_default" in m:
+            limit = BUDGET_DEFAULT_W1 if w == "W1" else BUDGET_DEFAULT
+            r = m["gv_default"]["ratio"]
+            out.append({"name": f"{w} default watch", "measured": f"{r:.3f}x", "budget": f"<= {limit}x",
+                        "pass": r <= limit})
+        if "gv_full" in m:
+            r = m["gv_full"]["ratio"]
+            out.append({"name": f"{w} full", "measured": f"{r:.3f}x", "budget": f"<= {BUDGET_FULL}x",
+                        "pass": r <= BUDGET_FULL})
+        if "_origin_vs_no_origin" in m:
+            r = m["_origin_vs_no_origin"]["ratio"]
+            out.append({"name": f"{w} NaN-origin capture (default / nonfinite_origin=False)",
+                        "measured": f"{r:.3f}x", "budget": f"<= {BUDGET_ORIGIN}x", "pass": r <= BUDGET_ORIGIN})
+        if "syncs" in res:
+            s = res["syncs"]
+            out.append({"name": f"{w} host syncs per step (default)", "measured": f"max {s['max']}",
+                        "budget": f"<= {BUDGET_SYNCS_PER_STEP}", "pass": s["max"] <= BUDGET_SYNCS_PER_STEP})
+    if "record" in results:
+        rec = results["record"]
+        out.append({"name": f"record of {rec['steps']:,} steps x {rec['layers']} layers",
+                    "measured": f"{rec['mb']:.1f} MB", "budget": f"< {BUDGET_RECORD_MB} MB",
+                    "pass": rec["mb"] < BUDGET_RECORD_MB})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    all_wl = workloads()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default=",".join(all_wl), help="comma-separated subset of W1,W2,W3,W4")
+    p.add_argument("--methods", default=None, help="comma-separated subset of method names (plain always runs)")
+    p.add_argument("--rounds", type=int, default=11, help="alternating rounds (default 11)")
+    p.add_argument("--steps", type=int, default=25, help="optimizer steps per method per round (default 25)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 5 steps, small record")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "latest.json"),
+                   help="JSON results path")
+    p.add_argument("--no-record", action="store_true", help="skip the 1M-step record-size measurement")
+    p.add_argument("-q", "--quiet", action="store_true")
+    a = p.parse_args(argv)
+    chosen = [w.strip() for w in a.workloads.split(",") if w.strip()]
+    bad = [w for w in chosen if w not in all_wl]
+    if bad or not chosen:
+        p.error(f"--workloads: unknown {', '.join(bad) or '(empty)'}; allowed: {', '.join(all_wl)}")
+    if a.rounds < 1 or a.steps < 1:
+        p.error("--rounds and --steps must be positive integers")
+    rounds, steps, rec_steps = (2, 5, 20_000) if a.quick else (a.rounds, a.steps, RECORD_STEPS)
+    methods = [m for m in METHODS if _available(m)]
+    if a.methods:
+        want = {x.strip() for x in a.methods.split(",")} | {"plain"}
+        unknown = want - {m.name for m in METHODS}
+        if unknown:
+            p.error(f"--methods: unknown {', '.join(sorted(unknown))}; allowed: "
+                    f"{', '.join(m.name for m in METHODS)}")
+        methods = [m for m in methods if m.name in want]
+    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+
+    torch.set_num_threads(THREADS)
+    results: dict[str, Any] = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": THREADS, "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
+                    "device": "cpu", "dtype": "float32"},
+        "settings": {"rounds": rounds, "steps_per_block": steps, "loss_item_in_step": False,
+                     "vocab": VOCAB, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "methods": {m.name: m.label for m in methods},
+        "skipped": [m.name for m in METHODS if not _available(m)],
+        "workloads": {},
+    }
+    for w in chosen:
+        wl = all_wl[w]()
+        log(f"{w}: {wl.title}")
+        t0 = time.perf_counter()
+        res = bench_workload(wl, methods, rounds, steps, log)
+        entry: dict[str, Any] = {"title": wl.title, "methods": res}
+        if any(m.name == "gv_default" for m in methods):
+            entry["syncs"] = syncs_per_step(wl, 2 * 25 + 1)
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        results["workloads"][w] = entry
+    if not a.no_record:
+        log(f"record size: {rec_steps:,} steps x {RECORD_LAYERS} layers ...")
+        results["record"] = record_size(rec_steps)
+    results["budgets"] = check_budgets(results)
+    results["pass"] = all(b["pass"] for b in results["budgets"])
+    print(render(results, [m.name for m in methods]))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    log(f"wrote {out}")
+    return 0 if results["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
