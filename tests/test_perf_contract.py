@@ -1,0 +1,117 @@
+"""The performance contract, checked without timing: at most one host sync per
+optimizer step in default mode, and a record that stays bounded however long the run.
+
+Timings live in benchmarks/overhead.py (they are too noisy for a unit test on shared
+machines); what is tested here is structural and cannot flake.
+"""
+
+from __future__ import annotations
+
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradvitals as gv
+from gradvitals.record import Record
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from overhead import count_host_syncs  # noqa: E402
+
+from models import SmallCNN, mlp  # noqa: E402
+
+#: The budget: one host<->device synchronisation per optimizer step.
+MAX_SYNCS_PER_STEP = 1
+#: Once per model, at its first traced forward, the init audit (probes/init_audit.py)
+#: fetches its weight facts with a sync of its own: a one-time cost, not a per-step one.
+ONE_TIME_AUDIT_SYNCS = 1
+
+
+def test_counter_sees_syncs_made_from_the_package_only():
+    """The counting wrapper must be able to fail: it counts gradvitals' .item()/.tolist()/
+    float()/bool() and ignores the user's own."""
+    import gradvitals.probes.norms as norms_mod
+
+    t = torch.ones(3)
+    with count_host_syncs() as counter:
+        t.sum().item()  # the user's sync: not ours
+        assert counter["n"] == 0
+        # Code executed with the package's globals counts, like a probe calling .tolist().
+        exec("t.tolist(); float(t[0]); bool(t[0] > 0)", vars(norms_mod) | {"t": t})
+    assert counter["n"] == 3
+    assert torch.Tensor.tolist is not None and "counted" not in torch.Tensor.tolist.__qualname__
+
+
+@pytest.mark.parametrize("factory,opt_cls", [(lambda: mlp(depth=4), torch.optim.Adam),
+                                             (SmallCNN, torch.optim.SGD)])
+def test_default_watch_syncs_at_most_once_per_step(digits, factory, opt_cls):
+    X, y = digits
+    torch.manual_seed(0)
+    model = factory()
+    opt = opt_cls(model.parameters(), lr=1e-2)
+    steps = 30  # includes scheduled steps 0 and 25 (activations, weights, update ratios)
+    per_step = []
+    with gv.watch(model, opt) as w:
+        with count_host_syncs() as counter:
+            for i in range(steps):
+                before = counter["n"]
+                idx = slice(32 * i % 1024, 32 * i % 1024 + 32)
+                loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                per_step.append(counter["n"] - before)
+    assert w.step == steps
+    assert per_step[0] <= MAX_SYNCS_PER_STEP + ONE_TIME_AUDIT_SYNCS, per_step
+    assert max(per_step[1:]) <= MAX_SYNCS_PER_STEP, per_step
+    assert sum(per_step) >= steps - 1  # it does fetch (the last step's update ratio waits for finish)
+    act = w.record.per_name("act_std")
+    assert act and all(s.count == 2 for s in act.values())  # scheduled probes ran within those syncs
+
+
+def test_clipping_adds_no_sync(digits):
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(depth=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    per_step = []
+    with gv.watch(model, opt) as w, count_host_syncs() as counter:
+        for i in range(6):
+            before = counter["n"]
+            loss = nn.functional.cross_entropy(model(X[:64]), y[:64])
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            per_step.append(counter["n"] - before)
+    assert max(per_step[1:]) <= MAX_SYNCS_PER_STEP, per_step  # step 0: see ONE_TIME_AUDIT_SYNCS
+    assert w.record.series["clip_total_norm"].count == 6
+
+
+def _record_bytes(steps: int, keys: list[str], cap: int) -> tuple[int, Record]:
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    rec = Record(cap=cap)
+    for s in range(steps):
+        for k in keys:
+            rec.add(k, s, 1.0 / (s + 1))
+    cur = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return cur - base, rec
+
+
+def test_record_stays_bounded_on_a_long_run():
+    """10x more steps must not mean more memory: the series decimate at ``cap``."""
+    cap = 64
+    keys = [f"grad_norm/l{i}.weight" for i in range(20)] + ["loss"]
+    short, rec_short = _record_bytes(2_000, keys, cap)
+    long, rec_long = _record_bytes(20_000, keys, cap)
+    for s in rec_long.series.values():
+        assert len(s) < cap
+        assert s.count == 20_000  # exact summaries still cover every step
+    assert rec_long.series["loss"].min == pytest.approx(1.0 / 20_000)
+    # Same number of series, bounded points each: within a small slack of the short run.
+    assert long < short * 1.5 + 4096, (short, long)
