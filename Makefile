@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints-dev.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gradvitals run --json gradvitals-demo-run.json examples/nan_mlp.py --steps 30
+	$(VENV)/bin/gradvitals demo
 
 # The HTML report's browser test needs headless Chromium: install it when missing.
 # Tolerates failure (no root, no apt): the test then skips and says why.

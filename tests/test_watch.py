@@ -236,3 +236,29 @@ def test_memory_is_bounded_on_long_run():
         assert len(s) < 64 or key.startswith(("act_", "dead_", "weight_", "update_")), key
     assert w.record.series["loss"].count == 3000
     assert len(w.record.series["loss"]) < 64
+
+
+def test_two_optimizers_on_one_model_either_order(digits):
+    """Regression: the head's optimizer stepping first must still measure the head, the
+    global norm covers both optimizers, and nothing is wrongly `not_updated`."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    body = [p for n, p in model.named_parameters() if not n.startswith("4.")]
+    opt_body = torch.optim.SGD(body, lr=0.1)
+    opt_head = torch.optim.SGD(model[4].parameters(), lr=0.1)
+    with gv.watch(model, [opt_body, opt_head], every=1) as w:
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(model(X[:32]), y[:32])
+            opt_body.zero_grad(), opt_head.zero_grad()
+            loss.backward()
+            total = math.sqrt(sum(p.grad.norm().item() ** 2 for p in model.parameters()))
+            opt_head.step()  # the higher-index optimizer first
+            opt_body.step()
+    rec = w.record
+    assert rec.steps == 3
+    assert len(rec.series["grad_norm_global"]) == 3
+    assert rec.series["grad_norm_global"].values[-1] == pytest.approx(total, rel=1e-5)
+    assert rec.series["update_ratio/4.weight"].values[-1] > 0
+    assert all(p.in_optimizer for p in rec.params.values())
+    assert "not_updated" not in [f["code"] for f in w.report()["findings"]]

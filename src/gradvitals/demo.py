@@ -63,7 +63,7 @@ def gallery(steps: int) -> list[Case]:
         Case("symmetry", "zero init", Config(init="zeros", optimizer="sgd", lr=0.05, steps=s),
              "random (He) init", Config(init="he", optimizer="sgd", lr=0.05, steps=s),
              ("symmetric_weights",)),
-        Case("lr", "learning rate too high (SGD lr=1.0)", Config(init="he", optimizer="sgd", lr=1.0, steps=s),
+        Case("lr", "learning rate too high (SGD lr=2.0)", Config(init="he", optimizer="sgd", lr=2.0, steps=s),
              "clipping (max_norm=1) and 50-step warmup, lr 0.1",
              Config(init="he", optimizer="sgd", lr=0.1, clip=1.0, warmup=50, steps=s),
              ("loss_spike", "nonfinite", "update_ratio_high", "exploding_gradients")),

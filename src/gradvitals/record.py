@@ -92,14 +92,14 @@ class Series:
         self.last_value = math.nan
 
     def append(self, step: int, value: float) -> None:
-        if math.isfinite(value):
-            if value < self.min:
-                self.min = value
-            if value > self.max:
-                self.max = value
-                self.max_step = step
-        elif self.first_nonfinite_step is None:
-            self.first_nonfinite_step = step
+        if step == self.last_step and self.steps and self.steps[-1] == step:
+            # A later value for the same step (e.g. the global norm once a second
+            # optimizer of the step has stepped) replaces the earlier one.
+            self.values[-1] = value
+            self.last_value = value
+            self._summarise(step, value)
+            return
+        self._summarise(step, value)
         keep = self.count % self.stride == 0
         self.count += 1
         self.last_step = step
@@ -112,6 +112,16 @@ class Series:
             self.steps = self.steps[::2]
             self.values = self.values[::2]
             self.stride *= 2
+
+    def _summarise(self, step: int, value: float) -> None:
+        if math.isfinite(value):
+            if value < self.min:
+                self.min = value
+            if value > self.max:
+                self.max = value
+                self.max_step = step
+        elif self.first_nonfinite_step is None:
+            self.first_nonfinite_step = step
 
     def __len__(self) -> int:
         return len(self.steps)

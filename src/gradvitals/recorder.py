@@ -160,6 +160,7 @@ class Recorder:
         self._started = time.time()
         self._tb: Any = None
         self._dist: Any = None  # distributed.Merger once a multi-rank process group exists
+        self._global_sq: tuple[int, Tensor] | None = None
         self.progress: Any = None  # reports.progress.Progress: the CLI's live status line
         self.backward_mode_models: set[int] = set()
         patches.install(self)
@@ -217,6 +218,7 @@ class Recorder:
             is_leaf = next(mod.children(), None) is None
             if own or is_leaf:
                 layer = self.record.layers.get(full) or LayerInfo(name=full, kind=kind, model=model.label)
+                layer.kind = kind  # a module may have been swapped in place (try-fixes)
                 layer.params = [pre + (f"{name}.{n}" if name else n) for n, _ in own]
                 if kind in WEIGHT_LAYERS and own:
                     w = getattr(mod, "weight", None)
@@ -309,6 +311,13 @@ class Recorder:
             return
         own = [p for g in opt.param_groups for p in g["params"]]
         own_ids = {id(p) for p in own}
+        # Parameters of these models that no optimizer updates: measured here (the
+        # not_updated suspects). Those another optimizer updates are its to measure.
+        any_opt: set[int] = set(own_ids)
+        for other in self._opts.values():
+            other_opt = other.ref()
+            if other is not o and other_opt is not None:
+                any_opt |= {id(p) for g in other_opt.param_groups for p in g["params"]}
         models = {id(self._param_owner[id(p)][0]) for p in own if id(p) in self._param_owner}
         claimed: set[int] = set()
         for other in self._opts.values():
@@ -324,14 +333,14 @@ class Recorder:
         for m in self.models:
             if id(m) in models:
                 for name, p in m.params:
-                    if id(p) not in own_ids and id(p) not in claimed and p.requires_grad:
+                    if id(p) not in any_opt and id(p) not in claimed and p.requires_grad:
                         params.append(p)
         for m in self.models:
             for name, p in m.params:
                 info = self.record.params.get(name)
-                if info is not None and id(p) in own_ids:
+                if info is not None and id(p) in any_opt:
                     info.in_optimizer = True
-                elif info is not None and id(m) in models and info.in_optimizer is None:
+                elif info is not None and id(m) in models and not info.in_optimizer:
                     info.in_optimizer = False
         o.params = params
         o.names = [self._param_owner[id(p)][1] if id(p) in self._param_owner else f"{o.label}.param{i}"
@@ -683,7 +692,13 @@ class Recorder:
         if measured is not None:
             keys, norms = measured
             self._pending.append((step, keys, norms))
-            self._pending.append((step, ["grad_norm_global"], torch.linalg.vector_norm(norms).reshape(1)))
+            # Several optimizers in one step: the global norm accumulates over all of them
+            # (the series keeps one point per step: a later value at the same step replaces it).
+            sq = norms.float().square().sum()
+            if self._global_sq is not None and self._global_sq[0] == step:
+                sq = sq + self._global_sq[1]
+            self._global_sq = (step, sq)
+            self._pending.append((step, ["grad_norm_global"], sq.sqrt().float().reshape(1)))
         loss_key = "loss" if o is None or o.index == 0 else f"loss/{o.label}"
         self._forward_since_flush = False
         if self._losses:
