@@ -106,6 +106,7 @@ def select_remedies(report: dict[str, Any], budget: int, limit: int) -> list[Rem
         add(Remedy("init", why="initialisation scale for the activations"))
     if "dead_relu" in codes:
         add(Remedy("swap_relu", why="dead ReLU units never recover; LeakyReLU keeps a gradient"))
+        add(Remedy("init", why="He init with zero biases starts every unit in its active range"))
         add(Remedy("lr_x0.3", {"factor": 0.3}, why="large updates push units into the dead zone"))
     if codes & _EXPLOSIVE:
         early_nan = any(f["code"] == "nonfinite" and (f.get("step") or 0) <= 1 for f in findings)

@@ -1,0 +1,57 @@
+"""`gradvitals run --try-fixes` on broken scripts from the case library: the winning remedy
+removes the critical findings and improves the loss, measured in fresh trial runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+CASES = ROOT / "examples" / "cases"
+BUDGET, TRIALS = 100, 3  # README states this budget: 3 remedies + a baseline, 100 steps each
+
+
+def try_fixes(script, tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "-m", "gradvitals", "run", "--try-fixes", "--trials", str(TRIALS),
+                        "--budget-steps", str(BUDGET), "--json", str(out), str(script)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(out.read_text()), p.stderr
+
+
+CRITICAL = {"nonfinite", "exploding_gradients", "vanishing_gradients", "dead_relu", "symmetric_weights"}
+
+
+@pytest.mark.parametrize("case,winner", [
+    ("relu_normal_init", {"init"}),
+    ("lr_too_high", {"lr_x0.1", "clip", "warmup", "lr_x0.3"}),
+    ("dead_relu_bias", {"init", "swap_relu"}),
+    ("sigmoid20_digits", {"swap_saturating", "init"}),
+])
+def test_winner_cures_the_run(case, winner, tmp_path):
+    rep, stderr = try_fixes(CASES / f"{case}.py", tmp_path)
+    trials = rep["trials"]
+    base = trials[0]
+    assert base["remedy"] == "none" and len(trials) <= TRIALS + 1
+    assert set(base["remaining_codes"]) & CRITICAL  # the baseline is broken at the same budget
+    won = [t for t in trials if t["winner"]]
+    assert len(won) == 1 and won[0]["remedy"] in winner, [(t["remedy"], t["remaining_codes"], t["final_loss"]) for t in trials]
+    w = won[0]
+    assert not set(w["remaining_codes"]) & set(base["remaining_codes"]) & CRITICAL
+    base_final = base["final_loss"] if isinstance(base["final_loss"], float) else math.inf
+    assert isinstance(w["final_loss"], float) and w["final_loss"] < base_final
+    assert "WINNER" in stderr and "Make it permanent" in stderr
+
+
+def test_healthy_run_tries_nothing(tmp_path):
+    rep, stderr = try_fixes(CASES / "healthy_he_relu20_digits.py", tmp_path)
+    assert rep["trials"] == []
+    assert "nothing to try" in stderr
