@@ -105,3 +105,17 @@ def test_judge_no_winner_when_nothing_improves():
     trials = [_trial("none", [], 0.5), _trial("clip", [], 0.6)]
     _judge(trials)
     assert not any(t.winner for t in trials)
+
+
+def test_html_report_shows_trials_table_and_overlaid_curves():
+    from gradvitals.reports.html import render_html
+
+    trials = [_trial("none", ["nonfinite"], math.nan, best=2.3), _trial("lr_x0.1", [], 0.4)]
+    trials[0].loss_curve = {"steps": [0, 1, 2], "values": [2.3, 5.0, math.nan]}
+    _judge(trials)
+    trials[1].label, trials[1].snippet = "learning rate x0.1", "lr = 0.1 * lr"
+    report = {"schema": "gradvitals.report/1", "run": {"steps": 2}, "layers": [], "series": {}, "findings": [],
+              "trials": [t.to_json() for t in trials]}
+    page = render_html(report)
+    assert 'id="trials-section"' in page and "WINNER" in page and "lr = 0.1 * lr" in page
+    assert page.count("<polyline") == 2  # the baseline's NaN points are left out, not drawn at 0
