@@ -262,3 +262,26 @@ def test_two_optimizers_on_one_model_either_order(digits):
     assert rec.series["update_ratio/4.weight"].values[-1] > 0
     assert all(p.in_optimizer for p in rec.params.values())
     assert "not_updated" not in [f["code"] for f in w.report()["findings"]]
+
+
+def test_exception_in_traced_forward_is_the_users_own():
+    """Regression: an error raised inside a traced forward reaches the user unchanged
+    (it once became 'OrderedDict mutated during iteration')."""
+
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            raise ValueError("user's own error")
+
+    model = Boom()
+    with gv.watch(model, every=1) as w:
+        with pytest.raises(ValueError, match="user's own error"):
+            model(torch.randn(2, 4))
+        out = model.fc(torch.randn(2, 4))  # still usable afterwards
+    assert out.shape == (2, 4)
+    assert not model._forward_hooks and not model.fc._forward_hooks
+    assert w.record.events_of("probe_error") == []

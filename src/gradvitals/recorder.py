@@ -362,7 +362,7 @@ class Recorder:
         entry = self._modules.get(id(module))
         if entry is None:
             return
-        self._on_root_end(entry[0], args, kwargs)
+        self._on_root_end(entry[0], args, kwargs, output)
 
     def _scheduled(self, step: int) -> bool:
         return self.options.full or step % self.options.every == 0
@@ -387,16 +387,23 @@ class Recorder:
             self._act_events = []
             self._act_mode = ActivationCalls(self._act_events)
             self._act_mode.__enter__()
-        for mod in distributed.unwrap(model.module).modules():
-            self._act_handles.append(mod.register_forward_hook(self._act_hook))
+        root = distributed.unwrap(model.module)
+        for mod in root.modules():
+            # Not on the root itself: on an exception torch runs the root's always-call
+            # hooks while iterating its hook dict, which removing a hook there would mutate.
+            # The root's own output is measured from _on_root_end instead.
+            if mod is not root and mod is not model.module:
+                self._act_handles.append(mod.register_forward_hook(self._act_hook))
 
-    def _on_root_end(self, model: _Model, args: tuple, kwargs: dict) -> None:
+    def _on_root_end(self, model: _Model, args: tuple, kwargs: dict, output: Any = None) -> None:
         if torch.is_grad_enabled() and model.module.training:
             # Kept (references only) so a NaN can be traced back by replaying this forward.
             model.last_inputs = (args, kwargs)
             self._saw_forward = self._forward_since_flush = True
         if self._act_model is not model:
             return
+        if output is not None:
+            self._act_hook(distributed.unwrap(model.module), args, output)
         for h in self._act_handles:
             h.remove()
         self._act_handles = []

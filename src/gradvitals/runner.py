@@ -173,7 +173,7 @@ class ScriptRunner:
         model = self._roots.get(id(module))
         if model is not None and model.module is module:
             try:
-                self.recorder._on_root_end(model, args, kwargs)  # type: ignore[union-attr]
+                self.recorder._on_root_end(model, args, kwargs, output)  # type: ignore[union-attr]
             except Exception as exc:
                 self.recorder._fail("activations", exc)  # type: ignore[union-attr]
 
