@@ -285,3 +285,13 @@ def test_exception_in_traced_forward_is_the_users_own():
     assert out.shape == (2, 4)
     assert not model._forward_hooks and not model.fc._forward_hooks
     assert w.record.events_of("probe_error") == []
+
+
+def test_clip_with_infinite_max_norm_is_not_clipping_telemetry():
+    model = mlp(depth=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gv.watch(model, opt) as w:
+        model(torch.randn(4, 64)).sum().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        opt.step()
+    assert "clip_max_norm" not in w.record.series and "clip_clipped" not in w.record.series

@@ -568,6 +568,8 @@ class Recorder:
     def _on_clip_end(self, total: Any, max_norm: float) -> None:
         if not isinstance(total, Tensor):
             return
+        if not math.isfinite(float(max_norm)):
+            return  # clip_grad_norm_(params, inf) only measures (HF max_grad_norm=0): nothing clips
         t = total.detach().float().reshape(1)
         clipped = (t > float(max_norm)).float()
         self._pending.append((self.step, ["clip_total_norm", "clip_clipped"], torch.cat([t, clipped])))

@@ -105,3 +105,10 @@ def test_saturation_needs_a_bounded_output():
     b = sat({"acts.0": 0.9}, flat_loss(300))
     b.series("act_std/acts.0", dict(zip(STEPS, [0.5] * 11 + [a.BOUNDED_STD * 1.5])))
     assert a.saturated_activations(b.record) == []
+
+
+def test_dead_relu_single_batch_needs_a_fully_dead_layer():
+    """A step-0 checkup has one batch: 55% idle units is chance, 100% is conclusive."""
+    one = lambda v: a.dead_relu(dead({"acts.1": [v]}).record)  # noqa: E731
+    assert one(0.56) == []
+    assert [f.severity for f in one(1.0)] == ["critical"]

@@ -61,6 +61,10 @@ def dead_relu(record: Record) -> list[Finding]:
         tail = values[-DEAD_CONFIRM_POINTS:]
         if min(tail) < DEAD_LAYER_FRAC:
             continue
+        if len(values) < DEAD_CONFIRM_POINTS and min(tail) < DEAD_FULL_FRAC:
+            # One batch (a step-0 checkup): a healthy He-init ReLU layer reads 50-56% "dead"
+            # on a single batch by chance; only a layer dead on every unit is conclusive.
+            continue
         i = len(values) - 1
         while i > 0 and values[i - 1] >= DEAD_LAYER_FRAC:
             i -= 1
