@@ -117,14 +117,20 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
             else:
                 console.print("No remedy both removed the critical findings and improved the loss "
                               "within the budget.")
+    _write_and_summarise(result.report, json_path, html_path, quiet)
+    sys.exit(result.status)
+
+
+def _write_and_summarise(report: Any, json_path: str | None, html_path: str | None, quiet: bool) -> None:
+    from .runner import write_outputs
+
     try:
-        written = write_outputs(result.report, json_path, html_path)
+        written = write_outputs(report, json_path, html_path)
     except OSError as exc:
         _fail(f"could not write the report: {exc}", code=1)
         return
     if not quiet:
-        _summary(result.report, written)
-    sys.exit(result.status)
+        _summary(report, written)
 
 
 def _summary(report: Any, written: list[str]) -> None:
@@ -223,13 +229,7 @@ def checkup_cmd(json_path: str | None, html_path: str | None, quiet: bool, scrip
         _fail(str(exc))
     result = runner.run()
     result.report.record.run["mode"] = "checkup"
-    try:
-        written = write_outputs(result.report, json_path, html_path)
-    except OSError as exc:
-        _fail(f"could not write the report: {exc}", code=1)
-        return
-    if not quiet:
-        _summary(result.report, written)
+    _write_and_summarise(result.report, json_path, html_path, quiet)
     if result.status:
         sys.exit(result.status)
     if not result.report.record.per_name("grad_norm"):
