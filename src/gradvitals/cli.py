@@ -65,7 +65,7 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
     Options before SCRIPT belong to gradvitals; everything after it goes to the script.
     Exits with the script's own status.
     """
-    from .runner import ScriptRunner, UsageError, check_outputs, write_outputs
+    from .runner import ScriptRunner, UsageError, check_outputs
 
     options = _options(every, full, tensorboard)
     applier = None
@@ -219,7 +219,7 @@ def checkup_cmd(json_path: str | None, html_path: str | None, quiet: bool, scrip
     architecture. Same report as `run`. Exits 0 once step 0 is diagnosed; the script's
     own status if it fails before; 1 if it ends without a backward."""
     from .recorder import Options
-    from .runner import ScriptRunner, UsageError, check_outputs, write_outputs
+    from .runner import ScriptRunner, UsageError, check_outputs
 
     runner = ScriptRunner(script, list(args), Options(every=1), stop_after_first_step=True)
     try:
