@@ -27,6 +27,9 @@ DEAD_WINDOW = 4
 
 _NAN = float("nan")
 
+#: Above this many elements CPU count_nonzero leaves its fast path (see stats()).
+_COUNT_NONZERO_MAX = 32768
+
 
 def first_tensor(output: object) -> Tensor | None:
     """The main tensor of a module output (LSTM returns (out, (h, c)))."""
@@ -63,24 +66,31 @@ def stats(x: Tensor, sat: str | None) -> Tensor:
     n = x.numel()
     if n == 0:
         return torch.full((5,), _NAN, device=x.device)
-    if n > 1:
-        var, mean = torch.var_mean(x, correction=0)
-        std = var.sqrt()
-    else:
-        mean, std = x.reshape(()), torch.zeros((), device=x.device)
+    v = x.reshape(-1)
     inv = 1.0 / n
-    # count_nonzero reduces without materialising a float copy of a mask: about 40%
-    # cheaper than (x == 0).sum(dtype=float32) on CPU, and the count is exact.
-    zero = (n - torch.count_nonzero(x)).float() * inv
+    # Two passes (sum, then the centred sum of squares) instead of var_mean: CPU
+    # var_mean is a Welford loop ~10-20x slower than two vectorised passes, and the
+    # centred second pass keeps the float32 error at ~1e-6 relative (no E[x^2]-E[x]^2
+    # cancellation).
+    mean = v.sum() * inv
+    centred = v - mean
+    std = (centred.square().sum() * inv).sqrt()
+    # CPU count_nonzero slows ~50x past its 32768-element grain on half-zero data
+    # (ReLU outputs); an equality mask summed as integers is exact and steady there.
+    if n <= _COUNT_NONZERO_MAX:
+        zero = (n - torch.count_nonzero(v)).float() * inv
+    else:
+        zero = (v == 0).sum().float() * inv
     if sat == "sigmoid":
         satf = ((x < SIGMOID_SAT_MARGIN) | (x > 1 - SIGMOID_SAT_MARGIN)).sum(dtype=torch.float32) * inv
     elif sat == "tanh":
         satf = (x.abs() > TANH_SAT_LEVEL).sum(dtype=torch.float32) * inv
     else:
         satf = torch.full((), _NAN, device=x.device)
-    # mean/std turn NaN/Inf as soon as one element is; count them only then would
-    # need a branch on a device value (a sync), so count always: one more reduction.
-    nonfinite = (n - torch.count_nonzero(torch.isfinite(x))).float() * inv
+    # v - v is 0 for a finite element and NaN for NaN/Inf: its nonzeros count the
+    # non-finite elements. Mostly zeros, so count_nonzero is fast on it, ~4x cheaper
+    # than counting isfinite's mask.
+    nonfinite = torch.count_nonzero(v - v).float() * inv
     return torch.stack([mean.float(), std.float(), zero, satf, nonfinite])
 
 
@@ -98,8 +108,15 @@ class DeadUnits:
         if x.dim() == 0:
             return torch.full((), _NAN, device=x.device)
         dim = dim % x.dim()
-        dims = tuple(d for d in range(x.dim()) if d != dim)
-        active = (torch.amax(x, dim=dims) > 0) if dims else (x > 0)
+        if x.dim() == 1:
+            active = x > 0
+        elif dim == x.dim() - 1:  # (N, F), (N, L, F): one reduction over the leading rows
+            active = x.reshape(-1, x.shape[-1]).amax(0) > 0
+        elif dim == 1:  # (N, C, ...): the spatial dims first, then the batch (CPU amax
+            # over dims (0, 2, 3) at once is up to ~3x slower)
+            active = x.flatten(2).amax(2).amax(0) > 0
+        else:
+            active = torch.amax(x, dim=tuple(d for d in range(x.dim()) if d != dim)) > 0
         if self.masks and self.masks[-1].shape != active.shape:
             self.masks.clear()  # the layer changed shape (e.g. variable width): restart
         self.masks.append(active)
