@@ -84,7 +84,7 @@ def test_wrapped_model_reports_the_users_names_and_kinds():
 
 def test_fsdp_generated_class_reports_the_users_class():
     class FSDPModule:  # the shape of torch's generated class: FSDP<Name>(FSDPModule, <Name>)
-        pass
+        """Stands in for torch.distributed.fsdp.FSDPModule."""
 
     generated = type("FSDPLinear", (FSDPModule, nn.Linear), {})
     assert distributed.module_kind(generated(2, 2)) == "Linear"

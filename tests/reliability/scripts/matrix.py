@@ -38,7 +38,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 def _no_attach(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
-    pass
+    """The plain run: nothing attached."""
 
 
 def mlp(width: int = 32, norm: bool = False) -> nn.Sequential:
