@@ -295,3 +295,18 @@ def test_clip_with_infinite_max_norm_is_not_clipping_telemetry():
         torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         opt.step()
     assert "clip_max_norm" not in w.record.series and "clip_clipped" not in w.record.series
+
+
+def test_gradient_norm_overflow_is_not_called_a_nan():
+    """Finite gradients whose float32 norm overflows are named as such (not 'NaN in backward')."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gv.watch(model, opt) as w:
+        model(torch.ones(2, 4)).sum().backward()
+        with torch.no_grad():
+            model[0].weight.grad.fill_(1e38)  # every element finite; the norm is not
+        opt.step()
+    ev = w.record.events_of("nonfinite_origin")[0]
+    assert ev["kind"] == "norm_overflow" and ev["module"] == "0"
+    f = [f for f in w.report()["findings"] if f["code"] == "nonfinite"][0]
+    assert "overflows" in f["summary"]

@@ -627,8 +627,10 @@ class Recorder:
                 keys, before, wnorm = o.before
                 o.before = None
                 with torch.no_grad():
-                    diff = torch._foreach_sub([p.detach() for p in o.params], before)
-                    dnorm = fused_norms(diff)
+                    # In place into the snapshot (ours, dropped right after): before - after
+                    # has the same norm as after - before, without allocating a second copy.
+                    torch._foreach_sub_(before, [p.detach() for p in o.params])
+                    dnorm = fused_norms(before)
                     ratio = dnorm / wnorm.clamp_min(1e-12)
                 self._pending.append((self.step, ["update_ratio/" + k for k in keys], ratio))
             if len(self._opts) == 1 or self._cycle_last == id(opt):
@@ -797,6 +799,9 @@ class Recorder:
                 name, v = max(grads, key=lambda g: depth(g[0]))
                 found = {"kind": "gradient", "module": self.record.layer_of(name), "param": name,
                          "value": "nan" if math.isnan(v) else "inf"}
+                if math.isinf(v) and self._grad_elements_finite(name):
+                    # Elements up to ~1e19 are finite, but their float32 norm is not.
+                    found["kind"] = "norm_overflow"
             else:
                 k = first[0][1]
                 name = k.split("/", 1)[1] if "/" in k else None
@@ -809,6 +814,14 @@ class Recorder:
             event["module_kind"] = self.record.layers[module].kind
         event = distributed.merge_origin(self, event)  # multi-rank: the first bad rank's origin
         self.record.event("nonfinite_origin", **event)
+
+    def _grad_elements_finite(self, name: str) -> bool:
+        """Whether a parameter's gradient holds only finite values (one sync; NaN path only)."""
+        for m in self.models:
+            for n, p in m.params:
+                if n == name and p.grad is not None and not p.grad.is_sparse:
+                    return bool(torch.isfinite(p.grad).all())
+        return False
 
     # ---------------------------------------------------------- failures
     def _fail(self, probe: str, exc: BaseException) -> None:

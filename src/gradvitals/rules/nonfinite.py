@@ -16,6 +16,8 @@ _WHAT = {
     "weight": "holds non-finite weights",
     "gradient": "received the first non-finite gradient (backward)",
     "loss": "the loss computation itself produced the first NaN/Inf (forward outputs were finite)",
+    "norm_overflow": ("has gradients so large that their float32 norm overflows to Inf (the elements are "
+                      "still finite): the gradients have exploded"),
 }
 
 
