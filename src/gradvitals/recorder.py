@@ -705,11 +705,13 @@ class Recorder:
             self._pending.append((step, keys, norms))
             # Several optimizers in one step: the global norm accumulates over all of them
             # (the series keeps one point per step: a later value at the same step replaces it).
-            sq = norms.float().square().sum()
+            # One kernel each: the norm of the per-parameter norms, and hypot(this, earlier)
+            # to add a later optimizer's share (sqrt(a^2 + b^2) without overflowing).
+            total = torch.linalg.vector_norm(norms.float()).reshape(1)
             if self._global_sq is not None and self._global_sq[0] == step:
-                sq = sq + self._global_sq[1]
-            self._global_sq = (step, sq)
-            self._pending.append((step, ["grad_norm_global"], sq.sqrt().float().reshape(1)))
+                total = torch.hypot(total, self._global_sq[1])
+            self._global_sq = (step, total)
+            self._pending.append((step, _GLOBAL_KEYS, total))
         loss_key = "loss" if o is None or o.index == 0 else f"loss/{o.label}"
         self._forward_since_flush = False
         if self._losses:
@@ -918,6 +920,7 @@ class Recorder:
 #: an optimizer that never steps must not hold every loss of the run.
 MAX_STEP_LOSSES = 1024
 
+_GLOBAL_KEYS = ["grad_norm_global"]  # shared, never mutated
 _NONFINITE_WATCHED = {"loss", "grad_norm", "grad_norm_global", "act_mean", "act_std", "weight_norm",
                       "clip_total_norm"}
 
