@@ -310,3 +310,52 @@ def test_gradient_norm_overflow_is_not_called_a_nan():
     assert ev["kind"] == "norm_overflow" and ev["module"] == "0"
     f = [f for f in w.report()["findings"] if f["code"] == "nonfinite"][0]
     assert "overflows" in f["summary"]
+
+
+def test_pause_detaches_everything_and_resume_carries_on(digits):
+    X, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    backward_before = torch.Tensor.backward
+
+    def step(i: int) -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[i * 32:(i + 1) * 32]), y[i * 32:(i + 1) * 32]).backward()
+        opt.step()
+
+    w = gv.watch(model, opt, every=1)
+    step(0)
+    step(1)
+    with w.paused():
+        assert w.is_paused
+        assert torch.Tensor.backward is backward_before
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+        for i in range(2, 5):
+            step(i)
+        assert w.step == 2  # nothing counted while paused
+    assert not w.is_paused
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X[160:192]), y[160:192]).backward()
+    expected = model[0].weight.grad.norm().item()
+    opt.step()
+    w.close()
+    s = w.record.series["grad_norm/0.weight"]
+    assert list(s.steps) == [0, 1, 2]
+    assert s.values[-1] == pytest.approx(expected, rel=1e-6)  # measured anew after resuming
+    assert w.record.series["act_mean/0"].steps[-1] == 2
+
+
+def test_pause_and_resume_are_idempotent_and_harmless_after_close():
+    model = mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gv.watch(model, opt)
+    w.pause()
+    w.pause()
+    w.resume()
+    w.resume()
+    assert len(opt._optimizer_step_pre_hooks) == 1
+    w.close()
+    w.resume()  # closed: stays detached
+    assert not opt._optimizer_step_pre_hooks

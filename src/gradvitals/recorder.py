@@ -100,6 +100,7 @@ class _Model:
     last_inputs: tuple[tuple, dict] | None = None
     traced_step: int = -1
     topology_done: bool = False
+    local_hooks: bool = False  # its root hooks live on the module (gv.watch), not global (runner)
 
 
 @dataclass
@@ -114,6 +115,7 @@ class _Opt:
     preclip: tuple[list[str], Tensor] | None = None
     before: tuple[list[str], list[Tensor], Tensor] | None = None
     handles: list[Any] = field(default_factory=list)
+    local_hooks: bool = False  # its step hooks live on the optimizer (gv.watch)
 
 
 class Recorder:
@@ -157,6 +159,7 @@ class Recorder:
         self._scaler_pre_calls = 0
         self._origin_done = False
         self._closed = False
+        self._paused = False
         self._started = time.time()
         self._tb: Any = None
         self._dist: Any = None  # distributed.Merger once a multi-rank process group exists
@@ -182,10 +185,9 @@ class Recorder:
             self._index_model(model)
         # else _relabel() indexes it under its prefix: indexed bare first, its names
         # would collide with the first model's ("0.weight") and take over its series
-        if local_hooks:
-            model.handles.append(module.register_forward_pre_hook(self._root_pre_hook))
-            model.handles.append(module.register_forward_hook(self._root_post_hook, with_kwargs=True,
-                                                              always_call=True))
+        model.local_hooks = local_hooks
+        if local_hooks and not self._paused:
+            self._hook_model(model)
         if len(self.models) > 1:
             self._relabel()
         return model
@@ -296,11 +298,70 @@ class Recorder:
         label = f"opt{len(self._opts)}" if self._opts else "opt"
         o = _Opt(ref=weakref.ref(opt), index=len(self._opts), label=label)
         self._opts[id(opt)] = o
-        if local_hooks:
-            o.handles.append(opt.register_step_pre_hook(self._opt_pre_hook))
-            o.handles.append(opt.register_step_post_hook(self._opt_post_hook))
+        o.local_hooks = local_hooks
+        if local_hooks and not self._paused:
+            self._hook_optimizer(o, opt)
         self._version += 1
         return o
+
+    def _hook_model(self, model: _Model) -> None:
+        model.handles.append(model.module.register_forward_pre_hook(self._root_pre_hook))
+        model.handles.append(model.module.register_forward_hook(self._root_post_hook, with_kwargs=True,
+                                                                always_call=True))
+
+    def _hook_optimizer(self, o: _Opt, opt: torch.optim.Optimizer) -> None:
+        o.handles.append(opt.register_step_pre_hook(self._opt_pre_hook))
+        o.handles.append(opt.register_step_post_hook(self._opt_post_hook))
+
+    # ------------------------------------------------------------ pause
+    def pause(self) -> None:
+        """Detach every hook and patch, keeping the record and the step count: while
+        paused, training runs exactly as unwatched (nothing is measured, no step is
+        counted). :meth:`resume` re-attaches. Idempotent; a no-op once closed."""
+        if self._paused or self._closed:
+            return
+        self._paused = True
+        self._remove_hooks()
+        patches.uninstall(self)
+
+    def resume(self) -> None:
+        """Re-attach what :meth:`pause` detached. Idempotent; a no-op once closed."""
+        if not self._paused or self._closed:
+            return
+        self._paused = False
+        patches.install(self)
+        for m in self.models:
+            if m.local_hooks:
+                self._hook_model(m)
+        for o in self._opts.values():
+            opt = o.ref()
+            if o.local_hooks and opt is not None:
+                self._hook_optimizer(o, opt)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _remove_hooks(self) -> None:
+        for h in self._act_handles:
+            h.remove()
+        self._act_handles = []
+        self._act_model = None
+        if self._act_mode is not None:
+            try:
+                self._act_mode.__exit__(None, None, None)
+            except Exception:
+                pass
+            self._act_mode = None
+        for m in self.models:
+            for h in m.handles:
+                h.remove()
+            m.handles = []
+        for o in self._opts.values():
+            for h in o.handles:
+                h.remove()
+            o.handles = []
+            o.before = None
 
     def _opt_params(self, o: _Opt, opt: torch.optim.Optimizer) -> None:
         """Parameters measured at this optimizer's step: its own, plus the other
@@ -884,24 +945,7 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        for h in self._act_handles:
-            h.remove()
-        self._act_handles = []
-        if self._act_mode is not None:
-            try:
-                self._act_mode.__exit__(None, None, None)
-            except Exception:
-                pass
-            self._act_mode = None
-        for m in self.models:
-            for h in m.handles:
-                h.remove()
-            m.handles = []
-        for o in self._opts.values():
-            for h in o.handles:
-                h.remove()
-            o.handles = []
-            o.before = None
+        self._remove_hooks()
         patches.uninstall(self)
         self.finish()
         if self._tb is not None:

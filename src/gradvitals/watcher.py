@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -90,6 +91,32 @@ class Watch:
         return rep
 
     # -- lifetime ----------------------------------------------------------
+    def pause(self) -> None:
+        """Stop watching for now (an evaluation loop, a phase you don't want in the
+        record): every hook and patch is detached, so the model trains exactly as
+        unwatched and no step is counted. The record is kept. Idempotent."""
+        self._recorder.pause()
+
+    def resume(self) -> None:
+        """Watch again after :meth:`pause`; the step count carries on. Idempotent."""
+        self._recorder.resume()
+
+    @property
+    def is_paused(self) -> bool:
+        return self._recorder.paused
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[Watch]:
+        """``with w.paused(): evaluate(model)`` pauses inside the block (unless it already was)
+        and resumes after it, even on an exception."""
+        was = self._recorder.paused
+        self._recorder.pause()
+        try:
+            yield self
+        finally:
+            if not was:
+                self._recorder.resume()
+
     def close(self) -> None:
         """Remove every hook gradvitals attached. Idempotent."""
         self._recorder.close()
