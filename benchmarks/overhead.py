@@ -67,6 +67,10 @@ BUDGET_RECORD_MB = 100.0  # a 1,000,000-step run over 100 layers
 BUDGET_SYNCS_PER_STEP = 1  # host<->device synchronisations per optimizer step, default mode
 
 RECORD_STEPS = 1_000_000
+#: Untimed steps of each gradvitals method before the rounds: its default schedule runs
+#: the scheduled probes every 25 steps up to step 1000 (Options.late_after), every 100
+#: after; a long run spends its time past that. gv_early measures the first phase.
+GV_WARMUP = 1000
 RECORD_LAYERS = 100
 
 
@@ -180,6 +184,8 @@ class Method:
 
     name = "plain"
     label = "plain step"
+    #: Untimed steps before the rounds (None: one block).
+    warmup: int | None = None
 
     def __init__(self, wl: Workload, shared: tuple[nn.Module, torch.optim.Optimizer]) -> None:
         self.wl = wl
@@ -226,8 +232,9 @@ class PlainTwin(Method):
 
 class GradvitalsMethod(Method):
     name = "gv_default"
-    label = "gradvitals watch (default)"
+    label = "gradvitals watch (default), steady state (past step late_after=1000)"
     options: dict[str, Any] = {}
+    warmup = GV_WARMUP  # the steady state a long run spends its time in (see --gv-warmup)
 
     def setup(self) -> None:
         self.watch = gv.watch(self.model, self.opt, **self.options)
@@ -249,10 +256,18 @@ class GradvitalsNoOrigin(GradvitalsMethod):
     options = {"nonfinite_origin": False}
 
 
+class GradvitalsEarly(GradvitalsMethod):
+    name = "gv_early"
+    label = "gradvitals watch (default), its first 1000 steps (scheduled probes every 25)"
+    options = {"late_after": 10**12}
+    warmup = None
+
+
 class GradvitalsFull(GradvitalsMethod):
     name = "gv_full"
     label = "gradvitals full=True (every probe every step)"
     options = {"full": True}
+    warmup = None  # one rate throughout
 
 
 class NaiveItem(Method):
@@ -367,7 +382,7 @@ def _available(method: type[Method]) -> bool:
     return True
 
 
-METHODS: list[type[Method]] = [Method, PlainTwin, GradvitalsMethod, GradvitalsNoOrigin, GradvitalsFull, NaiveItem,
+METHODS: list[type[Method]] = [Method, PlainTwin, GradvitalsMethod, GradvitalsEarly, GradvitalsNoOrigin, GradvitalsFull, NaiveItem,
                                ClipTotal, DetectAnomaly, ActHooks, TensorBoardHist, WandbWatch]
 
 
@@ -410,7 +425,7 @@ def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps
         # Warm-up block (untimed): allocator, first-step work (gradvitals traces the topology at step 0).
         for m in insts:
             m.enter()
-            for _ in range(steps):
+            for _ in range(steps if m.warmup is None else m.warmup):
                 m.step()
             m.exit()
         for r in range(rounds):
@@ -618,7 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default=",".join(all_wl), help="comma-separated subset of W1,W2,W3,W4")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names (plain always runs)")
     p.add_argument("--rounds", type=int, default=11, help="alternating rounds (default 11)")
-    p.add_argument("--steps", type=int, default=25, help="optimizer steps per method per round (default 25)")
+    p.add_argument("--steps", type=int, default=100,
+                   help="optimizer steps per method per round (default 100 = the default schedule's late "
+                        "interval, so every block holds exactly one scheduled step)")
+    p.add_argument("--gv-warmup", type=int, default=GV_WARMUP,
+                   help=f"untimed steps of each gradvitals method first (default {GV_WARMUP}: its steady state)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 5 steps, small record")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "latest.json"),
                    help="JSON results path")
@@ -632,6 +651,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.rounds < 1 or a.steps < 1:
         p.error("--rounds and --steps must be positive integers")
     rounds, steps, rec_steps = (2, 5, 20_000) if a.quick else (a.rounds, a.steps, RECORD_STEPS)
+    if a.gv_warmup < 0:
+        p.error("--gv-warmup must be a non-negative integer")
+    for m in (GradvitalsMethod, GradvitalsNoOrigin):
+        m.warmup = 5 if a.quick else a.gv_warmup
     methods = [m for m in METHODS if _available(m)]
     if a.methods:
         want = {x.strip() for x in a.methods.split(",")} | {"plain"}
@@ -648,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": THREADS, "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
                     "device": "cpu", "dtype": "float32"},
         "settings": {"rounds": rounds, "steps_per_block": steps, "loss_item_in_step": False,
+                     "gv_warmup_steps": GradvitalsMethod.warmup,
                      "vocab": VOCAB, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "methods": {m.name: m.label for m in methods},

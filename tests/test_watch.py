@@ -173,7 +173,7 @@ def test_probe_error_does_not_stop_training(digits, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("probe exploded")
 
-    monkeypatch.setattr(activations, "stats", broken)
+    monkeypatch.setattr(activations, "row_stats", broken)
     torch.manual_seed(0)
     model = mlp(depth=2)
     with gv.watch(model, every=1) as w:

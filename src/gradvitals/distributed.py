@@ -46,6 +46,7 @@ import datetime
 import logging
 import math
 import os
+import sys
 import signal
 import threading
 import zlib
@@ -151,6 +152,13 @@ def _dtensor_type() -> type | None:
         return DTensor
     except Exception:  # torch without distributed
         return None
+
+
+def dtensor_type_if_loaded() -> type | None:
+    """DTensor when torch.distributed.tensor is imported (only then can one exist);
+    None otherwise, without importing it (a dict lookup: for the per-step path)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
 
 
 def local_tensors(tensors: list[Tensor]) -> list[Tensor]:

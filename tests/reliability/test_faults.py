@@ -44,7 +44,7 @@ def test_raising_probe_in_runner_mode_warns_once_and_training_is_unchanged(monke
     def broken(*a, **k):
         raise RuntimeError("probe exploded")
 
-    monkeypatch.setattr(activations, "stats", broken)
+    monkeypatch.setattr(activations, "row_stats", broken)
     with caplog.at_level(logging.WARNING, logger="gradvitals"):
         res = ScriptRunner(str(MATRIX), argv, Options(every=1)).run()
     assert res.status == 0 and res.error is None

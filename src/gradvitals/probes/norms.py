@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from ..distributed import local_tensors
+from ..distributed import dtensor_type_if_loaded, local_tensors
 
 _FOREACH_DTYPE_ARG = True  # torch >= 2.3 takes dtype= in _foreach_norm; probed once below
 
@@ -30,11 +30,15 @@ def _foreach_norm(tensors: list[Tensor]) -> list[Tensor]:
     return [n.float() for n in torch._foreach_norm([t.float() for t in tensors], 2)]
 
 
+foreach_norm = _foreach_norm  # one device, one dtype: the recorder's hot path
+
+
 def fused_norms(tensors: list[Tensor]) -> Tensor:
     """L2 norm of each tensor, as one float32 vector (order kept), no host sync."""
     if not tensors:
         return torch.zeros(0)
-    tensors = local_tensors(tensors)  # FSDP2 DTensors: the local shard (merged across ranks later)
+    if dtensor_type_if_loaded() is not None:
+        tensors = local_tensors(tensors)  # FSDP2 DTensors: the local shard (merged across ranks later)
     home = tensors[0].device
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     sparse: list[int] = []
