@@ -1,0 +1,179 @@
+"""The performance paths (issue 7) compute the same numbers as the plain ones.
+
+Batched activation statistics, the in-place safety check that decides what may be
+batched, the kept CPU buffers, and the thinned late schedule: each checked against
+torch as the oracle on real modules and real training steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradvitals as gv
+from gradvitals.probes import activations as ap
+from gradvitals.recorder import Options
+
+
+def _oracle(x: torch.Tensor, sat: str | None) -> list[float]:
+    x = x.double()
+    fin = torch.isfinite(x)
+    if sat == "tanh":
+        s = (x.abs() > ap.TANH_SAT_LEVEL).double().mean().item()
+    elif sat == "sigmoid":
+        s = ((x < ap.SIGMOID_SAT_MARGIN) | (x > 1 - ap.SIGMOID_SAT_MARGIN)).double().mean().item()
+    else:
+        s = math.nan
+    return [x.mean().item(), x.std(unbiased=False).item(), (x == 0).double().mean().item(), s,
+            (~fin).double().mean().item()]
+
+
+@pytest.mark.parametrize("sat", [None, "tanh", "sigmoid"])
+def test_batched_stats_match_torch_row_by_row(sat):
+    torch.manual_seed(0)
+    xs = []
+    for i in range(4):
+        x = torch.randn(64, 33) * (1 + i)
+        x[x.abs() < 0.4] = 0
+        x = {"tanh": torch.tanh, "sigmoid": torch.sigmoid}.get(sat, lambda t: t)(x)
+        if i == 2:  # NaN and Inf: the mean/std become NaN, the fractions stay exact
+            x.view(-1)[::97] = math.nan
+            x.view(-1)[5::193] = math.inf
+        xs.append(x)
+    got = ap.batch_stats(xs, sat, ap.Scratch())
+    single = torch.stack([ap.stats(x, sat) for x in xs])
+    for x, row, one in zip(xs, got.tolist(), single.tolist()):
+        want = _oracle(x, sat)
+        for g, o, w in zip(row, one, want):
+            if math.isnan(w):
+                assert math.isnan(g) and math.isnan(o)
+            else:
+                assert g == pytest.approx(w, rel=1e-5, abs=1e-7)
+                assert o == pytest.approx(w, rel=1e-5, abs=1e-7)
+
+
+def test_std_is_centred_not_cancelled():
+    """mean 1000, std 0.01: E[x^2] - E[x]^2 in float32 would be pure rounding noise."""
+    torch.manual_seed(0)
+    x = 1000 + 0.01 * torch.randn(128, 256)
+    got = ap.stats(x, None).tolist()
+    assert got[1] == pytest.approx(x.double().std(unbiased=False).item(), rel=1e-3)
+
+
+def test_scratch_is_reused_and_bounded():
+    s = ap.Scratch(max_numel=1000)
+    like = torch.zeros(1)
+    a = s.get(1, 2, 100, like)
+    b = s.get(1, 3, 50, like)
+    assert a.data_ptr() == b.data_ptr()  # the same kept buffer
+    assert s.get(1, 10, 101, like) is None  # over the bound: the caller allocates
+    assert s.get(0, 1, 10, torch.zeros(1, dtype=torch.float64)) is not None  # float32 work buffer
+
+
+def test_inplace_activation_after_a_layer_keeps_the_layers_own_stats():
+    """nn.ReLU(inplace=True) rewrites the Linear's output after the Linear's hook ran:
+    the Linear's statistics must be those of its own output (negative values, no
+    zeros), on the first traced step and on every later (batched) one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 32), nn.ReLU(inplace=True),
+                          nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(64, 16)
+    pre = []
+    h = model[0].register_forward_hook(lambda m, a, o: pre.append(o.detach().clone()))
+    with gv.watch(model, opt, every=1) as w:
+        for _ in range(4):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    h.remove()
+    s = w.record.series
+    assert list(s["act_mean/0"].steps) == [0, 1, 2, 3]
+    for step, value in zip(s["act_zero_frac/0"].steps, s["act_zero_frac/0"].values):
+        assert value == pytest.approx((pre[step] == 0).float().mean().item())
+    for step, value in zip(s["act_mean/0"].steps, s["act_mean/0"].values):
+        assert value == pytest.approx(pre[step].mean().item(), rel=1e-5, abs=1e-7)
+    assert s["act_zero_frac/1"].values[-1] > 0.2  # the ReLU's own output: zeros
+
+
+def test_batched_group_matches_one_by_one_on_a_real_mlp(digits):
+    """A 6-layer MLP's equal-shape outputs go through one batched pass from step 1 on;
+    every statistic equals torch's on the hooked outputs."""
+    X, y = digits
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, 48), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Linear(48, 48), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(48, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    outs: dict[int, dict[str, torch.Tensor]] = {}
+    step = [0]
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: outs.setdefault(step[0], {}).__setitem__(n, o.detach().clone()))
+             for n, m in model.named_children()]
+    with gv.watch(model, opt, every=1) as w:
+        for i in range(3):
+            step[0] = i
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[:96]), y[:96]).backward()
+            opt.step()
+    for h in hooks:
+        h.remove()
+    s = w.record.series
+    for name, out in outs[2].items():
+        sat = "tanh" if isinstance(model[int(name)], nn.Tanh) else None
+        want = _oracle(out, sat)
+        for q, wv in zip(ap.STAT_NAMES, want):
+            got = s[f"{q}/{name}"].values[-1]
+            assert s[f"{q}/{name}"].steps[-1] == 2
+            if math.isnan(wv):
+                assert math.isnan(got)
+            else:
+                assert got == pytest.approx(wv, rel=1e-5, abs=1e-7), (q, name)
+    # dead units over the window, for a Linear: never positive on any of the 3 batches
+    never = torch.stack([(outs[i]["2"] > 0).any(0) for i in range(3)]).any(0)
+    assert s["dead_frac/2"].values[-1] == pytest.approx(1 - never.float().mean().item())
+
+
+def test_update_ratio_stays_exact_with_the_kept_snapshot(digits):
+    """The CPU weight snapshot is a kept buffer, overwritten each scheduled step."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ratios = []
+    with gv.watch(model, opt, every=2) as w:
+        for i in range(6):
+            before = model[0].weight.detach().clone()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[:64]), y[:64]).backward()
+            opt.step()
+            ratios.append(((model[0].weight - before).norm() / before.norm()).item())
+    s = w.record.series["update_ratio/0.weight"]
+    assert list(s.steps) == [0, 2, 4]
+    for step, value in zip(s.steps, s.values):
+        assert value == pytest.approx(ratios[step], rel=1e-4)
+
+
+def test_late_schedule_thins_the_scheduled_probes():
+    o = Options()
+    assert (o.every, o.late_every, o.late_after) == (25, 100, 1000)
+    assert Options(every=5).late_every == 20
+    with pytest.raises(ValueError, match="late_every"):
+        Options(late_every=0)
+    with pytest.raises(ValueError, match="late_after"):
+        Options(late_after=-1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+    with gv.watch(model, opt, every=2, late_every=5, late_after=6) as w:
+        for _ in range(21):
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+    assert list(w.record.series["act_mean/0"].steps) == [0, 2, 4, 10, 15, 20]
+    assert list(w.record.series["weight_norm/0.weight"].steps) == [0, 2, 4, 10, 15, 20]
+    assert len(w.record.series["grad_norm/0.weight"]) == 21  # every step, whatever the schedule
