@@ -83,3 +83,31 @@ def test_pure_layers_do_not_import_torch():
             "gradvitals.findings; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _state(s: Series) -> tuple:
+    return (list(s.steps), [repr(v) for v in s.values], s.stride, s.count, s.min, s.max, s.max_step,
+            s.first_nonfinite_step, s.last_step, repr(s.last_value))
+
+
+@pytest.mark.parametrize("cap", [4, 16, 1000])
+def test_extend_is_exactly_a_run_of_appends(cap):
+    """Bulk extend (a ring of recent steps) == one append per value, through
+    decimations, NaN/Inf, ties at the max, and a chunk that starts on a replaced step."""
+    import random
+
+    rng = random.Random(cap)
+    a, b = Series(cap), Series(cap)
+    step = 0
+    for chunk in range(60):
+        n = rng.randint(1, 40)
+        steps = list(range(step, step + n))
+        values = [rng.choice([rng.random(), 5.0, -1.0, math.nan, math.inf]) if rng.random() < 0.1
+                  else rng.random() for _ in range(n)]
+        if chunk == 30:  # the first step repeats the last one: a replacement
+            steps = [step - 1] + steps[:-1]
+        for st, v in zip(steps, values):
+            a.append(st, v)
+        b.extend(steps, values)
+        assert _state(a) == _state(b), chunk
+        step = steps[-1] + 1

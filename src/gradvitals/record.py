@@ -113,6 +113,36 @@ class Series:
             self.values = self.values[::2]
             self.stride *= 2
 
+    def extend(self, steps: list[int], values: list[float]) -> None:
+        """Exactly ``append(s, v)`` for each pair in order, in bulk (a ring of recent
+        steps fetched at once): slices and builtins instead of a call per value."""
+        n = len(values)
+        if not n:
+            return
+        stride = self.stride
+        if ((self.last_step is not None and steps[0] <= self.last_step)
+                or len(self.steps) + n // stride + 1 >= self.cap):
+            for st, v in zip(steps, values):  # a replaced step or a decimation inside
+                self.append(st, v)
+            return
+        if all(map(math.isfinite, values)):
+            lo, hi = min(values), max(values)
+            if lo < self.min:
+                self.min = lo
+            if hi > self.max:
+                self.max = hi
+                self.max_step = steps[values.index(hi)]
+        else:
+            for st, v in zip(steps, values):
+                self._summarise(st, v)
+        first = (-self.count) % stride  # the first index append() would keep
+        if first < n:
+            self.steps.extend(steps[first::stride])
+            self.values.extend(values[first::stride])
+        self.count += n
+        self.last_step = steps[-1]
+        self.last_value = values[-1]
+
     def _summarise(self, step: int, value: float) -> None:
         if math.isfinite(value):
             if value < self.min:

@@ -126,9 +126,13 @@ class _Opt:
     version: int = -1
     fast: bool = False  # params: dense, one device, one float dtype, no DTensor (one fused kernel)
     lr_keys: list[str] = field(default_factory=list)
+    loss_keys: list[str] = field(default_factory=lambda: ["loss"])
     wkeys: list[str] = field(default_factory=list)  # "weight_norm/<name>" per param
     ukeys: list[str] = field(default_factory=list)  # "update_ratio/<name>" per param
     snapshot: list[Tensor] | None = None  # kept weight-copy buffers (CPU, see _snapshot)
+    ring: Tensor | None = None  # (RING_STEPS, params) per-parameter norms awaiting a fetch
+    ring_steps: list[int] = field(default_factory=list)  # the steps in the ring, in order
+    ring_keys: list[str] | None = None  # the keys of the ring's columns
     preclip: tuple[list[str], Tensor] | None = None
     before: tuple[list[str], list[Tensor], Tensor] | None = None
     handles: list[Any] = field(default_factory=list)
@@ -216,6 +220,7 @@ class Recorder:
         self._global_value = 0.0
         self._rows: dict[tuple[str, ...], tuple[list[Series], list[int], bool]] = {}  # see _row()
         self._rows_of: dict[str, Series] | None = None
+        self._ring_nonfinite: list[tuple[int, str, float]] = []
         self.progress: Any = None  # reports.progress.Progress: the CLI's live status line
         self.backward_mode_models: set[int] = set()
         patches.install(self)
@@ -300,6 +305,7 @@ class Recorder:
 
     def _relabel(self) -> None:
         """Several models: prefix every name with its model's label ("netD:main.0")."""
+        self._drain_rings()  # recorded under the old names first, renamed below
         labels: dict[str, int] = {}
         for m in self.models:
             labels[m.label] = labels.get(m.label, 0) + 1
@@ -424,6 +430,9 @@ class Recorder:
         n = sum(len(g["params"]) for g in opt.param_groups)
         if o.version == self._version and len(o.params) >= n:
             return
+        if o.ring_steps:
+            self._drain_rings()  # under the old names, before they change
+        o.ring = None
         own = [p for g in opt.param_groups for p in g["params"]]
         own_ids = {id(p) for p in own}
         # Parameters of these models that no optimizer updates: measured here (the
@@ -687,7 +696,9 @@ class Recorder:
             return  # another watch's model (two models trained in turn)
         if (isinstance(tensor, Tensor) and tensor.numel() == 1 and tensor.is_floating_point()
                 and not self._explicit_loss and not self._closure_measured):
-            loss = tensor.detach().reshape(())
+            loss = tensor.detach()
+            if loss.dim():
+                loss = loss.reshape(())
             scaled, self._scaled_loss = self._scaled_loss, None
             if scaled is not None and scaled[0] is tensor:
                 loss = loss / scaled[1].reshape(())  # GradScaler: the user's loss, not loss * 65536
@@ -817,6 +828,7 @@ class Recorder:
         dead = [k for k, o in self._opts.items() if o.ref() is None]
         if not dead:
             return
+        self._drain_rings()  # their last steps' norms, before they go
         for k in dead:
             del self._opts[k]
         for i, o in enumerate(sorted(self._opts.values(), key=lambda o: o.index)):
@@ -880,7 +892,9 @@ class Recorder:
         self.record.steps = self.step
 
     # ------------------------------------------------------ measure + sync
-    def _grad_norms(self, o: _Opt | None) -> tuple[list[str], Tensor] | None:
+    def _grad_norms(self, o: _Opt | None, ring: bool = False) -> tuple[list[str], Tensor] | None:
+        """(keys, per-parameter norms), or with ``ring`` on the fast path (the per-
+        parameter norms go to the optimizer's ring): (["grad_norm_global"], global norm)."""
         if o is None:
             params = [p for m in self.models for _, p in m.params if p.requires_grad]
             names = [n for m in self.models for n, p in m.params if p.requires_grad]
@@ -902,9 +916,18 @@ class Recorder:
             # The steady state: every parameter has a dense gradient on one device in
             # one dtype (checked when the parameter list was built). One fused kernel.
             try:
-                return keys, torch.stack(foreach_norm(grads))
+                if ring:
+                    # Written into the optimizer's ring of recent steps, kept on the
+                    # device and fetched every RING_STEPS steps (see _flush); this
+                    # step's global norm is fetched now.
+                    row = self._ring_row(o, grads[0])
+                    torch.stack(foreach_norm(grads), out=row)
+                    o.ring_steps.append(self.step)
+                    return _GLOBAL_KEYS, [torch.linalg.vector_norm(row)]
+                return keys, foreach_norm(grads)  # 0-d each: stacked with the step's scalars
             except Exception:  # a gradient unlike its parameter (dtype, layout): general path
                 o.fast = False
+                o.ring = None
         if not complete:
             present = [(g, k) for g, k in zip(grads, keys) if g is not None]
             if not present:
@@ -913,12 +936,49 @@ class Recorder:
             keys = [k for _, k in present]
         return keys, fused_norms(grads)
 
+    def _ring_ok(self) -> bool:
+        """Per-parameter gradient norms may wait on the device for a few steps: not
+        when they are merged across ranks, or written to TensorBoard every step."""
+        return self._tb is None and self._dist is None and not distributed.initialized()
+
+    def _ring_row(self, o: _Opt, like: Tensor) -> Tensor:
+        ring = o.ring
+        n = len(o.keys)
+        if ring is None or ring.shape[1] != n or ring.device != like.device:
+            if o.ring_steps:
+                self._drain_rings()
+            rows = max(1, min(RING_STEPS, RING_MAX_VALUES // max(n, 1)))
+            ring = o.ring = torch.empty(rows, n, dtype=torch.float32, device=like.device)
+            o.ring_keys = o.keys
+        elif len(o.ring_steps) >= ring.shape[0]:  # full (a flush that could not drain it)
+            self._drain_rings()
+        return ring[len(o.ring_steps)]
+
+    def _drain_rings(self) -> None:
+        """Fetch every optimizer's ring now (a host sync outside the step's own: when
+        the record is read, when parameters change, on a NaN/Inf). Non-finite values
+        found are left in ``_ring_nonfinite`` for the caller."""
+        if any(o.ring_steps for o in self._opts.values()):
+            pending, self._pending = self._pending, []
+            try:
+                self._flush(drain=True, locate=False)
+            finally:
+                self._pending = pending + self._pending
+
+    def sync(self) -> None:
+        """Bring the record up to date with what waits on the device (the recent steps'
+        per-parameter gradient norms). Values pending for the current step stay so."""
+        try:
+            self._drain_rings()
+        except Exception as exc:
+            self._fail("flush", exc)
+
     def _measure_and_flush(self, o: _Opt | None) -> None:
         step = self.step
         if o is not None:
             opt = o.ref()
             self._opt_params(o, opt)
-            measured = o.preclip or self._grad_norms(o)
+            measured = o.preclip or self._grad_norms(o, ring=self._ring_ok())
             o.preclip = None
             groups = opt.param_groups
             if len(o.lr_keys) != len(groups):
@@ -929,7 +989,8 @@ class Recorder:
             lrs = []
         if measured is not None:
             # The global norm is taken on the host from the fetched per-parameter norms
-            # (see _flush): no kernel, and several optimizers of a step add up there.
+            # (see _flush), or fetched alone when those went to the ring; several
+            # optimizers of a step add up there.
             self._pending.append((step, measured[0], measured[1]))
         loss_key = "loss" if o is None or o.index == 0 else f"loss/{o.label}"
         self._forward_since_flush = False
@@ -937,11 +998,19 @@ class Recorder:
             losses = self._losses
             self._losses = []
             loss = losses[0] if len(losses) == 1 else torch.stack([l.to(losses[0].device) for l in losses]).mean()
-            self._pending.append((step, [loss_key], loss.float().reshape(1)))
+            if loss.dtype != torch.float32:
+                loss = loss.float()
+            if o is not None:
+                if o.loss_keys[0] != loss_key:
+                    o.loss_keys = [loss_key]
+                lkeys = o.loss_keys
+            else:
+                lkeys = [loss_key]
+            self._pending.append((step, lkeys, [loss]))
         series = self.record.series
         for key, lr in lrs:
             if isinstance(lr, Tensor):
-                self._pending.append((step, [key], lr.detach().float().reshape(1)))
+                self._pending.append((step, [key], [lr.detach().float().reshape(())]))
             elif lr is not None:
                 s = series.get(key)
                 if s is None:
@@ -958,25 +1027,41 @@ class Recorder:
                 o.before = (o.ukeys, self._snapshot(o, weights), wnorm)
         self._flush()
 
-    def _flush(self) -> None:
-        """THE host sync of the step: one transfer per device of everything pending."""
-        if not self._pending:
-            return
+    def _flush(self, drain: bool = False, locate: bool = True) -> None:
+        """THE host sync of the step: one transfer per device of everything pending,
+        and of the optimizers' rings when full (or ``drain``, or when a gradient-norm
+        item must follow what waits in them)."""
         pending = self._pending
+        rings = [o for o in self._opts.values() if o.ring_steps]
+        if rings and not drain:
+            direct = any(keys and keys[0].startswith("grad_norm/") for _, keys, _ in pending)
+            if not direct:
+                rings = [o for o in rings if len(o.ring_steps) >= o.ring.shape[0]]
+        if not pending and not rings:
+            return
         self._pending = []
-        pending = distributed.merge_pending(self, pending)  # multi-rank: global values, one all-reduce
-        dev0 = pending[0][2].device
+        if pending and (self._dist is not None or distributed.initialized()):
+            pending = [(st, k, torch.stack(t) if isinstance(t, list) else t) for st, k, t in pending]
+            pending = distributed.merge_pending(self, pending)  # multi-rank: global values, one all-reduce
+        elif pending:
+            pending = distributed.merge_pending(self, pending)  # one rank: FSDP2's DTensors made local
+        # What to fetch: (pending item or None, ring's optimizer or None, tensor).
+        # What to fetch: (ring's optimizer or None, pending item or None, tensor or a list
+        # of 0-d float32 tensors). Scalars (the step's norms, loss, lr) go in one stack.
+        fetch: list[tuple[Any, Any, Any]] = [(o, None, o.ring[:len(o.ring_steps)]) for o in rings]
+        fetch += [(None, item, item[2]) for item in pending]
+        dev0 = _device(fetch[0][2])
         one_device = True
-        for item in pending:
-            if item[2].device != dev0:
+        for entry in fetch:
+            if _device(entry[2]) != dev0:
                 one_device = False
                 break
         if one_device:
-            groups = [pending]
+            groups = [fetch]
         else:
-            by_device: dict[torch.device, list[tuple[int, list[str], Tensor]]] = {}
-            for item in pending:
-                by_device.setdefault(item[2].device, []).append(item)
+            by_device: dict[torch.device, list[tuple[Any, Any, Any]]] = {}
+            for entry in fetch:
+                by_device.setdefault(_device(entry[2]), []).append(entry)
             groups = list(by_device.values())
         nonfinite: list[tuple[int, str, float]] = []
         if self._rows_of is not self.record.series:  # renamed series (a second model): rebuild
@@ -984,28 +1069,65 @@ class Recorder:
             self._rows_of = self.record.series
         rows = self._rows
         isfinite = math.isfinite
-        for items in groups:
-            flat = torch.cat([t.reshape(-1).float() for _, _, t in items])
+        for entries in groups:
+            scalars: list[Tensor] = []
+            vectors: list[Tensor] = []
+            for _, _, t in entries:
+                if isinstance(t, list):
+                    scalars.extend(t)
+                else:
+                    vectors.append(t.reshape(-1).float())
+            if not vectors:
+                flat = torch.stack(scalars)
+            elif scalars:
+                flat = torch.cat([torch.stack(scalars), *vectors])
+            else:
+                flat = torch.cat(vectors)
             values = flat.tolist()  # host sync (one per device)
-            i = 0
-            for step, keys, _ in items:
+            i = 0  # scalar items first, in order, then the vectors and rings
+            j = len(scalars)
+            for o, item, t in entries:
+                if o is not None:  # a ring: steps x parameters, oldest first
+                    j = self._take_ring(o, values, j, nonfinite)
+                    continue
+                step, keys, _ = item
                 n = len(keys)
+                if isinstance(t, list):
+                    vals = values[i:i + n]
+                    i += n
+                else:
+                    vals = values[j:j + n]
+                    j += n
+                if keys is _GLOBAL_KEYS:  # a ring-path step's global norm
+                    g = vals[0]
+                    if not isfinite(g):
+                        g = self._exact_global(step, g)
+                    self._add_global_norm(step, [g], nonfinite)
+                    continue
                 tkeys = tuple(keys)
                 row = rows.get(tkeys)
                 if row is None:
                     row = rows[tkeys] = self._row(keys)
                 row_series, watched, is_grad = row
-                vals = values[i:i + n]
-                i += n
                 for s, v in zip(row_series, vals):
                     s.append(step, v)
-                for j in watched:  # the quantities whose NaN/Inf starts an origin search
-                    if not isfinite(vals[j]):
-                        nonfinite.append((step, keys[j], vals[j]))
+                for k in watched:  # the quantities whose NaN/Inf starts an origin search
+                    if not isfinite(vals[k]):
+                        nonfinite.append((step, keys[k], vals[k]))
                 if is_grad:
                     self._add_global_norm(step, vals, nonfinite)
-        if self._tb is not None:
+        if self._tb is not None and pending:
             self._write_tensorboard(pending)
+        if not locate:
+            return
+        if nonfinite and not self._origin_done:
+            # A NaN/Inf this step: the per-parameter norms waiting in the rings say where.
+            try:
+                self._drain_rings()
+            except Exception as exc:
+                self._fail("flush", exc)
+            nonfinite.extend(self._ring_nonfinite)
+        self._ring_nonfinite = []
         if nonfinite and not self._origin_done:
             self._origin_done = True
             try:
@@ -1014,6 +1136,44 @@ class Recorder:
                 self._fail("nonfinite_origin", exc)
         if self.progress is not None:
             self.progress.update(self.record)  # reads the values just fetched; never raises
+
+    def _exact_global(self, step: int, value: float) -> float:
+        """A ring-path step's float32 global norm came out NaN/Inf: from the per-parameter
+        norms (fetched now), in float64. Finite when only the float32 sum of squares
+        overflowed (norms ~1e19 are finite, their squares are not)."""
+        self._drain_rings()  # what it finds non-finite stays in _ring_nonfinite (origin search)
+        norms = []
+        for o in self._opts.values():
+            for k in o.ring_keys or ():
+                s = self.record.series.get(k)
+                if s is not None and s.last_step == step:
+                    norms.append(s.last_value)
+        if not norms:
+            return value
+        return math.hypot(*norms)
+
+    def _take_ring(self, o: _Opt, values: list[float], i: int, nonfinite: list[tuple[int, str, float]]) -> int:
+        """Append a fetched ring (steps x parameters) to its series, one bulk extend per
+        parameter; returns the index after it in ``values``."""
+        steps, o.ring_steps = o.ring_steps, []
+        keys = o.ring_keys or []
+        n, p = len(steps), len(keys)
+        block = values[i:i + n * p]
+        tkeys = tuple(keys)
+        row = self._rows.get(tkeys)
+        if row is None:
+            row = self._rows[tkeys] = self._row(keys)
+        isfinite = math.isfinite
+        bad: list[tuple[int, str, float]] = []
+        for j, s in enumerate(row[0]):
+            col = block[j::p]
+            s.extend(steps, col)
+            if not all(map(isfinite, col)):
+                bad.extend((st, keys[j], v) for st, v in zip(steps, col) if not isfinite(v))
+        if bad:
+            nonfinite.extend(bad)
+            self._ring_nonfinite.extend(bad)
+        return i + n * p
 
     def _row(self, keys: list[str]) -> tuple[list[Series], list[int], bool]:
         """The series a pending item's values go to (cached per key tuple): no
@@ -1156,9 +1316,9 @@ class Recorder:
     # ------------------------------------------------------------ close
     def finish(self) -> None:
         """Fetch whatever is pending and stamp the run's duration (idempotent)."""
-        if self._pending and not distributed.holds_pending(self):
+        if (self._pending or any(o.ring_steps for o in self._opts.values())) and not distributed.holds_pending(self):
             try:
-                self._flush()
+                self._flush(drain=True)
             except Exception as exc:
                 self._fail("flush", exc)
         self.record.run["duration_s"] = round(time.time() - self._started, 3)
@@ -1186,12 +1346,23 @@ class Recorder:
             self._tb = None
 
 
+_GLOBAL_KEYS = ["grad_norm_global"]  # shared, never mutated: the item of a ring-path step
+#: Steps of per-parameter gradient norms kept on the device before one fetch (the step's
+#: global norm and loss are fetched every step): the per-step Python work of appending a
+#: value to each parameter's series becomes one bulk extend per parameter per 32 steps.
+RING_STEPS = 32
+RING_MAX_VALUES = 2**20  # fewer rows for models with very many parameter tensors
+
 #: A step's loss is the mean of at most this many backward() losses (the latest):
 #: an optimizer that never steps must not hold every loss of the run.
 MAX_STEP_LOSSES = 1024
 
 _NONFINITE_WATCHED = {"loss", "grad_norm", "grad_norm_global", "act_mean", "act_std", "weight_norm",
                       "clip_total_norm"}
+
+
+def _device(t: Any) -> torch.device:
+    return t[0].device if isinstance(t, list) else t.device
 
 
 def _uniform(params: list[nn.Parameter]) -> bool:

@@ -50,6 +50,9 @@ class Watch:
     # -- the record --------------------------------------------------------
     @property
     def record(self) -> Record:
+        """The record so far (recent per-parameter gradient norms waiting on the device
+        are fetched first)."""
+        self._recorder.sync()
         return self._recorder.record
 
     @property
