@@ -130,9 +130,6 @@ class _Opt:
     wkeys: list[str] = field(default_factory=list)  # "weight_norm/<name>" per param
     ukeys: list[str] = field(default_factory=list)  # "update_ratio/<name>" per param
     snapshot: list[Tensor] | None = None  # kept weight-copy buffers (CPU, see _snapshot)
-    ring: Tensor | None = None  # (RING_STEPS, params) per-parameter norms awaiting a fetch
-    ring_steps: list[int] = field(default_factory=list)  # the steps in the ring, in order
-    ring_keys: list[str] | None = None  # the keys of the ring's columns
     preclip: tuple[list[str], Tensor] | None = None
     before: tuple[list[str], list[Tensor], Tensor] | None = None
     handles: list[Any] = field(default_factory=list)
@@ -220,7 +217,10 @@ class Recorder:
         self._global_value = 0.0
         self._rows: dict[tuple[str, ...], tuple[list[Series], list[int], bool]] = {}  # see _row()
         self._rows_of: dict[str, Series] | None = None
-        self._ring_nonfinite: list[tuple[int, str, float]] = []
+        # Per-parameter gradient norms fetched but not yet appended: key tuple ->
+        # (steps, rows of values, their series); appended in bulk (see _ring_push).
+        self._ring: dict[tuple[str, ...], tuple[list[int], list[list[float]], list[Series]]] = {}
+        self._ring_rows = 0
         self.progress: Any = None  # reports.progress.Progress: the CLI's live status line
         self.backward_mode_models: set[int] = set()
         patches.install(self)
@@ -305,7 +305,7 @@ class Recorder:
 
     def _relabel(self) -> None:
         """Several models: prefix every name with its model's label ("netD:main.0")."""
-        self._drain_rings()  # recorded under the old names first, renamed below
+        self._drain_ring()  # appended before the names change
         labels: dict[str, int] = {}
         for m in self.models:
             labels[m.label] = labels.get(m.label, 0) + 1
@@ -430,9 +430,6 @@ class Recorder:
         n = sum(len(g["params"]) for g in opt.param_groups)
         if o.version == self._version and len(o.params) >= n:
             return
-        if o.ring_steps:
-            self._drain_rings()  # under the old names, before they change
-        o.ring = None
         own = [p for g in opt.param_groups for p in g["params"]]
         own_ids = {id(p) for p in own}
         # Parameters of these models that no optimizer updates: measured here (the
@@ -828,7 +825,6 @@ class Recorder:
         dead = [k for k, o in self._opts.items() if o.ref() is None]
         if not dead:
             return
-        self._drain_rings()  # their last steps' norms, before they go
         for k in dead:
             del self._opts[k]
         for i, o in enumerate(sorted(self._opts.values(), key=lambda o: o.index)):
@@ -892,9 +888,9 @@ class Recorder:
         self.record.steps = self.step
 
     # ------------------------------------------------------ measure + sync
-    def _grad_norms(self, o: _Opt | None, ring: bool = False) -> tuple[list[str], Tensor] | None:
-        """(keys, per-parameter norms), or with ``ring`` on the fast path (the per-
-        parameter norms go to the optimizer's ring): (["grad_norm_global"], global norm)."""
+    def _grad_norms(self, o: _Opt | None) -> tuple[list[str], Any] | None:
+        """(keys, per-parameter norms: a float32 vector, or a list of 0-d tensors on
+        the fast path, stacked with the step's other scalars in _flush)."""
         if o is None:
             params = [p for m in self.models for _, p in m.params if p.requires_grad]
             names = [n for m in self.models for n, p in m.params if p.requires_grad]
@@ -916,18 +912,9 @@ class Recorder:
             # The steady state: every parameter has a dense gradient on one device in
             # one dtype (checked when the parameter list was built). One fused kernel.
             try:
-                if ring:
-                    # Written into the optimizer's ring of recent steps, kept on the
-                    # device and fetched every RING_STEPS steps (see _flush); this
-                    # step's global norm is fetched now.
-                    row = self._ring_row(o, grads[0])
-                    torch.stack(foreach_norm(grads), out=row)
-                    o.ring_steps.append(self.step)
-                    return _GLOBAL_KEYS, [torch.linalg.vector_norm(row)]
                 return keys, foreach_norm(grads)  # 0-d each: stacked with the step's scalars
             except Exception:  # a gradient unlike its parameter (dtype, layout): general path
                 o.fast = False
-                o.ring = None
         if not complete:
             present = [(g, k) for g, k in zip(grads, keys) if g is not None]
             if not present:
@@ -936,40 +923,36 @@ class Recorder:
             keys = [k for _, k in present]
         return keys, fused_norms(grads)
 
-    def _ring_ok(self) -> bool:
-        """Per-parameter gradient norms may wait on the device for a few steps: not
-        when they are merged across ranks, or written to TensorBoard every step."""
-        return self._tb is None and self._dist is None and not distributed.initialized()
+    def _ring_push(self, tkeys: tuple[str, ...], row_series: list[Series], step: int, vals: list[float]) -> None:
+        """A step's per-parameter gradient norms (already fetched) wait on the host; every
+        RING_STEPS steps each parameter's series takes them in one extend: the Python
+        work per value on the step's path becomes a list append per step."""
+        entry = self._ring.get(tkeys)
+        if entry is not None and entry[0][-1] >= step:  # the same step again (a closure): in order
+            self._drain_ring()
+            entry = None
+        if entry is None:
+            entry = self._ring[tkeys] = ([], [], row_series)
+        entry[0].append(step)
+        entry[1].append(vals)
+        self._ring_rows += 1
+        if self._ring_rows >= RING_STEPS:
+            self._drain_ring()
 
-    def _ring_row(self, o: _Opt, like: Tensor) -> Tensor:
-        ring = o.ring
-        n = len(o.keys)
-        if ring is None or ring.shape[1] != n or ring.device != like.device:
-            if o.ring_steps:
-                self._drain_rings()
-            rows = max(1, min(RING_STEPS, RING_MAX_VALUES // max(n, 1)))
-            ring = o.ring = torch.empty(rows, n, dtype=torch.float32, device=like.device)
-            o.ring_keys = o.keys
-        elif len(o.ring_steps) >= ring.shape[0]:  # full (a flush that could not drain it)
-            self._drain_rings()
-        return ring[len(o.ring_steps)]
-
-    def _drain_rings(self) -> None:
-        """Fetch every optimizer's ring now (a host sync outside the step's own: when
-        the record is read, when parameters change, on a NaN/Inf). Non-finite values
-        found are left in ``_ring_nonfinite`` for the caller."""
-        if any(o.ring_steps for o in self._opts.values()):
-            pending, self._pending = self._pending, []
-            try:
-                self._flush(drain=True, locate=False)
-            finally:
-                self._pending = pending + self._pending
+    def _drain_ring(self) -> None:
+        """Append what waits in the ring (no device access)."""
+        if not self._ring_rows:
+            return
+        ring, self._ring, self._ring_rows = self._ring, {}, 0
+        for steps, rows, row_series in ring.values():
+            for s, col in zip(row_series, zip(*rows)):
+                s.extend(steps, list(col))
 
     def sync(self) -> None:
-        """Bring the record up to date with what waits on the device (the recent steps'
-        per-parameter gradient norms). Values pending for the current step stay so."""
+        """Bring the record up to date: append the recent steps' per-parameter gradient
+        norms that wait in the ring (values pending for the current step stay so)."""
         try:
-            self._drain_rings()
+            self._drain_ring()
         except Exception as exc:
             self._fail("flush", exc)
 
@@ -978,7 +961,7 @@ class Recorder:
         if o is not None:
             opt = o.ref()
             self._opt_params(o, opt)
-            measured = o.preclip or self._grad_norms(o, ring=self._ring_ok())
+            measured = o.preclip or self._grad_norms(o)
             o.preclip = None
             groups = opt.param_groups
             if len(o.lr_keys) != len(groups):
@@ -989,8 +972,7 @@ class Recorder:
             lrs = []
         if measured is not None:
             # The global norm is taken on the host from the fetched per-parameter norms
-            # (see _flush), or fetched alone when those went to the ring; several
-            # optimizers of a step add up there.
+            # (see _flush); several optimizers of a step add up there.
             self._pending.append((step, measured[0], measured[1]))
         loss_key = "loss" if o is None or o.index == 0 else f"loss/{o.label}"
         self._forward_since_flush = False
@@ -1027,41 +1009,32 @@ class Recorder:
                 o.before = (o.ukeys, self._snapshot(o, weights), wnorm)
         self._flush()
 
-    def _flush(self, drain: bool = False, locate: bool = True) -> None:
-        """THE host sync of the step: one transfer per device of everything pending,
-        and of the optimizers' rings when full (or ``drain``, or when a gradient-norm
-        item must follow what waits in them)."""
-        pending = self._pending
-        rings = [o for o in self._opts.values() if o.ring_steps]
-        if rings and not drain:
-            direct = any(keys and keys[0].startswith("grad_norm/") for _, keys, _ in pending)
-            if not direct:
-                rings = [o for o in rings if len(o.ring_steps) >= o.ring.shape[0]]
-        if not pending and not rings:
+    def _flush(self) -> None:
+        """THE host sync of the step: one transfer per device of everything pending."""
+        if not self._pending:
             return
+        pending = self._pending
         self._pending = []
-        if pending and (self._dist is not None or distributed.initialized()):
+        if self._dist is not None or distributed.initialized():
             pending = [(st, k, torch.stack(t) if isinstance(t, list) else t) for st, k, t in pending]
             pending = distributed.merge_pending(self, pending)  # multi-rank: global values, one all-reduce
-        elif pending:
-            pending = distributed.merge_pending(self, pending)  # one rank: FSDP2's DTensors made local
-        # What to fetch: (pending item or None, ring's optimizer or None, tensor).
-        # What to fetch: (ring's optimizer or None, pending item or None, tensor or a list
-        # of 0-d float32 tensors). Scalars (the step's norms, loss, lr) go in one stack.
-        fetch: list[tuple[Any, Any, Any]] = [(o, None, o.ring[:len(o.ring_steps)]) for o in rings]
-        fetch += [(None, item, item[2]) for item in pending]
-        dev0 = _device(fetch[0][2])
+            ring = False
+        else:
+            if distributed.dtensor_type_if_loaded() is not None:
+                pending = distributed.merge_pending(self, pending)  # one rank: FSDP2's DTensors made local
+            ring = self._tb is None
+        dev0 = _device(pending[0][2])
         one_device = True
-        for entry in fetch:
-            if _device(entry[2]) != dev0:
+        for item in pending:
+            if _device(item[2]) != dev0:
                 one_device = False
                 break
         if one_device:
-            groups = [fetch]
+            groups = [pending]
         else:
-            by_device: dict[torch.device, list[tuple[Any, Any, Any]]] = {}
-            for entry in fetch:
-                by_device.setdefault(_device(entry[2]), []).append(entry)
+            by_device: dict[torch.device, list[tuple[int, list[str], Any]]] = {}
+            for item in pending:
+                by_device.setdefault(_device(item[2]), []).append(item)
             groups = list(by_device.values())
         nonfinite: list[tuple[int, str, float]] = []
         if self._rows_of is not self.record.series:  # renamed series (a second model): rebuild
@@ -1069,10 +1042,12 @@ class Recorder:
             self._rows_of = self.record.series
         rows = self._rows
         isfinite = math.isfinite
-        for entries in groups:
+        for items in groups:
+            # Scalars (the step's fused norms, loss, lr: lists of 0-d float32 tensors) go
+            # in one stack, vectors (scheduled probes, clipping) after them.
             scalars: list[Tensor] = []
             vectors: list[Tensor] = []
-            for _, _, t in entries:
+            for _, _, t in items:
                 if isinstance(t, list):
                     scalars.extend(t)
                 else:
@@ -1084,13 +1059,9 @@ class Recorder:
             else:
                 flat = torch.cat(vectors)
             values = flat.tolist()  # host sync (one per device)
-            i = 0  # scalar items first, in order, then the vectors and rings
+            i = 0  # scalar items first, in order, then the vectors
             j = len(scalars)
-            for o, item, t in entries:
-                if o is not None:  # a ring: steps x parameters, oldest first
-                    j = self._take_ring(o, values, j, nonfinite)
-                    continue
-                step, keys, _ = item
+            for step, keys, t in items:
                 n = len(keys)
                 if isinstance(t, list):
                     vals = values[i:i + n]
@@ -1098,82 +1069,35 @@ class Recorder:
                 else:
                     vals = values[j:j + n]
                     j += n
-                if keys is _GLOBAL_KEYS:  # a ring-path step's global norm
-                    g = vals[0]
-                    if not isfinite(g):
-                        g = self._exact_global(step, g)
-                    self._add_global_norm(step, [g], nonfinite)
-                    continue
                 tkeys = tuple(keys)
                 row = rows.get(tkeys)
                 if row is None:
                     row = rows[tkeys] = self._row(keys)
                 row_series, watched, is_grad = row
+                if is_grad:
+                    # The global norm from these, now; the values themselves in bulk
+                    # later (the ring), unless a NaN/Inf needs them at once.
+                    total = self._add_global_norm(step, vals, nonfinite)
+                    if ring and isfinite(total):
+                        self._ring_push(tkeys, row_series, step, vals)
+                        continue
+                    self._drain_ring()  # in order: the ring's steps come first
                 for s, v in zip(row_series, vals):
                     s.append(step, v)
                 for k in watched:  # the quantities whose NaN/Inf starts an origin search
                     if not isfinite(vals[k]):
                         nonfinite.append((step, keys[k], vals[k]))
-                if is_grad:
-                    self._add_global_norm(step, vals, nonfinite)
-        if self._tb is not None and pending:
+        if self._tb is not None:
             self._write_tensorboard(pending)
-        if not locate:
-            return
-        if nonfinite and not self._origin_done:
-            # A NaN/Inf this step: the per-parameter norms waiting in the rings say where.
-            try:
-                self._drain_rings()
-            except Exception as exc:
-                self._fail("flush", exc)
-            nonfinite.extend(self._ring_nonfinite)
-        self._ring_nonfinite = []
         if nonfinite and not self._origin_done:
             self._origin_done = True
+            self._drain_ring()
             try:
                 self._locate_origin(nonfinite)
             except Exception as exc:
                 self._fail("nonfinite_origin", exc)
         if self.progress is not None:
             self.progress.update(self.record)  # reads the values just fetched; never raises
-
-    def _exact_global(self, step: int, value: float) -> float:
-        """A ring-path step's float32 global norm came out NaN/Inf: from the per-parameter
-        norms (fetched now), in float64. Finite when only the float32 sum of squares
-        overflowed (norms ~1e19 are finite, their squares are not)."""
-        self._drain_rings()  # what it finds non-finite stays in _ring_nonfinite (origin search)
-        norms = []
-        for o in self._opts.values():
-            for k in o.ring_keys or ():
-                s = self.record.series.get(k)
-                if s is not None and s.last_step == step:
-                    norms.append(s.last_value)
-        if not norms:
-            return value
-        return math.hypot(*norms)
-
-    def _take_ring(self, o: _Opt, values: list[float], i: int, nonfinite: list[tuple[int, str, float]]) -> int:
-        """Append a fetched ring (steps x parameters) to its series, one bulk extend per
-        parameter; returns the index after it in ``values``."""
-        steps, o.ring_steps = o.ring_steps, []
-        keys = o.ring_keys or []
-        n, p = len(steps), len(keys)
-        block = values[i:i + n * p]
-        tkeys = tuple(keys)
-        row = self._rows.get(tkeys)
-        if row is None:
-            row = self._rows[tkeys] = self._row(keys)
-        isfinite = math.isfinite
-        bad: list[tuple[int, str, float]] = []
-        for j, s in enumerate(row[0]):
-            col = block[j::p]
-            s.extend(steps, col)
-            if not all(map(isfinite, col)):
-                bad.extend((st, keys[j], v) for st, v in zip(steps, col) if not isfinite(v))
-        if bad:
-            nonfinite.extend(bad)
-            self._ring_nonfinite.extend(bad)
-        return i + n * p
 
     def _row(self, keys: list[str]) -> tuple[list[Series], list[int], bool]:
         """The series a pending item's values go to (cached per key tuple): no
@@ -1190,7 +1114,7 @@ class Recorder:
         watched = [j for j, k in enumerate(keys) if k.split("/", 1)[0] in _NONFINITE_WATCHED]
         return out, watched, bool(keys) and keys[0].startswith("grad_norm/")
 
-    def _add_global_norm(self, step: int, norms: list[float], nonfinite: list[tuple[int, str, float]]) -> None:
+    def _add_global_norm(self, step: int, norms: list[float], nonfinite: list[tuple[int, str, float]]) -> float:
         """grad_norm_global = sqrt(sum of squared per-parameter norms), in float64 on the
         host; a second optimizer of the same step adds its share (hypot)."""
         total = math.hypot(*norms)
@@ -1203,6 +1127,7 @@ class Recorder:
         s.append(step, total)
         if not math.isfinite(total):
             nonfinite.append((step, "grad_norm_global", total))
+        return total
 
     def _snapshot(self, o: _Opt, weights: list[Tensor]) -> list[Tensor]:
         """A copy of the weights before the update (for the update ratio)."""
@@ -1316,11 +1241,12 @@ class Recorder:
     # ------------------------------------------------------------ close
     def finish(self) -> None:
         """Fetch whatever is pending and stamp the run's duration (idempotent)."""
-        if (self._pending or any(o.ring_steps for o in self._opts.values())) and not distributed.holds_pending(self):
+        if self._pending and not distributed.holds_pending(self):
             try:
-                self._flush(drain=True)
+                self._flush()
             except Exception as exc:
                 self._fail("flush", exc)
+        self.sync()
         self.record.run["duration_s"] = round(time.time() - self._started, 3)
         self.record.run["steps"] = self.step
         self.record.steps = self.step
@@ -1346,12 +1272,9 @@ class Recorder:
             self._tb = None
 
 
-_GLOBAL_KEYS = ["grad_norm_global"]  # shared, never mutated: the item of a ring-path step
-#: Steps of per-parameter gradient norms kept on the device before one fetch (the step's
-#: global norm and loss are fetched every step): the per-step Python work of appending a
-#: value to each parameter's series becomes one bulk extend per parameter per 32 steps.
+#: Steps of per-parameter gradient norms (fetched every step) appended to their series
+#: together: one bulk extend per parameter instead of an append per value per step.
 RING_STEPS = 32
-RING_MAX_VALUES = 2**20  # fewer rows for models with very many parameter tensors
 
 #: A step's loss is the mean of at most this many backward() losses (the latest):
 #: an optimizer that never steps must not hold every loss of the run.
