@@ -5,17 +5,20 @@
     python benchmarks/overhead.py --workloads W1,W3 --rounds 20 --steps 25
 
 One process, CPU, float32, ``torch.set_num_threads(2)``, fixed seeds. Every method
-trains its own copy of the workload's model (same initial weights, same batches).
-Methods run in rounds, alternating (A B C ... then B C ... A: the order rotates each
-round) so machine drift hits all of them alike.
+trains the same model and optimizer (one shared instance: separate copies differ by
+5-20% on their own, an allocator-placement effect larger than the budgets), each
+method attaching its instrumentation only for its own blocks. Methods run in rounds,
+alternating (A B C ... then B C ... A: the order rotates each round) so machine drift
+hits all of them alike. The gradvitals default is warmed up past step 1000 (its steady
+state: scheduled probes every 100 steps); ``gv_early`` measures its first 1000 steps.
 
 A *step* is ``zero_grad, forward, loss, backward, optimizer.step``. No method calls
 ``loss.item()`` (a real loop often does): the plain step then has no host sync of its
 own, so gradvitals' one sync per step is charged to it in full.
 
 Time per step: one round times a block of ``--steps`` consecutive steps of a method
-(default 25 = gradvitals' default schedule, so each block holds exactly one scheduled
-step and the scheduled probes are counted at their real rate); the reported ms/step is
+(default 100 = the default schedule's late interval, so each block holds exactly one
+scheduled step and the scheduled probes are counted at their real rate); the reported ms/step is
 the median over rounds of the block mean; the ratio is the median over rounds of the
 block time divided by the plain block of the same round (paired, so slow phases of the
 shared machine cancel); with the ``plain_twin`` control, the baseline is the faster of

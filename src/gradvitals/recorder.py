@@ -427,7 +427,8 @@ class Recorder:
         """Parameters measured at this optimizer's step: its own, plus the other
         trainable parameters of the models it updates (those it misses are the
         ``not_updated`` suspects), each measured by one optimizer only."""
-        n = sum(len(g["params"]) for g in opt.param_groups)
+        groups = opt.param_groups
+        n = len(groups[0]["params"]) if len(groups) == 1 else sum(len(g["params"]) for g in groups)
         if o.version == self._version and len(o.params) >= n:
             return
         own = [p for g in opt.param_groups for p in g["params"]]
@@ -804,7 +805,8 @@ class Recorder:
                 return
             self._optimizer_seen = True
             self._pre_hook_calls += 1
-            self._drop_dead_optimizers()
+            if len(self._opts) > 1:  # a dead one can only be another optimizer
+                self._drop_dead_optimizers()
             if id(opt) in self._stepped:  # a new cycle began before we learned its end
                 if self._cycle_last is None and self._stepped:
                     self._cycle_last = self._stepped[-1]
