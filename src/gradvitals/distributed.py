@@ -79,17 +79,24 @@ _ACT = ("act_mean", "act_std", "act_zero_frac", "act_sat_frac", "act_nonfinite_f
 
 
 # ---------------------------------------------------------------- ranks
-def _dist() -> Any:
-    import torch.distributed as dist
+_DIST: Any = None
 
-    return dist
+
+def _dist() -> Any:
+    global _DIST
+    if _DIST is None:
+        import torch.distributed as dist
+
+        _DIST = dist
+    return _DIST
 
 
 def initialized() -> bool:
-    """True when a default process group exists (and torch was built with distributed)."""
+    """True when a default process group exists (and torch was built with distributed).
+    Called every step: the module is looked up once."""
     try:
-        dist = _dist()
-        return bool(dist.is_available() and dist.is_initialized())
+        dist = _DIST if _DIST is not None else _dist()
+        return dist.is_available() and dist.is_initialized()
     except Exception:
         return False
 

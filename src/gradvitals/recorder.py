@@ -127,6 +127,8 @@ class _Opt:
     fast: bool = False  # params: dense, one device, one float dtype, no DTensor (one fused kernel)
     lr_keys: list[str] = field(default_factory=list)
     loss_keys: list[str] = field(default_factory=lambda: ["loss"])
+    lr_series: list[Series] = field(default_factory=list)  # the lr series, per param group
+    lr_series_of: Any = None  # the record's series dict they belong to
     wkeys: list[str] = field(default_factory=list)  # "weight_norm/<name>" per param
     ukeys: list[str] = field(default_factory=list)  # "update_ratio/<name>" per param
     snapshot: list[Tensor] | None = None  # kept weight-copy buffers (CPU, see _snapshot)
@@ -992,14 +994,25 @@ class Recorder:
                 lkeys = [loss_key]
             self._pending.append((step, lkeys, [loss]))
         series = self.record.series
+        plain_lrs = o is not None and self._tb is None and self._dist is None
         for key, lr in lrs:
             if isinstance(lr, Tensor):
                 self._pending.append((step, [key], [lr.detach().float().reshape(())]))
-            elif lr is not None:
-                s = series.get(key)
-                if s is None:
-                    s = series[key] = Series(self.record.cap)
-                s.append(step, float(lr))
+                plain_lrs = False
+        if plain_lrs and all(isinstance(lr, (int, float)) for _, lr in lrs):
+            # Python floats: to the ring with the gradient norms (appended in bulk).
+            if len(o.lr_series) != len(lrs) or o.lr_series_of is not series:
+                o.lr_series = [series.get(k) or series.setdefault(k, Series(self.record.cap)) for k, _ in lrs]
+                o.lr_series_of = series
+            self._ring_push(tuple(o.lr_keys), o.lr_series, step, [float(lr) for _, lr in lrs])
+        else:
+            for key, lr in lrs:
+                if lr is not None and not isinstance(lr, Tensor):
+                    self._drain_ring()  # in order after what waits there
+                    s = series.get(key)
+                    if s is None:
+                        s = series[key] = Series(self.record.cap)
+                    s.append(step, float(lr))
         if o is not None and self._scheduled(step) and o.params:
             with torch.no_grad():
                 weights = [p.detach() for p in o.params]
@@ -1021,9 +1034,7 @@ class Recorder:
             pending = [(st, k, torch.stack(t) if isinstance(t, list) else t) for st, k, t in pending]
             pending = distributed.merge_pending(self, pending)  # multi-rank: global values, one all-reduce
             ring = False
-        else:
-            if distributed.dtensor_type_if_loaded() is not None:
-                pending = distributed.merge_pending(self, pending)  # one rank: FSDP2's DTensors made local
+        else:  # no process group: no DTensor either (FSDP2 needs one, even on one rank)
             ring = self._tb is None
         dev0 = _device(pending[0][2])
         one_device = True
