@@ -281,6 +281,14 @@ class NaiveItem(Method):
         self.norms = [p.grad.norm().item() for p in self.model.parameters() if p.grad is not None]
 
 
+class NormFloor(Method):
+    name = "norm_floor"
+    label = "the floor: one torch._foreach_norm over all gradients (kept on the device)"
+
+    def after_backward(self) -> None:
+        self.norms = torch._foreach_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+
+
 class ClipTotal(Method):
     name = "clip_total"
     label = "clip_grad_norm_ total norm (never clips)"
@@ -385,8 +393,8 @@ def _available(method: type[Method]) -> bool:
     return True
 
 
-METHODS: list[type[Method]] = [Method, PlainTwin, GradvitalsMethod, GradvitalsEarly, GradvitalsNoOrigin, GradvitalsFull, NaiveItem,
-                               ClipTotal, DetectAnomaly, ActHooks, TensorBoardHist, WandbWatch]
+METHODS: list[type[Method]] = [Method, PlainTwin, GradvitalsMethod, GradvitalsEarly, GradvitalsNoOrigin, GradvitalsFull,
+                               NormFloor, NaiveItem, ClipTotal, DetectAnomaly, ActHooks, TensorBoardHist, WandbWatch]
 
 
 # ------------------------------------------------------------------ timing
