@@ -45,7 +45,7 @@ def _options(every: int | None, full: bool, tensorboard: str | None) -> Any:
 @click.option("--json", "json_path", metavar="PATH", help="Write the JSON report here.")
 @click.option("--html", "html_path", metavar="PATH", help="Write the self-contained HTML report here.")
 @click.option("--tensorboard", metavar="DIR", help="Also log per-layer scalars and findings to TensorBoard.")
-@click.option("--every", type=int, metavar="N", help="Activation stats / update ratios every N steps (default 25).")
+@click.option("--every", type=int, metavar="N", help="Activation stats / update ratios every N steps (default 25; every 4N after step 1000).")
 @click.option("--full", is_flag=True, help="Record every probe on every step (slower).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but the script's own output.")
 @click.option("--try-fixes", is_flag=True, help="Then re-run the script with each remedy the findings point to "
