@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -43,7 +42,7 @@ import tempfile
 import time
 import tracemalloc
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +50,6 @@ import torch
 from torch import Tensor, nn
 
 import gradvitals as gv
-from gradvitals.probes import patches
 from gradvitals.record import Record
 
 THREADS = 2  # the reference machines have 2 cores
