@@ -177,3 +177,36 @@ def test_late_schedule_thins_the_scheduled_probes():
     assert list(w.record.series["act_mean/0"].steps) == [0, 2, 4, 10, 15, 20]
     assert list(w.record.series["weight_norm/0.weight"].steps) == [0, 2, 4, 10, 15, 20]
     assert len(w.record.series["grad_norm/0.weight"]) == 21  # every step, whatever the schedule
+
+
+def test_ring_keeps_every_series_in_step_order_when_gradients_come_and_go(digits):
+    """A parameter whose gradient is missing on some steps changes the set of keys a
+    step measures; every series must still get its steps in increasing order, with the
+    values torch computes, and reading watch.record brings the ring up to date."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    extra = nn.Linear(64, 10)
+    opt = torch.optim.SGD(list(model.parameters()) + list(extra.parameters()), lr=0.1)
+    want: dict[int, float] = {}
+    with gv.watch(model, opt, every=3) as w:
+        for i in range(70):
+            opt.zero_grad(set_to_none=True)
+            out = model(X[:64])
+            if i % 5 == 0:
+                out = out + extra(X[:64])  # the extra layer gets a gradient only on these steps
+            nn.functional.cross_entropy(out, y[:64]).backward()
+            want[i] = model[0].weight.grad.norm().item()
+            opt.step()
+            if i == 40:
+                mid = w.record.series["grad_norm/0.weight"]
+                assert mid.last_step == 40  # the ring was drained for the reader
+    s = w.record.series
+    for key, series in s.items():
+        assert list(series.steps) == sorted(set(series.steps)), key
+    g = s["grad_norm/0.weight"]
+    assert list(g.steps) == list(range(70))
+    for step, value in zip(g.steps, g.values):
+        assert value == pytest.approx(want[step], rel=1e-5)
+    assert list(s["act_mean/0"].steps) == list(range(0, 70, 3))
+    assert list(s["update_ratio/0.weight"].steps) == list(range(0, 70, 3))

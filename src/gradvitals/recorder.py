@@ -217,7 +217,7 @@ class Recorder:
         self._dist: Any = None  # distributed.Merger once a multi-rank process group exists
         self._global_step = -1  # grad_norm_global of this step so far (several optimizers)
         self._global_value = 0.0
-        self._rows: dict[tuple[str, ...], tuple[list[Series], list[int], bool]] = {}  # see _row()
+        self._rows: dict[tuple[str, ...], tuple[list[Series], list[int], int]] = {}  # see _row()
         self._rows_of: dict[str, Series] | None = None
         # Per-parameter gradient norms fetched but not yet appended: key tuple ->
         # (steps, rows of values, their series); appended in bulk (see _ring_push).
@@ -935,12 +935,18 @@ class Recorder:
         if entry is not None and entry[0][-1] >= step:  # the same step again (a closure): in order
             self._drain_ring()
             entry = None
+        elif entry is None and self._ring:
+            # A new set of keys (e.g. some gradients missing this step) sharing series with
+            # one waiting: that one first, so every series gets its steps in order.
+            ids = {id(x) for x in row_series}
+            if any(id(x) in ids for e in self._ring.values() for x in e[2]):
+                self._drain_ring()
         if entry is None:
             entry = self._ring[tkeys] = ([], [], row_series)
         entry[0].append(step)
         entry[1].append(vals)
         self._ring_rows += 1
-        if self._ring_rows >= RING_STEPS:
+        if self._ring_rows >= RING_STEPS * len(self._ring):  # ~RING_STEPS steps of each
             self._drain_ring()
 
     def _drain_ring(self) -> None:
@@ -999,6 +1005,8 @@ class Recorder:
             if isinstance(lr, Tensor):
                 self._pending.append((step, [key], [lr.detach().float().reshape(())]))
                 plain_lrs = False
+                if self._ring_rows:
+                    self._drain_ring()  # earlier float values of this lr may wait there
         if plain_lrs and all(isinstance(lr, (int, float)) for _, lr in lrs):
             # Python floats: to the ring with the gradient norms (appended in bulk).
             if len(o.lr_series) != len(lrs) or o.lr_series_of is not series:
@@ -1086,20 +1094,31 @@ class Recorder:
                 row = rows.get(tkeys)
                 if row is None:
                     row = rows[tkeys] = self._row(keys)
-                row_series, watched, is_grad = row
-                if is_grad:
+                row_series, watched, kind = row
+                if kind == _ROW_GRAD:
                     # The global norm from these, now; the values themselves in bulk
                     # later (the ring), unless a NaN/Inf needs them at once.
                     total = self._add_global_norm(step, vals, nonfinite)
                     if ring and isfinite(total):
                         self._ring_push(tkeys, row_series, step, vals)
                         continue
-                    self._drain_ring()  # in order: the ring's steps come first
+                else:
+                    bad = False
+                    for k in watched:  # the quantities whose NaN/Inf starts an origin search
+                        if not isfinite(vals[k]):
+                            nonfinite.append((step, keys[k], vals[k]))
+                            bad = True
+                    if ring and not bad and kind == _ROW_LATER:  # scheduled probes, clipping
+                        self._ring_push(tkeys, row_series, step, vals)
+                        continue
+                if self._ring_rows and kind != _ROW_NOW:
+                    self._drain_ring()  # in order: what waits in the ring comes first
                 for s, v in zip(row_series, vals):
                     s.append(step, v)
-                for k in watched:  # the quantities whose NaN/Inf starts an origin search
-                    if not isfinite(vals[k]):
-                        nonfinite.append((step, keys[k], vals[k]))
+                if kind == _ROW_GRAD:
+                    for k in watched:
+                        if not isfinite(vals[k]):
+                            nonfinite.append((step, keys[k], vals[k]))
         if self._tb is not None:
             self._write_tensorboard(pending)
         if nonfinite and not self._origin_done:
@@ -1112,7 +1131,7 @@ class Recorder:
         if self.progress is not None:
             self.progress.update(self.record)  # reads the values just fetched; never raises
 
-    def _row(self, keys: list[str]) -> tuple[list[Series], list[int], bool]:
+    def _row(self, keys: list[str]) -> tuple[list[Series], list[int], int]:
         """The series a pending item's values go to (cached per key tuple): no
         per-value dict lookups on the hot path."""
         if len(self._rows) > 4096:  # e.g. a gradient set that changes every step
@@ -1125,7 +1144,13 @@ class Recorder:
                 s = series[k] = Series(self.record.cap)
             out.append(s)
         watched = [j for j, k in enumerate(keys) if k.split("/", 1)[0] in _NONFINITE_WATCHED]
-        return out, watched, bool(keys) and keys[0].startswith("grad_norm/")
+        if keys and keys[0].startswith("grad_norm/"):
+            kind = _ROW_GRAD
+        elif keys and keys[0].startswith(("loss", "lr/")):
+            kind = _ROW_NOW  # read every step (the live status line): appended at once
+        else:
+            kind = _ROW_LATER
+        return out, watched, kind
 
     def _add_global_norm(self, step: int, norms: list[float], nonfinite: list[tuple[int, str, float]]) -> float:
         """grad_norm_global = sqrt(sum of squared per-parameter norms), in float64 on the
@@ -1285,9 +1310,10 @@ class Recorder:
             self._tb = None
 
 
-#: Steps of per-parameter gradient norms (fetched every step) appended to their series
-#: together: one bulk extend per parameter instead of an append per value per step.
+#: Steps of per-parameter gradient norms (and scheduled values) fetched every step but
+#: appended to their series together: one bulk extend per series, not an append per value.
 RING_STEPS = 32
+_ROW_GRAD, _ROW_NOW, _ROW_LATER = 0, 1, 2  # how _flush appends a row (see _row)
 
 #: A step's loss is the mean of at most this many backward() losses (the latest):
 #: an optimizer that never steps must not hold every loss of the run.
