@@ -421,7 +421,7 @@ def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps
     # One model and optimizer for every method: each method's block continues the same
     # training run. Separate copies measured 5-20% apart when plain ran on both (an
     # instance effect: where the allocator put each copy's tensors), more than the
-    # budgets; on one instance the control (plain_twin) sits within ~1% of plain.
+    # budgets; on one instance the control (plain_twin) sits within 0-5% of plain (noise).
     torch.manual_seed(SEED)
     model = wl.build()
     shared = (model, wl.optimizer(list(model.parameters())))
