@@ -7,9 +7,10 @@
 One process, CPU, float32, ``torch.set_num_threads(2)``, fixed seeds. Every method
 trains the same model and optimizer (one shared instance: separate copies differ by
 5-20% on their own, an allocator-placement effect larger than the budgets), each
-method attaching its instrumentation only for its own blocks. Methods run in rounds,
-alternating (A B C ... then B C ... A: the order rotates each round) so machine drift
-hits all of them alike. The gradvitals default is warmed up past step 1000 (its steady
+method attaching its instrumentation only for its own blocks. Methods run in rounds;
+in each round every method's block is bracketed by plain blocks (P A P B P C ... P), the
+methods in a fresh seeded-random order each round, so machine drift cancels and no
+method always follows the same neighbour. The gradvitals default is warmed up past step 1000 (its steady
 state: scheduled probes every 100 steps); ``gv_early`` measures its first 1000 steps.
 
 A *step* is ``zero_grad, forward, loss, backward, optimizer.step``. No method calls
@@ -18,11 +19,13 @@ own, so gradvitals' one sync per step is charged to it in full.
 
 Time per step: one round times a block of ``--steps`` consecutive steps of a method
 (default 100 = the default schedule's late interval, so each block holds exactly one
-scheduled step and the scheduled probes are counted at their real rate); the reported ms/step is
-the median over rounds of the block mean; the ratio is the median over rounds of the
-block time divided by the plain block of the same round (paired, so slow phases of the
-shared machine cancel); with the ``plain_twin`` control, the baseline is the faster of
-the two plain copies in that round. ``spread`` is the ratio's inter-quartile range.
+scheduled step and the scheduled probes are counted at their real rate), after
+``LEAD_IN`` untimed steps; the reported ms/step is the median over rounds of the block
+mean; the ratio is the median over rounds of the block time divided by the mean of the
+two plain blocks around it (paired, so slow phases of the shared machine cancel). The
+``plain_twin`` control is the plain step measured as a method: its ratio is what the
+machine's noise alone makes of identical work. ``spread`` is the ratio's inter-quartile
+range.
 
 Peak RSS: the process's resident set after each block of the method, highest seen (all
 methods share one process, so this is an upper bound of what the method itself holds).
@@ -36,6 +39,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -67,6 +71,19 @@ BUDGET_ORIGIN = 1.01
 BUDGET_RECORD_MB = 100.0  # a 1,000,000-step run over 100 layers
 BUDGET_SYNCS_PER_STEP = 1  # host<->device synchronisations per optimizer step, default mode
 
+#: Untimed steps at the start of each block: the switch from the previous method (its
+#: hooks coming off, ours going on, caches holding the other method's data) settles.
+#: Any 100 consecutive steps still hold exactly one step of the default late schedule.
+LEAD_IN = 2
+#: glibc malloc pinned (``--malloc pinned``, the default): with its dynamic mmap
+#: threshold, whether a freed 100 KB-10 MB buffer goes back to the kernel depends on the
+#: allocation history, so the same plain W2 step measured ~0 or ~900 page faults per
+#: step from one block to the next (2.1 vs 3.1 ms), and a method that allocates a few
+#: small tensors came out 7% *faster* than plain (a bare _foreach_norm: 0.93x). Pinned
+#: thresholds keep freed memory in the heap: no faults after warm-up, the same for
+#: every method, so the ratios measure work rather than the allocator's state.
+MALLOC_PINNED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+                 "MALLOC_TOP_PAD_": str(1 << 28)}
 RECORD_STEPS = 1_000_000
 #: Untimed steps of each gradvitals method before the rounds: its default schedule runs
 #: the scheduled probes every 25 steps up to step 1000 (Options.late_after), every 100
@@ -430,6 +447,24 @@ def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps
     block: dict[str, list[float]] = {n: [] for n in names}
     rss: dict[str, float] = {n: 0.0 for n in names}
     gc.collect()
+    plain_inst = insts[0]
+    others = insts[1:]
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    rng = random.Random(SEED)
+
+    def timed(m: Method) -> float:
+        m.enter()
+        for _ in range(LEAD_IN):  # untimed: the switch from the previous method settles
+            m.step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            m.step()
+        dt = (time.perf_counter() - t0) / steps
+        m.exit()
+        block[m.name].append(dt)
+        rss[m.name] = max(rss[m.name], _rss_mb())
+        return dt
+
     try:
         # Warm-up block (untimed): allocator, first-step work (gradvitals traces the topology at step 0).
         for m in insts:
@@ -438,34 +473,31 @@ def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps
                 m.step()
             m.exit()
         for r in range(rounds):
-            order = insts[r % len(insts):] + insts[: r % len(insts)]
+            # Bracketed: a plain block before and after every method's block, the methods
+            # in a fresh random order each round. Each ratio is to the mean of the two
+            # plain blocks around it, taken seconds apart at most, so the machine's drift
+            # cancels to first order and no method always follows the same neighbour.
+            order = others[:]
+            rng.shuffle(order)
+            before = timed(plain_inst)
             for m in order:
-                m.enter()
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    m.step()
-                dt = time.perf_counter() - t0
-                m.exit()
-                block[m.name].append(dt / steps)
-                rss[m.name] = max(rss[m.name], _rss_mb())
-            log(f"  {wl.name} round {r + 1}/{rounds}: plain {1e3 * block['plain'][-1]:.2f} ms/step")
+                t = timed(m)
+                after = timed(plain_inst)
+                ratios[m.name].append(t / ((before + after) / 2))
+                before = after
+            ratios["plain"].append(1.0)
+            log(f"  {wl.name} round {r + 1}/{rounds}: plain {1e3 * statistics.median(block['plain'][-len(order) - 1:]):.2f} ms/step")
     finally:
         for m in insts:
             m.close()
-    # Baseline: the faster of the two plain copies in each round (when the control ran).
-    # Two identical plain models can differ by 10-20% in one process (where the allocator
-    # put their tensors), so the min is the conservative choice: it never flatters us.
-    plain = ([min(a, b) for a, b in zip(block["plain"], block["plain_twin"])] if "plain_twin" in block
-             else block["plain"])
     out: dict[str, Any] = {}
     for n in names:
-        ratios = [t / p for t, p in zip(block[n], plain)]
-        lo, hi = _quantiles(ratios)
-        out[n] = {"ms_per_step": 1e3 * statistics.median(block[n]), "ratio": statistics.median(ratios),
+        lo, hi = _quantiles(ratios[n])
+        out[n] = {"ms_per_step": 1e3 * statistics.median(block[n]), "ratio": statistics.median(ratios[n]),
                   "ratio_q1": lo, "ratio_q3": hi, "peak_rss_mb": round(rss[n], 1),
                   "block_ms": [round(1e3 * t, 4) for t in block[n]]}
     if "gv_default" in block and "gv_no_origin" in block:
-        rel = [a / b for a, b in zip(block["gv_default"], block["gv_no_origin"])]
+        rel = [a / b for a, b in zip(ratios["gv_default"], ratios["gv_no_origin"])]
         lo, hi = _quantiles(rel)
         out["_origin_vs_no_origin"] = {"ratio": statistics.median(rel), "ratio_q1": lo, "ratio_q3": hi}
     return out
@@ -651,8 +683,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "latest.json"),
                    help="JSON results path")
     p.add_argument("--no-record", action="store_true", help="skip the 1M-step record-size measurement")
+    p.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
+                   help="pinned (default): fixed glibc malloc thresholds, no page-fault lottery "
+                        "(see MALLOC_PINNED); default: the environment's malloc settings as they are")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
+    if a.malloc == "pinned" and any(os.environ.get(k) != v for k, v in MALLOC_PINNED.items()):
+        if argv is not None:  # called in-process (tests): cannot re-exec; measure as is
+            a.malloc = "as-called"
+        else:  # glibc reads these at start-up only: run again with them set
+            sys.stdout.flush()
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_PINNED})
     chosen = [w.strip() for w in a.workloads.split(",") if w.strip()]
     bad = [w for w in chosen if w not in all_wl]
     if bad or not chosen:
@@ -680,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": THREADS, "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
                     "device": "cpu", "dtype": "float32"},
         "settings": {"rounds": rounds, "steps_per_block": steps, "loss_item_in_step": False,
+                     "lead_in_steps": LEAD_IN, "malloc": a.malloc,
+                     "malloc_env": {k: os.environ.get(k) for k in MALLOC_PINNED},
                      "gv_warmup_steps": GradvitalsMethod.warmup,
                      "vocab": VOCAB, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

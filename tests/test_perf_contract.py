@@ -115,3 +115,35 @@ def test_record_stays_bounded_on_a_long_run():
     assert rec_long.series["loss"].min == pytest.approx(1.0 / 20_000)
     # Same number of series, bounded points each: within a small slack of the short run.
     assert long < short * 1.5 + 4096, (short, long)
+
+
+def test_benchmark_smoke_run_brackets_methods_and_pins_malloc(tmp_path):
+    """`benchmarks/overhead.py --quick` runs end to end as a user would start it: it
+    re-executes itself with glibc's malloc thresholds pinned, brackets every method by
+    plain blocks, and writes the table's JSON with a ratio for each method."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+    p = subprocess.run([sys.executable, str(bench), "--quick", "--workloads", "W2", "--no-record", "-q",
+                        "--methods", "plain_twin,gv_default,gv_no_origin,norm_floor", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode in (0, 1), p.stderr  # 1: a budget FAILed (timings are not judged here)
+    res = json.loads(out.read_text())
+    assert res["settings"]["malloc"] == "pinned"
+    assert res["settings"]["malloc_env"]["MALLOC_MMAP_THRESHOLD_"] == str(1 << 30)
+    methods = res["workloads"]["W2"]["methods"]
+    assert set(methods) >= {"plain", "plain_twin", "gv_default", "gv_no_origin", "norm_floor"}
+    rounds = res["settings"]["rounds"]
+    # Bracketed: every method's block has a plain block before and after it.
+    others = [n for n in methods if n != "plain" and not n.startswith("_")]
+    assert len(methods["plain"]["block_ms"]) == rounds * (len(others) + 1)
+    for name in ("plain_twin", "gv_default", "norm_floor"):
+        assert len(methods[name]["block_ms"]) == rounds
+        assert 0.3 < methods[name]["ratio"] < 3.0
+    names = {b["name"] for b in res["budgets"]}
+    assert "W2 default watch" in names and "W2 host syncs per step (default)" in names
+    assert "W2 default watch" in p.stdout
