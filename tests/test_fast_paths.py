@@ -210,3 +210,68 @@ def test_ring_keeps_every_series_in_step_order_when_gradients_come_and_go(digits
         assert value == pytest.approx(want[step], rel=1e-5)
     assert list(s["act_mean/0"].steps) == list(range(0, 70, 3))
     assert list(s["update_ratio/0.weight"].steps) == list(range(0, 70, 3))
+
+
+def _train_record(digits, fast: bool, monkeypatch, nan_at: int | None = None) -> dict:
+    """A real run (MLP on digits, Adam, a step-decay lr schedule, a scheduled probe
+    every 4 steps) with the one-pass steady-state path on or off: its JSON record."""
+    from gradvitals import recorder
+
+    monkeypatch.setattr(recorder, "FAST_PATH", fast)
+    X, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+    with gv.watch(model, opt, every=4, late_every=6, late_after=20) as w:
+        for i in range(45):
+            opt.zero_grad()
+            xb = X[(i * 32) % 1500:(i * 32) % 1500 + 32]
+            if nan_at is not None and i == nan_at:
+                with torch.no_grad():
+                    model[2].weight[0, 0] = math.inf  # the layer that makes the NaN
+            nn.functional.cross_entropy(model(xb), y[(i * 32) % 1500:(i * 32) % 1500 + 32]).backward()
+            opt.step()
+            sched.step()
+            if nan_at is not None and i > nan_at + 2:
+                break
+    rec = w.record.to_json()
+    for k in [k for k in rec["run"] if "time" in k or k.endswith(("_at", "seconds", "_s"))]:
+        rec["run"].pop(k)  # wall-clock facts
+    return rec
+
+
+def test_one_pass_steady_state_equals_the_general_path(digits, monkeypatch):
+    """Recorder._measure_fast takes every unscheduled step of this run; its record
+    equals, value for value, the record of the general path alone."""
+    from gradvitals import recorder
+
+    calls = []
+    real = recorder.Recorder._measure_fast
+
+    def counted(self, o):
+        took = real(self, o)
+        calls.append(took)
+        return took
+
+    monkeypatch.setattr(recorder.Recorder, "_measure_fast", counted)
+    fast = _train_record(digits, True, monkeypatch)
+    assert sum(calls) >= 20  # it ran (not on scheduled steps, nor the steps after them: update ratios pend)
+    assert not all(calls)
+    slow = _train_record(digits, False, monkeypatch)
+    assert fast["series"].keys() == slow["series"].keys()
+    for key in slow["series"]:
+        assert fast["series"][key] == slow["series"][key], key
+    assert fast["run"].keys() == slow["run"].keys()
+    for key in slow["run"]:
+        assert fast["run"].get(key) == slow["run"][key], key
+    assert fast == slow
+
+
+def test_one_pass_path_hands_a_nan_to_the_origin_search(digits, monkeypatch):
+    fast = _train_record(digits, True, monkeypatch, nan_at=9)
+    slow = _train_record(digits, False, monkeypatch, nan_at=9)
+    assert fast == slow
+    found = [e for e in fast["run"]["events"] if e.get("module") is not None]
+    assert found, fast["run"]["events"]  # the origin search ran from the fast path's fallback
+    assert found[0]["module"] == "2" and found[0]["step"] == 9

@@ -122,6 +122,7 @@ class _Opt:
     label: str
     params: list[nn.Parameter] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)  # "grad_norm/<name>" per param
+    tkeys: tuple[str, ...] = ()  # the same, as the key of its row (Recorder._rows)
     names: list[str] = field(default_factory=list)
     version: int = -1
     fast: bool = False  # params: dense, one device, one float dtype, no DTensor (one fused kernel)
@@ -470,6 +471,7 @@ class Recorder:
         o.names = [self._param_owner[id(p)][1] if id(p) in self._param_owner else f"{o.label}.param{i}"
                    for i, p in enumerate(params)]
         o.keys = ["grad_norm/" + n for n in o.names]
+        o.tkeys = tuple(o.keys)
         o.version = self._version
         o.fast = _uniform(params)
         o.snapshot = None
@@ -967,6 +969,8 @@ class Recorder:
             self._fail("flush", exc)
 
     def _measure_and_flush(self, o: _Opt | None) -> None:
+        if o is not None and FAST_PATH and self._measure_fast(o):
+            return
         step = self.step
         if o is not None:
             opt = o.ref()
@@ -1031,6 +1035,83 @@ class Recorder:
                 self._pending.append((step, o.wkeys, wnorm))
                 o.before = (o.ukeys, self._snapshot(o, weights), wnorm)
         self._flush()
+
+    def _measure_fast(self, o: _Opt) -> bool:
+        """The steady state of a run, in one pass: an unscheduled step, every parameter
+        with a dense gradient on one device (``o.fast``), Python-float learning rates, at
+        most one loss, nothing else pending, no TensorBoard, no process group. Does
+        exactly what :meth:`_measure_and_flush` + :meth:`_flush` do for such a step
+        (tested record for record against them) without their general bookkeeping.
+        Returns False, having changed nothing, when the step is not such a step (the
+        first step of a parameter set always goes the general way: it builds the rows)."""
+        step = self.step
+        losses = self._losses
+        rows = self._rows
+        if (self._pending or o.preclip is not None or self._tb is not None or self._dist is not None
+                or self._unseen_grads or len(losses) > 1 or self._scheduled(step)
+                or self._rows_of is not self.record.series):
+            return False
+        opt = o.ref()
+        self._opt_params(o, opt)
+        grow = rows.get(o.tkeys)
+        if not o.fast or grow is None:
+            return False
+        groups = opt.param_groups
+        if (len(o.lr_keys) != len(groups) or len(o.lr_series) != len(groups)
+                or o.lr_series_of is not self.record.series):
+            return False
+        lrs = []
+        for g in groups:
+            lr = g.get("lr")
+            if type(lr) is not float and type(lr) is not int:
+                return False
+            lrs.append(float(lr))
+        grads = [p.grad for p in o.params]
+        for g in grads:
+            if g is None:
+                return False
+        lrow = None
+        if losses:
+            loss = losses[0]
+            if (loss.dtype != torch.float32 or loss.device != grads[0].device
+                    or o.loss_keys[0] != ("loss" if o.index == 0 else f"loss/{o.label}")):
+                return False
+            lrow = rows.get(tuple(o.loss_keys))
+            if lrow is None:
+                return False
+        if distributed.initialized():
+            return False
+        try:
+            norms = foreach_norm(grads)
+        except Exception:  # a gradient unlike its parameter (dtype, layout): general path
+            o.fast = False
+            return False
+        # From here on this step is measured here, in the general path's order.
+        self._forward_since_flush = False
+        if losses:
+            self._losses = []
+            norms = [*norms, loss]
+        self._ring_push(tuple(o.lr_keys), o.lr_series, step, lrs)
+        values = torch.stack(norms).tolist()  # THE host sync of the step
+        n = len(grads)
+        vals = values[:n] if losses else values
+        lossv = values[n] if losses else 0.0
+        if not (math.isfinite(math.hypot(*vals)) and math.isfinite(lossv)):
+            # A NaN/Inf: the general path's handling (the global norm, the culprits,
+            # the origin search), fed the values just fetched (float32: the same values).
+            self._pending.append((step, o.keys, torch.tensor(vals, dtype=torch.float32)))
+            if losses:
+                self._pending.append((step, o.loss_keys, [torch.tensor(lossv, dtype=torch.float32)]))
+            self._flush()
+            return True
+        self._add_global_norm(step, vals, [])
+        self._ring_push(o.tkeys, grow[0], step, vals)
+        if lrow is not None:
+            for s in lrow[0]:
+                s.append(step, lossv)
+        if self.progress is not None:
+            self.progress.update(self.record)  # reads the values just fetched; never raises
+        return True
 
     def _flush(self) -> None:
         """THE host sync of the step: one transfer per device of everything pending."""
@@ -1313,6 +1394,8 @@ class Recorder:
 #: Steps of per-parameter gradient norms (and scheduled values) fetched every step but
 #: appended to their series together: one bulk extend per series, not an append per value.
 RING_STEPS = 32
+#: Recorder._measure_fast on (tests turn it off to compare it with the general path).
+FAST_PATH = True
 _ROW_GRAD, _ROW_NOW, _ROW_LATER = 0, 1, 2  # how _flush appends a row (see _row)
 
 #: A step's loss is the mean of at most this many backward() losses (the latest):
