@@ -127,15 +127,16 @@ def row_stats(X: Tensor, sat: str | None, scratch: Scratch | None = None) -> Ten
     centred_sq = c.mul_(c).sum(1)
     # x - x is 0 for a finite element and NaN for NaN/Inf: as 0/1, their count.
     nonfinite = torch.sub(X, X, out=c).nan_to_num_(1.0).sum(1)
-    # Finite non-zeros: NaN/Inf mapped to 0, then |sign|. Zeros = n - those - non-finite.
-    nonzero = torch.nan_to_num(X, 0.0, 0.0, 0.0, out=c).sign_().abs_().sum(1)
+    # Non-zeros, NaN and Inf included (NaN != 0): zeros = n - those. A float 0/1 out of
+    # the comparison, summed as floats (one pass each, not a bool reduction).
+    nonzero = torch.ne(X, 0.0, out=c).sum(1)
     if sat == "sigmoid":
         satc = _count_above(torch.sub(X, 0.5, out=c).abs_(), 0.5 - SIGMOID_SAT_MARGIN)
     elif sat == "tanh":
         satc = _count_above(torch.abs(X, out=c), TANH_SAT_LEVEL)
     else:
         satc = nonfinite  # replaced by NaN in the scale
-    raw = torch.stack([total, centred_sq, nonzero.add_(nonfinite).neg_().add_(n), satc, nonfinite], 1)
+    raw = torch.stack([total, centred_sq, nonzero.neg_().add_(n), satc, nonfinite], 1)
     out = raw.mul_(_scale(n, sat is None, raw.device))
     out[:, 1].sqrt_()  # variance -> std
     return out
