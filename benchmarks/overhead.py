@@ -304,6 +304,19 @@ class NormFloor(Method):
         self.norms = torch._foreach_norm([p.grad for p in self.model.parameters() if p.grad is not None])
 
 
+class NormFetch(Method):
+    """The floor of any tool that records every layer's gradient norm every step and
+    looks at the values (to catch a NaN the step it appears): the fused norms, stacked
+    and fetched to the host once (on a GPU: the one sync)."""
+
+    name = "norm_fetch"
+    label = "the floor, fetched: torch._foreach_norm + one stack + .tolist() per step"
+
+    def after_backward(self) -> None:
+        self.norms = torch.stack(torch._foreach_norm([p.grad for p in self.model.parameters()
+                                                      if p.grad is not None])).tolist()
+
+
 class ClipTotal(Method):
     name = "clip_total"
     label = "clip_grad_norm_ total norm (never clips)"
@@ -409,7 +422,7 @@ def _available(method: type[Method]) -> bool:
 
 
 METHODS: list[type[Method]] = [Method, PlainTwin, GradvitalsMethod, GradvitalsEarly, GradvitalsNoOrigin, GradvitalsFull,
-                               NormFloor, NaiveItem, ClipTotal, DetectAnomaly, ActHooks, TensorBoardHist, WandbWatch]
+                               NormFloor, NormFetch, NaiveItem, ClipTotal, DetectAnomaly, ActHooks, TensorBoardHist, WandbWatch]
 
 
 # ------------------------------------------------------------------ timing
@@ -500,6 +513,11 @@ def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps
         rel = [a / b for a, b in zip(ratios["gv_default"], ratios["gv_no_origin"])]
         lo, hi = _quantiles(rel)
         out["_origin_vs_no_origin"] = {"ratio": statistics.median(rel), "ratio_q1": lo, "ratio_q3": hi}
+    if "gv_default" in block and "norm_fetch" in block:
+        # What gradvitals adds beyond the least any per-step norm recorder must do.
+        rel = [a / b for a, b in zip(ratios["gv_default"], ratios["norm_fetch"])]
+        lo, hi = _quantiles(rel)
+        out["_default_vs_norm_fetch"] = {"ratio": statistics.median(rel), "ratio_q1": lo, "ratio_q3": hi}
     return out
 
 
@@ -631,6 +649,12 @@ def render(results: dict[str, Any], method_names: list[str]) -> str:
             r = results["workloads"][w]["methods"].get(n)
             cells.append("-" if r is None else f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}")
         lines.append(_row(cells, widths))
+    ctx = [(w, r["methods"]["_default_vs_norm_fetch"]) for w, r in results["workloads"].items()
+           if "_default_vs_norm_fetch" in r["methods"]]
+    if ctx:
+        lines.append("")
+        lines.append("default watch / norm_fetch (gradvitals beyond the fetched-norm floor, same run): "
+                     + ", ".join(f"{w} {c['ratio']:.3f}x" for w, c in ctx))
     lines.append("")
     lines.append("budgets:")
     for b in results["budgets"]:
