@@ -275,3 +275,12 @@ def test_one_pass_path_hands_a_nan_to_the_origin_search(digits, monkeypatch):
     found = [e for e in fast["run"]["events"] if e.get("module") is not None]
     assert found, fast["run"]["events"]  # the origin search ran from the fast path's fallback
     assert found[0]["module"] == "2" and found[0]["step"] == 9
+
+
+def test_saturation_kind_follows_the_recurrent_nonlinearity():
+    assert ap.saturation_kind(nn.RNN(4, 4)) == "tanh"
+    assert ap.saturation_kind(nn.RNN(4, 4, nonlinearity="relu")) is None  # unbounded
+    assert ap.saturation_kind(nn.LSTM(4, 4)) == "tanh"  # o * tanh(c)
+    assert ap.saturation_kind(nn.GRU(4, 4)) == "tanh"
+    assert ap.saturation_kind(nn.Sigmoid()) == "sigmoid"
+    assert ap.saturation_kind(nn.ReLU()) is None

@@ -1383,8 +1383,13 @@ class Recorder:
             try:
                 from .diagnose import diagnose
 
+                seen: dict[str, int] = {}
                 for f in diagnose(self.record):
-                    self._tb.add_text(f"gradvitals/{f.code}", f"**{f.severity}**: {f.summary}\n\n{f.advice}")
+                    # One tag per finding: a second finding of the same code (two layers
+                    # each dying) gets its own tag instead of overwriting the first.
+                    n = seen[f.code] = seen.get(f.code, 0) + 1
+                    tag = f"gradvitals/{f.code}" if n == 1 else f"gradvitals/{f.code}/{f.layers[0] if f.layers else n}"
+                    self._tb.add_text(tag, f"**{f.severity}**: {f.summary}\n\n{f.advice}")
                 self._tb.close()
             except Exception as exc:
                 self._fail("tensorboard", exc)

@@ -89,3 +89,39 @@ def test_one_scalar_per_step_on_a_finite_run(tmp_path, digits):
     for tag in ("gradvitals/loss", "gradvitals/grad_norm_global", "gradvitals/grad_norm/0.weight",
                 "gradvitals/update_ratio/0.weight"):
         assert [e.step for e in acc.Scalars(tag)] == [0, 1, 2], tag
+
+
+def test_two_findings_of_one_code_get_a_tag_each(tmp_path):
+    """Two recurrent layers whose W_hh has spectral radius > 1: two architecture_risk
+    findings, each readable under its own TensorBoard text tag."""
+
+    class TwoRNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn_a = nn.RNN(8, 16, batch_first=True)
+            self.rnn_b = nn.RNN(16, 16, batch_first=True)
+            self.head = nn.Linear(16, 1)
+            with torch.no_grad():
+                for rnn in (self.rnn_a, self.rnn_b):
+                    nn.init.orthogonal_(rnn.weight_hh_l0)
+                    rnn.weight_hh_l0.mul_(1.6)  # spectral radius 1.6
+
+        def forward(self, x):
+            return self.head(self.rnn_b(self.rnn_a(x)[0])[0][:, -1])
+
+    torch.manual_seed(0)
+    model = TwoRNN()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(16, 12, 8), torch.randn(16, 1)
+    with gv.watch(model, opt, tensorboard=str(tmp_path)) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    from gradvitals.diagnose import diagnose
+
+    codes = [f.code for f in diagnose(w.record) if f.evidence.get("kind") == "recurrent_spectral_radius"]
+    assert len(codes) == 2, codes
+    texts = set(_read(tmp_path).Tags()["tensors"])
+    assert "gradvitals/architecture_risk/text_summary" in texts, texts
+    assert "gradvitals/architecture_risk/rnn_b/text_summary" in texts, texts

@@ -43,6 +43,8 @@ def saturation_kind(module: nn.Module) -> str | None:
     if fam in SATURATING_FAMILIES:
         return fam
     if type(module).__name__ in ("RNN", "LSTM", "GRU"):
+        if getattr(module, "nonlinearity", "tanh") == "relu":
+            return None  # nn.RNN(nonlinearity="relu"): unbounded, nothing to saturate
         return "tanh"  # their outputs are tanh-bounded (LSTM: o * tanh(c))
     return None
 
