@@ -86,6 +86,27 @@ def test_relu_normal_init_explodes_into_nan(digits):
     assert rep.problems()[0].code in ("exploding_gradients", "poor_initialization")
 
 
+def test_a_nan_in_the_batch_is_blamed_on_the_data_not_a_layer(digits):
+    X, y = digits
+    X = X.clone()
+    torch.manual_seed(0)
+    model = mlp(depth=4, init="he")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gv.watch(model, opt) as watch:
+        for step in range(6):
+            xb = X[step * 32:(step + 1) * 32].clone()
+            if step == 3:
+                xb[5, 7] = float("nan")  # one corrupt pixel
+            opt.zero_grad()
+            F.cross_entropy(model(xb), y[step * 32:(step + 1) * 32]).backward()
+            opt.step()
+        rep = watch.diagnosis()
+    f = by_code(rep)["nonfinite"]
+    assert f.step == 3 and f.evidence["kind"] == "input"
+    assert "in the batch itself" in f.summary and "the model" in f.summary and "(root)" not in f.summary
+    assert "isfinite(x)" in f.advice
+
+
 def test_learning_rate_too_high_gives_early_warning_before_the_nan(digits):
     X, y = digits
     torch.manual_seed(0)

@@ -31,8 +31,15 @@ def nonfinite(record: Record) -> list[Finding]:
         kind = ev.get("kind", "activation")
         where = f"`{module}`" if module else "the loss function"
         value = ev.get("value", "nan")
-        summary = (f"{str(value).upper()} first appeared at step {ev.get('step')}: {where} "
-                   f"{_WHAT.get(kind, 'produced it')}.")
+        if kind == "input":
+            # The data, not a layer: say so rather than naming the model's root ("(root)").
+            fed = "the model" if module in (None, "(root)") else f"`{module}`"
+            summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the batch itself: "
+                       f"the input fed to {fed} already held NaN/Inf before any layer ran (the data or "
+                       f"the loss target, not the model, is the origin).")
+        else:
+            summary = (f"{str(value).upper()} first appeared at step {ev.get('step')}: {where} "
+                       f"{_WHAT.get(kind, 'produced it')}.")
         if ev.get("module_kind"):
             summary = summary.rstrip(".") + f" ({ev['module_kind']})."
         if ev.get("rank") is not None and (ev.get("world_size") or 1) > 1:  # torchrun: whose data
