@@ -207,7 +207,7 @@ class Recorder:
         self._closure_step: _Opt | None = None  # a closure optimizer's step awaiting its first backward
         self._closure_measured = False  # that step is measured: later (line-search) losses are not the step's
         self._manual_before: tuple[list[str], list[Tensor], list[Tensor], Tensor] | None = None
-        self._scaled_loss: tuple[Tensor, Any] | None = None  # (loss * scale, the GradScaler's scale)
+        self._scaled_loss: tuple[Tensor, Tensor] | None = None  # (loss * scale, the loss scaled)
         self._pre_hook_calls = 0
         self._scaler_pre_calls = 0
         self._origin_done = False
@@ -703,7 +703,7 @@ class Recorder:
                 loss = loss.reshape(())
             scaled, self._scaled_loss = self._scaled_loss, None
             if scaled is not None and scaled[0] is tensor:
-                loss = loss / scaled[1].reshape(())  # GradScaler: the user's loss, not loss * 65536
+                loss = scaled[1].reshape(())  # GradScaler: the user's loss, not loss * 65536
             self._losses.append(loss)
             if len(self._losses) > MAX_STEP_LOSSES:
                 del self._losses[0]
@@ -739,10 +739,13 @@ class Recorder:
         self._pending.append((self.step - 1, ["update_ratio/" + n for n in names], dnorm / wnorm.clamp_min(1e-12)))
 
     # ------------------------------------------------------------ GradScaler
-    def _on_loss_scaled(self, scaled: Any, scaler: Any) -> None:
-        scale = getattr(scaler, "_scale", None)
-        if isinstance(scaled, Tensor) and scaled.numel() == 1 and isinstance(scale, Tensor):
-            self._scaled_loss = (scaled, scale)
+    def _on_loss_scaled(self, scaled: Any, scaler: Any, loss: Any = None) -> None:
+        """``scaler.scale(loss)``: the backward of ``scaled`` is the user's ``loss``. Kept
+        as given (not ``scaled / scale``: a large scale can overflow ``scaled`` to Inf
+        while the scaled gradients stay finite and the step is taken)."""
+        if (isinstance(scaled, Tensor) and scaled.numel() == 1 and isinstance(loss, Tensor)
+                and loss.numel() == 1 and loss.is_floating_point()):
+            self._scaled_loss = (scaled, loss.detach())
 
     def _on_scaler_step_begin(self, optimizer: Any) -> None:
         self._scaler_pre_calls = self._pre_hook_calls

@@ -69,6 +69,46 @@ def test_gradscaler_loss_unscaled_and_skipped_steps_dropped():
     assert all(math.isfinite(v) for v in _values(w, "grad_norm_global")[1])
 
 
+def test_gradscaler_scale_that_overflows_the_scaled_loss_is_no_nan(digits):
+    """A scale so large that ``loss * scale`` is Inf in float32 while the scaled gradients
+    stay finite: the step is taken (not skipped); the loss recorded is the user's finite
+    loss and nothing is reported non-finite. Also skipped steps and clipping after
+    ``unscale_``, the usual AMP recipe."""
+    from gradvitals.diagnose import diagnose
+
+    X, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 3.0)  # losses ~200: loss * 2**127 overflows
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=10**6)
+    losses, skipped, inf_scaled = [], 0, 0
+    with gv.watch(model, opt) as w:
+        for step in range(20):
+            xb, yb = X[step * 32:(step + 1) * 32], y[step * 32:(step + 1) * 32]
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            scaled = scaler.scale(loss)
+            scale = scaler.get_scale()
+            scaled.backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            if scaler.get_scale() < scale:
+                skipped += 1
+            else:
+                losses.append(loss.item())
+                inf_scaled += not math.isfinite(scaled.item())
+    assert skipped >= 1 and inf_scaled >= 1  # both cases really happened
+    _, recorded = _values(w, "loss")
+    assert recorded == pytest.approx(losses, rel=1e-6)
+    assert all(math.isfinite(v) for v in recorded)
+    assert [f.code for f in diagnose(w.record) if f.code == "nonfinite"] == []
+
+
 def test_update_ratio_without_optimizer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))

@@ -75,7 +75,7 @@ def _scale_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
     def scale(scaler: Any, outputs: Any) -> Any:
         result = orig(scaler, outputs)
         if _listeners:
-            _each("_on_loss_scaled", result, scaler)
+            _each("_on_loss_scaled", result, scaler, outputs)
         return result
 
     return scale
