@@ -42,6 +42,14 @@ def test_lbfgs_step_gradient_and_loss_are_the_first_closure_evaluation():
     assert _values(w, "loss")[1] == pytest.approx(returned, rel=1e-6)
 
 
+def _scaler_step(scaler, opt) -> bool:
+    """``scaler.step(opt); scaler.update()``; False when the scaler skipped the step."""
+    scale = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    return scaler.get_scale() >= scale
+
+
 def test_gradscaler_loss_unscaled_and_skipped_steps_dropped():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
@@ -55,13 +63,10 @@ def test_gradscaler_loss_unscaled_and_skipped_steps_dropped():
                 loss = nn.functional.cross_entropy(model(x).float(), y)
             opt.zero_grad()
             scaler.scale(loss).backward()
-            scale = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
-            if scaler.get_scale() < scale:
-                skipped += 1
-            else:
+            if _scaler_step(scaler, opt):
                 losses.append(loss.item())
+            else:
+                skipped += 1
     assert skipped >= 1
     assert w.record.steps == 12 - skipped
     _, recorded = _values(w, "loss")
@@ -91,17 +96,14 @@ def test_gradscaler_scale_that_overflows_the_scaled_loss_is_no_nan(digits):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(xb), yb)
             scaled = scaler.scale(loss)
-            scale = scaler.get_scale()
             scaled.backward()
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            if scaler.get_scale() < scale:
-                skipped += 1
-            else:
+            if _scaler_step(scaler, opt):
                 losses.append(loss.item())
                 inf_scaled += not math.isfinite(scaled.item())
+            else:
+                skipped += 1
     assert skipped >= 1 and inf_scaled >= 1  # both cases really happened
     _, recorded = _values(w, "loss")
     assert recorded == pytest.approx(losses, rel=1e-6)
