@@ -63,6 +63,84 @@ def test_std_is_centred_not_cancelled():
     assert got[1] == pytest.approx(x.double().std(unbiased=False).item(), rel=1e-3)
 
 
+@pytest.mark.parametrize("sat", [None, "tanh", "sigmoid"])
+def test_three_pass_cpu_path_is_taken_and_exact_on_healthy_rows(sat, monkeypatch):
+    """Finite, well-conditioned rows on the CPU: the raw-moment path answers (no
+    fallback) and every statistic equals the float64 oracle."""
+    torch.manual_seed(1)
+    f = {"tanh": torch.tanh, "sigmoid": torch.sigmoid}.get(sat, torch.relu)
+    xs = [f(torch.randn(64, 40) * (1 + i) + 0.3 * i) for i in range(3)]
+    answered = []
+    real = ap._raw_moment_stats
+    monkeypatch.setattr(ap, "_raw_moment_stats", lambda *a: answered.append(real(*a)) or answered[-1])
+    got = ap.batch_stats(xs, sat, ap.Scratch()).tolist()
+    assert len(answered) == 1 and answered[0] is not None
+    for x, row in zip(xs, got):
+        for g, w in zip(row, _oracle(x, sat)):
+            if math.isnan(w):
+                assert math.isnan(g)
+            else:
+                assert g == pytest.approx(w, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "overflow", "near_constant"])
+def test_three_pass_cpu_path_hands_hard_rows_to_the_exact_path(case):
+    """Rows whose raw moments would lie: a NaN/Inf (the non-finite count is needed), a
+    finite value whose square overflows float32, a mean 1000x the spread (E[x^2] -
+    E[x]^2 cancels). The fast path declines; the answer is still the oracle's."""
+    torch.manual_seed(2)
+    x = torch.randn(32, 50)
+    if case == "nan":
+        x[3, 7] = math.nan
+    elif case == "inf":
+        x[0, 0] = -math.inf
+    elif case == "overflow":
+        x[5, 5] = 3e19  # finite; x * x = inf in float32
+    else:
+        x = 1000 + 0.5 * x
+    X = x.reshape(1, -1)
+    assert ap._raw_moment_stats(X, X.sum(1), X.shape[1], torch.empty_like(X), None) is None
+    got = ap.stats(x, None).tolist()
+    want = _oracle(x, None)
+    if case == "overflow":  # (3e19)^2 is past float32 in either variance: not comparable
+        got, want = got[:1] + got[2:], want[:1] + want[2:]
+    for g, w in zip(got, want):
+        if math.isnan(w):
+            assert math.isnan(g)
+        else:
+            assert g == pytest.approx(w, rel=1e-4, abs=1e-6)
+    if case in ("nan", "inf"):
+        assert got[4] == pytest.approx(1 / x.numel())
+
+
+def test_a_staged_group_never_outgrows_the_kept_buffers(monkeypatch, digits):
+    """The stage is measured before it would pass ACT_STAGE_MAX_NUMEL, so every
+    stacked group fits Scratch (one row over, and the copy and its temporary were
+    fresh multi-MB allocations every step). Real MLP, real steps, full=True."""
+    from gradvitals import recorder as rec
+
+    X, y = digits
+    monkeypatch.setattr(rec, "ACT_STAGE_MAX_NUMEL", 5 * 64 * 32)  # 5 outputs of (64, 32)
+    sizes = []
+    real = ap.stack_rows
+    monkeypatch.setattr(ap, "stack_rows", lambda xs, scratch=None: sizes.append(len(xs) * xs[0].numel())
+                        or real(xs, scratch))
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, 32), nn.ReLU()]
+    for _ in range(6):
+        layers += [nn.Linear(32, 32), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gv.watch(model, opt, full=True) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[:64]), y[:64]).backward()
+            opt.step()
+    assert max(sizes) <= 5 * 64 * 32
+    assert any(s == 5 * 64 * 32 for s in sizes)  # full groups were formed
+    assert len(w.record.series["act_mean/12"]) == 3  # every output still measured every step
+
+
 def test_scratch_is_reused_and_bounded():
     s = ap.Scratch(max_numel=1000)
     like = torch.zeros(1)

@@ -45,6 +45,22 @@ def test_counter_sees_syncs_made_from_the_package_only():
     assert torch.Tensor.tolist is not None and "counted" not in torch.Tensor.tolist.__qualname__
 
 
+def test_only_the_cpu_only_reader_is_exempt_from_the_counter():
+    """cpu_values() reads CPU tensors only (it refuses any other device, so it cannot
+    hide an accelerator sync) and is the one reader the counter leaves out; any other
+    read in the same module still counts."""
+    import gradvitals.probes.activations as act_mod
+
+    t = torch.ones(3)
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        act_mod.cpu_values(torch.ones(3, device="meta"))
+    with count_host_syncs() as counter:
+        assert act_mod.cpu_values(t) == [1.0, 1.0, 1.0]
+        assert counter["n"] == 0
+        exec("t.tolist()", vars(act_mod) | {"t": t})
+    assert counter["n"] == 1
+
+
 @pytest.mark.parametrize("factory,opt_cls", [(lambda: mlp(depth=4), torch.optim.Adam),
                                              (SmallCNN, torch.optim.SGD)])
 def test_default_watch_syncs_at_most_once_per_step(digits, factory, opt_cls):

@@ -628,10 +628,14 @@ class Recorder:
         once and learns which modules are safe to stage."""
         if info.batchable is None:  # first sight: measured now, staged only to learn
             self._act_measure([x], [info], dim)
+        if self._act_staged + x.numel() > ACT_STAGE_MAX_NUMEL:
+            # Measured before it grows past the bound, so a group always fits the kept
+            # buffers (Scratch(ACT_STAGE_MAX_NUMEL)): one row over, and the stacked copy
+            # and its temporary were fresh 4 MB allocations, written at page-fault speed
+            # (a 20-layer MLP's `full` step spent ~2 ms there).
+            self._act_flush_stage()
         self._act_stage.append((x.detach(), x._version, info, dim))
         self._act_staged += x.numel()
-        if self._act_staged > ACT_STAGE_MAX_NUMEL:
-            self._act_flush_stage()
 
     def _act_flush_stage(self) -> None:
         stage = self._act_stage
