@@ -62,6 +62,37 @@ _WHOLE_RUN = frozenset({"loss_plateau", "update_ratio_low", "not_updated"})
 
 def diagnose(record: Record) -> list[Finding]:
     """All findings of all rules, causes linked, root cause first."""
+    segments = record.segments()
+    if len(segments) == 1:
+        return order(link(_run_rules(record, record)))
+    # Models trained one after another (k-fold, restarts): each segment is judged on
+    # its own, its findings linked among themselves and labelled with where they hold.
+    # The same finding in several segments (every fold at too low a learning rate) is
+    # shown once, for the first, naming the others.
+    findings: list[Finding] = []
+    first: dict[tuple, int] = {}
+    also: dict[int, list[str]] = {}
+    for start, end, models in segments:
+        part = record.segment(start, end, models)
+        names = models or sorted({l.model for l in part.layers.values() if l.model})
+        where = f"{', '.join(names) or 'steps'} (steps {start}-{end - 1})"
+        for f in link(_run_rules(part, record)):
+            key = (f.code, f.severity, tuple(l.split(":", 1)[-1] for l in f.layers))
+            if key in first:
+                also.setdefault(first[key], []).append(where)
+                continue
+            first[key] = len(findings)
+            findings.append(replace(f, summary=f"{where}: {f.summary}",
+                                    evidence={**f.evidence, "segment": {"first_step": start, "last_step": end - 1,
+                                                                        "models": names}}))
+    for i, wheres in also.items():
+        f = findings[i]
+        findings[i] = replace(f, summary=f"{f.summary} The same in {', '.join(wheres)}.",
+                              evidence={**f.evidence, "segment": {**f.evidence["segment"], "also": wheres}})
+    return order(findings)
+
+
+def _run_rules(record: Record, errors_to: Record) -> list[Finding]:
     from .rules import RULES
 
     findings: list[Finding] = []
@@ -70,8 +101,8 @@ def diagnose(record: Record) -> list[Finding]:
             findings.extend(rule(record))
         except Exception as exc:  # a broken rule must not hide the others
             log.warning("gradvitals: rule %s failed: %r", getattr(rule, "__name__", rule), exc)
-            record.event("rule_error", rule=getattr(rule, "__name__", str(rule)), error=repr(exc))
-    return order(link(findings))
+            errors_to.event("rule_error", rule=getattr(rule, "__name__", str(rule)), error=repr(exc))
+    return findings
 
 
 def _explains(cause: Finding, effect: Finding) -> bool:

@@ -44,6 +44,14 @@ QUANTITIES: dict[str, str] = {
 }
 
 
+#: Quantities recorded per layer or per parameter (``<quantity>/<name>``); the others
+#: (loss, grad_norm_global, lr/<group>, clip_*) are the run's.
+PER_NAME_QUANTITIES = frozenset({
+    "grad_norm", "weight_norm", "update_ratio", "act_mean", "act_std", "act_zero_frac", "act_sat_frac",
+    "act_nonfinite_frac", "dead_frac", "bn_batch",
+})
+
+
 def _encode(value: float) -> float | str:
     """JSON has no NaN/Inf: encode them as the strings "nan", "inf", "-inf"."""
     if math.isfinite(value):
@@ -278,6 +286,63 @@ class Record:
         if p is not None:
             return p.layer
         return param.rsplit(".", 1)[0] if "." in param else param
+
+    def segments(self) -> list[tuple[int, int, list[str]]]:
+        """``(first_step, end_step, models)`` per training segment: the run cut at each
+        ``segment`` event (a model trained from scratch after others, e.g. the next
+        fold of a k-fold loop; see Recorder._note_segment). ``models`` is empty for the
+        first segment (its models are found from the series). One segment: no cut."""
+        cuts = sorted((e["step"], list(e.get("models") or [])) for e in self.events
+                      if e.get("type") == "segment" and isinstance(e.get("step"), int)
+                      and 0 < e["step"] < self.steps)
+        out: list[tuple[int, int, list[str]]] = []
+        start, models = 0, []
+        for step, ms in cuts:
+            if step > start:
+                out.append((start, step, models))
+                start, models = step, ms
+            else:
+                models = sorted(set(models) | set(ms))
+        out.append((start, max(self.steps, start), models))
+        return out
+
+    def segment(self, start: int, end: int, models: Iterable[str] = ()) -> Record:
+        """The record of steps ``start <= step < end`` alone, for the rules: run-level
+        series cut to those steps, and only the layers and parameters of the models
+        trained in them (``models``; when empty, those with gradient norms there).
+        Steps keep their numbers; ``steps`` is the segment's length."""
+        def cut(s: Series) -> Series:
+            out = Series(self.cap)
+            for st, v in zip(*s.points()):
+                if start <= st < end:
+                    out.append(st, v)
+            f = s.first_nonfinite_step
+            if f is not None and start <= f < end:
+                out.first_nonfinite_step = min(f, out.first_nonfinite_step if out.first_nonfinite_step is not None else f)
+            return out
+
+        wanted = set(models)
+        if not wanted:
+            for key, s in self.series.items():
+                q, _, name = key.partition("/")
+                if q == "grad_norm" and name in self.params and any(start <= st < end for st in s.steps):
+                    layer = self.layers.get(self.params[name].layer)
+                    if layer is not None:
+                        wanted.add(layer.model)
+        layers = {n: l for n, l in self.layers.items() if not wanted or l.model in wanted}
+        params = {n: p for n, p in self.params.items() if not wanted or p.layer in layers}
+        series = {}
+        for key, s in self.series.items():
+            q, _, name = key.partition("/")
+            if q in PER_NAME_QUANTITIES and name not in params and name not in layers:
+                continue  # another segment's model
+            c = cut(s)
+            if c.count:
+                series[key] = c
+        events = [e for e in self.events
+                  if not isinstance(e.get("step"), int) or start <= e["step"] < end]
+        return Record(run=dict(self.run), layers=layers, params=params, series=series, events=events,
+                      steps=end - start, cap=self.cap)
 
     # -- (de)serialisation ---------------------------------------------------
     def layers_json(self) -> list[dict[str, Any]]:

@@ -104,8 +104,9 @@ class Options:
 class _Model:
     module: nn.Module
     index: int
-    label: str  # variable or class name
+    label: str  # variable or class name, numbered when several share it ("model1")
     prefix: str = ""
+    base: str = ""  # the label as given (the numbering counts these)
     names: dict[int, str] = field(default_factory=dict)  # id(module) -> reported name
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
@@ -137,6 +138,7 @@ class _Opt:
     before: tuple[list[str], list[Tensor], Tensor] | None = None
     handles: list[Any] = field(default_factory=list)
     local_hooks: bool = False  # its step hooks live on the optimizer (gv.watch)
+    stepped: bool = False  # it has taken a step (see Recorder._note_segment)
 
 
 @dataclass(eq=False)
@@ -181,6 +183,7 @@ class Recorder:
         self._stepped: list[int] = []  # optimizers stepped in the current step, in order
         self._cycle_last: int | None = None  # the optimizer that ends a step (learned)
         self._optimizer_seen = False
+        self._trained_models: dict[int, _Model] = {}  # models an optimizer has stepped (kept: ids stay unique)
         self._losses: list[Tensor] = []
         self._explicit_loss = False
         self._saw_forward = False  # a root training forward was ever seen
@@ -240,6 +243,7 @@ class Recorder:
                 return m
         model = _Model(module=module, index=len(self.models), label=label or self.options.name
                        or type(module).__name__)
+        model.base = model.label
         self.models.append(model)
         if len(self.models) == 1:
             self._index_model(model)
@@ -311,11 +315,11 @@ class Recorder:
         self._drain_ring()  # appended before the names change
         labels: dict[str, int] = {}
         for m in self.models:
-            labels[m.label] = labels.get(m.label, 0) + 1
+            labels[m.base or m.label] = labels.get(m.base or m.label, 0) + 1
         used: dict[str, int] = {}
         renames: dict[str, str] = {}
         for m in self.models:
-            label = m.label
+            label = m.base or m.label  # a third "model" after model0, model1 is model2
             if labels[label] > 1:
                 used[label] = used.get(label, 0) + 1
                 label = f"{label}{used[label] - 1}"
@@ -823,6 +827,9 @@ class Recorder:
                     self._cycle_last = self._stepped[-1]
                 self._advance()
             self._stepped.append(id(opt))
+            if not o.stepped:
+                o.stepped = True
+                self._note_segment(opt)
             rest = args[1:] if args and args[0] is opt else args  # global hooks get (opt, *args)
             if (rest and callable(rest[0])) or callable(kwargs.get("closure")):
                 self._closure_step = o  # measured at the closure's first backward
@@ -830,6 +837,27 @@ class Recorder:
             self._measure_and_flush(o)
         except Exception as exc:
             self._fail("gradients", exc)
+
+    def _note_segment(self, opt: torch.optim.Optimizer) -> None:
+        """An optimizer's first step. When every model it trains is new and other models
+        were trained before it (k-fold cross-validation, restarts from scratch, a second
+        stage trained on its own), the run-level series (loss, global gradient norm, lr)
+        start over here: a ``segment`` event marks the step, and the rules judge each
+        segment on its own (diagnose.py) instead of reading one fold's restart as the
+        previous fold's loss going back up. Models trained together (a GAN's two players,
+        a new optimizer for layers of a model already training) start no segment."""
+        owners = self._param_owner
+        models = {}
+        for g in opt.param_groups:
+            for p in g["params"]:
+                owner = owners.get(id(p))
+                if owner is not None:
+                    models[id(owner[0])] = owner[0]
+        if not models:
+            return
+        if self.step > 0 and self._trained_models and not models.keys() & self._trained_models.keys():
+            self.record.event("segment", step=self.step, models=sorted(m.label for m in models.values()))
+        self._trained_models.update(models)
 
     def _drop_dead_optimizers(self) -> None:
         """An optimizer re-created every epoch (``opt = SGD(model.parameters(), lr)`` in

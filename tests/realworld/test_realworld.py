@@ -82,6 +82,7 @@ def test_gan_three_backwards_two_models_same_paths():
     assert report["run"]["steps"] == 60  # one step per iteration, not per backward (3) or optimizer (2)
     assert series(report, "grad_norm/netD:main.10.weight")["count"] == 60
     assert series(report, "grad_norm/netG:main.0.weight")["count"] == 60
+    assert not [e for e in report["run"]["events"] if e["type"] == "segment"]  # trained together: one segment
     assert_healthy(report)  # G's loss rises while D learns: by design
 
 
@@ -202,4 +203,33 @@ def test_optimizer_recreated_every_epoch():
     assert series(report, "loss")["count"] == 100  # one loss series, not loss/opt1, loss/opt2, ...
     assert not [k for k in report["series"] if k.startswith("loss/")]
     assert series(report, "grad_norm/0.weight")["count"] == 100  # the dead optimizer claims nothing
+    assert not [e for e in report["run"]["events"] if e["type"] == "segment"]  # same model: no restart
     assert_healthy(report)
+
+
+def test_kfold_folds_are_judged_each_on_its_own():
+    """Three folds, each a fresh model and optimizer: one loss series over 180 steps
+    whose restarts at steps 60 and 120 are not the loss going back up. Each fold is
+    a segment; a healthy k-fold run gets no alarm (it got a false loss_plateau)."""
+    report, stdout = run_both("kfold.py")
+    assert stdout.count("held-out accuracy") == 3
+    assert report["run"]["steps"] == 180
+    cuts = [(e["step"], e["models"]) for e in report["run"]["events"] if e["type"] == "segment"]
+    assert cuts == [(60, ["model1"]), (120, ["model2"])]
+    assert {l["model"] for l in report["layers"]} == {"model0", "model1", "model2"}
+    assert series(report, "loss")["count"] == 180
+    assert_healthy(report)
+
+
+def test_kfold_finding_names_every_fold_it_holds_in():
+    """The same learning rate too low in every fold: one finding per code, for the
+    first fold, naming the other two; evidence of the first fold's own steps."""
+    report, _ = run_both("kfold.py", "--lr", "1e-5")
+    found = codes(report)
+    assert {"update_ratio_low", "loss_plateau"} <= set(found), [f["summary"] for f in report["findings"]]
+    for code in ("update_ratio_low", "loss_plateau"):
+        f = found[code]
+        assert f["summary"].startswith("model0 (steps 0-59): ")
+        assert f["evidence"]["segment"] == {"first_step": 0, "last_step": 59, "models": ["model0"],
+                                            "also": ["model1 (steps 60-119)", "model2 (steps 120-179)"]}
+    assert sum(f["code"] == "loss_plateau" for f in report["findings"]) == 1
