@@ -107,6 +107,7 @@ class _Model:
     label: str  # variable or class name, numbered when several share it ("model1")
     prefix: str = ""
     base: str = ""  # the label as given (the numbering counts these)
+    ordinal: int = 0  # how many models of this base came before it (its number: "model2")
     names: dict[int, str] = field(default_factory=dict)  # id(module) -> reported name
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
@@ -183,7 +184,11 @@ class Recorder:
         self._stepped: list[int] = []  # optimizers stepped in the current step, in order
         self._cycle_last: int | None = None  # the optimizer that ends a step (learned)
         self._optimizer_seen = False
-        self._trained_models: dict[int, _Model] = {}  # models an optimizer has stepped (kept: ids stay unique)
+        #: Modules an optimizer has stepped (weak: a finished fold's model must be freed).
+        self._trained_models: dict[int, weakref.ref] = {}
+        self._base_counts: dict[str, int] = {}  # models per base label, ever (see _relabel)
+        #: Called with a model no longer watched (see _retire); the runner forgets it too.
+        self.on_retire: Any = None
         self._losses: list[Tensor] = []
         self._explicit_loss = False
         self._saw_forward = False  # a root training forward was ever seen
@@ -244,6 +249,8 @@ class Recorder:
         model = _Model(module=module, index=len(self.models), label=label or self.options.name
                        or type(module).__name__)
         model.base = model.label
+        model.ordinal = self._base_counts.get(model.base, 0)
+        self._base_counts[model.base] = model.ordinal + 1
         self.models.append(model)
         if len(self.models) == 1:
             self._index_model(model)
@@ -313,16 +320,13 @@ class Recorder:
     def _relabel(self) -> None:
         """Several models: prefix every name with its model's label ("netD:main.0")."""
         self._drain_ring()  # appended before the names change
-        labels: dict[str, int] = {}
-        for m in self.models:
-            labels[m.base or m.label] = labels.get(m.base or m.label, 0) + 1
-        used: dict[str, int] = {}
         renames: dict[str, str] = {}
         for m in self.models:
-            label = m.base or m.label  # a third "model" after model0, model1 is model2
-            if labels[label] > 1:
-                used[label] = used.get(label, 0) + 1
-                label = f"{label}{used[label] - 1}"
+            # Numbered by order of arrival among the models of its base, ever: a third
+            # "model" is model2, whatever became of model0 (see _retire).
+            label = m.base or m.label
+            if self._base_counts.get(label, 0) > 1:
+                label = f"{label}{m.ordinal}"
             new_prefix = label + ":"
             if m.prefix == new_prefix:
                 continue
@@ -847,17 +851,43 @@ class Recorder:
         previous fold's loss going back up. Models trained together (a GAN's two players,
         a new optimizer for layers of a model already training) start no segment."""
         owners = self._param_owner
-        models = {}
+        models: dict[int, _Model] = {}
         for g in opt.param_groups:
             for p in g["params"]:
                 owner = owners.get(id(p))
-                if owner is not None:
-                    models[id(owner[0])] = owner[0]
+                if owner is not None and owner[0].module is not None:
+                    models[id(owner[0].module)] = owner[0]
         if not models:
             return
-        if self.step > 0 and self._trained_models and not models.keys() & self._trained_models.keys():
+        trained = self._trained_models
+        fresh = not any(k in trained and trained[k]() is not None for k in models)
+        if self.step > 0 and trained and fresh:
             self.record.event("segment", step=self.step, models=sorted(m.label for m in models.values()))
-        self._trained_models.update(models)
+            self._retire_finished(models)
+        for k, m in models.items():
+            trained[k] = weakref.ref(m.module)
+
+    def _retire_finished(self, starting: dict[int, _Model]) -> None:
+        """At a segment's start: stop holding the models no live optimizer trains any
+        more (the folds before). Their record stays; the modules, their gradients and
+        last inputs are the user's again to free (k folds of a large model would
+        otherwise all stay in memory until the script ends)."""
+        live: set[int] = set()
+        for other in self._opts.values():
+            ref = other.ref()
+            if ref is not None:
+                live.update(id(p) for g in ref.param_groups for p in g["params"])
+        for m in list(self.models):
+            if id(m.module) in starting or any(id(p) in live for _, p in m.params):
+                continue
+            self.remove_model(m.module)
+            for _, p in m.params:
+                self._param_owner.pop(id(p), None)
+            self._act_infos.clear()
+            m.last_inputs = None
+            if self.on_retire is not None:
+                self.on_retire(m)
+            self.record.event("model_released", step=self.step, model=m.label)
 
     def _drop_dead_optimizers(self) -> None:
         """An optimizer re-created every epoch (``opt = SGD(model.parameters(), lr)`` in

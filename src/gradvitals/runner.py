@@ -245,6 +245,7 @@ class ScriptRunner:
                             self.script, *self.args])
         self.recorder = Recorder(self.options, command=command)
         self.recorder.progress = self.progress
+        self.recorder.on_retire = lambda model: self._roots.pop(id(model.module), None)
         self.recorder.record.run["script"] = self.script
         self.recorder.record.run["script_argv"] = [self.script, *self.args]
         saved_argv, saved_path0 = sys.argv, list(sys.path)

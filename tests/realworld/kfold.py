@@ -2,7 +2,9 @@
 the other in one script. Each fold's loss starts again from chance; read as one
 curve, the second fold's restart looks like the loss going back up (or never
 falling). ``--lr`` sets every fold's learning rate."""
+import gc
 import sys
+import weakref
 
 import torch
 import torch.nn as nn
@@ -15,6 +17,7 @@ X = torch.tensor(X / 16.0, dtype=torch.float32)
 y = torch.tensor(y)
 folds = torch.randperm(len(X)).chunk(3)
 total = 0.0
+fold_models = []
 for k, held_out in enumerate(folds):
     train = torch.cat([f for i, f in enumerate(folds) if i != k])
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -27,6 +30,9 @@ for k, held_out in enumerate(folds):
         optimizer.step()
     with torch.no_grad():
         acc = (model(X[held_out]).argmax(1) == y[held_out]).float().mean().item()
-    print(f"fold {k} train loss {loss.item():.4f} held-out accuracy {acc:.3f}")
+    fold_models.append(weakref.ref(model))
+    gc.collect()  # the earlier folds' models are garbage: nothing may hold them
+    alive = sum(r() is not None for r in fold_models)
+    print(f"fold {k} train loss {loss.item():.4f} held-out accuracy {acc:.3f} models alive {alive}")
     total += sum(float(v.double().sum()) for v in model.state_dict().values())
 print("CHECKSUM", repr(total))
