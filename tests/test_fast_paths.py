@@ -362,3 +362,49 @@ def test_saturation_kind_follows_the_recurrent_nonlinearity():
     assert ap.saturation_kind(nn.GRU(4, 4)) == "tanh"
     assert ap.saturation_kind(nn.Sigmoid()) == "sigmoid"
     assert ap.saturation_kind(nn.ReLU()) is None
+
+
+def test_large_outputs_reduced_in_the_hook_match_torch(digits, monkeypatch):
+    """CPU outputs too large to stage (conv feature maps of 131k-262k elements) are
+    reduced in their hook and finished at the end of the forward: every statistic of
+    every module equals torch's on the hooked output, on every step, with an in-place
+    ReLU after a BatchNorm (that BatchNorm's output is measured at once instead), and
+    the dead-unit window of a conv layer over its last DEAD_WINDOW forwards."""
+    from gradvitals import recorder as rec
+
+    X, y = digits
+    calls = []
+    real = rec.Recorder._act_lean_add
+    monkeypatch.setattr(rec.Recorder, "_act_lean_add",
+                        lambda self, x, info, dim: calls.append(info.name) or real(self, x, info, dim))
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    images = X.reshape(-1, 1, 8, 8)
+    outs: dict[int, dict[str, torch.Tensor]] = {}
+    step = [0]
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: outs.setdefault(step[0], {}).__setitem__(n, o.detach().clone()))
+             for n, m in model.named_children()]
+    with gv.watch(model, opt, full=True) as w:
+        for i in range(6):
+            step[0] = i
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(images[:128]), y[:128]).backward()
+            opt.step()
+    for h in hooks:
+        h.remove()
+    assert {"0", "1", "2", "3"} <= set(calls) and "4" not in calls  # 4: rewritten in place by 5
+    s = w.record.series
+    for i in range(1, 6):
+        for name, out in outs[i].items():
+            for q, want in zip(ap.STAT_NAMES, _oracle(out, None)):
+                got = dict(zip(s[f"{q}/{name}"].steps, s[f"{q}/{name}"].values))[i]
+                if math.isnan(want):
+                    assert math.isnan(got), (q, name, i)
+                else:
+                    assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (q, name, i)
+    never = torch.stack([(outs[i]["3"] > 0).flatten(2).any(2).any(0) for i in range(2, 6)]).any(0)
+    assert s["dead_frac/3"].values[-1] == pytest.approx(1 - never.float().mean().item())

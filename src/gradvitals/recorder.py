@@ -164,6 +164,15 @@ class _ActInfo:
 ACT_BATCH_MAX_NUMEL = 2**16
 #: Staged elements held at most (then measured early): bounds the memory kept alive.
 ACT_STAGE_MAX_NUMEL = 2**20
+#: CPU float32 outputs too large to stage, of modules whose output is not changed in
+#: place later, are reduced at once in the hook, while the output is still in cache
+#: (see Recorder._act_lean_add); only their few sums wait for the end of the forward.
+#: (Measured: on W2's 131k-262k-element outputs 1.66x -> 1.54x of the step in full
+#: mode; on W1's 32k-element ones staging stays cheaper, ~9 dispatches per output.)
+ACT_LEAN_MIN_NUMEL = ACT_BATCH_MAX_NUMEL + 1
+#: Module outputs whose sums wait at most (elements): bounds the memory kept alive.
+ACT_LEAN_MAX_NUMEL = 2**23
+LEAN_PATH = True
 
 
 class Recorder:
@@ -205,6 +214,8 @@ class Recorder:
         self._act_root: tuple[nn.Module, nn.Module] | None = None
         self._act_batch = True
         self._act_stage: list[tuple[Tensor, int, _ActInfo, int]] = []
+        self._act_lean: list[tuple[Tensor, int, _ActInfo, list[Tensor], Tensor | None]] = []
+        self._act_leaned = 0
         self._act_staged = 0
         self._act_group_keys: dict[tuple[int, ...], list[str]] = {}
         self._scratch = act_probe.Scratch(ACT_STAGE_MAX_NUMEL)  # CPU work buffers, see Scratch
@@ -418,6 +429,7 @@ class Recorder:
         self._act_model = None
         self._act_root = None
         self._act_stage, self._act_staged = [], 0
+        self._act_lean, self._act_leaned = [], 0
         if self._act_mode is not None:
             try:
                 self._act_mode.__exit__(None, None, None)
@@ -545,6 +557,7 @@ class Recorder:
         if output is not None:
             self._act_hook(distributed.unwrap(model.module), args, output)
         self._act_flush_stage()
+        self._act_flush_lean()
         self._act_model = None
         self._act_root = None
         if self._act_mode is not None:
@@ -621,9 +634,14 @@ class Recorder:
             if x is None or not x.is_floating_point() or x.numel() == 0:
                 return
             dim = act_probe.unit_dim(x, self._unit_hint) if info.wants_dead and x.dim() else 0
-            if self._act_batch and info.batchable is not False and x.numel() <= ACT_BATCH_MAX_NUMEL:
-                self._act_stage_add(x, info, dim)
-                return
+            if self._act_batch and info.batchable is not False:
+                if (info.batchable and LEAN_PATH and x.numel() >= ACT_LEAN_MIN_NUMEL
+                        and x.dtype == torch.float32 and x.device.type == "cpu"):
+                    self._act_lean_add(x, info, dim)
+                    return
+                if info.batchable is None or x.numel() <= ACT_BATCH_MAX_NUMEL:
+                    self._act_stage_add(x, info, dim)  # (first sight: measured now, learns batchable)
+                    return
             self._act_measure([x], [info], dim)
         except Exception as exc:
             self._fail("activations", exc)
@@ -644,6 +662,74 @@ class Recorder:
             self._act_flush_stage()
         self._act_stage.append((x.detach(), x._version, info, dim))
         self._act_staged += x.numel()
+
+    def _act_lean_add(self, x: Tensor, info: _ActInfo, dim: int) -> None:
+        """A CPU output reduced now, while it is still in cache: its sum, sum of squares,
+        non-zero (and saturation) counts and per-unit activity, a few kernels with no
+        copy; the statistics are finished for all such outputs of the forward at once
+        (_act_flush_lean: one read, the host arithmetic of act_probe.finish_raw)."""
+        x2 = x.detach().reshape(1, -1)
+        n = x2.shape[1]
+        c = self._scratch.get(2, 1, n, x2)
+        if c is None:
+            c = torch.empty_like(x2)
+        parts = [x2.sum(1), torch.linalg.vector_norm(x2, 2, dim=1), torch.ne(x2, 0.0, out=c).sum(1)]
+        sat = act_probe.saturation_count(x2, info.sat, c)
+        if sat is not None:
+            parts.append(sat)
+        active = act_probe.active_units(x, dim) if info.wants_dead and x.dim() else None
+        self._act_lean.append((x2, x._version, info, parts, active))
+        self._act_leaned += n
+        if self._act_leaned > ACT_LEAN_MAX_NUMEL:
+            self._act_flush_lean()
+
+    def _act_flush_lean(self) -> None:
+        lean = self._act_lean
+        if not lean:
+            return
+        self._act_lean, self._act_leaned = [], 0
+        try:
+            vals = act_probe.cpu_values(torch.cat([t for e in lean for t in e[3]]))
+            rows: list[float] = []
+            i = 0
+            for x2, version, info, parts, _ in lean:
+                k = len(parts)
+                row = act_probe.finish_raw(vals[i:i + k], x2.shape[1], info.sat)
+                i += k
+                if row is None:  # NaN/Inf or ill-conditioned: the exact passes, on the output itself
+                    if x2._version == version:
+                        row = act_probe.cpu_values(act_probe.row_stats(x2, info.sat, self._scratch)[0])
+                    else:  # changed in place since (a path not seen before): measured at once from now on
+                        info.batchable = False
+                        row = [_NAN] * len(act_probe.STAT_NAMES)
+                rows.extend(row)
+            gid = tuple(id(e[2]) for e in lean)
+            keys = self._act_group_keys.get(gid)
+            if keys is None:
+                if len(self._act_group_keys) > 1024:
+                    self._act_group_keys.clear()
+                keys = self._act_group_keys[gid] = [k for e in lean for k in e[2].keys[:len(act_probe.STAT_NAMES)]]
+            self._pending.append((self.step, keys, torch.tensor(rows, dtype=torch.float32)))
+            # Dead units: the activity masks of a forward's outputs with the same number
+            # of units, one window per such group of modules.
+            by_units: dict[int, list[tuple[_ActInfo, Tensor]]] = {}
+            for _, _, info, _, active in lean:
+                if active is not None:
+                    by_units.setdefault(active.numel(), []).append((info, active))
+            for members in by_units.values():
+                gkey = ("lean",) + tuple(id(i.module) for i, _ in members)
+                dead = self._dead_groups.get(gkey)
+                if dead is None:
+                    if len(self._dead_groups) > 1024:
+                        self._dead_groups.clear()
+                    dead = self._dead_groups[gkey] = act_probe.DeadUnits()
+                frac = dead.push(torch.stack([a.reshape(-1) for _, a in members]))
+                dkeys = self._act_group_keys.get(gkey)
+                if dkeys is None:
+                    dkeys = self._act_group_keys[gkey] = [i.keys[-1] for i, _ in members]
+                self._pending.append((self.step, dkeys, frac))
+        except Exception as exc:
+            self._fail("activations", exc)
 
     def _act_flush_stage(self) -> None:
         stage = self._act_stage

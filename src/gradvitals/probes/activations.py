@@ -168,20 +168,40 @@ def _raw_moment_stats(X: Tensor, total: Tensor, n: int, c: Tensor, sat: str | No
     l2 = torch.linalg.vector_norm(X, 2, dim=1)
     nonzero = torch.ne(X, 0.0, out=c).sum(1)
     parts = [total, l2, nonzero]
-    if sat == "sigmoid":  # NaN > level is False: never counted (and not reached here)
-        parts.append(torch.sub(X, 0.5, out=c).abs_().gt_(0.5 - SIGMOID_SAT_MARGIN).sum(1))
-    elif sat == "tanh":
-        parts.append(torch.abs(X, out=c).gt_(TANH_SAT_LEVEL).sum(1))
-    inv = 1.0 / n
+    satc = saturation_count(X, sat, c)
+    if satc is not None:
+        parts.append(satc)
     rows = []
     for v in cpu_values(torch.stack(parts, 1)):
-        msq = v[1] * v[1] * inv
-        mean = v[0] * inv
-        var = msq - mean * mean
-        if not (math.isfinite(msq) and var * RAW_MOMENT_MAX_RATIO >= msq):
+        row = finish_raw(v, n, sat)
+        if row is None:
             return None
-        rows.append([mean, math.sqrt(max(var, 0.0)), (n - v[2]) * inv, v[3] * inv if sat else _NAN, 0.0])
+        rows.append(row)
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def saturation_count(X: Tensor, sat: str | None, c: Tensor) -> Tensor | None:
+    """Per row of ``X``, how many elements sit in the saturated band (None: the module
+    does not saturate). ``c``: a temporary of X's shape. NaN never counts."""
+    if sat == "sigmoid":
+        return torch.sub(X, 0.5, out=c).abs_().gt_(0.5 - SIGMOID_SAT_MARGIN).sum(1)
+    if sat == "tanh":
+        return torch.abs(X, out=c).gt_(TANH_SAT_LEVEL).sum(1)
+    return None
+
+
+def finish_raw(v: list[float], n: int, sat: str | None) -> list[float] | None:
+    """[mean, std, zero_frac, sat_frac, nonfinite_frac] from one row's raw sums
+    ``[sum, L2 norm, non-zeros(, saturated)]`` over ``n`` elements, on the host; None
+    when they cannot be trusted (a non-finite sum of squares: NaN/Inf or overflow;
+    E[x^2] beyond RAW_MOMENT_MAX_RATIO x the variance): the exact passes are needed."""
+    inv = 1.0 / n
+    msq = v[1] * v[1] * inv
+    mean = v[0] * inv
+    var = msq - mean * mean
+    if not (math.isfinite(msq) and var * RAW_MOMENT_MAX_RATIO >= msq):
+        return None
+    return [mean, math.sqrt(max(var, 0.0)), (n - v[2]) * inv, v[3] * inv if sat else _NAN, 0.0]
 
 
 def cpu_values(t: Tensor) -> list:
