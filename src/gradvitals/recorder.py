@@ -344,6 +344,10 @@ class Recorder:
             old_names = dict(m.names)
             old_params = [n for n, _ in m.params]
             m.prefix = new_prefix
+            if m.label != label:
+                for ev in self.record.events:  # e.g. its init_audit, written under the old label
+                    if ev.get("model") == m.label and ev.get("step", -1) <= self.step:
+                        ev["model"] = label
             m.label = label
             self._index_model(m)
             for mid, old in old_names.items():

@@ -218,6 +218,8 @@ def test_kfold_folds_are_judged_each_on_its_own():
     assert stdout.count("models alive 1") == 3
     released = [(e["step"], e["model"]) for e in report["run"]["events"] if e["type"] == "model_released"]
     assert released == [(60, "model0"), (120, "model1")]
+    audits = [e["model"] for e in report["run"]["events"] if e["type"] == "init_audit"]
+    assert audits == ["model0", "model1", "model2"]  # the first one's, written as "model", renamed with it
     assert report["run"]["steps"] == 180
     cuts = [(e["step"], e["models"]) for e in report["run"]["events"] if e["type"] == "segment"]
     assert cuts == [(60, ["model1"]), (120, ["model2"])]
