@@ -8,6 +8,7 @@ import json
 import runpy
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -475,11 +476,27 @@ def test_cli_checkup_without_an_optimizer_stops_after_the_first_backward(chapter
     assert data["series"]["loss"]["count"] == 1 and "architecture_risk" in {f["code"] for f in data["findings"]}
 
 
+def test_cli_checkup_of_a_closure_optimizer_diagnoses_its_first_evaluation(tmp_path):
+    """LBFGS steps with a closure: the step's gradient comes from the closure's first
+    backward, after the optimizer's pre-hook. checkup stops there (it stopped at the
+    pre-hook, before any backward, and said both "Healthy" and "nothing to diagnose")."""
+    script = Path(__file__).resolve().parent / "realworld" / "lbfgs.py"
+    out = tmp_path / "c.json"
+    res = invoke("--json", out, script)
+    assert res.exit_code == 0, res.output
+    assert "nothing to diagnose" not in res.output
+    data = json.loads(out.read_text())
+    assert data["series"]["loss"]["count"] == 1 and data["run"]["steps"] <= 1
+    grads = [k for k in data["series"] if k.startswith("grad_norm/")]
+    assert grads and all(data["series"][k]["count"] == 1 for k in grads)
+
+
 def test_cli_checkup_exit_statuses(chapter, tmp_path):
     res = invoke(chapter, "he_relu", "--fail-before-step")
     assert res.exit_code == 1 and "data loader exploded" in res.output
     res = invoke(chapter, "he_relu", "--no-backward", "--steps", "2")
     assert res.exit_code == 1 and "ended before its first backward()" in res.output
+    assert "Healthy" not in res.output  # no verdict on a run that computed no gradient
     res = invoke("--json", tmp_path / "missing" / "r.json", chapter, "he_relu")
     assert res.exit_code == 2 and "--json" in res.output
     res = invoke(tmp_path / "nope.py")

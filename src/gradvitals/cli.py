@@ -229,11 +229,13 @@ def checkup_cmd(json_path: str | None, html_path: str | None, quiet: bool, scrip
         _fail(str(exc))
     result = runner.run()
     result.report.record.run["mode"] = "checkup"
+    if not result.status and not result.report.record.per_name("grad_norm"):
+        # No "Healthy" summary for a run that never computed a gradient.
+        _write_and_summarise(result.report, json_path, html_path, quiet=True)
+        _fail(f"{script} ended before its first backward(): nothing to diagnose", code=1)
     _write_and_summarise(result.report, json_path, html_path, quiet)
     if result.status:
         sys.exit(result.status)
-    if not result.report.record.per_name("grad_norm"):
-        _fail(f"{script} ended before its first backward(): nothing to diagnose", code=1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -222,7 +222,9 @@ class ScriptRunner:
             rec._fail("optimizer_discovery", exc)
             return
         rec._opt_pre_hook(opt, args, kwargs)
-        if self.stop_after_first_step:
+        if self.stop_after_first_step and rec._closure_step is None:
+            # (a closure step, LBFGS: measured at the closure's first backward, where
+            # _StopAfterBackward ends the script; stopping here would end it before any)
             raise _StopAtFirstStep()
         if self.remedy is not None:
             self.remedy.on_step_pre(opt)
@@ -323,8 +325,8 @@ class _StopAfterBackward:
         pass
 
     def _on_backward_end(self, tensor: Any) -> None:
-        if self.recorder._backward_mode() and self.recorder.step >= 1:
-            raise _StopAtFirstStep()
+        if (self.recorder._backward_mode() and self.recorder.step >= 1) or self.recorder._closure_measured:
+            raise _StopAtFirstStep()  # (after the recorder measured it: its listener runs first)
 
     def _on_clip_start(self, parameters: Any, max_norm: float) -> None:
         pass
