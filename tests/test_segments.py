@@ -88,3 +88,12 @@ def test_only_a_model_trained_from_scratch_after_others_cuts():
         _train(second, opt3, x, 5)
     cuts = [(e["step"], e["models"]) for e in w.record.events_of("segment")]
     assert cuts == [(start, ["Sequential1"])], (cuts, start)  # the second of two Sequentials
+
+
+def test_a_model_joining_a_run_that_goes_on_is_no_restart():
+    """The cut's models start while the earlier ones keep training (a model created
+    late, trained beside the first): one segment, judged as one run."""
+    r = _record(20, [{"type": "segment", "step": 10, "models": ["b"]}])
+    for s in range(10, 20):
+        r.add("grad_norm/a:0.weight", s, 1.0)  # a goes on
+    assert r.segments() == [(0, 20, [])]

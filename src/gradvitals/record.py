@@ -294,7 +294,7 @@ class Record:
         first segment (its models are found from the series). One segment: no cut."""
         cuts = sorted((e["step"], list(e.get("models") or [])) for e in self.events
                       if e.get("type") == "segment" and isinstance(e.get("step"), int)
-                      and 0 < e["step"] < self.steps)
+                      and 0 < e["step"] < self.steps and self._restarts_at(e["step"]))
         out: list[tuple[int, int, list[str]]] = []
         start, models = 0, []
         for step, ms in cuts:
@@ -305,6 +305,23 @@ class Record:
                 models = sorted(set(models) | set(ms))
         out.append((start, max(self.steps, start), models))
         return out
+
+    def _restarts_at(self, step: int) -> bool:
+        """Whether the models trained before ``step`` stop there (a restart: the next
+        fold), rather than go on beside the one that starts (a model joining a run)."""
+        before: set[str] = set()
+        after: set[str] = set()
+        for key, s in self.series.items():
+            q, _, name = key.partition("/")
+            p = self.params.get(name) if q == "grad_norm" else None
+            layer = self.layers.get(p.layer) if p is not None else None
+            if layer is None or not len(s.steps):
+                continue
+            if s.steps[0] < step:
+                before.add(layer.model)
+            if (s.last_step if s.last_step is not None else s.steps[-1]) > step:
+                after.add(layer.model)
+        return not (before & after)
 
     def segment(self, start: int, end: int, models: Iterable[str] = ()) -> Record:
         """The record of steps ``start <= step < end`` alone, for the rules: run-level
@@ -339,6 +356,12 @@ class Record:
             c = cut(s)
             if c.count:
                 series[key] = c
+        if "loss" not in series:
+            # Its optimizer is not the run's first (the previous folds' are still alive):
+            # its loss went to loss/<optimizer>; alone in the segment, it is the loss.
+            own = [k for k in series if k.startswith("loss/")]
+            if len(own) == 1:
+                series["loss"] = series.pop(own[0])
         events = [e for e in self.events
                   if not isinstance(e.get("step"), int) or start <= e["step"] < end]
         return Record(run=dict(self.run), layers=layers, params=params, series=series, events=events,

@@ -140,6 +140,7 @@ class _Opt:
     handles: list[Any] = field(default_factory=list)
     local_hooks: bool = False  # its step hooks live on the optimizer (gv.watch)
     stepped: bool = False  # it has taken a step (see Recorder._note_segment)
+    registered_at: int = 0  # optimizer steps (pre-hook calls) seen before it was registered
 
 
 @dataclass(eq=False)
@@ -193,6 +194,7 @@ class Recorder:
         self._stepped: list[int] = []  # optimizers stepped in the current step, in order
         self._cycle_last: int | None = None  # the optimizer that ends a step (learned)
         self._optimizer_seen = False
+        self._last_stepped_call = 0  # _pre_hook_calls when the open step's last optimizer stepped
         #: Modules an optimizer has stepped (weak: a finished fold's model must be freed).
         self._trained_models: dict[int, weakref.ref] = {}
         self._base_counts: dict[str, int] = {}  # models per base label, ever (see _relabel)
@@ -381,6 +383,7 @@ class Recorder:
             return o
         label = f"opt{len(self._opts)}" if self._opts else "opt"
         o = _Opt(ref=weakref.ref(opt), index=len(self._opts), label=label)
+        o.registered_at = self._pre_hook_calls
         self._opts[id(opt)] = o
         o.local_hooks = local_hooks
         if local_hooks and not self._paused:
@@ -920,10 +923,11 @@ class Recorder:
                 if self._cycle_last is None and self._stepped:
                     self._cycle_last = self._stepped[-1]
                 self._advance()
-            self._stepped.append(id(opt))
             if not o.stepped:
                 o.stepped = True
-                self._note_segment(opt)
+                self._note_segment(opt, o)
+            self._stepped.append(id(opt))
+            self._last_stepped_call = self._pre_hook_calls
             rest = args[1:] if args and args[0] is opt else args  # global hooks get (opt, *args)
             if (rest and callable(rest[0])) or callable(kwargs.get("closure")):
                 self._closure_step = o  # measured at the closure's first backward
@@ -932,7 +936,7 @@ class Recorder:
         except Exception as exc:
             self._fail("gradients", exc)
 
-    def _note_segment(self, opt: torch.optim.Optimizer) -> None:
+    def _note_segment(self, opt: torch.optim.Optimizer, o: _Opt) -> None:
         """An optimizer's first step. When every model it trains is new and other models
         were trained before it (k-fold cross-validation, restarts from scratch, a second
         stage trained on its own), the run-level series (loss, global gradient norm, lr)
@@ -952,6 +956,12 @@ class Recorder:
         trained = self._trained_models
         fresh = not any(k in trained and trained[k]() is not None for k in models)
         if self.step > 0 and trained and fresh:
+            if self._stepped and o.registered_at >= self._last_stepped_call:
+                # Created after the open step's optimizers stepped: that step (the previous
+                # segment's last; its optimizer is alive, so the cycle never saw it end) is
+                # over. (One created before them steps within their step: a model joining.)
+                self._advance()
+                self._cycle_last = None
             self.record.event("segment", step=self.step, models=sorted(m.label for m in models.values()))
             self._retire_finished(models)
         for k, m in models.items():
@@ -1522,8 +1532,12 @@ class Recorder:
                 self._fail("flush", exc)
         self.sync()
         self.record.run["duration_s"] = round(time.time() - self._started, 3)
-        self.record.run["steps"] = self.step
-        self.record.steps = self.step
+        # A step still open (several optimizers, one of them alive but idle: the cycle
+        # never saw the last step end) has been taken and recorded: it counts.
+        g = self.record.series.get("grad_norm_global")
+        steps = self.step + 1 if self._stepped and g is not None and g.last_step == self.step else self.step
+        self.record.run["steps"] = steps
+        self.record.steps = steps
         self.record.run["devices"] = sorted({str(p.device) for m in self.models for _, p in m.params})
 
     def close(self) -> None:

@@ -240,3 +240,16 @@ def test_kfold_finding_names_every_fold_it_holds_in():
         assert f["evidence"]["segment"] == {"first_step": 0, "last_step": 59, "models": ["model0"],
                                             "also": ["model1 (steps 60-119)", "model2 (steps 120-179)"]}
     assert sum(f["code"] == "loss_plateau" for f in report["findings"]) == 1
+
+
+def test_kfold_with_every_optimizer_kept_alive():
+    """The earlier folds' optimizers stay alive (kept in a list): each fold's loss goes
+    to its optimizer's series (loss/opt1, loss/opt2), the step cycle never sees a fold's
+    last step end. Still 60 steps a fold, and each fold's loss is judged as its own."""
+    report, _ = run_both("kfold.py", "--keep-optimizers", "--lr", "1e-5")
+    assert report["run"]["steps"] == 180
+    assert [series(report, k)["count"] for k in ("loss", "loss/opt1", "loss/opt2")] == [60, 60, 60]
+    assert series(report, "loss/opt2")["steps"][0] == 120
+    plateau = codes(report).get("loss_plateau")
+    assert plateau is not None, [f["summary"] for f in report["findings"]]
+    assert plateau["evidence"]["segment"]["also"] == ["model1 (steps 60-119)", "model2 (steps 120-179)"]
