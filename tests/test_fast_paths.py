@@ -17,6 +17,8 @@ import gradvitals as gv
 from gradvitals.probes import activations as ap
 from gradvitals.recorder import Options
 
+from models import mlp  # noqa: E402
+
 
 def _oracle(x: torch.Tensor, sat: str | None) -> list[float]:
     x = x.double()
@@ -126,10 +128,7 @@ def test_a_staged_group_never_outgrows_the_kept_buffers(monkeypatch, digits):
     monkeypatch.setattr(ap, "stack_rows", lambda xs, scratch=None: sizes.append(len(xs) * xs[0].numel())
                         or real(xs, scratch))
     torch.manual_seed(0)
-    layers = [nn.Linear(64, 32), nn.ReLU()]
-    for _ in range(6):
-        layers += [nn.Linear(32, 32), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(32, 10))
+    model = mlp(depth=7, width=32)  # 7 x (Linear, ReLU) of (64, 32) outputs, then Linear(32, 10)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with gv.watch(model, opt, full=True) as w:
         for _ in range(3):
@@ -177,6 +176,26 @@ def test_inplace_activation_after_a_layer_keeps_the_layers_own_stats():
     assert s["act_zero_frac/1"].values[-1] > 0.2  # the ReLU's own output: zeros
 
 
+def _watched_outputs(model, opt, x, y, steps, **options):
+    """Train ``steps`` watched steps; every child's output (cloned in its hook, before
+    any in-place change), per step; and the watch."""
+    outs: dict[int, dict[str, torch.Tensor]] = {}
+    step = [0]
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: outs.setdefault(step[0], {}).__setitem__(n, o.detach().clone()))
+             for n, m in model.named_children()]
+    try:
+        with gv.watch(model, opt, **options) as w:
+            for i in range(steps):
+                step[0] = i
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs, w
+
+
 def test_batched_group_matches_one_by_one_on_a_real_mlp(digits):
     """A 6-layer MLP's equal-shape outputs go through one batched pass from step 1 on;
     every statistic equals torch's on the hooked outputs."""
@@ -187,18 +206,7 @@ def test_batched_group_matches_one_by_one_on_a_real_mlp(digits):
         layers += [nn.Linear(48, 48), nn.Tanh()]
     model = nn.Sequential(*layers, nn.Linear(48, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    outs: dict[int, dict[str, torch.Tensor]] = {}
-    step = [0]
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: outs.setdefault(step[0], {}).__setitem__(n, o.detach().clone()))
-             for n, m in model.named_children()]
-    with gv.watch(model, opt, every=1) as w:
-        for i in range(3):
-            step[0] = i
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[:96]), y[:96]).backward()
-            opt.step()
-    for h in hooks:
-        h.remove()
+    outs, w = _watched_outputs(model, opt, X[:96], y[:96], 3, every=1)
     s = w.record.series
     for name, out in outs[2].items():
         sat = "tanh" if isinstance(model[int(name)], nn.Tanh) else None
@@ -383,19 +391,7 @@ def test_large_outputs_reduced_in_the_hook_match_torch(digits, monkeypatch):
         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    images = X.reshape(-1, 1, 8, 8)
-    outs: dict[int, dict[str, torch.Tensor]] = {}
-    step = [0]
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: outs.setdefault(step[0], {}).__setitem__(n, o.detach().clone()))
-             for n, m in model.named_children()]
-    with gv.watch(model, opt, full=True) as w:
-        for i in range(6):
-            step[0] = i
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(images[:128]), y[:128]).backward()
-            opt.step()
-    for h in hooks:
-        h.remove()
+    outs, w = _watched_outputs(model, opt, X.reshape(-1, 1, 8, 8)[:128], y[:128], 6, full=True)
     assert {"0", "1", "2", "3"} <= set(calls) and "4" not in calls  # 4: rewritten in place by 5
     s = w.record.series
     for i in range(1, 6):
