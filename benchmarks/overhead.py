@@ -535,16 +535,18 @@ def count_host_syncs(package: str = "gradvitals"):
     Not counted: reads through ``gradvitals.probes.activations.cpu_values``, which
     refuses any tensor that is not on the CPU (a CPU-only branch: on a GPU it does not
     run, and on the CPU the values are in host memory already)."""
-    counter = {"n": 0}
+    counter = {"n": 0, "cpu_reads": 0}  # cpu_reads: values read through the exempt CPU reader
     saved = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
 
     def wrap(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
         def counted(self: Tensor, *args: Any, **kwargs: Any) -> Any:
             frame = sys._getframe(1)
             caller = frame.f_globals.get("__name__", "")
-            if ((caller == package or caller.startswith(package + "."))
-                    and not (caller == _CPU_ONLY[0] and frame.f_code.co_name == _CPU_ONLY[1])):
-                counter["n"] += 1
+            if caller == package or caller.startswith(package + "."):
+                if caller == _CPU_ONLY[0] and frame.f_code.co_name == _CPU_ONLY[1]:
+                    counter["cpu_reads"] += 1
+                else:
+                    counter["n"] += 1
             return orig(self, *args, **kwargs)
 
         counted.__name__ = name

@@ -104,6 +104,10 @@ def test_extend_is_exactly_a_run_of_appends(cap):
         steps = list(range(step, step + n))
         values = [rng.choice([rng.random(), 5.0, -1.0, math.nan, math.inf]) if rng.random() < 0.1
                   else rng.random() for _ in range(n)]
+        if chunk % 7 == 3:  # a statistic that does not apply: NaN throughout
+            values = [math.nan] * n
+        elif chunk % 7 == 5:  # the max tied inside a chunk that also holds a NaN
+            values = [math.nan] + [5.0] * (n - 1)
         if chunk == 30:  # the first step repeats the last one: a replacement
             steps = [step - 1] + steps[:-1]
         for st, v in zip(steps, values):

@@ -91,12 +91,18 @@ def _dist() -> Any:
     return _DIST
 
 
+_IS_INITIALIZED: Any = None  # torch.distributed.is_initialized, or a False-returning stand-in
+
+
 def initialized() -> bool:
     """True when a default process group exists (and torch was built with distributed).
-    Called every step: the module is looked up once."""
+    Called every step: whether torch has distributed is looked up once."""
+    global _IS_INITIALIZED
     try:
-        dist = _DIST if _DIST is not None else _dist()
-        return dist.is_available() and dist.is_initialized()
+        if _IS_INITIALIZED is None:
+            dist = _dist()
+            _IS_INITIALIZED = dist.is_initialized if dist.is_available() else (lambda: False)
+        return bool(_IS_INITIALIZED())
     except Exception:
         return False
 

@@ -1257,11 +1257,15 @@ class Recorder:
             self._losses = []
             norms = [*norms, loss]
         self._ring_push(tuple(o.lr_keys), o.lr_series, step, lrs)
-        values = torch.stack(norms).tolist()  # THE host sync of the step
+        if grads[0].is_cpu:  # in host memory already: read where they are, no stack
+            values = act_probe.cpu_values(norms)
+        else:
+            values = torch.stack(norms).tolist()  # THE host sync of the step
         n = len(grads)
         vals = values[:n] if losses else values
         lossv = values[n] if losses else 0.0
-        if not (math.isfinite(math.hypot(*vals)) and math.isfinite(lossv)):
+        total = math.hypot(*vals)
+        if not (math.isfinite(total) and math.isfinite(lossv)):
             # A NaN/Inf: the general path's handling (the global norm, the culprits,
             # the origin search), fed the values just fetched (float32: the same values).
             self._pending.append((step, o.keys, torch.tensor(vals, dtype=torch.float32)))
@@ -1269,7 +1273,7 @@ class Recorder:
                 self._pending.append((step, o.loss_keys, [torch.tensor(lossv, dtype=torch.float32)]))
             self._flush()
             return True
-        self._add_global_norm(step, vals, [])
+        self._add_global_norm(step, vals, [], total)
         self._ring_push(o.tkeys, grow[0], step, vals)
         if lrow is not None:
             for s in lrow[0]:
@@ -1398,10 +1402,13 @@ class Recorder:
             kind = _ROW_LATER
         return out, watched, kind
 
-    def _add_global_norm(self, step: int, norms: list[float], nonfinite: list[tuple[int, str, float]]) -> float:
+    def _add_global_norm(self, step: int, norms: list[float], nonfinite: list[tuple[int, str, float]],
+                         total: float | None = None) -> float:
         """grad_norm_global = sqrt(sum of squared per-parameter norms), in float64 on the
-        host; a second optimizer of the same step adds its share (hypot)."""
-        total = math.hypot(*norms)
+        host; a second optimizer of the same step adds its share (hypot). ``total``: that
+        of ``norms``, when the caller has it already."""
+        if total is None:
+            total = math.hypot(*norms)
         if self._global_step == step:
             total = math.hypot(total, self._global_value)
         self._global_step, self._global_value = step, total
