@@ -205,13 +205,20 @@ def has_fsdp(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def replay_target(module: nn.Module) -> nn.Module | None:
-    """What a NaN-origin replay may run on this rank alone, without collectives:
-    the module inside DDP (DDP's own forward may broadcast buffers). None under
-    FSDP2, whose forward all-gathers parameters with every rank."""
-    if initialized() and has_fsdp(module):
-        return None
-    return unwrap(module)
+def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, bool]:
+    """(what a NaN-origin replay runs, whether every rank must replay it too).
+
+    Without FSDP: the module inside DDP (DDP's own forward may broadcast buffers), on
+    this rank alone. Under FSDP2 the forward all-gathers parameters with every rank:
+    the FSDP module itself, replayed by every rank at once — only while the merge is
+    on (every rank records, and every rank decided to look at this same flush, from
+    the same merged values); (None, False) otherwise: no replay."""
+    if not (initialized() and has_fsdp(module)):
+        return unwrap(module), False
+    merger = getattr(recorder, "_dist", None)
+    if isinstance(merger, Merger) and merger.active:
+        return module, True
+    return None, False
 
 
 def strategy(module: nn.Module) -> str:

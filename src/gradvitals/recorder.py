@@ -1446,14 +1446,18 @@ class Recorder:
                 if model.last_inputs is None:
                     continue
                 args, kwargs = model.last_inputs
-                target = distributed.replay_target(model.module)  # no collectives on one rank
+                target, collective = distributed.replay_plan(self, model.module)
                 if target is None:
-                    event["replay"] = "skipped: an FSDP forward needs every rank"
+                    event["replay"] = "skipped: an FSDP forward needs every rank, and not every rank records"
                     continue
-                found = replay_forward(target, model.names, args, kwargs)
-                if found is not None:
+                if found is not None and not collective:
+                    continue  # found already; an FSDP model is still replayed (the others do)
+                if collective:
+                    event["replay"] = "every rank (FSDP)"
+                res = replay_forward(target, model.names, args, kwargs, collective=collective)
+                if found is None and res is not None:
+                    found = res
                     event["source"] = "replay"
-                    break
         if found is None:
             grads = [(k[len("grad_norm/"):], v) for _, k, v in first if k.startswith("grad_norm/")]
             loss_bad = any(k.startswith("loss") for _, k, _ in first)

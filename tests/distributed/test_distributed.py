@@ -175,7 +175,8 @@ def test_fsdp2_with_watch_inside_the_script_matches_single_process(tmp_path):
 NAN_CASES = {
     ("ddp", "nan"): ("input", "(root)"),  # the replay sees the NaN already in the batch
     ("ddp", "huge"): ("activation", "0"),  # 3e38 inputs: the first Linear overflows
-    ("fsdp", "nan"): ("input", "(root)"),  # no replay under FSDP2: the rank checks its batch
+    ("fsdp", "nan"): ("input", "(root)"),  # every rank replays (FSDP2 all-gathers): the batch
+    ("fsdp", "huge"): ("activation", "0"),  # ... and names the layer, as under DDP
 }
 
 
@@ -191,6 +192,9 @@ def test_nan_on_one_rank_names_the_rank_and_module(tmp_path, strategy, corrupt):
     ev = origin[0]
     assert (ev["step"], ev["rank"], ev["ranks"], ev["world_size"]) == (2, 1, [1], 2)
     assert (ev["kind"], ev["module"]) == NAN_CASES[strategy, corrupt]
+    assert ev["source"] == "replay"
+    if strategy == "fsdp":
+        assert ev["replay"] == "every rank (FSDP)"
     finding = next(f for f in rep["findings"] if f["code"] == "nonfinite")
     assert finding["step"] == 2 and "rank 1 only" in finding["summary"]
     assert finding["layers"][0] == ev["module"]
@@ -220,6 +224,26 @@ def test_a_rank_that_raises_ends_the_run_and_rank0_still_reports(tmp_path, where
     assert rep["series"]["grad_norm/0.weight"]["steps"][:merged] == list(range(merged))
     assert rep["run"]["distributed"]["allreduce_calls"] == merged
     assert rep["run"]["steps"] < 50
+
+
+def test_fsdp_replay_by_every_rank_leaves_the_run_unchanged():
+    """The FSDP2 replay runs between the backward and the optimizer step; FSDP2 keeps the
+    root's gathered parameters after a forward, so without putting the shards back the
+    next forward would use the weights from before the step. Losses and final weights
+    of a run with a replay equal those without, bit for bit; skipping the reshard
+    changes them (what this test catches)."""
+    script = HERE / "scripts" / "fsdp_replay.py"
+
+    def run(*extra: str) -> dict:
+        p = torchrun([str(script), *extra])
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    plain, replayed, stale = run(), run("--replay-step", "1"), run("--replay-step", "1", "--no-reshard")
+    assert replayed["replays"] == [None, True]  # a finite forward: no origin; shards back
+    assert (replayed["losses"], replayed["params"]) == (plain["losses"], plain["params"])
+    assert stale["replays"] == [None, False]
+    assert stale["losses"][:2] == plain["losses"][:2] and stale["losses"][2:] != plain["losses"][2:]
 
 
 def test_watch_on_rank0_only_stops_merging_after_the_timeout_and_says_why(tmp_path):

@@ -24,9 +24,17 @@ def _tensors(obj: Any) -> list[Tensor]:
     return [t for t in leaves if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's shard on this rank (reading a DTensor whole would be a collective
+    only this rank makes); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None and hasattr(t, "placements") else t
+
+
 def _bad(ts: list[Tensor]) -> str | None:
     """'nan' / 'inf' if any tensor holds one (syncs: replay only)."""
     for t in ts:
+        t = _local(t)
         if t.numel() == 0 or t.is_sparse:
             continue
         if torch.isnan(t).any():
@@ -36,42 +44,72 @@ def _bad(ts: list[Tensor]) -> str | None:
     return None
 
 
+#: Ops not judged: those that allocate without writing (their garbage may read as NaN)
+#: and collectives (buffers the collective, maybe on another stream, is still filling).
+#: What is computed from their results is judged.
+_UNFILLED = ("empty", "new_empty")
+_COLLECTIVE = ("all_gather", "reduce_scatter", "all_reduce", "allreduce", "broadcast", "all_to_all")
+#: Profiler ranges of a wrapper's own bookkeeping (FSDP2: gathering parameters into
+#: fresh buffers and viewing them as the parameters' dtype before they are filled):
+#: nothing inside is the model's computation, nothing inside is judged.
+_INTERNAL = ("FSDP::",)
+
+
+def _judged(name: str) -> bool:
+    return not (name.startswith(_UNFILLED) or any(c in name for c in _COLLECTIVE))
+
+
 class _Tracer(TorchFunctionMode):
     def __init__(self, stack: list[str]) -> None:
         super().__init__()
         self.stack = stack
         self.origin: dict[str, Any] | None = None
         self.input_bad: dict[str, Any] | None = None
+        self.internal: list[Any] = []  # open wrapper-bookkeeping ranges (record_function handles)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if self.origin is None:
+        name = getattr(func, "__name__", "")
+        if name == "_record_function_enter_new":
+            if args and isinstance(args[0], str) and args[0].startswith(_INTERNAL):
+                self.internal.append(out)
+            return out
+        if name.startswith("_record_function_exit"):
+            if self.internal and args and args[0] is self.internal[-1]:
+                self.internal.pop()
+            return out
+        if self.origin is None and not self.internal and _judged(name):
             outs = _tensors(out)
             value = _bad(outs) if outs else None
             if value is not None:
                 ins = _tensors((args, kwargs))
                 module = self.stack[-1] if self.stack else None
                 if _bad(ins) is None:
-                    self.origin = {"op": getattr(func, "__name__", str(func)), "module": module,
-                                   "value": value}
+                    self.origin = {"op": name or str(func), "module": module, "value": value}
                 elif self.input_bad is None:
-                    self.input_bad = {"op": getattr(func, "__name__", str(func)), "module": module,
-                                      "value": _bad(ins)}
+                    self.input_bad = {"op": name or str(func), "module": module, "value": _bad(ins)}
         return out
 
 
-def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs: dict) -> dict[str, Any] | None:
+def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs: dict,
+                   collective: bool = False) -> dict[str, Any] | None:
     """Re-run ``model(*args, **kwargs)`` traced; return the origin of the first NaN/Inf.
 
     ``names`` maps id(module) -> the name to report. Returns None when the forward is
     finite. The result has ``module``, ``op``, ``value`` and ``kind``: "activation"
     (an op made finite inputs non-finite), "weight" (the module's own parameters are
     non-finite) or "input" (the model's input already held NaN/Inf).
+
+    ``collective``: every rank replays its own last forward at this same point (FSDP2:
+    the forward all-gathers parameters, so no rank may skip it, whatever its inputs
+    hold); the FSDP modules are resharded afterwards (FSDP2 keeps the root's gathered
+    parameters after a forward, and the optimizer is about to update the shards).
     """
-    if _bad(_tensors((args, kwargs))) is not None:
-        first = next(iter(names.values()), None)
-        return {"kind": "input", "module": names.get(id(model)) or first, "op": None,
-                "value": _bad(_tensors((args, kwargs)))}
+    inputs_bad = _bad(_tensors((args, kwargs)))
+    the_input = {"kind": "input", "module": names.get(id(model)) or next(iter(names.values()), None),
+                 "op": None, "value": inputs_bad}
+    if inputs_bad is not None and not collective:
+        return the_input
     stack: list[str] = []
     handles = []
 
@@ -98,6 +136,10 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
         with torch.no_grad():
             for b, s in zip(buffers, saved):
                 b.copy_(s)
+        if collective:
+            _reshard(model)
+    if inputs_bad is not None:
+        return the_input
     found = tracer.origin or tracer.input_bad
     if found is None:
         return None
@@ -110,3 +152,15 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
             break
     found["kind"] = kind
     return found
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free the parameters an FSDP2 forward gathered and put the shards back (what the
+    backward would have done): the next forward then gathers the updated shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except Exception:
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
