@@ -133,25 +133,18 @@ class Series:
             for st, v in zip(steps, values):  # a replaced step or a decimation inside
                 self.append(st, v)
             return
-        if all(map(math.isfinite, values)):
-            lo, hi = min(values), max(values)
+        isfinite = math.isfinite
+        finite = values if all(map(isfinite, values)) else [v for v in values if isfinite(v)]
+        if finite:
+            lo, hi = min(finite), max(finite)
             if lo < self.min:
                 self.min = lo
             if hi > self.max:
                 self.max = hi
                 self.max_step = steps[values.index(hi)]
-        else:  # NaN/Inf among them (e.g. a statistic that does not apply: all NaN)
-            isfinite = math.isfinite
-            finite = [v for v in values if isfinite(v)]
-            if finite:
-                lo, hi = min(finite), max(finite)
-                if lo < self.min:
-                    self.min = lo
-                if hi > self.max:
-                    self.max = hi
-                    self.max_step = steps[values.index(hi)]
-            if self.first_nonfinite_step is None:
-                self.first_nonfinite_step = next(st for st, v in zip(steps, values) if not isfinite(v))
+        if finite is not values and self.first_nonfinite_step is None:
+            # NaN/Inf among them (e.g. a statistic that does not apply: all NaN)
+            self.first_nonfinite_step = next(st for st, v in zip(steps, values) if not isfinite(v))
         first = (-self.count) % stride  # the first index append() would keep
         if first < n:
             self.steps.extend(steps[first::stride])
