@@ -54,16 +54,19 @@ def test_only_the_cpu_only_reader_is_exempt_from_the_counter():
     t = torch.ones(3)
     with pytest.raises(ValueError, match="CPU tensors only"):
         act_mod.cpu_values(torch.ones(3, device="meta"))
-    # The list form (the step's per-parameter norms, one 0-d tensor each) checks every
+    # The recorder's reader of the step's CPU norms (one 0-d tensor each) checks every
     # element, not just the first.
+    import gradvitals.recorder as rec_mod
+
     with pytest.raises(ValueError, match="CPU tensors only"):
-        act_mod.cpu_values([torch.tensor(1.0), torch.tensor(2.0, device="meta")])
+        rec_mod._cpu_floats([torch.tensor(1.0), torch.tensor(2.0, device="meta")])
     with count_host_syncs() as counter:
         assert act_mod.cpu_values(t) == [1.0, 1.0, 1.0]
-        assert act_mod.cpu_values([torch.tensor(0.5), torch.tensor(2.0)]) == [0.5, 2.0]
+        assert rec_mod._cpu_floats([torch.tensor(0.5), torch.tensor(2.0)]) == [0.5, 2.0]
         assert counter["n"] == 0 and counter["cpu_reads"] == 3
         exec("t.tolist()", vars(act_mod) | {"t": t})
-    assert counter["n"] == 1
+        exec("t.tolist()", vars(rec_mod) | {"t": t})
+    assert counter["n"] == 2
 
 
 @pytest.mark.parametrize("factory,opt_cls", [(lambda: mlp(depth=4), torch.optim.Adam),

@@ -1258,7 +1258,7 @@ class Recorder:
             norms = [*norms, loss]
         self._ring_push(tuple(o.lr_keys), o.lr_series, step, lrs)
         if grads[0].is_cpu:  # in host memory already: read where they are, no stack
-            values = act_probe.cpu_values(norms)
+            values = _cpu_floats(norms)
         else:
             values = torch.stack(norms).tolist()  # THE host sync of the step
         n = len(grads)
@@ -1593,6 +1593,23 @@ _NONFINITE_WATCHED = {"loss", "grad_norm", "grad_norm_global", "act_mean", "act_
 
 def _device(t: Any) -> torch.device:
     return t[0].device if isinstance(t, list) else t.device
+
+
+def _cpu_floats(ts: list[Tensor]) -> list[float]:
+    """The values of one-element CPU tensors (the step's gradient norms and loss on the
+    CPU): in host memory already, so no device synchronisation — the sync counter of
+    benchmarks/overhead.py leaves reads made here out. One ``.item()`` each: cheaper
+    there than stacking them first (a kernel, an allocation and a copy for a few dozen
+    floats cost ~2x as much in a step). Refuses any tensor not on the CPU: read here,
+    an accelerator tensor would be a hidden sync."""
+    for x in ts:
+        if not x.is_cpu:
+            raise ValueError(f"_cpu_floats() reads CPU tensors only, got one on {x.device}")
+    out = []
+    with torch._C.DisableTorchFunction():  # past any tracing mode active
+        for x in ts:  # (a loop, not a comprehension: the sync counter knows this frame)
+            out.append(x.item())
+    return out
 
 
 def _uniform(params: list[nn.Parameter]) -> bool:

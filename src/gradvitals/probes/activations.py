@@ -204,26 +204,15 @@ def finish_raw(v: list[float], n: int, sat: str | None) -> list[float] | None:
     return [mean, math.sqrt(max(var, 0.0)), (n - v[2]) * inv, v[3] * inv if sat else _NAN, 0.0]
 
 
-def cpu_values(t: Tensor | list[Tensor]) -> list:
-    """The values of a CPU tensor (or of a list of one-element CPU tensors, one float
-    each): already in host memory, so reading them is no device synchronisation (the
-    sync counter of benchmarks/overhead.py does not count reads made here). Refuses
-    any other device: an accelerator tensor read here would be a hidden sync."""
-    if isinstance(t, Tensor):
-        if t.device.type != "cpu":
-            raise ValueError(f"cpu_values() reads CPU tensors only, got one on {t.device}")
-        with torch._C.DisableTorchFunction():  # past any tracing mode active (init audit, topology)
-            return t.tolist()
-    for x in t:
-        if not x.is_cpu:
-            raise ValueError(f"cpu_values() reads CPU tensors only, got one on {x.device}")
-    out = []
-    with torch._C.DisableTorchFunction():
-        # One .item() each: on the CPU cheaper than stacking them first (one kernel,
-        # an allocation and a copy for a few dozen floats: ~2x the time in a step).
-        for x in t:  # (a loop, not a comprehension: the sync counter knows this frame)
-            out.append(x.item())
-    return out
+def cpu_values(t: Tensor) -> list:
+    """The values of a CPU tensor: already in host memory, so reading them is no
+    device synchronisation (the sync counter of benchmarks/overhead.py does not count
+    reads made here). Refuses any other device: an accelerator tensor read here would
+    be a hidden sync."""
+    if t.device.type != "cpu":
+        raise ValueError(f"cpu_values() reads CPU tensors only, got one on {t.device}")
+    with torch._C.DisableTorchFunction():  # past any tracing mode active (init audit, topology)
+        return t.tolist()
 
 
 def _count_above(a: Tensor, level: float) -> Tensor:
