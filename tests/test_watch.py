@@ -65,6 +65,33 @@ def test_grad_norms_match_torch_and_loss_is_captured(digits):
         assert rec.series["grad_norm_global"].values[step] == pytest.approx(glob, rel=1e-5)
 
 
+@pytest.mark.parametrize("normalise", ["divide", "multiply", "none", "other_divisor"])
+def test_accumulated_step_loss_is_the_loss_the_user_knows(digits, normalise):
+    """Gradient accumulation, 4 micro-batches per step. Each micro-batch's loss divided
+    by 4 (or multiplied by 1/4), as accumulation loops do: the step's loss is their sum,
+    the mean of the undivided losses (what such scripts print), not a quarter of it.
+    Not divided, or divided by something else than the number of micro-batches: the
+    mean of what went into backward."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    expected = []
+    with gv.watch(model, opt) as w:
+        for step in range(4):
+            opt.zero_grad()
+            backed = []
+            for i in range(4):
+                sl = slice(64 * (4 * step + i), 64 * (4 * step + i + 1))
+                raw = nn.functional.cross_entropy(model(X[sl]), y[sl])
+                loss = {"divide": raw / 4, "multiply": raw * 0.25, "none": raw, "other_divisor": raw / 3}[normalise]
+                loss.backward()
+                backed.append(loss.item())
+            opt.step()
+            expected.append(sum(backed) if normalise in ("divide", "multiply") else sum(backed) / 4)
+    assert w.record.series["loss"].values == pytest.approx(expected, rel=1e-6)
+
+
 def test_update_ratio_matches_oracle(digits):
     X, y = digits
     torch.manual_seed(0)

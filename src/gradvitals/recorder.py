@@ -228,7 +228,8 @@ class Recorder:
         self._closure_step: _Opt | None = None  # a closure optimizer's step awaiting its first backward
         self._closure_measured = False  # that step is measured: later (line-search) losses are not the step's
         self._manual_before: tuple[list[str], list[Tensor], list[Tensor], Tensor] | None = None
-        self._scaled_loss: tuple[Tensor, Tensor] | None = None  # (loss * scale, the loss scaled)
+        self._scaled_loss: tuple[Tensor, Tensor, float | None] | None = None  # (loss * scale, the loss scaled, its divisor)
+        self._loss_div: float | None = None  # the divisor of the loss whose backward runs (_loss_divisor)
         self._pre_hook_calls = 0
         self._scaler_pre_calls = 0
         self._origin_done = False
@@ -796,7 +797,8 @@ class Recorder:
 
     # ------------------------------------------------------------- backward
     def _on_backward_start(self, tensor: Any) -> None:
-        pass
+        # Read before the backward, which frees what the autograd node saved.
+        self._loss_div = _loss_divisor(tensor)
 
     def _on_backward_end(self, tensor: Any) -> None:
         if not self._owns_backward():
@@ -807,8 +809,12 @@ class Recorder:
             if loss.dim():
                 loss = loss.reshape(())
             scaled, self._scaled_loss = self._scaled_loss, None
+            div = self._loss_div
             if scaled is not None and scaled[0] is tensor:
                 loss = scaled[1].reshape(())  # GradScaler: the user's loss, not loss * 65536
+                div = scaled[2]
+            if div is not None:
+                loss._gv_div = div  # (ours: a detached copy) see _step_loss
             self._losses.append(loss)
             if len(self._losses) > MAX_STEP_LOSSES:
                 del self._losses[0]
@@ -850,7 +856,7 @@ class Recorder:
         while the scaled gradients stay finite and the step is taken)."""
         if (isinstance(scaled, Tensor) and scaled.numel() == 1 and isinstance(loss, Tensor)
                 and loss.numel() == 1 and loss.is_floating_point()):
-            self._scaled_loss = (scaled, loss.detach())
+            self._scaled_loss = (scaled, loss.detach(), _loss_divisor(loss))
 
     def _on_scaler_step_begin(self, optimizer: Any) -> None:
         self._scaler_pre_calls = self._pre_hook_calls
@@ -1158,7 +1164,7 @@ class Recorder:
         if self._losses:
             losses = self._losses
             self._losses = []
-            loss = losses[0] if len(losses) == 1 else torch.stack([l.to(losses[0].device) for l in losses]).mean()
+            loss = losses[0] if len(losses) == 1 else _step_loss(losses)
             if loss.dtype != torch.float32:
                 loss = loss.float()
             if o is not None:
@@ -1593,6 +1599,39 @@ _NONFINITE_WATCHED = {"loss", "grad_norm", "grad_norm_global", "act_mean", "act_
 
 def _device(t: Any) -> torch.device:
     return t[0].device if isinstance(t, list) else t.device
+
+
+def _loss_divisor(t: Any) -> float | None:
+    """k when ``t`` is a one-element loss divided by the number k (or multiplied by 1/k),
+    as gradient-accumulation loops normalise each micro-batch's loss; else None. Read
+    before its backward (which frees what the node saved); a CPU scalar only (no
+    device sync)."""
+    gf = getattr(t, "grad_fn", None)
+    if gf is None or type(gf).__name__ not in ("DivBackward0", "MulBackward0"):
+        return None
+    try:
+        if t.numel() != 1:
+            return None
+        other = gf._saved_other
+        if not (isinstance(other, Tensor) and other.numel() == 1 and other.is_cpu and not other.requires_grad):
+            return None
+        v = _cpu_floats([other.reshape(())])[0]
+    except Exception:
+        return None
+    if type(gf).__name__ == "MulBackward0":
+        v = 1.0 / v if v else 0.0
+    return v if v > 0 and math.isfinite(v) else None
+
+
+def _step_loss(losses: list[Tensor]) -> Tensor:
+    """The loss of a step that ran several backwards (gradient accumulation): their
+    sum when each micro-batch's loss was divided by their number (``loss / accum``: the
+    sum is the loss the user knows, the mean of the undivided ones), else their mean."""
+    stacked = torch.stack([l.to(losses[0].device) for l in losses])
+    n = len(losses)
+    if all(abs(getattr(l, "_gv_div", 0.0) - n) <= 1e-6 * n for l in losses):
+        return stacked.sum()
+    return stacked.mean()
 
 
 def _cpu_floats(ts: list[Tensor]) -> list[float]:

@@ -142,9 +142,9 @@ def case_grad_accum(a, attach, o) -> list[nn.Module]:
         opt.zero_grad()
         for _ in range(a.micro):
             x, y = next(it)
-            loss = F.cross_entropy(model(x), y) / a.micro
-            loss.backward()
-            o.loss(loss)
+            raw = F.cross_entropy(model(x), y)
+            (raw / a.micro).backward()  # the usual normalisation of accumulated micro-batches
+            o.loss(raw)  # the step's loss as the user knows it: the mean of the micro-batches'
         o.grads("model", model)
         opt.step()
         o.end_step()
