@@ -314,6 +314,46 @@ def test_exception_in_traced_forward_is_the_users_own():
     assert w.record.events_of("probe_error") == []
 
 
+def test_forward_that_raises_leaves_no_statistics_and_the_retry_is_traced(digits):
+    """gv.watch: the model's forward raises on a corrupt batch (NaN features) during a
+    traced step and the loop skips it: no NaN statistics of that forward (no false
+    `nonfinite`), and the step's next forward is the one measured."""
+    X, y = digits
+
+    class Rejecting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, x):
+            h = self.body(x)
+            if not torch.isfinite(h).all():
+                raise ValueError("batch rejected")
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Rejecting()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gv.watch(model, opt) as w:
+        for it in range(6):
+            xb = X[32 * it:32 * it + 32].clone()
+            if it == 0:
+                xb[0, 0] = float("nan")
+            try:
+                loss = nn.functional.cross_entropy(model(xb), y[32 * it:32 * it + 32])
+            except ValueError:
+                continue
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    rec = w.record
+    assert rec.steps == 5
+    assert list(rec.series["act_mean/head"].steps) == [0]  # the retry at step 0
+    assert math.isfinite(rec.series["act_mean/body.0"].values[0])
+    assert not [f for f in w.diagnosis().findings if f.code == "nonfinite"]
+
+
 def test_clip_with_infinite_max_norm_is_not_clipping_telemetry():
     model = mlp(depth=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -206,6 +206,8 @@ class Recorder:
         self._forward_since_flush = False  # ... since the last measured step
         self._pending: list[tuple[int, list[str], Tensor]] = []
         self._act_handles: list[Any] = []
+        self._act_stale: list[Any] = []  # hooks to remove once torch no longer iterates over them
+        self._act_mark = 0  # len(self._pending) when the traced forward began
         self._act_model: _Model | None = None
         self._act_seen: set[int] = set()
         self._act_events: list[tuple[str, str, str]] | None = None
@@ -431,9 +433,9 @@ class Recorder:
         return self._paused
 
     def _remove_hooks(self) -> None:
-        for h in self._act_handles:
+        for h in self._act_handles + self._act_stale:
             h.remove()
-        self._act_handles = []
+        self._act_handles, self._act_stale = [], []
         self._act_model = None
         self._act_root = None
         self._act_stage, self._act_staged = [], 0
@@ -519,13 +521,20 @@ class Recorder:
         entry = self._modules.get(id(module))
         if entry is None:
             return
-        self._on_root_end(entry[0], args, kwargs, output)
+        # Always called: also when the forward raised (torch calls it from the handler
+        # of that exception, with no output).
+        self._on_root_end(entry[0], args, kwargs, output,
+                          raised=output is None and sys.exc_info()[1] is not None)
 
     def _scheduled(self, step: int) -> bool:
         o = self.options
         return o.full or step % (o.every if step < o.late_after else o.late_every) == 0
 
     def _on_root_start(self, model: _Model) -> None:
+        if self._act_stale:  # left by a forward that raised (see _on_root_end)
+            for h in self._act_stale:
+                h.remove()
+            self._act_stale = []
         if self._act_handles or not self.options.activations:
             return  # a nested root (D(G(z))) or activations off
         if model.module is not None and not model.module.training:
@@ -536,6 +545,7 @@ class Recorder:
             return
         model.traced_step = self.step
         self._act_model = model
+        self._act_mark = len(self._pending)  # what this forward adds comes after
         self._act_seen = set()
         if not model.topology_done:
             try:  # once per model: init/architecture facts for the rules (probes/init_audit.py)
@@ -552,15 +562,28 @@ class Recorder:
         # the root itself: its output is measured from _on_root_end.
         self._act_handles.append(torch.nn.modules.module.register_module_forward_hook(self._act_global_hook))
 
-    def _on_root_end(self, model: _Model, args: tuple, kwargs: dict, output: Any = None) -> None:
-        if torch.is_grad_enabled() and model.module.training:
+    def _on_root_end(self, model: _Model, args: tuple, kwargs: dict, output: Any = None,
+                     raised: bool = False) -> None:
+        """The root's forward returned ``output`` (``raised``: it raised instead, and torch
+        is running its always-called global forward hooks: the process-wide hook must not
+        be removed from under that loop now, only made inert and removed later)."""
+        if torch.is_grad_enabled() and model.module.training and not raised:
             # Kept (references only) so a NaN can be traced back by replaying this forward.
             model.last_inputs = (args, kwargs)
             self._saw_forward = self._forward_since_flush = True
         if self._act_model is not model:
             return
-        for h in self._act_handles:
-            h.remove()
+        if raised:
+            self._act_stale.extend(self._act_handles)
+            # The statistics of a forward that never finished (a batch the script
+            # rejects, a retry after running out of memory) are not the step's: dropped.
+            self._act_stage, self._act_staged = [], 0
+            self._act_lean, self._act_leaned = [], 0
+            del self._pending[self._act_mark:]
+            model.traced_step = -1  # the step's next forward (the retry) is traced instead
+        else:
+            for h in self._act_handles:
+                h.remove()
         self._act_handles = []
         if output is not None:
             self._act_hook(distributed.unwrap(model.module), args, output)

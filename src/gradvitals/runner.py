@@ -164,7 +164,12 @@ class ScriptRunner:
             except Exception as exc:
                 self.recorder._fail("activations", exc)  # type: ignore[union-attr]
 
-    def _on_forward_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _on_forward_post(self, module: nn.Module, args: tuple, *rest: Any) -> None:
+        # (module, args, kwargs, output); when the forward raised, torch calls a global
+        # always-called hook as (module, args, result) whatever with_kwargs says: then
+        # the forward has no output, and the root's tracing must still be undone.
+        raised = len(rest) != 2
+        kwargs, output = ({}, None) if raised else (rest[0], rest[1])
         if self._suspended or torch.compiler.is_compiling():
             return
         compiled = _compiled_inner(module)
@@ -173,7 +178,7 @@ class ScriptRunner:
         model = self._roots.get(id(module))
         if model is not None and model.module is module:
             try:
-                self.recorder._on_root_end(model, args, kwargs, output)  # type: ignore[union-attr]
+                self.recorder._on_root_end(model, args, kwargs, output, raised=raised)  # type: ignore[union-attr]
             except Exception as exc:
                 self.recorder._fail("activations", exc)  # type: ignore[union-attr]
 

@@ -118,6 +118,39 @@ def test_inplace_activations_after_hooked_modules():
     assert_healthy(report)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing(reentrant):
+    """torch.utils.checkpoint: the blocks' forwards run again inside the backward (the
+    non-reentrant one stops that recompute by raising inside a block's forward). Same
+    stdout and stderr as plain python (a hook of ours used to warn there), statistics
+    once per scheduled forward, and a NaN born inside a checkpointed block is traced
+    to it (the replay's own warnings stay out of the user's stderr)."""
+    extra = ["--reentrant"] if reentrant else []
+    report, _ = run_both("checkpointed.py", *extra)
+    assert_healthy(report)
+    assert report["run"]["steps"] == 40
+    for name in ("stem", "blocks.2.fc", "blocks.2.act", "head"):
+        assert report["series"][f"act_mean/{name}"]["steps"] == [0, 25], name
+    report, _ = run_both("checkpointed.py", *extra, "--nan-step", "20")
+    origin = [e for e in report["run"]["events"] if e["type"] == "nonfinite_origin"]
+    assert [(e["step"], e["kind"], e["module"], e["source"]) for e in origin] == [
+        (20, "activation", "blocks.2.fc", "replay")]
+    assert codes(report)["nonfinite"]["layers"][0] == "blocks.2.fc"
+
+
+def test_forward_that_raises_on_a_bad_batch_the_script_skips():
+    """The model rejects a corrupt batch by raising in its forward, on a traced step;
+    the script catches it and goes on. Under `gradvitals run` the exception stays the
+    user's (no hook of ours fails or unhooks itself inside torch's handler of it), the
+    rejected forward's NaN statistics are no finding, and the retry is the traced one."""
+    report, stdout = run_both("skip_bad_batch.py")
+    assert "skipped 1" in stdout
+    assert_healthy(report)
+    assert report["run"]["steps"] == 60
+    for name in ("body.0", "head"):
+        assert report["series"][f"act_mean/{name}"]["steps"] == [0, 25, 50], name
+
+
 def test_torch_compile_report_equals_eager():
     compiled, stdout = run_both("compiled.py", "--backend", "aot_eager")
     assert "graph breaks 0" in stdout  # our hooks must not break Dynamo's graph

@@ -11,6 +11,7 @@ restored afterwards, so the run's numbers do not change.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -128,7 +129,10 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post, always_call=True))
         tracer = _Tracer(stack)
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), tracer:
+        # Its warnings are ours, not the user's (a checkpointed block run under no_grad
+        # warns that no input requires grad).
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), torch.no_grad(), tracer:
+            warnings.simplefilter("ignore")
             model(*args, **kwargs)
     finally:
         for h in handles:
