@@ -148,13 +148,18 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def module_kind(module: nn.Module) -> str:
-    """The user's class name: FSDP2 swaps ``Linear`` for a generated ``FSDPLinear``."""
-    cls = type(module)
+    """The user's class name: FSDP2 swaps ``Linear`` for a generated ``FSDPLinear``,
+    a parametrization (spectral_norm, weight_norm) for ``ParametrizedLinear``."""
+    return module_kind_of_class(type(module))
+
+
+def module_kind_of_class(cls: type) -> str:
     name = cls.__name__
-    if name.startswith("FSDP") and len(cls.__bases__) > 1:
-        for base in cls.__bases__:
-            if base.__name__ == name[4:]:
-                return base.__name__
+    for prefix in ("FSDP", "Parametrized"):
+        if name.startswith(prefix):
+            for base in cls.__bases__:
+                if base.__name__ == name[len(prefix):]:
+                    return module_kind_of_class(base)
     return name
 
 

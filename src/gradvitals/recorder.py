@@ -280,14 +280,30 @@ class Recorder:
         return model
 
     def remove_model(self, module: nn.Module) -> None:
+        """Stop watching ``module`` (e.g. it turned out to be part of a larger model,
+        called on its own first). Its layers and parameters leave the record unless
+        something was recorded under their names."""
         for m in list(self.models):
             if m.module is module:
                 for h in m.handles:
                     h.remove()
                 self.models.remove(m)
+                names = {full for k, (mm, full) in self._modules.items() if mm is m}
                 for k in [k for k, (mm, _) in self._modules.items() if mm is m]:
                     del self._modules[k]
                 self._version += 1
+                self._forget_unrecorded(names)
+
+    def _forget_unrecorded(self, layer_names: set[str]) -> None:
+        rec = self.record
+        used = {key.split("/", 1)[1] for key in rec.series if "/" in key}
+        for name in layer_names:
+            layer = rec.layers.get(name)
+            if layer is None or name in used or any(p in used for p in layer.params):
+                continue
+            for p in layer.params:
+                rec.params.pop(p, None)
+            del rec.layers[name]
 
     def _index_model(self, model: _Model) -> None:
         pre = model.prefix
@@ -303,6 +319,8 @@ class Recorder:
             model.names[id(mod)] = full
             self._modules[id(mod)] = (model, full)
             kind = distributed.module_kind(mod)
+            if _PARAMETRIZATIONS in f".{name}.":
+                continue  # a parametrized weight's machinery: its parameters are its layer's
             own = [(n, p) for n, p in mod.named_parameters(recurse=False)]
             is_leaf = next(mod.children(), None) is None
             if own or is_leaf:
@@ -310,9 +328,13 @@ class Recorder:
                 layer.kind = kind  # a module may have been swapped in place (try-fixes)
                 layer.params = [pre + (f"{name}.{n}" if name else n) for n, _ in own]
                 if kind in WEIGHT_LAYERS and own:
-                    w = getattr(mod, "weight", None)
-                    if isinstance(w, Tensor) and w.dim() >= 2:
+                    w = init_audit.plain_weight(mod)
+                    if w is not None and w.dim() >= 2:
                         layer.out_features = int(w.shape[0])
+                    elif w is None:  # parametrized (spectral_norm...): not read, see plain_weight
+                        n_out = getattr(mod, "out_features", None) or getattr(mod, "out_channels", None)
+                        if isinstance(n_out, int):
+                            layer.out_features = n_out
                 self.record.layers[full] = layer
         model.params = []
         seen: set[int] = set()
@@ -321,7 +343,15 @@ class Recorder:
                 continue
             seen.add(id(p))
             full = (pre + name) if pre else name
-            layer = full.rsplit(".", 1)[0] if "." in full else (pre.rstrip(":") or "(root)")
+            if _PARAMETRIZATIONS in f".{name}":
+                # `0.parametrizations.weight.original`: the weight of layer `0`, computed
+                owner = f".{name}".split(_PARAMETRIZATIONS, 1)[0][1:]
+                layer = (pre + owner) if owner else (pre.rstrip(":") or "(root)")
+                lay = self.record.layers.get(layer)
+                if lay is not None and full not in lay.params:
+                    lay.params.append(full)
+            else:
+                layer = full.rsplit(".", 1)[0] if "." in full else (pre.rstrip(":") or "(root)")
             model.params.append((full, p))
             self._param_owner[id(p)] = (model, full)
             info = self.record.params.get(full)
@@ -1615,6 +1645,9 @@ _ROW_GRAD, _ROW_NOW, _ROW_LATER = 0, 1, 2  # how _flush appends a row (see _row)
 #: A step's loss is the mean of at most this many backward() losses (the latest):
 #: an optimizer that never steps must not hold every loss of the run.
 MAX_STEP_LOSSES = 1024
+#: Where torch.nn.utils.parametrize keeps a parametrized weight's modules and originals.
+_PARAMETRIZATIONS = ".parametrizations."
+
 
 _NONFINITE_WATCHED = {"loss", "grad_norm", "grad_norm_global", "act_mean", "act_std", "weight_norm",
                       "clip_total_norm"}

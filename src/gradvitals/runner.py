@@ -34,6 +34,13 @@ from .recorder import Options, Recorder, _Model
 from .report import Report, check_writable, write_atomic
 
 
+try:
+    from torch.nn.utils.parametrize import ParametrizationList as _ParametrizationList
+
+    _PARAMETRIZATION_TYPES: tuple[type, ...] = (_ParametrizationList,)
+except Exception:  # pragma: no cover - torch without parametrize
+    _PARAMETRIZATION_TYPES = ()
+
 class UsageError(Exception):
     """Bad input to gradvitals itself (exit status 2, one line, no traceback)."""
 
@@ -191,6 +198,11 @@ class ScriptRunner:
             return  # a submodule of a known model called on its own
         if not any(p.requires_grad for p in module.parameters()):
             return  # loss modules, frozen feature extractors: nothing to train
+        if isinstance(module, _PARAMETRIZATION_TYPES):
+            # A parametrized weight being read (spectral_norm, weight_norm: `layer.weight`
+            # calls it), e.g. by `.to()` before the model's first forward: part of the
+            # layer that owns it, never a model of its own.
+            return
         # The outermost module runs its pre-hook first, so this is a root; it may
         # contain models that were called on their own before (absorb them).
         inner = {id(m) for m in module.modules()}

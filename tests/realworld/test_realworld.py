@@ -151,6 +151,22 @@ def test_forward_that_raises_on_a_bad_batch_the_script_skips():
         assert report["series"][f"act_mean/{name}"]["steps"] == [0, 25, 50], name
 
 
+def test_parametrized_weights_spectral_and_weight_norm():
+    """spectral_norm / weight_norm: gradvitals never reads a parametrized weight (the init
+    audit did, and each read ran a spectral-norm power iteration: the run's final weights
+    changed). The parametrization's modules are no layers and no models of their own
+    (they were discovered as models when `.to()` read the weight before the first forward,
+    and reported as never receiving a gradient); their originals belong to their layer."""
+    report, stdout = run_both("parametrized_gan.py")
+    assert "CHECKSUM" in stdout
+    assert_healthy(report)
+    layers = {l["name"]: l for l in report["layers"]}
+    assert not [n for n in layers if "parametrizations" in n or "Parametrization" in n]
+    assert layers["D:0"]["kind"] == "Conv2d" and layers["D:3"]["kind"] == "Linear"
+    assert {p["name"] for p in layers["D:0"]["params"]} == {"D:0.bias", "D:0.parametrizations.weight.original"}
+    assert "grad_norm/G:2.parametrizations.weight.original1" in report["series"]
+
+
 def test_torch_compile_report_equals_eager():
     compiled, stdout = run_both("compiled.py", "--backend", "aot_eager")
     assert "graph breaks 0" in stdout  # our hooks must not break Dynamo's graph

@@ -59,6 +59,19 @@ _POST_LN_NORMS: tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(n
 _audited: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
 
 
+def plain_weight(mod: nn.Module) -> Tensor | None:
+    """``mod.weight`` when reading it only reads: None when it is computed by a
+    parametrization (``torch.nn.utils.parametrizations.spectral_norm`` / ``weight_norm``,
+    ``orthogonal``...). Reading such a weight runs the parametrization, and
+    spectral_norm's runs a power iteration that updates its buffers in training mode:
+    the watched run's numbers would change."""
+    params = getattr(mod, "parametrizations", None)
+    if params is not None and "weight" in params:
+        return None
+    w = getattr(mod, "weight", None)
+    return w if isinstance(w, Tensor) else None
+
+
 def start(recorder: Any, model: Any) -> None:
     """Audit ``model`` (a recorder ``_Model``) once: weight facts now, skip
     connections over the forward that is starting (finished by a root hook)."""
@@ -91,8 +104,8 @@ def write_weight_facts(module: nn.Module, names: dict[int, str], layers: dict[st
         layer = layers.get(name)
         if layer is None:
             continue
-        w = getattr(mod, "weight", None)
-        if kind in WEIGHT_LAYERS and isinstance(w, Tensor) and w.dim() >= 2 and w.numel() > 0:
+        w = plain_weight(mod)
+        if kind in WEIGHT_LAYERS and w is not None and w.dim() >= 2 and w.numel() > 0:
             fan_in, fan_out = fans(w)
             layer.extra["fan_in"] = fan_in
             layer.extra["fan_out"] = fan_out
