@@ -150,6 +150,8 @@ def unwrap(module: nn.Module) -> nn.Module:
 def module_kind(module: nn.Module) -> str:
     """The user's class name: FSDP2 swaps ``Linear`` for a generated ``FSDPLinear``,
     a parametrization (spectral_norm, weight_norm) for ``ParametrizedLinear``."""
+    if isinstance(module, torch.jit.ScriptModule):  # torch.jit.script(nn.Linear(...))
+        return str(getattr(module, "original_name", None) or type(module).__name__)
     return module_kind_of_class(type(module))
 
 

@@ -520,12 +520,15 @@ class Recorder:
                 for name, p in m.params:
                     if id(p) not in any_opt and id(p) not in claimed and p.requires_grad:
                         params.append(p)
+        # Models no optimizer updates at all (an EMA / SWA copy, a teacher evaluated
+        # beside the student): nothing there is meant to receive a gradient.
+        touched = {id(self._param_owner[pid][0]) for pid in any_opt if pid in self._param_owner}
         for m in self.models:
             for name, p in m.params:
                 info = self.record.params.get(name)
                 if info is not None and id(p) in any_opt:
                     info.in_optimizer = True
-                elif info is not None and id(m) in models and not info.in_optimizer:
+                elif info is not None and (id(m) in models or id(m) not in touched) and not info.in_optimizer:
                     info.in_optimizer = False
         o.params = params
         o.names = [self._param_owner[id(p)][1] if id(p) in self._param_owner else f"{o.label}.param{i}"

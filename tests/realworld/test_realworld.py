@@ -167,6 +167,26 @@ def test_parametrized_weights_spectral_and_weight_norm():
     assert "grad_norm/G:2.parametrizations.weight.original1" in report["series"]
 
 
+def test_ema_copies_are_not_untrained_layers():
+    """Models no optimizer updates (an EMA via AveragedModel, a hand-rolled EMA copy),
+    evaluated under no_grad: no `no_gradient` warning about them (there was one)."""
+    report, _ = run_both("ema.py")
+    assert_healthy(report)
+    assert {"model:0", "ema:module.0", "ema2:0"} <= {l["name"] for l in report["layers"]}
+
+
+def test_scripted_submodule_in_dataparallel_with_dict_output():
+    """A torch.jit.script-ed submodule takes no Python hooks: the init audit skips it
+    instead of failing for the whole model (a probe error on stderr), its layers carry
+    their real kinds, and the rest is measured."""
+    report, _ = run_both("scripted_dict.py")
+    assert_healthy(report)
+    assert not [e for e in report["run"]["events"] if e["type"] == "probe_error"]
+    kinds = {l["name"]: l["kind"] for l in report["layers"]}
+    assert (kinds["enc.0"], kinds["enc.1"], kinds["head"]) == ("Linear", "ReLU", "Linear")
+    assert "grad_norm/enc.0.weight" in report["series"] and "act_mean/head" in report["series"]
+
+
 def test_torch_compile_report_equals_eager():
     compiled, stdout = run_both("compiled.py", "--backend", "aot_eager")
     assert "graph breaks 0" in stdout  # our hooks must not break Dynamo's graph

@@ -215,8 +215,8 @@ class _SkipTrace:
     def begin(self) -> None:
         try:
             for mod in self.root.modules():
-                if mod is self.root:
-                    continue
+                if mod is self.root or isinstance(mod, torch.jit.ScriptModule):
+                    continue  # (a scripted submodule takes no Python hooks; its inside is not seen)
                 self.handles.append(mod.register_forward_pre_hook(self._pre))
                 self.handles.append(mod.register_forward_hook(self._post, always_call=True))
             self.end_handle = self.root.register_forward_hook(self._end, always_call=True)

@@ -126,6 +126,8 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
     devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda"} - {None})
     try:
         for m in model.modules():
+            if isinstance(m, torch.jit.ScriptModule):
+                continue  # takes no Python hooks: its ops count as its caller's
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post, always_call=True))
         tracer = _Tracer(stack)
