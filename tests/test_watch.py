@@ -92,6 +92,37 @@ def test_accumulated_step_loss_is_the_loss_the_user_knows(digits, normalise):
     assert w.record.series["loss"].values == pytest.approx(expected, rel=1e-6)
 
 
+def test_backward_of_a_list_of_losses_records_their_sum(digits):
+    """Multi-task loops call torch.autograd.backward([loss_a, loss_b]): the applied
+    gradient is that of their sum, so the step's loss is their sum (no loss at all was
+    recorded). Seeded with one-element grad_tensors: their weighted sum."""
+    X, y = digits
+    torch.manual_seed(0)
+    body, head_a, head_b = nn.Sequential(nn.Linear(64, 32), nn.ReLU()), nn.Linear(32, 10), nn.Linear(32, 1)
+    opt = torch.optim.SGD([*body.parameters(), *head_a.parameters(), *head_b.parameters()], lr=0.05)
+    expected = []
+    with gv.watch([body, head_a, head_b], opt) as w:
+        for step in range(4):
+            h = body(X[32 * step:32 * step + 32])
+            la = nn.functional.cross_entropy(head_a(h), y[32 * step:32 * step + 32])
+            lb = head_b(h).pow(2).mean()
+            opt.zero_grad()
+            torch.autograd.backward([la, 0.5 * lb])
+            opt.step()
+            expected.append(la.item() + 0.5 * lb.item())
+    assert w.record.series["loss"].values == pytest.approx(expected, rel=1e-6)
+    expected = []
+    with gv.watch([body, head_a, head_b], opt) as w:
+        for step in range(3):
+            h = body(X[:32])
+            la, lb = nn.functional.cross_entropy(head_a(h), y[:32]), head_b(h).pow(2).mean()
+            opt.zero_grad()
+            torch.autograd.backward([la, lb], grad_tensors=[torch.tensor(1.0), torch.tensor(0.1)])
+            opt.step()
+            expected.append(la.item() + 0.1 * lb.item())
+    assert w.record.series["loss"].values == pytest.approx(expected, rel=1e-6)
+
+
 def test_update_ratio_matches_oracle(digits):
     X, y = digits
     torch.manual_seed(0)

@@ -856,9 +856,21 @@ class Recorder:
         # Read before the backward, which frees what the autograd node saved.
         self._loss_div = _loss_divisor(tensor)
 
-    def _on_backward_end(self, tensor: Any) -> None:
+    def _on_backward_end(self, tensor: Any, seed: Any = None) -> None:
         if not self._owns_backward():
             return  # another watch's model (two models trained in turn)
+        if (isinstance(tensor, (list, tuple)) and tensor
+                and all(isinstance(t, Tensor) and t.numel() == 1 and t.is_floating_point() for t in tensor)):
+            # torch.autograd.backward([loss_a, loss_b]): the gradient of their sum (of
+            # their sum weighted by one-element grad_tensors); on their device, no sync
+            parts = [t.detach().reshape(()).float() for t in tensor]
+            if seed is not None:
+                seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+                if len(seeds) != len(parts) or not all(isinstance(g, Tensor) and g.numel() == 1 for g in seeds):
+                    parts = []
+                else:
+                    parts = [t * g.detach().reshape(()).float().to(t.device) for t, g in zip(parts, seeds)]
+            tensor = torch.stack([p.to(parts[0].device) for p in parts]).sum() if parts else None
         if (isinstance(tensor, Tensor) and tensor.numel() == 1 and tensor.is_floating_point()
                 and not self._explicit_loss and not self._closure_measured):
             loss = tensor.detach()

@@ -341,7 +341,7 @@ class _StopAfterBackward:
     def _on_backward_start(self, tensor: Any) -> None:
         pass
 
-    def _on_backward_end(self, tensor: Any) -> None:
+    def _on_backward_end(self, tensor: Any, seed: Any = None) -> None:
         if (self.recorder._backward_mode() and self.recorder.step >= 1) or self.recorder._closure_measured:
             raise _StopAtFirstStep()  # (after the recorder measured it: its listener runs first)
 

@@ -47,7 +47,10 @@ def _backward_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             _depth.n -= 1
         if outer and _listeners:
-            _each("_on_backward_end", tensor)
+            # The gradient it was seeded with (Tensor.backward's ``gradient``,
+            # autograd.backward's ``grad_tensors``): None for a plain loss.backward().
+            seed = args[0] if args else kwargs.get("gradient", kwargs.get("grad_tensors"))
+            _each("_on_backward_end", tensor, seed)
         return result
 
     return backward
