@@ -404,3 +404,42 @@ def test_large_outputs_reduced_in_the_hook_match_torch(digits, monkeypatch):
                     assert got == pytest.approx(want, rel=1e-4, abs=1e-6), (q, name, i)
     never = torch.stack([(outs[i]["3"] > 0).flatten(2).any(2).any(0) for i in range(2, 6)]).any(0)
     assert s["dead_frac/3"].values[-1] == pytest.approx(1 - never.float().mean().item())
+
+
+@pytest.mark.parametrize("inplace_after", [False, True])
+def test_views_of_a_measured_output_take_its_statistics(digits, monkeypatch, inplace_after):
+    """Flatten after pooling and an Identity return the pooled output's own elements:
+    their statistics are the pooled output's, not measured again (no stack, no pass),
+    and equal torch's on their hooked outputs on every step. With an in-place ReLU
+    after them (the pooled output rewritten after its module returned), each keeps the
+    statistics of the output its module returned."""
+    from gradvitals import recorder as rec
+
+    X, y = digits
+    measured: list[str] = []
+    real, real_lean = rec.Recorder._act_measure, rec.Recorder._act_lean_add
+    monkeypatch.setattr(rec.Recorder, "_act_measure", lambda self, xs, infos, dim:
+                        measured.extend(i.name for i in infos) or real(self, xs, infos, dim))
+    monkeypatch.setattr(rec.Recorder, "_act_lean_add", lambda self, x, info, dim:
+                        measured.append(info.name) or real_lean(self, x, info, dim))
+    torch.manual_seed(0)
+    tail = [nn.ReLU(inplace=True)] if inplace_after else []
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(), nn.Identity(),
+                          *tail, nn.Linear(8 * 4 * 4, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    outs, w = _watched_outputs(model, opt, X.reshape(-1, 1, 8, 8)[:64], y[:64], 5, full=True)
+    s = w.record.series
+    for i in range(5):
+        for name in ("1", "2", "3"):
+            got = {q: dict(zip(s[f"{q}/{name}"].steps, s[f"{q}/{name}"].values))[i] for q in ap.STAT_NAMES}
+            for q, want in zip(ap.STAT_NAMES, _oracle(outs[i][name], None)):
+                if math.isnan(want):
+                    assert math.isnan(got[q]), (q, name, i)
+                else:
+                    assert got[q] == pytest.approx(want, rel=1e-5, abs=1e-7), (q, name, i)
+    assert outs[4]["1"].min() < 0 and (outs[4]["1"] == 0).float().mean() < 0.01  # pooled conv: signed
+    later = measured[len(measured) // 2:]  # steady state: the last steps' measurements
+    if inplace_after:  # rewritten later: every module measured on its own output, at once
+        assert {"1", "2", "3"} <= set(later)
+    else:
+        assert "1" in later and "2" not in later and "3" not in later

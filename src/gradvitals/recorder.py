@@ -221,6 +221,11 @@ class Recorder:
         self._act_lean: list[tuple[Tensor, int, _ActInfo, list[Tensor], Tensor | None]] = []
         self._act_leaned = 0
         self._act_staged = 0
+        # Outputs whose measurement waits (staged or lean), by where their elements are:
+        # a later module returning a view of the same elements (Flatten after pooling,
+        # Identity) takes their statistics instead of measuring them again.
+        self._act_where: dict[tuple[int, torch.device], tuple[_ActInfo, int, int, torch.dtype, bool]] = {}
+        self._act_alias: dict[int, list[_ActInfo]] = {}  # id(source info) -> its views' infos
         self._act_group_keys: dict[tuple[int, ...], list[str]] = {}
         self._scratch = act_probe.Scratch(ACT_STAGE_MAX_NUMEL)  # CPU work buffers, see Scratch
         self._unit_hint: int | None = None
@@ -470,6 +475,7 @@ class Recorder:
         self._act_root = None
         self._act_stage, self._act_staged = [], 0
         self._act_lean, self._act_leaned = [], 0
+        self._act_where, self._act_alias = {}, {}
         if self._act_mode is not None:
             try:
                 self._act_mode.__exit__(None, None, None)
@@ -612,6 +618,7 @@ class Recorder:
             # rejects, a retry after running out of memory) are not the step's: dropped.
             self._act_stage, self._act_staged = [], 0
             self._act_lean, self._act_leaned = [], 0
+            self._act_where, self._act_alias = {}, {}
             del self._pending[self._act_mark:]
             model.traced_step = -1  # the step's next forward (the retry) is traced instead
         else:
@@ -622,6 +629,7 @@ class Recorder:
             self._act_hook(distributed.unwrap(model.module), args, output)
         self._act_flush_stage()
         self._act_flush_lean()
+        self._act_where, self._act_alias = {}, {}  # (a view whose source was lost: nothing)
         self._act_model = None
         self._act_root = None
         if self._act_mode is not None:
@@ -698,6 +706,8 @@ class Recorder:
             if x is None or not x.is_floating_point() or x.numel() == 0:
                 return
             dim = act_probe.unit_dim(x, self._unit_hint) if info.wants_dead and x.dim() else 0
+            if self._act_where and not info.wants_dead and self._act_view_of(x, info):
+                return
             if self._act_batch and info.batchable is not False:
                 if (info.batchable and LEAN_PATH and x.numel() >= ACT_LEAN_MIN_NUMEL
                         and x.dtype == torch.float32 and x.device.type == "cpu"):
@@ -709,6 +719,37 @@ class Recorder:
             self._act_measure([x], [info], dim)
         except Exception as exc:
             self._fail("activations", exc)
+
+    def _act_view_of(self, x: Tensor, info: _ActInfo) -> bool:
+        """Whether ``x`` holds exactly the elements of an output measured at the end of
+        this forward (same memory, numel and dtype, both contiguous, not changed since):
+        its statistics are then that output's, given to ``info`` too (no new passes)."""
+        src = self._act_where.get((x.data_ptr(), x.device))
+        if src is None:
+            return False
+        sinfo, version, numel, dtype, _ = src
+        if (x._version != version or x.numel() != numel or x.dtype != dtype or sinfo.sat != info.sat
+                or sinfo is info or not x.is_contiguous()):
+            return False
+        self._act_alias.setdefault(id(sinfo), []).append(info)
+        return True
+
+    def _act_waits(self, x: Tensor, info: _ActInfo, lean: bool) -> None:
+        """Note where an output measured later lies (see _act_view_of)."""
+        if x.is_contiguous():
+            self._act_where[(x.data_ptr(), x.device)] = (info, x._version, x.numel(), x.dtype, lean)
+
+    def _act_measured(self, lean: bool) -> None:
+        """The waiting outputs of one kind (lean or staged) are being measured: views
+        of them found later cannot wait for them."""
+        where = self._act_where
+        if where:
+            self._act_where = {k: v for k, v in where.items() if v[4] != lean}
+
+    def _act_views(self, info: _ActInfo, row: Tensor) -> None:
+        """``row``, the statistics of ``info``'s output, are also its views' (pending)."""
+        for other in self._act_alias.pop(id(info), ()):
+            self._pending.append((self.step, other.keys[:len(act_probe.STAT_NAMES)], row))
 
     def _act_stage_add(self, x: Tensor, info: _ActInfo, dim: int) -> None:
         """Small outputs are measured together at the end of the forward (one set of
@@ -726,6 +767,8 @@ class Recorder:
             self._act_flush_stage()
         self._act_stage.append((x.detach(), x._version, info, dim))
         self._act_staged += x.numel()
+        if info.batchable:
+            self._act_waits(x, info, False)
 
     def _act_lean_add(self, x: Tensor, info: _ActInfo, dim: int) -> None:
         """A CPU output reduced now, while it is still in cache: its sum, sum of squares,
@@ -744,6 +787,7 @@ class Recorder:
         active = act_probe.active_units(x, dim) if info.wants_dead and x.dim() else None
         self._act_lean.append((x2, x._version, info, parts, active))
         self._act_leaned += n
+        self._act_waits(x, info, True)
         if self._act_leaned > ACT_LEAN_MAX_NUMEL:
             self._act_flush_lean()
 
@@ -752,6 +796,7 @@ class Recorder:
         if not lean:
             return
         self._act_lean, self._act_leaned = [], 0
+        self._act_measured(True)
         try:
             vals = act_probe.cpu_values(torch.cat([t for e in lean for t in e[3]]))
             rows: list[float] = []
@@ -767,6 +812,8 @@ class Recorder:
                         info.batchable = False
                         row = [_NAN] * len(act_probe.STAT_NAMES)
                 rows.extend(row)
+                if self._act_alias:
+                    self._act_views(info, torch.tensor(row, dtype=torch.float32))
             gid = tuple(id(e[2]) for e in lean)
             keys = self._act_group_keys.get(gid)
             if keys is None:
@@ -800,6 +847,7 @@ class Recorder:
         if not stage:
             return
         self._act_stage, self._act_staged = [], 0
+        self._act_measured(False)
         groups: dict[tuple, list[tuple[Tensor, _ActInfo]]] = {}
         for x, version, info, dim in stage:
             unchanged = x._version == version
@@ -813,8 +861,14 @@ class Recorder:
                 continue
             key = (x.shape, x.dtype, x.device, info.sat, info.wants_dead, dim)
             groups.setdefault(key, []).append((x, info))
-        for (_, _, _, _, _, dim), members in groups.items():
+        for (_, dtype, device, _, _, dim), members in groups.items():
             try:
+                if len(members) == 1 and LEAN_PATH and dtype == torch.float32 and device.type == "cpu":
+                    # Nothing to share kernels with: its few sums now, finished with the
+                    # lean outputs' (one read for all; a measurement of its own cost
+                    # ~15 small ops, ~80 us for a 128x10 logits output).
+                    self._act_lean_add(members[0][0], members[0][1], dim)
+                    continue
                 self._act_measure([x for x, _ in members], [i for _, i in members], dim)
             except Exception as exc:
                 self._fail("activations", exc)
@@ -840,6 +894,10 @@ class Recorder:
                     dead = self._dead_groups[gkey] = act_probe.DeadUnits()
                 frac = dead.push(act_probe.batch_active_units(X, shape, dim))
             st = torch.cat([st, frac.reshape(-1, 1).to(st.dtype)], 1)
+        if self._act_alias:
+            for i, info in enumerate(infos):
+                if id(info) in self._act_alias:
+                    self._act_views(info, st[i, :len(act_probe.STAT_NAMES)])
         if len(infos) == 1:
             self._pending.append((self.step, infos[0].keys, st[0]))
             return
