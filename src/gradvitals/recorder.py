@@ -812,7 +812,7 @@ class Recorder:
                         info.batchable = False
                         row = [_NAN] * len(act_probe.STAT_NAMES)
                 rows.extend(row)
-                if self._act_alias:
+                if self._act_alias and id(info) in self._act_alias:
                     self._act_views(info, torch.tensor(row, dtype=torch.float32))
             gid = tuple(id(e[2]) for e in lean)
             keys = self._act_group_keys.get(gid)
