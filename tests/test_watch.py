@@ -92,6 +92,36 @@ def test_accumulated_step_loss_is_the_loss_the_user_knows(digits, normalise):
     assert w.record.series["loss"].values == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("accum,divide", [(1, False), (2, False), (2, True)])
+def test_backwards_after_one_forward_are_one_objective(digits, accum, divide):
+    """``ce.backward(retain_graph=True); reg.backward()``: two terms of one forward's
+    objective, the step's loss is their sum (it was their mean, half the loss the
+    script prints). With gradient accumulation over such micro-batches: the sum per
+    micro-batch, then the accumulation rule across them (mean; sum when divided)."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    expected = []
+    with gv.watch(model, opt) as w:
+        for step in range(4):
+            opt.zero_grad()
+            objective = []
+            for i in range(accum):
+                sl = slice(64 * (accum * step + i), 64 * (accum * step + i + 1))
+                logits = model(X[sl])
+                ce = nn.functional.cross_entropy(logits, y[sl])
+                reg = 0.1 * logits.pow(2).mean()
+                if divide:
+                    ce, reg = ce / accum, reg / accum
+                ce.backward(retain_graph=True)
+                reg.backward()
+                objective.append(ce.item() + reg.item())
+            opt.step()
+            expected.append(sum(objective) if divide or accum == 1 else sum(objective) / accum)
+    assert w.record.series["loss"].values == pytest.approx(expected, rel=1e-6)
+
+
 def test_backward_of_a_list_of_losses_records_their_sum(digits):
     """Multi-task loops call torch.autograd.backward([loss_a, loss_b]): the applied
     gradient is that of their sum, so the step's loss is their sum (no loss at all was

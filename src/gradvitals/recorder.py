@@ -203,6 +203,7 @@ class Recorder:
         self._losses: list[Tensor] = []
         self._explicit_loss = False
         self._saw_forward = False  # a root training forward was ever seen
+        self._forwards = 0  # root training forwards seen (which forward a backward's loss came from)
         self._forward_since_flush = False  # ... since the last measured step
         self._pending: list[tuple[int, list[str], Tensor]] = []
         self._act_handles: list[Any] = []
@@ -610,6 +611,7 @@ class Recorder:
             # Kept (references only) so a NaN can be traced back by replaying this forward.
             model.last_inputs = (args, kwargs)
             self._saw_forward = self._forward_since_flush = True
+            self._forwards += 1
         if self._act_model is not model:
             return
         if raised:
@@ -941,6 +943,8 @@ class Recorder:
                 div = scaled[2]
             if div is not None:
                 loss._gv_div = div  # (ours: a detached copy) see _step_loss
+            if self._saw_forward:
+                loss._gv_fwd = self._forwards  # see _step_loss
             self._losses.append(loss)
             if len(self._losses) > MAX_STEP_LOSSES:
                 del self._losses[0]
@@ -1753,12 +1757,30 @@ def _loss_divisor(t: Any) -> float | None:
 
 
 def _step_loss(losses: list[Tensor]) -> Tensor:
-    """The loss of a step that ran several backwards (gradient accumulation): their
-    sum when each micro-batch's loss was divided by their number (``loss / accum``: the
-    sum is the loss the user knows, the mean of the undivided ones), else their mean."""
-    stacked = torch.stack([l.to(losses[0].device) for l in losses])
-    n = len(losses)
-    if all(abs(getattr(l, "_gv_div", 0.0) - n) <= 1e-6 * n for l in losses):
+    """The loss of a step that ran several backwards. Backwards after one forward
+    (``loss_a.backward(retain_graph=True); loss_b.backward()``) are terms of one
+    objective: their sum. Across forwards (gradient accumulation, a micro-batch each):
+    the sum when each micro-batch's loss was divided by their number (``loss / accum``:
+    the sum is the loss the user knows, the mean of the undivided ones), else the mean."""
+    dev = losses[0].device
+    parts: list[Tensor] = []
+    divs: list[float | None] = []
+    last = None
+    for l in losses:
+        fwd, div = getattr(l, "_gv_fwd", None), getattr(l, "_gv_div", None)
+        if parts and fwd is not None and fwd == last:  # another term of the same forward's
+            parts[-1] = parts[-1] + l.to(dev)
+            if div != divs[-1]:
+                divs[-1] = None
+        else:
+            parts.append(l.to(dev))
+            divs.append(div)
+        last = fwd
+    n = len(parts)
+    if n == 1:
+        return parts[0]
+    stacked = torch.stack(parts)
+    if all(d is not None and abs(d - n) <= 1e-6 * n for d in divs):
         return stacked.sum()
     return stacked.mean()
 
