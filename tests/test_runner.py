@@ -122,6 +122,20 @@ def test_missing_script_one_line_exit_2(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("cmd", ["run", "checkup"])
+def test_unknown_option_before_the_script_is_named(tmp_path, cmd):
+    """``gradvitals run --out r.json train.py``: the unknown option is named, with the
+    closest real one, not reported as a missing script; nothing runs."""
+    script = tmp_path / "s.py"
+    script.write_text("open('ran', 'w').write('x')\n")
+    p = run([cmd, "--jsn", "r.json", str(script)], cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "no such option: --jsn" in p.stderr and "did you mean --json?" in p.stderr
+    assert not (tmp_path / "ran").exists() and "Traceback" not in p.stderr
+    p = run([cmd, "--out=r.json", str(script)], cwd=tmp_path)
+    assert p.returncode == 2 and "no such option: --out;" in p.stderr
+
+
 def test_syntax_error_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f(:\n    pass\n")

@@ -29,6 +29,22 @@ def main() -> None:
     """gradvitals: the vital signs of a PyTorch training run, and why it is failing."""
 
 
+def _check_script_arg(script: str) -> None:
+    """SCRIPT in the place of an option this command does not have (``--out x.json``):
+    one message naming it (and the closest option) instead of "script not found"."""
+    if not script.startswith("-") or os.path.exists(script):
+        return
+    import difflib
+
+    ctx = click.get_current_context()
+    names = [n for p in ctx.command.params if isinstance(p, click.Option) and not p.hidden for n in p.opts]
+    name = script.split("=", 1)[0]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    _fail(f"no such option: {name}{hint}; gradvitals options come before SCRIPT, "
+          f"see `gradvitals {ctx.info_name} --help`")
+
+
 def _options(every: int | None, full: bool, tensorboard: str | None) -> Any:
     from .recorder import Options
 
@@ -67,6 +83,7 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
     """
     from .runner import ScriptRunner, UsageError, check_outputs
 
+    _check_script_arg(script)
     options = _options(every, full, tensorboard)
     applier = None
     if remedy_json:
@@ -221,6 +238,7 @@ def checkup_cmd(json_path: str | None, html_path: str | None, quiet: bool, scrip
     from .recorder import Options
     from .runner import ScriptRunner, UsageError, check_outputs
 
+    _check_script_arg(script)
     runner = ScriptRunner(script, list(args), Options(every=1), stop_after_first_step=True)
     try:
         check_outputs({"--json": json_path, "--html": html_path})
