@@ -114,6 +114,10 @@ class _Model:
     last_inputs: tuple[tuple, dict] | None = None
     traced_step: int = -1
     topology_done: bool = False
+    # A grad-enabled forward in training mode was seen. Until then an eval-mode one
+    # counts as training: models fine-tuned in eval mode (frozen BatchNorm statistics,
+    # no dropout) are measured and replayed; after, eval-mode forwards are validation.
+    train_mode_seen: bool = False
     local_hooks: bool = False  # its root hooks live on the module (gv.watch), not global (runner)
 
 
@@ -577,10 +581,10 @@ class Recorder:
             self._act_stale = []
         if self._act_handles or not self.options.activations:
             return  # a nested root (D(G(z))) or activations off
-        if model.module is not None and not model.module.training:
-            return
         if not torch.is_grad_enabled() or model.traced_step == self.step:
             return  # evaluation forwards must not pollute training statistics
+        if model.module is not None and not model.module.training and model.train_mode_seen:
+            return
         if not self._scheduled(self.step):
             return
         model.traced_step = self.step
@@ -607,7 +611,9 @@ class Recorder:
         """The root's forward returned ``output`` (``raised``: it raised instead, and torch
         is running its always-called global forward hooks: the process-wide hook must not
         be removed from under that loop now, only made inert and removed later)."""
-        if torch.is_grad_enabled() and model.module.training and not raised:
+        if torch.is_grad_enabled() and not raised and (model.module.training or not model.train_mode_seen):
+            if model.module.training:
+                model.train_mode_seen = True
             # Kept (references only) so a NaN can be traced back by replaying this forward.
             model.last_inputs = (args, kwargs)
             self._saw_forward = self._forward_since_flush = True
@@ -1591,13 +1597,21 @@ class Recorder:
                 if collective:
                     event["replay"] = "every rank (FSDP)"
                 res = replay_forward(target, model.names, args, kwargs, collective=collective)
+                event["forward_checked"] = True
                 if found is None and res is not None:
                     found = res
                     event["source"] = "replay"
         if found is None:
             grads = [(k[len("grad_norm/"):], v) for _, k, v in first if k.startswith("grad_norm/")]
             loss_bad = any(k.startswith("loss") for _, k, _ in first)
-            if loss_bad:
+            if loss_bad and not event.get("forward_checked"):
+                # No forward to replay (none recorded: a functional model, hooks that
+                # never ran): the loss may only carry what a weight already held.
+                found = self._nonfinite_weight()
+                event.setdefault("forward_checked", False)
+            if found is not None:
+                pass
+            elif loss_bad:
                 found = {"kind": "loss", "module": None, "value": value}
             elif grads:
                 # Backward runs from the output to the input: the deepest layer with a
@@ -1623,6 +1637,32 @@ class Recorder:
             event["module_kind"] = self.record.layers[module].kind
         event = distributed.merge_origin(self, event)  # multi-rank: the first bad rank's origin
         self.record.event("nonfinite_origin", **event)
+
+    def _nonfinite_weight(self) -> dict[str, Any] | None:
+        """The first parameter, in forward order, holding NaN/Inf (one sync per device;
+        NaN path only), as an origin; None when every weight is finite."""
+        named = [(n, p) for m in self.models for n, p in m.params]
+        seen = {id(p) for _, p in named}
+        for o in self._opts.values():  # parameters of no module (a functional model)
+            named += [(n, p) for n, p in zip(o.names, o.params) if id(p) not in seen]
+        named = [(n, p) for n, p in named if not p.is_sparse]
+        if not named:
+            return None
+        with torch.no_grad():
+            norms = fused_norms([p.detach() for _, p in named]).tolist()
+        bad = [(n, p) for (n, p), v in zip(named, norms) if not math.isfinite(v)]
+
+        def depth(name: str) -> int:
+            layer = self.record.layers.get(self.record.layer_of(name))
+            return layer.depth if layer is not None and layer.depth is not None else 1 << 30
+        for name, p in sorted(bad, key=lambda b: depth(b[0])):
+            w = distributed.local_tensors([p.detach()])[0]
+            if not bool(torch.isfinite(w).all()):  # not merely a norm past float32's range
+                value = "nan" if bool(torch.isnan(w).any()) else "inf"
+                layer = self.record.layer_of(name)
+                return {"kind": "weight", "module": layer if layer in self.record.layers else name,
+                        "param": name, "value": value}
+        return None
 
     def _grad_elements_finite(self, name: str) -> bool:
         """Whether a parameter's gradient holds only finite values (one sync; NaN path only)."""

@@ -258,6 +258,45 @@ def test_keeps_running_after_nan():
     assert nf["step"] == 15 and nf["layers"][0] == "3"  # the Temperature module divided by 0
 
 
+def test_model_fine_tuned_in_eval_mode_is_measured_and_traced():
+    """model.eval() for the whole run (frozen BatchNorm statistics): its forwards are
+    the training forwards. They were ignored as validation: no activation statistics,
+    and an Inf weight was reported as "the loss computation itself produced the first
+    NaN/Inf (forward outputs were finite)" with loss-function advice."""
+    report, _ = run_both("eval_mode_finetune.py")
+    assert_healthy(report)
+    assert series(report, "act_mean/8")["count"] > 0 and series(report, "dead_frac/8")["count"] > 0
+    report, stdout = run_both("eval_mode_finetune.py", "--bad-weight-at", "15")
+    assert "CHECKSUM nan" in stdout
+    nf = codes(report)["nonfinite"]
+    assert nf["step"] == 15 and nf["layers"][0] == "8", nf["summary"]
+    assert nf["evidence"]["kind"] == "weight" and nf["evidence"]["source"] == "replay"
+
+
+def test_dataloader_with_spawned_workers():
+    """Worker processes started by "spawn" import the script as __mp_main__: they
+    load the data as under python, and the run is recorded (58 steps, healthy)."""
+    report, stdout = run_both("dataloader_workers.py")
+    assert stdout.count("epoch") == 2
+    assert report["run"]["steps"] == 2 * 29
+    assert_healthy(report)
+
+
+def test_functional_model_without_modules():
+    """Raw tensors and an optimizer, no nn.Module: healthy when healthy; a NaN weight is
+    named (no forward to replay: the weights are checked before blaming the loss); a
+    loss that overflows is the loss, said without claiming the forward was checked."""
+    report, _ = run_both("functional_params.py")
+    assert_healthy(report)
+    report, _ = run_both("functional_params.py", "--nan-weight-at", "20")
+    nf = codes(report)["nonfinite"]
+    assert nf["step"] == 20 and nf["evidence"]["kind"] == "weight" and nf["layers"][0].endswith("param2")
+    report, _ = run_both("functional_params.py", "--nan-loss-at", "20")
+    nf = codes(report)["nonfinite"]
+    assert nf["step"] == 20 and nf["evidence"]["kind"] == "loss" and nf["evidence"]["forward_checked"] is False
+    assert "forward outputs were finite" not in nf["summary"] and "could not be traced" in nf["summary"]
+
+
 # ------------------------------------------------- looks bad, is normal
 @pytest.mark.parametrize("program", ["attention_masks.py", "bce_clamp.py", "policy_gradient.py",
                                      "float64_unbatched.py", "hf_gpt2.py"])

@@ -199,7 +199,7 @@ def _act_series(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in report["series"].items() if k.startswith(ACT_KEYS)}
 
 
-@pytest.mark.parametrize("mode", ["eval_no_grad", "no_grad", "inference"])
+@pytest.mark.parametrize("mode", ["eval_no_grad", "no_grad", "inference", "eval_grad"])
 def test_evaluation_does_not_pollute_training_statistics(mode):
     """Evaluating on data 5x wider and shifted by 5 between steps leaves every activation
     series exactly as in the run without evaluation."""

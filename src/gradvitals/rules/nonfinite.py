@@ -37,6 +37,11 @@ def nonfinite(record: Record) -> list[Finding]:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the batch itself: "
                        f"the input fed to {fed} already held NaN/Inf before any layer ran (the data or "
                        f"the loss target, not the model, is the origin).")
+        elif kind == "loss" and ev.get("forward_checked") is False:
+            # Nothing replayed (no forward recorded): no claim about the forward's outputs.
+            summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the loss; the "
+                       f"model's forward was not recorded, so the layer could not be traced (every "
+                       f"weight was still finite).")
         else:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')}: {where} "
                        f"{_WHAT.get(kind, 'produced it')}.")

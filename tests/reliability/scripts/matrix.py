@@ -351,6 +351,10 @@ def case_eval_loops(a, attach, o) -> list[nn.Module]:
             with torch.inference_mode():
                 model(X_eval).argmax(1)
             model.train()
+        elif a.eval == "eval_grad":  # validation without no_grad (common): only .eval()
+            model.eval()
+            F.cross_entropy(model(X_eval), y_eval).item()
+            model.train()
     return [model]
 
 
@@ -395,7 +399,7 @@ def main(argv: list[str], attach: Callable[[nn.Module, list[torch.optim.Optimize
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--late", type=int, default=3)
     p.add_argument("--opt", choices=sorted(OPTIMIZERS), default="adam")
-    p.add_argument("--eval", choices=["none", "eval_no_grad", "no_grad", "inference"], default="none")
+    p.add_argument("--eval", choices=["none", "eval_no_grad", "no_grad", "inference", "eval_grad"], default="none")
     a = p.parse_args(argv)
     torch.set_num_threads(1)  # same reduction order in every process
     torch.manual_seed(0)
