@@ -122,6 +122,43 @@ def test_backwards_after_one_forward_are_one_objective(digits, accum, divide):
     assert w.record.series["loss"].values == pytest.approx(expected, rel=1e-6)
 
 
+def test_loss_differentiated_by_autograd_grad(digits):
+    """Loops that call ``torch.autograd.grad(loss, params)`` and set ``p.grad``
+    themselves run no backward: their loss is the one differentiated (no loss was
+    recorded). A step that also runs a backward (a meta-learning outer loss after an
+    inner ``autograd.grad`` step) keeps the backward's loss."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3)
+    expected = []
+    with gv.watch(model, opt) as w:
+        for step in range(4):
+            loss = nn.functional.cross_entropy(model(X[64 * step:64 * step + 64]), y[64 * step:64 * step + 64])
+            for p, g in zip(params, torch.autograd.grad(loss, params)):
+                p.grad = g
+            opt.step()
+            expected.append(loss.item())
+    assert w.record.series["loss"].values == pytest.approx(expected, rel=1e-6)
+    expected = []
+    with gv.watch(model, opt) as w:
+        for step in range(3):
+            xs, ys = X[64 * step:64 * step + 32], y[64 * step:64 * step + 32]
+            inner = nn.functional.cross_entropy(model(xs), ys)
+            grads = torch.autograd.grad(inner, params, create_graph=True)
+            fast = [p - 0.1 * g for p, g in zip(params, grads)]
+            h = torch.relu(X[64 * step + 32:64 * step + 64] @ fast[0].T + fast[1])
+            for i in range(2, len(fast) - 2, 2):
+                h = torch.relu(h @ fast[i].T + fast[i + 1])
+            outer = nn.functional.cross_entropy(h @ fast[-2].T + fast[-1], y[64 * step + 32:64 * step + 64])
+            opt.zero_grad()
+            outer.backward()
+            opt.step()
+            expected.append(outer.item())
+    assert w.record.series["loss"].values == pytest.approx(expected, rel=1e-6)
+
+
 def test_backward_of_a_list_of_losses_records_their_sum(digits):
     """Multi-task loops call torch.autograd.backward([loss_a, loss_b]): the applied
     gradient is that of their sum, so the step's loss is their sum (no loss at all was

@@ -205,6 +205,7 @@ class Recorder:
         #: Called with a model no longer watched (see _retire); the runner forgets it too.
         self.on_retire: Any = None
         self._losses: list[Tensor] = []
+        self._grad_losses: list[Tensor] = []  # see _on_autograd_grad
         self._explicit_loss = False
         self._saw_forward = False  # a root training forward was ever seen
         self._forwards = 0  # root training forwards seen (which forward a backward's loss came from)
@@ -1012,6 +1013,30 @@ class Recorder:
         if n == 1:
             self.record.event("amp_skipped_step", step=self.step)
 
+    def _on_autograd_grad(self, outputs: Any, inputs: Any, seed: Any) -> None:
+        """``torch.autograd.grad(loss, params)`` with parameters an optimizer holds: the
+        loss of a loop that sets ``p.grad`` itself. Used only for a step that ran no
+        backward (a gradient penalty, a meta-learning inner step, go with one)."""
+        if seed is not None or self._explicit_loss or not self._owns_backward():
+            return
+        outs = [outputs] if isinstance(outputs, Tensor) else list(outputs) if isinstance(outputs, (list, tuple)) else []
+        if not outs or not all(isinstance(t, Tensor) and t.numel() == 1 and t.is_floating_point() for t in outs):
+            return
+        ins = [inputs] if isinstance(inputs, Tensor) else list(inputs) if isinstance(inputs, (list, tuple)) else []
+        ids = set()
+        for o in self._opts.values():
+            opt = o.ref()
+            if opt is not None:
+                ids.update(id(p) for g in opt.param_groups for p in g["params"])
+        if not any(id(t) in ids for t in ins):
+            return
+        loss = outs[0].detach().reshape(()).float()
+        if len(outs) > 1:
+            loss = torch.stack([t.detach().reshape(()).float().to(loss.device) for t in outs]).sum()
+        self._grad_losses.append(loss)
+        if len(self._grad_losses) > MAX_STEP_LOSSES:
+            del self._grad_losses[0]
+
     def _owns_backward(self) -> bool:
         """With several recorders at once every backward() reaches all of them: it belongs
         to those whose model ran a training forward since their last step (or that never
@@ -1070,6 +1095,10 @@ class Recorder:
                 self._note_segment(opt, o)
             self._stepped.append(id(opt))
             self._last_stepped_call = self._pre_hook_calls
+            if self._grad_losses:
+                if not self._losses:  # no backward this step: the losses it differentiated
+                    self._losses = self._grad_losses
+                self._grad_losses = []
             rest = args[1:] if args and args[0] is opt else args  # global hooks get (opt, *args)
             if (rest and callable(rest[0])) or callable(kwargs.get("closure")):
                 self._closure_step = o  # measured at the closure's first backward

@@ -3,6 +3,8 @@ least one recorder is active and removed (restored exactly) when the last closes
 
 - ``Tensor.backward`` / ``torch.autograd.backward``: the loss (a scalar's value,
   kept as a device tensor) and the end of each backward pass.
+- ``torch.autograd.grad``: a loss differentiated with respect to the parameters
+  directly (loops that set ``p.grad`` themselves), for steps that run no backward.
 - ``torch.nn.utils.clip_grad_norm_``: per-parameter norms *before* clipping, the
   total norm and max_norm (did it clip?).
 
@@ -56,6 +58,18 @@ def _backward_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
     return backward
 
 
+def _grad_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def grad(outputs: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        result = orig(outputs, inputs, *args, **kwargs)
+        if _listeners and getattr(_depth, "n", 0) == 0:
+            seed = args[0] if args else kwargs.get("grad_outputs")
+            _each("_on_autograd_grad", outputs, inputs, seed)
+        return result
+
+    return grad
+
+
 def _clip_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(orig)
     def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> Any:
@@ -106,10 +120,12 @@ def install(recorder: Any) -> None:
             return
         _originals["Tensor.backward"] = torch.Tensor.backward
         _originals["autograd.backward"] = torch.autograd.backward
+        _originals["autograd.grad"] = torch.autograd.grad
         _originals["clip"] = torch.nn.utils.clip_grad_norm_
         _originals["clip_mod"] = torch.nn.utils.clip_grad.clip_grad_norm_
         torch.Tensor.backward = _backward_wrapper(torch.Tensor.backward)  # type: ignore[method-assign]
         torch.autograd.backward = _backward_wrapper(torch.autograd.backward)
+        torch.autograd.grad = _grad_wrapper(torch.autograd.grad)
         wrapped = _clip_wrapper(_originals["clip"])
         torch.nn.utils.clip_grad_norm_ = wrapped
         torch.nn.utils.clip_grad.clip_grad_norm_ = wrapped
@@ -129,6 +145,7 @@ def uninstall(recorder: Any) -> None:
             return
         torch.Tensor.backward = _originals.pop("Tensor.backward")  # type: ignore[method-assign]
         torch.autograd.backward = _originals.pop("autograd.backward")
+        torch.autograd.grad = _originals.pop("autograd.grad")
         torch.nn.utils.clip_grad_norm_ = _originals.pop("clip")
         torch.nn.utils.clip_grad.clip_grad_norm_ = _originals.pop("clip_mod")
         _GradScaler.scale = _originals.pop("scaler.scale")  # type: ignore[method-assign]
