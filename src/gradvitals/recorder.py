@@ -246,6 +246,7 @@ class Recorder:
         self._pre_hook_calls = 0
         self._scaler_pre_calls = 0
         self._origin_done = False
+        self._last_nonfinite: int | None = None  # the last step any watched value was NaN/Inf
         self._closed = False
         self._paused = False
         self._started = time.time()
@@ -1542,6 +1543,10 @@ class Recorder:
                             nonfinite.append((step, keys[k], vals[k]))
         if self._tb is not None:
             self._write_tensorboard(pending)
+        if nonfinite:
+            last = max(s for s, _, _ in nonfinite)
+            if self._last_nonfinite is None or last > self._last_nonfinite:
+                self._last_nonfinite = last
         if nonfinite and not self._origin_done:
             self._origin_done = True
             self._drain_ring()
@@ -1754,6 +1759,9 @@ class Recorder:
         steps = self.step + 1 if self._stepped and g is not None and g.last_step == self.step else self.step
         self.record.run["steps"] = steps
         self.record.steps = steps
+        if self._last_nonfinite is not None:  # did the run come back from it? (rules/nonfinite.py)
+            for ev in self.record.events_of("nonfinite_origin"):
+                ev["last_nonfinite_step"] = self._last_nonfinite
         self.record.run["devices"] = sorted({str(p.device) for m in self.models for _, p in m.params})
 
     def close(self) -> None:

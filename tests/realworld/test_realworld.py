@@ -256,6 +256,21 @@ def test_keeps_running_after_nan():
     assert "CHECKSUM nan" in stdout
     nf = codes(report)["nonfinite"]
     assert nf["step"] == 15 and nf["layers"][0] == "3"  # the Temperature module divided by 0
+    assert nf["severity"] == "critical" and "recovered" not in nf["summary"]  # NaN to the end
+
+
+def test_script_that_restores_a_checkpoint_after_nan_recovered():
+    """The script restores its last good weights after the NaN step and trains on:
+    the origin is still named (the corrupt batch), but the run is not broken: a
+    warning that says it recovered (it was a critical "BROKEN" verdict)."""
+    report, stdout = run_both("nan_recover.py", "--bad-at", "50")
+    assert "step 50: non-finite weights, restoring" in stdout
+    nf = codes(report)["nonfinite"]
+    assert nf["step"] == 50 and nf["evidence"]["kind"] == "input" and nf["evidence"]["last_nonfinite_step"] == 50
+    assert nf["severity"] == "warning", nf["summary"]
+    assert "The run recovered: after step 50, every recorded value was finite again for its last 69 steps." in nf["summary"]
+    report, _ = run_both("nan_recover.py", "--bad-at", "-1")
+    assert_healthy(report)
 
 
 def test_model_fine_tuned_in_eval_mode_is_measured_and_traced():

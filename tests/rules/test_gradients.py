@@ -198,3 +198,27 @@ def test_a_converging_run_whose_gradient_shrinks_is_not_a_spike():
     b2 = Build().mlp(4)
     b2.series("grad_norm_global", [1.0, 1.2, 3.0, 1.0, 0.5] + [1e-3] * 50)
     assert g.exploding_gradients(b2.record) == []
+
+
+@pytest.mark.parametrize("last_bad,finite_after,severity", [
+    (50, 99, "warning"),   # one bad step, then 99 finite steps to the end: recovered
+    (55, 10, "warning"),   # exactly RECOVERED_MIN_STEPS finite steps after the last bad one
+    (56, 9, "critical"),   # one step short: not shown to train again
+    (None, 0, "critical"),  # no last bad step recorded (an older report): as before
+])
+def test_nonfinite_run_that_recovered_is_a_warning(last_bad, finite_after, severity):
+    from gradvitals.rules import nonfinite as nf
+
+    steps = (last_bad if last_bad is not None else 149) + 1 + finite_after
+    b = Build().mlp(4)
+    b.loss([2.0] * 50 + [math.nan] + [1.5] * (steps - 51))
+    extra = {} if last_bad is None else {"last_nonfinite_step": last_bad}
+    b.event("nonfinite_origin", step=50, kind="input", module="(root)", value="nan", **extra)
+    assert nf.RECOVERED_MIN_STEPS == 10
+    f = nf.nonfinite(b.record)[0]
+    assert f.severity == severity and f.step == 50
+    if severity == "warning":
+        span = "step 50" if last_bad == 50 else f"steps 50-{last_bad}"
+        assert f"The run recovered: after {span}, every recorded value was finite again for its last {finite_after} steps." in f.summary
+    else:
+        assert "recovered" not in f.summary

@@ -21,6 +21,12 @@ _WHAT = {
 }
 
 
+#: Steps with every recorded value finite, up to the run's end, after its last NaN/Inf
+#: before the run counts as recovered (the script restored a checkpoint, skipped the
+#: bad batch): enough to show it trains again, not a NaN the next steps bring back.
+RECOVERED_MIN_STEPS = 10
+
+
 def nonfinite(record: Record) -> list[Finding]:
     """Critical when any loss/gradient/activation/weight became NaN/Inf: names the origin."""
     origins = record.events_of("nonfinite_origin")
@@ -51,8 +57,16 @@ def nonfinite(record: Record) -> list[Finding]:
             ranks = ev.get("ranks") or [ev["rank"]]
             on = f"rank {ev['rank']} only" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
             summary = summary.rstrip(".") + f", on {on} (of {ev['world_size']} ranks)."
+        severity = "critical"
+        last_bad = ev.get("last_nonfinite_step")
+        if isinstance(last_bad, int) and record.steps - 1 - last_bad >= RECOVERED_MIN_STEPS:
+            # Not broken: the script came back from it (its own NaN handling).
+            severity = "warning"
+            bad_steps = f"step {last_bad}" if last_bad == ev.get("step") else f"steps {ev.get('step')}-{last_bad}"
+            summary += (f" The run recovered: after {bad_steps}, every recorded value was finite "
+                        f"again for its last {record.steps - 1 - last_bad} steps.")
         return [Finding(
-            code="nonfinite", severity="critical", step=ev.get("step"), layers=layers,
+            code="nonfinite", severity=severity, step=ev.get("step"), layers=layers,
             summary=summary, evidence={k: v for k, v in ev.items() if k != "type"},
             advice=_advice(kind, module),
         )]
