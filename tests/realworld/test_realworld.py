@@ -297,6 +297,19 @@ def test_dataloader_with_spawned_workers():
     assert_healthy(report)
 
 
+def test_mixture_of_experts_expert_that_never_runs():
+    """A collapsed top-1 router: the experts that received no sample in the whole run
+    (the script's own count) are the no_gradient layers, said to never run (it read
+    "not connected to the loss", with detaching advice); the others are not named."""
+    report, stdout = run_both("moe_router.py")
+    usage = [int(u) for u in stdout.split("USAGE ")[1].split("\n")[0].split()]
+    unused = {f"2.experts.{i}.0" for i, u in enumerate(usage) if u == 0}
+    assert unused and len(unused) < len(usage)
+    f = codes(report)["no_gradient"]
+    assert set(f["layers"]) == unused
+    assert f["evidence"]["ran_in_traced_forwards"] is False and "never ran in the" in f["summary"]
+
+
 def test_functional_model_without_modules():
     """Raw tensors and an optimizer, no nn.Module: healthy when healthy; a NaN weight is
     named (no forward to replay: the weights are checked before blaming the loss); a

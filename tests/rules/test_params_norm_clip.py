@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from rulebuild import Build, falling_loss, flat_loss
 
 from gradvitals.rules import clipping as c
@@ -24,6 +25,27 @@ def test_no_gradient_for_a_disconnected_trainable_layer():
     assert f.severity == "warning" and f.layers == ("aux",)
     assert "`aux` (2 tensors, 55 parameters) never received a gradient in 100 steps" in f.summary
     assert "model.aux.requires_grad_(False)" in f.advice
+
+
+@pytest.mark.parametrize("aux_ran", [False, True])
+def test_no_gradient_says_whether_the_layer_ever_ran(aux_ran):
+    """Other layers ran in the traced forwards (they have a forward position and
+    activation statistics at 4 traced steps): a layer that never did is a code path
+    that never runs (an expert no input is routed to), not a detached output."""
+    b = trained(Build().mlp(3).layer("aux", "Linear", params={"weight": [5, 10], "bias": [5]}, depth=aux_ran))
+    for name in ("aux.weight", "aux.bias"):
+        b.record.params[name].grad_seen = False
+    b.series("act_mean/layers.0", {0: 0.1, 25: 0.1, 50: 0.1, 75: 0.1})
+    f = p.no_gradient(b.record)[0]
+    assert f.evidence["ran_in_traced_forwards"] is aux_ran
+    if aux_ran:
+        assert "it is not connected to the loss." in f.summary and "flows into the loss" in f.advice
+    else:
+        assert "it never ran in the 4 forward passes traced, while the model's other layers did" in f.summary
+        assert "load-balancing" in f.advice and "model.aux.requires_grad_(False)" in f.advice
+    b.record.series.pop("act_mean/layers.0")  # nothing traced: no claim either way
+    f = p.no_gradient(b.record)[0]
+    assert "ran_in_traced_forwards" not in f.evidence and "not connected to the loss" in f.summary
 
 
 def test_frozen_or_excluded_parameters_are_not_no_gradient():

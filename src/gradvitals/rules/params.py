@@ -53,16 +53,35 @@ def no_gradient(record: Record) -> list[Finding]:
     layers = _by_layer(missing)
     numel = sum(p.numel for p in missing)
     everything = len(missing) == len(trainable)
+    # Did they run at all? Layers get a forward position when a traced forward calls
+    # them; if others did and these never, their code path never ran (a branch not
+    # taken, an expert its router never picks), which detaching would not explain.
+    traced = max((s.count for k, s in record.series.items() if k.startswith("act_mean/")), default=0)
+    uncalled = (traced > 0 and not everything
+                and all(record.layers.get(n) is not None and record.layers[n].depth is None for n in layers))
+    they = "they" if len(layers) > 1 else "it"
+    if uncalled:
+        why = (f"{they} never ran in the {traced} forward passes traced, while the model's other layers did "
+               f"(a branch never taken, an expert its router never picks, a module built but not called).")
+    else:
+        why = f"{'they are' if len(layers) > 1 else 'it is'} not connected to the loss."
     summary = (f"{names(list(layers))} ({len(missing)} tensor{'s' if len(missing) != 1 else ''}, {numel:,} "
-               f"parameters) never received a gradient in {record.steps} steps: "
-               f"{'they are' if len(layers) > 1 else 'it is'} not connected to the loss.")
+               f"parameters) never received a gradient in {record.steps} steps: {why}")
     evidence = {"params": [p.name for p in missing], "numel": numel, "steps": record.steps,
                 "layers": list(layers)}
+    if traced:
+        evidence["ran_in_traced_forwards"] = not uncalled
     first = next(iter(layers))
-    advice = (f"Make sure the output of {names(list(layers))} flows into the loss: it is not called in "
-              f"forward(), or its output is detached (`.detach()`, `.item()`, `torch.no_grad()`, a NumPy "
-              f"round trip) or unused. If it is meant to be frozen, say so:\n"
-              f"    {attr(first)}.requires_grad_(False)")
+    if uncalled:
+        advice = (f"Check the code path of forward() that calls {names(list(layers))}: it never ran. For an "
+                  f"expert of a mixture of experts, the router sends it no inputs (expert collapse): add a "
+                  f"load-balancing auxiliary loss or noise to the router's logits. If it is not meant to be "
+                  f"used, remove it, or freeze it:\n    {attr(first)}.requires_grad_(False)")
+    else:
+        advice = (f"Make sure the output of {names(list(layers))} flows into the loss: it is not called in "
+                  f"forward(), or its output is detached (`.detach()`, `.item()`, `torch.no_grad()`, a NumPy "
+                  f"round trip) or unused. If it is meant to be frozen, say so:\n"
+                  f"    {attr(first)}.requires_grad_(False)")
     return [Finding(code="no_gradient", severity="critical" if everything else "warning", step=0,
                     layers=tuple(layers), summary=summary, evidence=evidence, advice=advice)]
 
