@@ -130,7 +130,7 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
             console.print(render_table(found))
             winner = next((t for t in found if t.winner), None)
             if winner is not None:
-                console.print(f"Winner: {winner.label}. Make it permanent:\n{winner.snippet}")
+                console.print(f"Winner: {winner.label}. Make it permanent:\n{winner.snippet}", markup=False)
             else:
                 console.print("No remedy both removed the critical findings and improved the loss "
                               "within the budget.")
@@ -160,7 +160,7 @@ def _summary(report: Any, written: list[str]) -> None:
     console.rule("gradvitals")
     console.print(report)
     for path in written:
-        console.print(f"report written to {path}")
+        console.print(f"report written to {path}", markup=False)
 
 
 @main.command("report")

@@ -382,9 +382,11 @@ def render_table(trials: list[Trial]) -> Any:
     def f(v: float | None) -> str:
         return "-" if v is None else ("NaN" if math.isnan(v) else f"{v:.4g}")
 
-    for t in trials:
-        table.add_row(t.label, "yes" if t.applicable else "no", ", ".join(t.remaining_codes) or "none",
+    from rich.text import Text
+
+    for t in trials:  # Text cells: labels and reasons may hold the user's module names (not markup)
+        table.add_row(Text(t.label), "yes" if t.applicable else "no", ", ".join(t.remaining_codes) or "none",
                       f(t.final_loss), f(t.best_loss),
                       "-" if t.steps_to_baseline_best is None else str(t.steps_to_baseline_best),
-                      "WINNER" if t.winner else ("" if t.applicable else t.reason[:60]))
+                      "WINNER" if t.winner else Text("" if t.applicable else t.reason[:60]))
     return table

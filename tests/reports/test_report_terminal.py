@@ -117,3 +117,33 @@ def test_cli_run_quiet_prints_nothing_of_its_own(tmp_path):
     assert quiet.exit_code == 0, quiet.output
     assert quiet.stderr == "" and quiet.stdout == ""
     assert (tmp_path / "q.json").exists()
+
+
+def test_module_names_that_look_like_markup_are_printed_as_they_are():
+    """ModuleDict keys are any string: "[/]" or "[bold red]x" in a module name made
+    rich raise MarkupError and the whole terminal report fail to print."""
+    from gradvitals.record import LayerInfo, ParamInfo, Record
+
+    rec = Record()
+    names = ["blocks.[/]", "blocks.[bold red]x", "blocks.<b>&amp;"]
+    for d, name in enumerate(names):
+        rec.layers[name] = LayerInfo(name=name, kind="Linear", depth=d, params=[f"{name}.weight"])
+        rec.params[f"{name}.weight"] = ParamInfo(name=f"{name}.weight", layer=name, shape=[4, 4], numel=16)
+        for step in range(3):
+            rec.add(f"grad_norm/{name}.weight", step, 0.1 * (d + 1))
+    rec.steps = 3
+    finding = Finding(code="no_gradient", severity="warning", summary=f"`{names[0]}` never received a gradient.",
+                      advice=f"Check `{names[1]}`: [link=x]y[/link]", step=0, layers=(names[0], names[1]))
+    out = _render(Report(record=rec, findings=[finding]), width=120)
+    for name in names:
+        assert name in out
+    assert "[link=x]y[/link]" in out
+
+
+def test_advice_reaches_module_dict_keys_that_are_not_python_names():
+    from gradvitals.rules._common import attr
+
+    assert attr("blocks.0.mlp") == "model.blocks[0].mlp"
+    assert attr("netD:main.0") == "netD.main[0]"
+    assert attr("heads.class.proj") == "model.heads['class'].proj"  # a keyword
+    assert attr("blocks.layer-1.[/]") == "model.blocks['layer-1']['[/]']"

@@ -155,7 +155,9 @@ def layer_table(record: Any, max_layers: int = MAX_TABLE_LAYERS) -> Table | None
         ratios = [_last(record.series.get(f"update_ratio/{p}")) for p in l.params]
         ratios = [r for r in ratios if not math.isnan(r)]
         kind = l.kind + (f"→{l.activation_after}" if l.activation_after else "")
-        table.add_row(l.name, kind, norm_text, _bar(bars[l.name], lo, hi), _fmt(max(ratios)) if ratios else "-",
+        # Text, not str: a str cell is rich markup, and module names are the user's
+        # (a ModuleDict key "[/]" made the whole report fail to print).
+        table.add_row(Text(l.name), Text(kind), norm_text, _bar(bars[l.name], lo, hi), _fmt(max(ratios)) if ratios else "-",
                       _pct(_dead_fraction(record, l)), _pct(_saturation(record, l, order)))
     return table
 

@@ -9,6 +9,7 @@ thing from layer to layer.
 
 from __future__ import annotations
 
+import keyword
 import math
 import statistics
 from dataclasses import dataclass
@@ -58,7 +59,12 @@ def attr(path: str, root: str = "model") -> str:
         root, path = path.split(":", 1)
     out = root
     for part in path.split("."):
-        out += f"[{part}]" if part.isdigit() else f".{part}"
+        if part.isdigit():
+            out += f"[{part}]"
+        elif part.isidentifier() and not keyword.iskeyword(part):
+            out += f".{part}"
+        else:  # a ModuleDict key that is no Python name ("layer-1", "<b>")
+            out += f"[{part!r}]"
     return out
 
 
