@@ -138,6 +138,10 @@ def _mlp() -> nn.Module:
     return nn.Sequential(*layers)  # 20 Linear layers
 
 
+def _tiny() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
 def _cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
@@ -192,7 +196,16 @@ def workloads() -> dict[str, Callable[[], Workload]]:
                                lambda p: torch.optim.AdamW(p, lr=3e-4), _token_batches(32, 64), _lm_loss),
         "W4": lambda: Workload("W4", "2-layer LSTM LM h256, seq 70 b20, SGD", LSTMLM,
                                lambda p: torch.optim.SGD(p, lr=1.0), _token_batches(20, 70), _lm_loss),
+        # Not one of issue 7's workloads (no budget): a toy-size step, where gradvitals'
+        # fixed per-step cost shows. Run it by name (--workloads W0).
+        "W0": lambda: Workload("W0", "2-layer MLP w64, digits b64, Adam (toy step: fixed cost)", _tiny,
+                               lambda p: torch.optim.Adam(p, lr=1e-3), _digit_batches(64, image=False),
+                               nn.functional.cross_entropy),
     }
+
+
+#: The issue's reference workloads: the default run and the ratio budgets.
+REFERENCE = ("W1", "W2", "W3", "W4")
 
 
 # ------------------------------------------------------------------ methods
@@ -675,7 +688,7 @@ def render(results: dict[str, Any], method_names: list[str]) -> str:
 def check_budgets(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for w, res in results["workloads"].items():
-        m = res["methods"]
+        m = res["methods"] if w in REFERENCE else {}  # W0: measured, not budgeted
         if "gv_default" in m:
             limit = BUDGET_DEFAULT_W1 if w == "W1" else BUDGET_DEFAULT
             r = m["gv_default"]["ratio"]
@@ -705,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     all_wl = workloads()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default=",".join(all_wl), help="comma-separated subset of W1,W2,W3,W4")
+    p.add_argument("--workloads", default=",".join(REFERENCE),
+                   help="comma-separated subset of W1,W2,W3,W4 (default: all four), or W0 (a toy step, no budget)")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names (plain always runs)")
     p.add_argument("--rounds", type=int, default=11, help="alternating rounds (default 11)")
     p.add_argument("--steps", type=int, default=100,
