@@ -371,7 +371,7 @@ def test_two_optimizers_on_one_model_either_order(digits):
     model = mlp(depth=2)
     body = [p for n, p in model.named_parameters() if not n.startswith("4.")]
     opt_body = torch.optim.SGD(body, lr=0.1)
-    opt_head = torch.optim.SGD(model[4].parameters(), lr=0.1)
+    opt_head = torch.optim.Adam(model[4].parameters(), lr=0.1)
     with gv.watch(model, [opt_body, opt_head], every=1) as w:
         for _ in range(3):
             loss = nn.functional.cross_entropy(model(X[:32]), y[:32])
@@ -387,6 +387,7 @@ def test_two_optimizers_on_one_model_either_order(digits):
     assert rec.series["update_ratio/4.weight"].values[-1] > 0
     assert all(p.in_optimizer for p in rec.params.values())
     assert "not_updated" not in [f["code"] for f in w.report()["findings"]]
+    assert rec.run["optimizers"] == ["SGD", "Adam"]  # their kinds, for the rules
 
 
 def test_exception_in_traced_forward_is_the_users_own():

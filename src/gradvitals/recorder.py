@@ -430,6 +430,11 @@ class Recorder:
         o = _Opt(ref=weakref.ref(opt), index=len(self._opts), label=label)
         o.registered_at = self._pre_hook_calls
         self._opts[id(opt)] = o
+        # Their kinds, each once, for the rules (an adaptive optimizer's first step is
+        # +-lr per weight). Once: a script may build a new optimizer every epoch.
+        kinds = self.record.run.setdefault("optimizers", [])
+        if type(opt).__name__ not in kinds:
+            kinds.append(type(opt).__name__)
         o.local_hooks = local_hooks
         if local_hooks and not self._paused:
             self._hook_optimizer(o, opt)

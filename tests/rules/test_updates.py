@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from rulebuild import Build, falling_loss, flat_loss
 
 from gradvitals.rules import updates as u
@@ -34,6 +35,38 @@ def test_high_ratio_before_a_loss_spike_is_too_high_a_learning_rate():
     assert "lr=0.1" in f[0].summary and "jumped at step 30" in f[0].summary
     assert "lr=0.01" in f[0].advice
     assert u.update_ratio_high(run(u.UPDATE_RATIO_HIGH * 0.99, spiky()).record) == []
+
+
+@pytest.mark.parametrize("optimizers,step0,fires", [
+    (["SGD"], 0.03, True),               # SGD: the step-0 ratio follows the gradient: too high
+    (["Adam"], 0.03, False),             # Adam's first step is +-lr per weight: lr 1e-3 on a 256-wide layer
+    (["Adam", "AdamW"], 0.099, False),
+    (["Adam"], u.ADAPTIVE_FIRST_STEP_HIGH, True),  # a first step that rewrites a tenth of every weight
+    (["Adam", "SGD"], 0.03, True),       # not all adaptive: the plain bar
+    ([], 0.03, True),                    # optimizer unknown (an older report): the plain bar
+])
+def test_adaptive_optimizers_first_step_has_its_own_bar(optimizers, step0, fires):
+    """An early spike right after step 0: only the step-0 ratio can be blamed. Under
+    Adam-family optimizers that ratio is lr / rms(weight) by construction (a false
+    update_ratio_high on an actor-critic run at Adam lr 1e-3); later steps keep the
+    plain bar."""
+    loss = falling_loss(300)
+    loss[2] = 3 * loss[0]
+    b = Build().mlp(5).ratios(STEPS, lambda s, i, p: step0 if s == 0 else 1e-3).loss(loss)
+    b.series("lr/opt.0", [1e-3] * 300)
+    b.record.run["optimizers"] = optimizers
+    found = u.update_ratio_high(b.record)
+    assert bool(found) is fires
+    if fires:
+        assert found[0].step == 0 and "jumped at step 2" in found[0].summary
+
+
+def test_adaptive_optimizers_later_steps_keep_the_plain_bar():
+    b = Build().mlp(5).ratios(STEPS, lambda s, i, p: 0.03 if s >= 25 else 1e-3).loss(spiky(at=60))
+    b.series("lr/opt.0", [1e-3] * 300)
+    b.record.run["optimizers"] = ["Adam"]
+    found = u.update_ratio_high(b.record)
+    assert found and found[0].step in (25, 50)
 
 
 def test_high_ratio_must_come_before_the_trouble():

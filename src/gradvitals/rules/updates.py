@@ -33,6 +33,18 @@ UPDATE_RATIO_TARGET = 1e-3
 #: the loss misbehaves too (healthy BatchNorm CNNs measured up to 2e-2).
 UPDATE_RATIO_HIGH = 1e-2
 
+#: Optimizers whose first step moves every weight by about the same amount whatever
+#: the gradient's size (Adam: m/sqrt(v) = +-1 at step 1; RMSprop: +-10x; Adagrad,
+#: Lion: +-1): their step-0 ratio is lr / rms(weight), set by the learning rate and the
+#: init scale alone. Standard Adam (lr 1e-3) on PyTorch's default init of a 256-wide
+#: layer reads ~0.03 there, a healthy start, and later steps shrink with the gradient's
+#: consistency.
+ADAPTIVE_OPTIMIZERS = frozenset({"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SparseAdam", "Adagrad",
+                                 "Adadelta", "RMSprop", "Adafactor", "Lion", "LAMB", "Lamb"})
+#: Their step-0 ratio that counts as too high: each first step rewrites a tenth of
+#: every weight (Adam at lr 1e-2 on a 64-wide layer reads ~0.14; at lr 1e-3, ~0.014).
+ADAPTIVE_FIRST_STEP_HIGH = 1e-1
+
 #: Typical ratio at which a run that merely fails to learn (no spike, no NaN) is
 #: blamed on the learning rate: each step rewrites a tenth of the weights.
 UPDATE_RATIO_HIGH_PLATEAU = 1e-1
@@ -108,7 +120,12 @@ def update_ratio_high(record: Record) -> list[Finding]:
     # because of the gradient, not the learning rate: exploding_gradients' business.
     grad_at = as_dict(record.get("grad_norm_global"))
     typical = {s: v for s, v in typical.items() if not grad_at.get(s, 0.0) >= ABSOLUTE_EXPLODING}
-    high = [(s, med) for s, (med, _, _) in typical.items() if med >= UPDATE_RATIO_HIGH
+    first = min(typical) if typical else None
+    opts = record.run.get("optimizers") or []
+    first_bar = (ADAPTIVE_FIRST_STEP_HIGH if opts and all(o in ADAPTIVE_OPTIMIZERS for o in opts)
+                 else UPDATE_RATIO_HIGH)
+    high = [(s, med) for s, (med, _, _) in typical.items()
+            if med >= (first_bar if s == first else UPDATE_RATIO_HIGH)
             and (trouble_step is None or s <= trouble_step)]
     levels = loss_levels(record, until=nan_step)
     stalled = levels is not None and math.isfinite(levels.progress) and levels.progress < PLATEAU_PROGRESS
