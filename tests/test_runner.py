@@ -160,6 +160,13 @@ def test_script_without_models_still_reports(tmp_path):
     p = run(["run", "-q", "--json", str(out), str(script)])
     assert p.returncode == 0 and p.stdout == "hello\n"
     assert load(out)["run"]["steps"] == 0
+    # Not "Healthy": nothing was trained (a script's --help, a data-prep or evaluation script)
+    assert load(out)["run"]["verdict"].startswith("Nothing to diagnose: the script ran no backward()")
+    script.write_text("import torch\nm = torch.nn.Linear(3, 3)\nprint(m(torch.randn(2, 3)).shape)\n")
+    p = run(["run", "--json", str(out), str(script)])
+    assert p.returncode == 0 and "Healthy" not in p.stderr
+    assert "Nothing to diagnose: the script built a model but ran no backward() or optimizer step." in " ".join(p.stderr.split())
+    assert load(out)["run"]["verdict"].startswith("Nothing to diagnose: the script built a model")
 
 
 def test_report_command_rerenders_and_rejects_bad_input(tmp_path):

@@ -56,7 +56,19 @@ class Report:
     def verdict(self) -> str:
         from .diagnose import verdict
 
+        if self.untrained:
+            # Not "Healthy": nothing was measured (the script printed its --help, failed
+            # early, only evaluated).
+            if self.record.layers:
+                return "Nothing to diagnose: the script built a model but ran no backward() or optimizer step."
+            return "Nothing to diagnose: the script ran no backward() or optimizer step (no model was seen)."
         return verdict(self.findings)
+
+    @property
+    def untrained(self) -> bool:
+        """No gradient and no loss was recorded, and so no finding."""
+        r = self.record
+        return not self.findings and r.get("grad_norm_global") is None and r.get("loss") is None
 
     @property
     def codes(self) -> list[str]:

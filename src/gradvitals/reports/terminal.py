@@ -49,6 +49,8 @@ def render(report: Any, *, max_layers: int = MAX_TABLE_LAYERS) -> Iterator[Any]:
     findings = list(report.findings)
     problems = [f for f in findings if f.severity in ("critical", "warning")]
     style = "bold red" if any(f.severity == "critical" for f in problems) else ("yellow" if problems else "bold green")
+    if getattr(report, "untrained", False):
+        style = "bold"
     yield Text(report.verdict, style=style)
     for f in findings:
         yield finding_panel(f)
