@@ -199,6 +199,16 @@ def _shows_not_updated(r: dict) -> bool:
     return any(p["requires_grad"] and p["grad_seen"] and p["in_optimizer"] is False for p in _params(r))
 
 
+def _shows_grad_not_zeroed(r: dict) -> bool:
+    """The recorded gradient is a running sum: its norm climbs step after step from the
+    start (a fresh gradient each step fluctuates) and ends far above where it began."""
+    g = [v for v in _values(r, "grad_norm_global") if math.isfinite(v)]
+    if len(g) < 20:
+        return False
+    rises = sum(b > a for a, b in zip(g[:10], g[1:11]))
+    return rises >= 8 and statistics.median(g[-10:]) > 10 * g[0]
+
+
 def _shows_poor_init(r: dict) -> bool:
     std0 = [_values(r, "act_std/" + l["name"])[:1] for l in _weight_layers(r)]
     std0 = [v[0] for v in std0 if v and math.isfinite(v[0]) and v[0] > 0]
@@ -219,6 +229,7 @@ SHOWS = {
     "clipping_always_active": _shows_clipping,
     "no_gradient": _shows_no_gradient,
     "not_updated": _shows_not_updated,
+    "grad_not_zeroed": _shows_grad_not_zeroed,
     "poor_initialization": _shows_poor_init,
     # symmetric_weights: the script prints torch's own check ("... identical: True").
     # architecture_risk: structural, visible in the script itself.

@@ -27,7 +27,8 @@ def try_fixes(script, tmp_path):
     return json.loads(out.read_text()), p.stderr
 
 
-CRITICAL = {"nonfinite", "exploding_gradients", "vanishing_gradients", "dead_relu", "symmetric_weights"}
+CRITICAL = {"nonfinite", "exploding_gradients", "vanishing_gradients", "dead_relu", "symmetric_weights",
+            "grad_not_zeroed"}
 
 
 @pytest.mark.parametrize("case,winner", [
@@ -35,6 +36,7 @@ CRITICAL = {"nonfinite", "exploding_gradients", "vanishing_gradients", "dead_rel
     ("lr_too_high", {"lr_x0.1", "clip", "warmup", "lr_x0.3"}),
     ("dead_relu_bias", {"init", "swap_relu"}),
     ("sigmoid20_digits", {"swap_saturating", "init"}),
+    ("forgot_zero_grad", {"zero_grad"}),
 ])
 def test_winner_cures_the_run(case, winner, tmp_path):
     rep, stderr = try_fixes(CASES / f"{case}.py", tmp_path)

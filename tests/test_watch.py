@@ -525,3 +525,74 @@ def test_pause_and_resume_are_idempotent_and_harmless_after_close():
     w.close()
     w.resume()  # closed: stays detached
     assert not opt._optimizer_step_pre_hooks
+
+
+@pytest.mark.parametrize("loop", ["never", "before_backward", "in_place", "after_step", "set_none",
+                                  "model_zero_grad", "accumulate", "two_players", "autograd_grad", "lbfgs"])
+def test_gradients_never_cleared_between_steps_are_seen(digits, loop):
+    """Only a loop that never clears its gradients steps on the earlier ones (a
+    grad_not_zeroed event counting those steps); every way of clearing them is seen as
+    clearing: zero_grad before the backward or after the step, in place, p.grad = None,
+    model.zero_grad, accumulation over micro-batches, a second player's backward into
+    this optimizer's parameters before its own zero_grad (GANs), autograd.grad loops
+    and LBFGS closures."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    other = mlp(depth=1)
+    params = list(model.parameters())
+    opt = (torch.optim.LBFGS(params, lr=0.1, max_iter=3) if loop == "lbfgs"
+           else torch.optim.SGD(params, lr=0.01))
+    opt2 = torch.optim.SGD(other.parameters(), lr=0.01)
+    steps = 6
+
+    def loss_on(i, net=model):
+        return nn.functional.cross_entropy(net(X[32 * i:32 * i + 32]), y[32 * i:32 * i + 32])
+
+    with gv.watch([model, other], [opt, opt2]) as w:
+        for i in range(steps):
+            if loop == "never":
+                loss_on(i).backward()
+            elif loop == "before_backward":
+                opt.zero_grad()
+                loss_on(i).backward()
+            elif loop == "in_place":
+                opt.zero_grad(set_to_none=False)
+                loss_on(i).backward()
+            elif loop in ("after_step", "accumulate"):
+                for k in range(4 if loop == "accumulate" else 1):
+                    (loss_on(4 * i + k) / 4).backward()
+            elif loop == "set_none":
+                for p in params:
+                    p.grad = None
+                loss_on(i).backward()
+            elif loop == "model_zero_grad":
+                model.zero_grad()
+                loss_on(i).backward()
+            elif loop == "two_players":
+                # the other player's loss flows through this model too (like G's through D)
+                (loss_on(i, other) + model(X[:8]).mean()).backward()
+                opt2.step()
+                opt2.zero_grad()
+                opt.zero_grad()
+                loss_on(i).backward()
+            elif loop == "autograd_grad":
+                for p, g in zip(params, torch.autograd.grad(loss_on(i), params)):
+                    p.grad = g
+            if loop == "lbfgs":
+                def closure():
+                    opt.zero_grad()
+                    loss = loss_on(i)
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+            else:
+                opt.step()
+            if loop in ("after_step", "accumulate"):
+                opt.zero_grad()
+    events = w.record.events_of("grad_not_zeroed")
+    if loop == "never":
+        assert [(e["step"], e["steps"], e["optimizer"]) for e in events] == [(1, steps - 1, "opt")]
+        assert "grad_not_zeroed" in [f["code"] for f in w.report()["findings"]]
+    else:
+        assert events == [], events

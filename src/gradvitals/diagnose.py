@@ -16,6 +16,7 @@ _SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 #: chain, one earlier in this list is shown first ("connection triangle":
 #: activation x init x gradient behaviour).
 CAUSAL_ORDER: tuple[str, ...] = (
+    "grad_not_zeroed",  # a bug in the loop: whatever else shows follows from it
     "symmetric_weights",
     "architecture_risk",
     "poor_initialization",
@@ -39,18 +40,19 @@ CAUSAL_ORDER: tuple[str, ...] = (
 #: ``caused_by``: nonfinite <- exploding_gradients <- update_ratio_high;
 #: loss_plateau <- vanishing_gradients <- saturated_activations.
 CAUSES: dict[str, tuple[str, ...]] = {
-    "nonfinite": ("exploding_gradients", "update_ratio_high", "loss_spike", "batchnorm_small_batch"),
-    "exploding_gradients": ("poor_initialization", "architecture_risk", "update_ratio_high",
+    "nonfinite": ("exploding_gradients", "update_ratio_high", "loss_spike", "grad_not_zeroed",
+                  "batchnorm_small_batch"),
+    "exploding_gradients": ("grad_not_zeroed", "poor_initialization", "architecture_risk", "update_ratio_high",
                             "batchnorm_small_batch"),
-    "update_ratio_high": ("exploding_gradients", "batchnorm_small_batch"),
-    "loss_spike": ("exploding_gradients", "update_ratio_high", "batchnorm_small_batch"),
+    "update_ratio_high": ("grad_not_zeroed", "exploding_gradients", "batchnorm_small_batch"),
+    "loss_spike": ("grad_not_zeroed", "exploding_gradients", "update_ratio_high", "batchnorm_small_batch"),
     "dead_relu": ("update_ratio_high", "exploding_gradients", "poor_initialization", "batchnorm_small_batch"),
     "vanishing_gradients": ("saturated_activations", "poor_initialization", "symmetric_weights",
                             "architecture_risk", "batchnorm_small_batch"),
     "saturated_activations": ("poor_initialization", "update_ratio_high"),
     "update_ratio_low": ("clipping_always_active",),
     "not_updated": ("clipping_always_active",),
-    "loss_plateau": ("vanishing_gradients", "dead_relu", "saturated_activations", "clipping_always_active",
+    "loss_plateau": ("grad_not_zeroed", "vanishing_gradients", "dead_relu", "saturated_activations", "clipping_always_active",
                      "update_ratio_low", "update_ratio_high", "no_gradient", "not_updated",
                      "symmetric_weights", "batchnorm_small_batch", "poor_initialization",
                      "architecture_risk", "exploding_gradients"),

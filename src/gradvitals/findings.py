@@ -26,6 +26,7 @@ CODES: tuple[str, ...] = (
     "no_gradient",
     "not_updated",
     "architecture_risk",
+    "grad_not_zeroed",  # added after DESIGN's table: gradients never cleared between steps
 )
 
 

@@ -55,7 +55,8 @@ class Remedy:
             return f"linear warmup over {self.params['steps']} steps"
         return {"init": "gv.init_ (He/Xavier by activation)", "agc": "adaptive gradient clipping (AGC 0.01)",
                 "swap_relu": "ReLU -> LeakyReLU(0.01)",
-                "swap_saturating": "Sigmoid/Tanh -> ReLU with He init"}.get(self.name, self.name)
+                "swap_saturating": "Sigmoid/Tanh -> ReLU with He init",
+                "zero_grad": "optimizer.zero_grad() after each step"}.get(self.name, self.name)
 
     def snippet(self) -> str:
         """The code change that makes the remedy permanent in the user's script."""
@@ -70,6 +71,7 @@ class Remedy:
                       "\n# call scheduler.step() after each optimizer.step()",
             "swap_relu": "nn.LeakyReLU(0.01)  # instead of nn.ReLU()",
             "swap_saturating": "nn.ReLU()  # instead of nn.Sigmoid()/nn.Tanh(), then gv.init_(model, example_batch)",
+            "zero_grad": "optimizer.zero_grad()  # once per step: before loss.backward(), or right after optimizer.step()",
         }.get(self.name, f"lr = {p.get('factor', 1):g} * lr  # in the optimizer's constructor")
 
     def to_json(self) -> dict[str, Any]:
@@ -84,7 +86,7 @@ class Remedy:
 
 
 _KNOWN = {"init", "clip", "agc", "lr_x0.1", "lr_x0.3", "lr_x3", "lr_x10", "warmup", "swap_relu",
-          "swap_saturating"}
+          "swap_saturating", "zero_grad"}
 
 _EXPLOSIVE = {"nonfinite", "exploding_gradients", "loss_spike", "update_ratio_high"}
 
@@ -99,6 +101,8 @@ def select_remedies(report: dict[str, Any], budget: int, limit: int) -> list[Rem
         if r.name not in {x.name for x in out}:
             out.append(r)
 
+    if "grad_not_zeroed" in codes:  # a bug in the loop: first, whatever else it caused
+        add(Remedy("zero_grad", why="backward() adds every new gradient to the ones earlier steps used"))
     if codes & {"symmetric_weights", "poor_initialization"}:
         add(Remedy("init", why="initialisation does not match the activations"))
     if codes & {"vanishing_gradients", "saturated_activations"}:
@@ -227,6 +231,10 @@ class RemedyApplier:
 
     def on_step_post(self, opt: Any) -> bool:
         """Returns True when the budget is spent (the runner then stops the script)."""
+        if self.remedy.name == "zero_grad":
+            opt.zero_grad(set_to_none=True)
+            if not self.applied:
+                self.applied.append(f"{type(opt).__name__}.zero_grad() after each step")
         for g, lr in self._saved_lr:
             g["lr"] = lr
         self._saved_lr = []

@@ -144,6 +144,11 @@ class _Opt:
     handles: list[Any] = field(default_factory=list)
     local_hooks: bool = False  # its step hooks live on the optimizer (gv.watch)
     stepped: bool = False  # it has taken a step (see Recorder._note_segment)
+    # Were its gradients cleared between two of its steps? (see Recorder._zero_watch)
+    gparam: Any = None  # the parameter watched: its first with a gradient
+    gstate: tuple[int, int] | None = None  # (id, version) of that gradient when last seen
+    zstate: str | None = None  # None | "old": as its last step left them | "stale" | "fresh"
+    unzeroed: dict[str, Any] | None = None  # the grad_not_zeroed event, once seen
     registered_at: int = 0  # optimizer steps (pre-hook calls) seen before it was registered
 
 
@@ -928,8 +933,32 @@ class Recorder:
     def _on_backward_start(self, tensor: Any) -> None:
         # Read before the backward, which frees what the autograd node saved.
         self._loss_div = _loss_divisor(tensor)
+        for o in self._opts.values():
+            if o.zstate is not None:
+                self._zero_watch(o)
+
+    def _zero_watch(self, o: _Opt) -> None:
+        """A backward begins: has ``o``'s gradient been cleared (set to None, zeroed in
+        place, replaced) since its step, or since the last backward? Identity and version
+        counter of one gradient tensor: no value is read, no sync. Cleared at any point
+        before ``o``'s next step: fresh (a GAN's D gets G's backward first, then its own
+        zero_grad); never: stale, the next step adds the old gradients in."""
+        g = o.gparam.grad if o.gparam is not None else None
+        state = (id(g), g._version) if g is not None else None
+        if state != o.gstate or state is None:
+            o.zstate = "fresh"
+        elif o.zstate == "old":
+            o.zstate = "stale"
+
+    def _zero_seen(self, o: _Opt) -> None:
+        """Remember the watched gradient as it is now (after a backward, or a step)."""
+        g = o.gparam.grad if o.gparam is not None else None
+        o.gstate = (id(g), g._version) if g is not None else None
 
     def _on_backward_end(self, tensor: Any, seed: Any = None) -> None:
+        for o in self._opts.values():
+            if o.zstate is not None:
+                self._zero_seen(o)
         if not self._owns_backward():
             return  # another watch's model (two models trained in turn)
         if (isinstance(tensor, (list, tuple)) and tensor
@@ -1108,10 +1137,26 @@ class Recorder:
             rest = args[1:] if args and args[0] is opt else args  # global hooks get (opt, *args)
             if (rest and callable(rest[0])) or callable(kwargs.get("closure")):
                 self._closure_step = o  # measured at the closure's first backward
+                o.zstate = None  # the closure clears them after this hook
                 return
+            if o.zstate == "stale":
+                self._note_unzeroed(o)
+            o.zstate = None
             self._measure_and_flush(o)
         except Exception as exc:
             self._fail("gradients", exc)
+
+    def _note_unzeroed(self, o: _Opt) -> None:
+        """This step of ``o`` adds the gradients its previous step used: nothing cleared
+        them (no zero_grad) before the backward of this one."""
+        ev = o.unzeroed
+        if ev is None:
+            opt = o.ref()
+            ev = o.unzeroed = self.record.event("grad_not_zeroed", step=self.step, optimizer=o.label,
+                                                optimizer_kind=type(opt).__name__ if opt is not None else None,
+                                                steps=0)
+        ev["steps"] += 1
+        ev["last_step"] = self.step
 
     def _note_segment(self, opt: torch.optim.Optimizer, o: _Opt) -> None:
         """An optimizer's first step. When every model it trains is new and other models
@@ -1191,6 +1236,11 @@ class Recorder:
             if self._closure_step is o:  # a closure that never called backward
                 self._closure_step = None
                 self._measure_and_flush(o)
+            else:  # watch whether its gradients get cleared before its next step
+                if o.gparam is None or o.gparam.grad is None:
+                    o.gparam = next((p for g in opt.param_groups for p in g["params"] if p.grad is not None), None)
+                self._zero_seen(o)
+                o.zstate = "old" if o.gstate is not None else None
             o.preclip = None  # a clip after the measurement (Lightning) must not leak into the next step
             if o.before is not None:
                 keys, before, wnorm = o.before

@@ -149,3 +149,33 @@ def test_clipping_under_ninety_percent_is_not_a_finding():
     assert c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record) == []
     norms = [2.0] * 92 + [0.5] * 8
     assert c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record)
+
+
+# ------------------------------------------------------------------ grad_not_zeroed
+@pytest.mark.parametrize("n,severity", [
+    (p.GRAD_NOT_ZEROED_MIN_STEPS - 1, None),  # one or two such steps: no finding
+    (p.GRAD_NOT_ZEROED_MIN_STEPS, "warning"),
+    (89, "warning"),                          # 89 of the 99 steps from step 1: degraded
+    (90, "critical"),                         # >= GRAD_NOT_ZEROED_BROKEN of them: broken
+])
+def test_grad_not_zeroed_from_the_recorders_event(n, severity):
+    b = trained(Build().mlp(3))  # 100 steps
+    b.record.run["optimizers"] = ["SGD"]
+    b.event("grad_not_zeroed", step=1, optimizer="opt", optimizer_kind="SGD", steps=n, last_step=99)
+    found = p.grad_not_zeroed(b.record)
+    if severity is None:
+        assert found == []
+        return
+    f = found[0]
+    assert f.code == "grad_not_zeroed" and f.severity == severity and f.step == 1
+    assert f"The optimizer (SGD) stepped on gradients that were never cleared at {n} of its 99 steps from step 1" in f.summary
+    assert "optimizer.zero_grad()" in f.advice and f.evidence["steps"] == n
+
+
+def test_grad_not_zeroed_names_the_optimizer_when_there_are_several():
+    b = trained(Build().mlp(3))
+    b.record.run["optimizers"] = ["SGD", "Adam"]
+    b.event("grad_not_zeroed", step=0, optimizer="opt1", optimizer_kind="Adam", steps=100)
+    f = p.grad_not_zeroed(b.record)[0]
+    assert f.summary.startswith("Optimizer `opt1` (Adam) stepped on gradients")
+    assert p.grad_not_zeroed(trained(Build().mlp(3)).record) == []  # no event: nothing

@@ -3,7 +3,7 @@
 Every rule is listed in :data:`RULES`; :func:`gradvitals.diagnose.diagnose` runs them all.
 Families: ``nonfinite``, ``gradients`` (vanishing/exploding), ``activations`` (dead ReLU,
 saturation), ``loss`` (plateau, spikes), ``updates`` (update/weight ratios: learning rate),
-``params`` (no gradient, not updated), ``normalization`` (BatchNorm batch size),
+``params`` (no gradient, not updated, gradients never cleared), ``normalization`` (BatchNorm batch size),
 ``clipping``. The checkup's lint (``init``, ``architecture``) registers itself here too.
 """
 
@@ -31,6 +31,7 @@ RULES: list[Rule] = [
     clipping.clipping_always_active,
     params.no_gradient,
     params.not_updated,
+    params.grad_not_zeroed,
     init.poor_initialization,
     init.symmetric_weights,
     architecture.architecture_risk,

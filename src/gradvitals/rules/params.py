@@ -1,6 +1,7 @@
 """Parameters that do not take part in learning: no gradient ever reaches them
 (disconnected from the loss), or gradients reach them but the optimizer never
-moves them (missing from the optimizer).
+moves them (missing from the optimizer); and gradients never cleared between
+steps (no ``zero_grad``), so each step adds in all the earlier ones.
 
 Decided from ``ParamInfo`` facts the recorder keeps exactly (``requires_grad``,
 ``in_optimizer``, ``grad_seen``) and, for the "moves exactly 0" case, the
@@ -27,6 +28,50 @@ NOT_UPDATED_MIN_RELATIVE_GRAD = 1e-3
 #: Scheduled points with ratio exactly 0 needed (one step may be skipped by an AMP
 #: scaler or accumulation).
 NOT_UPDATED_MIN_POINTS = 2
+
+
+#: Steps of one optimizer taken on gradients its previous step had already used
+#: (nothing cleared them before the next backward) before it is reported: one such
+#: step can be a deliberate trick, three in a run are a missing zero_grad.
+GRAD_NOT_ZEROED_MIN_STEPS = 3
+#: Share of that optimizer's steps (from the first such one on) above which the run
+#: is broken, not merely degraded: the update is the running sum of every gradient.
+GRAD_NOT_ZEROED_BROKEN = 0.9
+
+
+def grad_not_zeroed(record: Record) -> list[Finding]:
+    """Optimizer steps whose gradients still held the previous step's.
+
+    Decided from the ``grad_not_zeroed`` events the recorder writes per optimizer:
+    between two of its steps no gradient clearing was seen (the watched gradient
+    tensor kept its identity and version counter from that optimizer's step to the
+    next backward, with no clearing at any later point before its next step).
+    """
+    out: list[Finding] = []
+    several = len(record.run.get("optimizers") or []) > 1 or len(record.events_of("grad_not_zeroed")) > 1
+    for ev in record.events_of("grad_not_zeroed"):
+        n = int(ev.get("steps") or 0)
+        first = ev.get("step")
+        if n < GRAD_NOT_ZEROED_MIN_STEPS or not isinstance(first, int):
+            continue
+        span = max(record.steps - first, n)
+        share = n / span
+        opt = str(ev.get("optimizer") or "optimizer")
+        kind = f" ({ev['optimizer_kind']})" if ev.get("optimizer_kind") else ""
+        who = f"Optimizer `{opt}`{kind}" if several else f"The optimizer{kind}"
+        severity = "critical" if share >= GRAD_NOT_ZEROED_BROKEN else "warning"
+        summary = (f"{who} stepped on gradients that were never cleared at {n} of its {span} steps from "
+                   f"step {first}: nothing zeroed them between one step and the next backward, so backward() "
+                   f"added each new gradient to all the earlier ones and every update follows their running sum.")
+        advice = ("Clear the gradients once per optimizer step: call `optimizer.zero_grad()` before "
+                  "`loss.backward()` (or right after `optimizer.step()`). With gradient accumulation, clear "
+                  "them after the step, not before every micro-batch:\n"
+                  "    optimizer.zero_grad()\n    loss.backward()\n    optimizer.step()")
+        out.append(Finding(code="grad_not_zeroed", severity=severity, step=first, layers=(),
+                           summary=summary, advice=advice,
+                           evidence={"optimizer": opt, "steps": n, "of_steps": span,
+                                     "last_step": ev.get("last_step")}))
+    return out
 
 
 def _by_layer(params: list[ParamInfo]) -> dict[str, list[ParamInfo]]:
