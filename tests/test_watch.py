@@ -596,3 +596,38 @@ def test_gradients_never_cleared_between_steps_are_seen(digits, loop):
         assert "grad_not_zeroed" in [f["code"] for f in w.report()["findings"]]
     else:
         assert events == [], events
+
+
+@pytest.mark.parametrize("loop", ["forgot_train", "train_after_eval", "eval_throughout", "eval_with_grad"])
+def test_training_in_eval_mode_after_train_mode_is_seen(digits, loop):
+    """A validation block's model.eval() with no model.train() after it: the steps that
+    follow train in eval mode (an eval_mode_training event counts them). Switching back,
+    a model fine-tuned in eval mode from the start, and validation forwards with
+    gradients enabled that nothing backpropagates are not that."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    if loop == "eval_throughout":
+        model.eval()
+    with gv.watch(model, opt) as w:
+        for i in range(10):
+            loss = nn.functional.cross_entropy(model(X[32 * i:32 * i + 32]), y[32 * i:32 * i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i == 3 and loop != "eval_throughout":
+                model.eval()
+                if loop == "eval_with_grad":
+                    nn.functional.cross_entropy(model(X[-64:]), y[-64:]).item()  # no no_grad, no backward
+                else:
+                    with torch.no_grad():
+                        model(X[-64:])
+                if loop in ("train_after_eval", "eval_with_grad"):
+                    model.train()
+    events = w.record.events_of("eval_mode_training")
+    if loop == "forgot_train":
+        assert [(e["step"], e["steps"]) for e in events] == [(4, 6)]
+        assert "eval_mode_training" in [f["code"] for f in w.report()["findings"]]
+    else:
+        assert events == [], events

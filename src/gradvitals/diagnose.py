@@ -17,6 +17,7 @@ _SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 #: activation x init x gradient behaviour).
 CAUSAL_ORDER: tuple[str, ...] = (
     "grad_not_zeroed",  # a bug in the loop: whatever else shows follows from it
+    "eval_mode_training",
     "symmetric_weights",
     "architecture_risk",
     "poor_initialization",
@@ -52,7 +53,7 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "saturated_activations": ("poor_initialization", "update_ratio_high"),
     "update_ratio_low": ("clipping_always_active",),
     "not_updated": ("clipping_always_active",),
-    "loss_plateau": ("grad_not_zeroed", "vanishing_gradients", "dead_relu", "saturated_activations", "clipping_always_active",
+    "loss_plateau": ("grad_not_zeroed", "eval_mode_training", "vanishing_gradients", "dead_relu", "saturated_activations", "clipping_always_active",
                      "update_ratio_low", "update_ratio_high", "no_gradient", "not_updated",
                      "symmetric_weights", "batchnorm_small_batch", "poor_initialization",
                      "architecture_risk", "exploding_gradients"),

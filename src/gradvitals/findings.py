@@ -27,6 +27,7 @@ CODES: tuple[str, ...] = (
     "not_updated",
     "architecture_risk",
     "grad_not_zeroed",  # added after DESIGN's table: gradients never cleared between steps
+    "eval_mode_training",  # added after DESIGN's table: trained in eval mode after train mode
 )
 
 

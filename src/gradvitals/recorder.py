@@ -118,6 +118,7 @@ class _Model:
     # counts as training: models fine-tuned in eval mode (frozen BatchNorm statistics,
     # no dropout) are measured and replayed; after, eval-mode forwards are validation.
     train_mode_seen: bool = False
+    eval_steps: dict[str, Any] | None = None  # its eval_mode_training event, once seen
     local_hooks: bool = False  # its root hooks live on the module (gv.watch), not global (runner)
 
 
@@ -214,6 +215,8 @@ class Recorder:
         self._explicit_loss = False
         self._saw_forward = False  # a root training forward was ever seen
         self._forwards = 0  # root training forwards seen (which forward a backward's loss came from)
+        self._last_forward: tuple[_Model, bool] | None = None  # see _on_root_end
+        self._eval_step: _Model | None = None  # this step's backward came from an eval-mode forward
         self._forward_since_flush = False  # ... since the last measured step
         self._pending: list[tuple[int, list[str], Tensor]] = []
         self._act_handles: list[Any] = []
@@ -623,6 +626,11 @@ class Recorder:
         """The root's forward returned ``output`` (``raised``: it raised instead, and torch
         is running its always-called global forward hooks: the process-wide hook must not
         be removed from under that loop now, only made inert and removed later)."""
+        if torch.is_grad_enabled() and not raised:
+            # Which model's forward, in which mode, the next backward comes from: an
+            # eval-mode one after training in train mode is validation if nothing
+            # backpropagates it, and a forgotten model.train() if a step uses it.
+            self._last_forward = (model, not model.module.training and model.train_mode_seen)
         if torch.is_grad_enabled() and not raised and (model.module.training or not model.train_mode_seen):
             if model.module.training:
                 model.train_mode_seen = True
@@ -959,6 +967,9 @@ class Recorder:
         for o in self._opts.values():
             if o.zstate is not None:
                 self._zero_seen(o)
+        last = self._last_forward
+        if last is not None and last[1]:
+            self._eval_step = last[0]  # backpropagated: this eval-mode forward trains
         if not self._owns_backward():
             return  # another watch's model (two models trained in turn)
         if (isinstance(tensor, (list, tuple)) and tensor
@@ -1142,9 +1153,23 @@ class Recorder:
             if o.zstate == "stale":
                 self._note_unzeroed(o)
             o.zstate = None
+            if self._eval_step is not None:
+                self._note_eval_step(self._eval_step)
+                self._eval_step = None
             self._measure_and_flush(o)
         except Exception as exc:
             self._fail("gradients", exc)
+
+    def _note_eval_step(self, model: _Model) -> None:
+        """A step trained on a forward run in eval mode, by a model that trained in train
+        mode before (a model.eval() for validation and no model.train() after it)."""
+        ev = model.eval_steps
+        if ev is None:
+            ev = model.eval_steps = self.record.event("eval_mode_training", step=self.step, model=model.label,
+                                                      steps=0)
+        if ev.get("last_step") != self.step:  # several optimizers of one step count once
+            ev["steps"] += 1
+            ev["last_step"] = self.step
 
     def _note_unzeroed(self, o: _Opt) -> None:
         """This step of ``o`` adds the gradients its previous step used: nothing cleared

@@ -179,3 +179,25 @@ def test_grad_not_zeroed_names_the_optimizer_when_there_are_several():
     f = p.grad_not_zeroed(b.record)[0]
     assert f.summary.startswith("Optimizer `opt1` (Adam) stepped on gradients")
     assert p.grad_not_zeroed(trained(Build().mlp(3)).record) == []  # no event: nothing
+
+
+# ------------------------------------------------------------------ eval_mode_training
+@pytest.mark.parametrize("kinds,steps,fires", [
+    (("BatchNorm1d", "Dropout"), n.EVAL_TRAINING_MIN_STEPS, True),
+    (("BatchNorm1d", "Dropout"), n.EVAL_TRAINING_MIN_STEPS - 1, False),  # a step or two: no habit
+    (("Dropout",), 40, True),
+    (("ReLU",), 40, False),  # nothing computes differently in eval mode: the same training
+])
+def test_eval_mode_training_only_where_the_mode_matters(kinds, steps, fires):
+    b = trained(Build().mlp(3))
+    for i, kind in enumerate(kinds):
+        b.layer(f"extra.{i}", kind)
+    b.event("eval_mode_training", step=10, model="", steps=steps, last_step=99)
+    found = n.eval_mode_training(b.record)
+    assert bool(found) is fires
+    if fires:
+        f = found[0]
+        assert f.severity == "warning" and f.step == 10 and f.evidence["steps"] == steps
+        assert f"From step 10, {steps} of 90 steps trained the model on forwards run in eval mode" in f.summary
+        assert "model.train()" in f.advice
+        assert ("BatchNorm" in f.summary) is ("BatchNorm1d" in kinds) and "dropout" in f.summary

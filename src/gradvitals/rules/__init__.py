@@ -3,7 +3,7 @@
 Every rule is listed in :data:`RULES`; :func:`gradvitals.diagnose.diagnose` runs them all.
 Families: ``nonfinite``, ``gradients`` (vanishing/exploding), ``activations`` (dead ReLU,
 saturation), ``loss`` (plateau, spikes), ``updates`` (update/weight ratios: learning rate),
-``params`` (no gradient, not updated, gradients never cleared), ``normalization`` (BatchNorm batch size),
+``params`` (no gradient, not updated, gradients never cleared), ``normalization`` (BatchNorm batch size, training in eval mode),
 ``clipping``. The checkup's lint (``init``, ``architecture``) registers itself here too.
 """
 
@@ -28,6 +28,7 @@ RULES: list[Rule] = [
     updates.update_ratio_high,
     updates.update_ratio_low,
     normalization.batchnorm_small_batch,
+    normalization.eval_mode_training,
     clipping.clipping_always_active,
     params.no_gradient,
     params.not_updated,

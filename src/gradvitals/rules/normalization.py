@@ -1,7 +1,9 @@
-"""BatchNorm trained on batches too small for its statistics.
+"""BatchNorm trained on batches too small for its statistics; a model trained in
+eval mode after it had trained in train mode (a forgotten ``model.train()``).
 
 Decided from the shapes the BatchNorm layers saw in training forwards
-(``bn_batch/<module>``: samples per channel; ``LayerInfo.extra["batch_size"]``).
+(``bn_batch/<module>``: samples per channel; ``LayerInfo.extra["batch_size"]``),
+and from the recorder's ``eval_mode_training`` events.
 """
 
 from __future__ import annotations
@@ -15,6 +17,54 @@ from ._common import attr, median, names, points
 #: normalise with (GroupNorm paper: error climbs steeply below 8 per GPU; at 2
 #: every feature is pushed to +-1).
 BN_MIN_BATCH = 8
+
+
+#: Optimizer steps trained on eval-mode forwards (after train-mode ones) before it
+#: is reported: a step or two can be a deliberate trick, three are a habit of the loop.
+EVAL_TRAINING_MIN_STEPS = 3
+
+
+def _mode_dependent(kind: str) -> bool:
+    """Modules that compute differently in eval mode: BatchNorm (running statistics
+    instead of the batch's, never updated) and the dropout family (off)."""
+    return kind in BATCHNORM_LAYERS or "Dropout" in kind or kind == "RReLU"
+
+
+def eval_mode_training(record: Record) -> list[Finding]:
+    """Steps trained on forwards run in eval mode by a model that trained in train
+    mode before: a ``model.eval()`` for validation and no ``model.train()`` after it.
+    Only where it changes the computation (BatchNorm, Dropout in the model)."""
+    out: list[Finding] = []
+    for ev in record.events_of("eval_mode_training"):
+        n = int(ev.get("steps") or 0)
+        first = ev.get("step")
+        if n < EVAL_TRAINING_MIN_STEPS or not isinstance(first, int):
+            continue
+        label = ev.get("model")
+        layers = [l for l in record.layers_in_order() if l.model == label] or record.layers_in_order()
+        affected = [l for l in layers if _mode_dependent(l.kind)]
+        if not affected:
+            continue  # nothing computes differently in eval mode: the same training
+        bns = [l.name for l in affected if l.kind in BATCHNORM_LAYERS]
+        drops = [l.name for l in affected if l.kind not in BATCHNORM_LAYERS]
+        what = []
+        if bns:
+            what.append(f"its BatchNorm layers ({names(bns)}) normalise with running statistics they no "
+                        f"longer update")
+        if drops:
+            what.append(f"its dropout ({names(drops)}) is off")
+        span = max(record.steps - first, n)
+        summary = (f"From step {first}, {n} of {span} steps trained the model on forwards run in eval mode, after "
+                   f"it had trained in train mode: {' and '.join(what)}. A `model.eval()` (for validation) "
+                   f"with no `model.train()` after it.")
+        advice = ("Switch back to training mode after evaluating, before the next training forward:\n"
+                  "    model.eval()\n    with torch.no_grad():\n        ...  # validation\n"
+                  "    model.train()")
+        out.append(Finding(code="eval_mode_training", severity="warning", step=first,
+                           layers=tuple(l.name for l in affected[:8]), summary=summary, advice=advice,
+                           evidence={"steps": n, "of_steps": span, "model": label,
+                                     "batchnorm": len(bns), "dropout": len(drops)}))
+    return out
 
 
 def batchnorm_small_batch(record: Record) -> list[Finding]:
