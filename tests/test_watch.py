@@ -598,7 +598,8 @@ def test_gradients_never_cleared_between_steps_are_seen(digits, loop):
         assert events == [], events
 
 
-@pytest.mark.parametrize("loop", ["forgot_train", "train_after_eval", "eval_throughout", "eval_with_grad"])
+@pytest.mark.parametrize("loop", ["forgot_train", "train_after_eval", "eval_throughout", "eval_with_grad",
+                                  "teacher"])
 def test_training_in_eval_mode_after_train_mode_is_seen(digits, loop):
     """A validation block's model.eval() with no model.train() after it: the steps that
     follow train in eval mode (an eval_mode_training event counts them). Switching back,
@@ -610,13 +611,28 @@ def test_training_in_eval_mode_after_train_mode_is_seen(digits, loop):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     if loop == "eval_throughout":
         model.eval()
-    with gv.watch(model, opt) as w:
+    student = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    opt_student = torch.optim.SGD(student.parameters(), lr=0.05)
+    with gv.watch([model, student], [opt, opt_student]) as w:
         for i in range(10):
+            if loop == "teacher" and i >= 4:
+                # distillation from the model trained above, now a frozen teacher in eval
+                # mode, its forward not under no_grad and the last before the backward
+                xs = X[32 * i:32 * i + 32]
+                s_logits = student(xs)
+                model.eval()
+                t_logits = model(xs)
+                loss = nn.functional.kl_div(s_logits.log_softmax(1), t_logits.detach().softmax(1),
+                                            reduction="batchmean")
+                opt_student.zero_grad()
+                loss.backward()
+                opt_student.step()
+                continue
             loss = nn.functional.cross_entropy(model(X[32 * i:32 * i + 32]), y[32 * i:32 * i + 32])
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if i == 3 and loop != "eval_throughout":
+            if i == 3 and loop not in ("eval_throughout", "teacher"):
                 model.eval()
                 if loop == "eval_with_grad":
                     nn.functional.cross_entropy(model(X[-64:]), y[-64:]).item()  # no no_grad, no backward

@@ -1154,11 +1154,18 @@ class Recorder:
                 self._note_unzeroed(o)
             o.zstate = None
             if self._eval_step is not None:
-                self._note_eval_step(self._eval_step)
+                if self._steps_model(opt, self._eval_step):  # not a frozen teacher's forward
+                    self._note_eval_step(self._eval_step)
                 self._eval_step = None
             self._measure_and_flush(o)
         except Exception as exc:
             self._fail("gradients", exc)
+
+    @staticmethod
+    def _steps_model(opt: torch.optim.Optimizer, model: _Model) -> bool:
+        """Whether ``opt`` updates some parameter of ``model``."""
+        mine = {id(p) for _, p in model.params}
+        return any(id(p) in mine for g in opt.param_groups for p in g["params"])
 
     def _note_eval_step(self, model: _Model) -> None:
         """A step trained on a forward run in eval mode, by a model that trained in train
