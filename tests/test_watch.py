@@ -647,3 +647,47 @@ def test_training_in_eval_mode_after_train_mode_is_seen(digits, loop):
         assert "eval_mode_training" in [f["code"] for f in w.report()["findings"]]
     else:
         assert events == [], events
+
+
+@pytest.mark.parametrize("case", ["softmax_ce_module", "softmax_ce_reshaped", "softmax_nll", "sigmoid_bce_logits",
+                                  "logits_ce", "log_softmax_nll", "softmax_metric_only"])
+def test_loss_given_what_it_computes_itself(digits, case):
+    """A softmax into cross_entropy (also through nn.CrossEntropyLoss and a reshape), a
+    softmax into nll_loss, a sigmoid into BCE-with-logits: counted at every step a
+    backward runs through such a loss. Logits into cross_entropy, log_softmax into
+    nll_loss, and a cross_entropy on probabilities computed aside as a metric (never
+    backpropagated) are not."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(depth=1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    F = nn.functional
+    with gv.watch(model, opt) as w:
+        for i in range(5):
+            xs, ys = X[32 * i:32 * i + 32], y[32 * i:32 * i + 32]
+            logits = model(xs)
+            if case == "softmax_ce_module":
+                loss = nn.CrossEntropyLoss()(nn.Softmax(dim=1)(logits), ys)
+            elif case == "softmax_ce_reshaped":
+                loss = F.cross_entropy(logits.softmax(1).unsqueeze(1).reshape(32, 10), ys)
+            elif case == "softmax_nll":
+                loss = F.nll_loss(logits.softmax(1), ys)
+            elif case == "sigmoid_bce_logits":
+                loss = F.binary_cross_entropy_with_logits(torch.sigmoid(logits), F.one_hot(ys, 10).float())
+            elif case == "log_softmax_nll":
+                loss = F.nll_loss(logits.log_softmax(1), ys)
+            else:
+                loss = F.cross_entropy(logits, ys)
+                if case == "softmax_metric_only":
+                    F.cross_entropy(logits.softmax(1), ys).item()  # logged, never backpropagated
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    events = w.record.events_of("loss_on_probabilities")
+    wrong = {"softmax_ce_module": "cross_entropy", "softmax_ce_reshaped": "cross_entropy",
+             "softmax_nll": "nll_loss", "sigmoid_bce_logits": "binary_cross_entropy_with_logits"}
+    if case in wrong:
+        assert [(e["loss"], e["step"], e["steps"]) for e in events] == [(wrong[case], 0, 5)]
+        assert "loss_on_probabilities" in [f["code"] for f in w.report()["findings"]]
+    else:
+        assert events == [], events

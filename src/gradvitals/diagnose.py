@@ -18,6 +18,7 @@ _SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 CAUSAL_ORDER: tuple[str, ...] = (
     "grad_not_zeroed",  # a bug in the loop: whatever else shows follows from it
     "eval_mode_training",
+    "loss_on_probabilities",
     "symmetric_weights",
     "architecture_risk",
     "poor_initialization",
@@ -51,9 +52,9 @@ CAUSES: dict[str, tuple[str, ...]] = {
     "vanishing_gradients": ("saturated_activations", "poor_initialization", "symmetric_weights",
                             "architecture_risk", "batchnorm_small_batch"),
     "saturated_activations": ("poor_initialization", "update_ratio_high"),
-    "update_ratio_low": ("clipping_always_active",),
+    "update_ratio_low": ("clipping_always_active", "loss_on_probabilities"),
     "not_updated": ("clipping_always_active",),
-    "loss_plateau": ("grad_not_zeroed", "eval_mode_training", "vanishing_gradients", "dead_relu", "saturated_activations", "clipping_always_active",
+    "loss_plateau": ("grad_not_zeroed", "loss_on_probabilities", "eval_mode_training", "vanishing_gradients", "dead_relu", "saturated_activations", "clipping_always_active",
                      "update_ratio_low", "update_ratio_high", "no_gradient", "not_updated",
                      "symmetric_weights", "batchnorm_small_batch", "poor_initialization",
                      "architecture_risk", "exploding_gradients"),

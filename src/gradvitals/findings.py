@@ -28,6 +28,7 @@ CODES: tuple[str, ...] = (
     "architecture_risk",
     "grad_not_zeroed",  # added after DESIGN's table: gradients never cleared between steps
     "eval_mode_training",  # added after DESIGN's table: trained in eval mode after train mode
+    "loss_on_probabilities",  # added after DESIGN's table: a softmax fed to cross_entropy & co
 )
 
 

@@ -212,6 +212,8 @@ class Recorder:
         self.on_retire: Any = None
         self._losses: list[Tensor] = []
         self._grad_losses: list[Tensor] = []  # see _on_autograd_grad
+        self._loss_inputs: dict[tuple[str, str], dict[str, Any]] = {}  # see _on_loss_input
+        self._wrong_losses: list[tuple[tuple[str, str, int | None], Any]] = []  # this step's, see there
         self._explicit_loss = False
         self._saw_forward = False  # a root training forward was ever seen
         self._forwards = 0  # root training forwards seen (which forward a backward's loss came from)
@@ -941,6 +943,9 @@ class Recorder:
     def _on_backward_start(self, tensor: Any) -> None:
         # Read before the backward, which frees what the autograd node saved.
         self._loss_div = _loss_divisor(tensor)
+        if self._wrong_losses:
+            self._check_wrong_losses(tensor)
+            self._wrong_losses = []
         for o in self._opts.values():
             if o.zstate is not None:
                 self._zero_watch(o)
@@ -1058,6 +1063,40 @@ class Recorder:
         self.record.run["amp_skipped_steps"] = n
         if n == 1:
             self.record.event("amp_skipped_step", step=self.step)
+
+    def _on_loss_input(self, loss_fn: str, made_by: str, classes: int | None, result: Any) -> None:
+        """``loss_fn`` got the output of ``made_by`` (a softmax into cross_entropy). It
+        counts once a backward runs through ``result`` (not a metric computed aside)."""
+        node = getattr(result, "grad_fn", None)
+        if node is not None and len(self._wrong_losses) < 64:
+            self._wrong_losses.append(((loss_fn, made_by, classes), node))
+
+    def _check_wrong_losses(self, tensor: Any) -> None:
+        """Does this backward run through a loss noted by _on_loss_input? A bounded walk
+        of the loss's graph from its root (a few nodes: loss = ce + reg)."""
+        wanted = {id(node): key for key, node in self._wrong_losses}
+        roots = tensor if isinstance(tensor, (list, tuple)) else [tensor]
+        todo = [getattr(t, "grad_fn", None) for t in roots]
+        seen: set[int] = set()
+        hit: set[tuple] = set()
+        while todo and len(seen) < 256 and len(hit) < len(wanted):
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if id(node) in wanted:
+                hit.add(wanted[id(node)])
+                continue
+            todo.extend(n for n, _ in node.next_functions)
+        for loss_fn, made_by, classes in hit:
+            ev = self._loss_inputs.get((loss_fn, made_by))
+            if ev is None:
+                ev = self._loss_inputs[(loss_fn, made_by)] = self.record.event(
+                    "loss_on_probabilities", step=self.step, loss=loss_fn, input_from=made_by,
+                    classes=classes, steps=0)
+            if ev.get("last_step") != self.step:
+                ev["steps"] += 1
+                ev["last_step"] = self.step
 
     def _on_autograd_grad(self, outputs: Any, inputs: Any, seed: Any) -> None:
         """``torch.autograd.grad(loss, params)`` with parameters an optimizer holds: the

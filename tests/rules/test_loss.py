@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from rulebuild import Build, falling_loss, flat_loss
 
 from gradvitals.rules import loss as L
@@ -112,3 +113,23 @@ def test_a_short_run_that_bumps_early_then_learns_recovered():
     early = [2.56, 2.62, 3.31, 3.52, 2.47, 1.66, 1.24, 0.9, 0.65, 0.35, 0.41, 0.48, 0.44, 0.37, 0.36, 0.29]
     assert L.loss_spike(Build().loss(early + [1.4] * 4).record)[0].severity == "info"  # ends 0.54x the level
     assert L.loss_spike(Build().loss(early[:6] + [2.2] * 10).record)[0].severity == "warning"
+
+
+@pytest.mark.parametrize("loss_fn,made_by,classes,needle", [
+    ("cross_entropy", "SoftmaxBackward0", 10, "with 10 classes the loss cannot go below log(1 + 9/e) = 1.46"),
+    ("cross_entropy", "SoftmaxBackward0", None, "trains through two softmaxes"),
+    ("nll_loss", "SoftmaxBackward0", 10, "probabilities taken for log-probabilities"),
+    ("binary_cross_entropy_with_logits", "SigmoidBackward0", 1, "trains through two sigmoids"),
+])
+def test_loss_on_probabilities_from_the_recorders_event(loss_fn, made_by, classes, needle):
+    from gradvitals.rules import loss as L
+
+    b = Build().mlp(3).loss(falling_loss(100))
+    b.event("loss_on_probabilities", step=0, loss=loss_fn, input_from=made_by, classes=classes, steps=100)
+    f = L.loss_on_probabilities(b.record)[0]
+    assert f.code == "loss_on_probabilities" and f.severity == "warning" and f.step == 0
+    assert "at 100 of 100 steps from step 0" in f.summary and needle in f.summary
+    assert ("loss_floor" in f.evidence) is (loss_fn == "cross_entropy" and classes is not None)
+    b2 = Build().mlp(3).loss(falling_loss(100))
+    b2.event("loss_on_probabilities", step=0, loss="mse_loss", input_from="SoftmaxBackward0", steps=100)
+    assert L.loss_on_probabilities(b2.record) == []  # a pair it does not know: nothing

@@ -2,7 +2,7 @@
 
 Every rule is listed in :data:`RULES`; :func:`gradvitals.diagnose.diagnose` runs them all.
 Families: ``nonfinite``, ``gradients`` (vanishing/exploding), ``activations`` (dead ReLU,
-saturation), ``loss`` (plateau, spikes), ``updates`` (update/weight ratios: learning rate),
+saturation), ``loss`` (plateau, spikes, a loss given probabilities), ``updates`` (update/weight ratios: learning rate),
 ``params`` (no gradient, not updated, gradients never cleared), ``normalization`` (BatchNorm batch size, training in eval mode),
 ``clipping``. The checkup's lint (``init``, ``architecture``) registers itself here too.
 """
@@ -25,6 +25,7 @@ RULES: list[Rule] = [
     activations.saturated_activations,
     loss.loss_plateau,
     loss.loss_spike,
+    loss.loss_on_probabilities,
     updates.update_ratio_high,
     updates.update_ratio_low,
     normalization.batchnorm_small_batch,

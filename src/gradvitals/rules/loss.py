@@ -223,3 +223,60 @@ def loss_spike(record: Record) -> list[Finding]:
               "If a single batch causes it, check that batch for outliers or bad labels.")
     return [Finding(code="loss_spike", severity=severity, step=first.step, layers=(), summary=summary,
                     evidence=evidence, advice=advice)]
+
+
+# ----------------------------------------------------- the loss's input
+#: What each loss function does to its input itself, and so must not be given
+#: (the recorder's ``loss_on_probabilities`` events: the autograd node that made the
+#: input of a loss a backward ran through).
+_DOES_ITSELF = {
+    ("cross_entropy", "SoftmaxBackward0"): ("`F.cross_entropy` / `nn.CrossEntropyLoss`", "a softmax",
+                                            "applies log_softmax to its input itself, so the model trains "
+                                            "through two softmaxes"),
+    ("nll_loss", "SoftmaxBackward0"): ("`F.nll_loss` / `nn.NLLLoss`", "a softmax",
+                                       "expects log-probabilities (log_softmax), so it trains on "
+                                       "probabilities taken for log-probabilities"),
+    ("binary_cross_entropy_with_logits", "SigmoidBackward0"): (
+        "`F.binary_cross_entropy_with_logits` / `nn.BCEWithLogitsLoss`", "a sigmoid",
+        "applies the sigmoid to its input itself, so the model trains through two sigmoids"),
+}
+_FIX = {
+    "cross_entropy": ("Return the logits from the model (remove the final softmax) and keep the loss; apply "
+                      "softmax only where probabilities are needed (inference, metrics):\n"
+                      "    logits = model(x)\n    loss = F.cross_entropy(logits, y)\n"
+                      "    probs = logits.softmax(dim=1)  # for reporting only"),
+    "nll_loss": ("Feed `nll_loss` log-probabilities: `log_softmax` instead of `softmax` (or return logits and "
+                 "use `F.cross_entropy`, which does both):\n    loss = F.nll_loss(F.log_softmax(logits, dim=1), y)"),
+    "binary_cross_entropy_with_logits": (
+        "Give `BCEWithLogitsLoss` the raw logits (remove the final sigmoid); apply `torch.sigmoid` only for "
+        "probabilities at inference:\n    loss = F.binary_cross_entropy_with_logits(logits, y)"),
+}
+
+
+def loss_on_probabilities(record: Record) -> list[Finding]:
+    """A loss trained through that was given what it computes itself: a softmax into
+    cross_entropy (two softmaxes: the gradient shrinks as outputs saturate and the loss
+    has a floor above 0), a softmax into nll_loss (probabilities where log-probabilities
+    belong), a sigmoid into BCE-with-logits."""
+    out: list[Finding] = []
+    for ev in record.events_of("loss_on_probabilities"):
+        key = (ev.get("loss"), ev.get("input_from"))
+        if key not in _DOES_ITSELF or not isinstance(ev.get("step"), int):
+            continue
+        fn, producer, why = _DOES_ITSELF[key]
+        n = int(ev.get("steps") or 0)
+        span = max(record.steps - ev["step"], n)
+        summary = (f"{fn} was given the output of {producer} at {n} of {span} steps from step {ev['step']}: it "
+                   f"{why}")
+        classes = ev.get("classes")
+        evidence = {"loss": ev.get("loss"), "input_from": ev.get("input_from"), "steps": n, "of_steps": span}
+        if key[0] == "cross_entropy" and isinstance(classes, int) and classes >= 2:
+            # Inputs in [0, 1]: at best the right class gets 1 and the others 0, so the
+            # loss cannot go below log(1 + (C - 1) / e).
+            floor = math.log(1 + (classes - 1) / math.e)
+            summary += (f" (the gradient shrinks as the probabilities saturate, and with {classes} classes the "
+                        f"loss cannot go below log(1 + {classes - 1}/e) = {floor:.3g})")
+            evidence["classes"], evidence["loss_floor"] = classes, floor
+        out.append(Finding(code="loss_on_probabilities", severity="warning", step=ev["step"], layers=(),
+                           summary=summary + ".", evidence=evidence, advice=_FIX[key[0]]))
+    return out
