@@ -178,3 +178,27 @@ def test_report_command_rerenders_and_rejects_bad_input(tmp_path):
     junk.write_text("{not json")
     p = run(["report", str(junk)])
     assert p.returncode == 2 and "not JSON" in p.stderr
+
+
+def test_loss_event_findings_are_counted_per_fold(tmp_path):
+    """k-fold under gradvitals run, each fold a fresh model ending in a softmax fed to
+    cross_entropy: one loss_on_probabilities event per fold, each counting that fold's
+    steps (the first fold's once also counted the next fold's first step)."""
+    script = tmp_path / "kfold.py"
+    script.write_text(
+        "import torch, torch.nn as nn\n"
+        "torch.manual_seed(0)\n"
+        "x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))\n"
+        "for fold in range(3):\n"
+        "    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.Softmax(1))\n"
+        "    opt = torch.optim.SGD(m.parameters(), lr=0.01)\n"
+        "    for _ in range(6):\n"
+        "        opt.zero_grad()\n"
+        "        nn.functional.cross_entropy(m(x), y).backward()\n"
+        "        opt.step()\n")
+    out = tmp_path / "r.json"
+    p = run(["run", "-q", "--json", str(out), str(script)])
+    assert p.returncode == 0, p.stderr
+    events = load(out)["run"]["events"]
+    assert [e["step"] for e in events if e["type"] == "segment"] == [6, 12]
+    assert [(e["step"], e["steps"]) for e in events if e["type"] == "loss_on_probabilities"] == [(0, 6), (6, 6), (12, 6)]

@@ -212,7 +212,9 @@ class Recorder:
         self.on_retire: Any = None
         self._losses: list[Tensor] = []
         self._grad_losses: list[Tensor] = []  # see _on_autograd_grad
-        self._loss_inputs: dict[tuple[str, str], dict[str, Any]] = {}  # see _on_loss_input
+        self._loss_inputs: dict[tuple[str, str, int], dict[str, Any]] = {}  # see _on_loss_input
+        self._segments = 0  # segment events written (see _note_segment)
+        self._wrong_hits: set[tuple[str, str, int | None]] = set()  # see _check_wrong_losses
         self._wrong_losses: list[tuple[tuple[str, str, int | None], Any]] = []  # this step's, see there
         self._explicit_loss = False
         self._saw_forward = False  # a root training forward was ever seen
@@ -1088,15 +1090,22 @@ class Recorder:
                 hit.add(wanted[id(node)])
                 continue
             todo.extend(n for n, _ in node.next_functions)
-        for loss_fn, made_by, classes in hit:
-            ev = self._loss_inputs.get((loss_fn, made_by))
+        self._wrong_hits |= hit  # counted at the step (_count_wrong_losses)
+
+    def _count_wrong_losses(self) -> None:
+        """This step trained through the losses noted by _check_wrong_losses: one event
+        per such loss and segment (k-fold: per fold), counting its steps."""
+        for loss_fn, made_by, classes in self._wrong_hits:
+            key = (loss_fn, made_by, self._segments)
+            ev = self._loss_inputs.get(key)
             if ev is None:
-                ev = self._loss_inputs[(loss_fn, made_by)] = self.record.event(
+                ev = self._loss_inputs[key] = self.record.event(
                     "loss_on_probabilities", step=self.step, loss=loss_fn, input_from=made_by,
                     classes=classes, steps=0)
             if ev.get("last_step") != self.step:
                 ev["steps"] += 1
                 ev["last_step"] = self.step
+        self._wrong_hits = set()
 
     def _on_autograd_grad(self, outputs: Any, inputs: Any, seed: Any) -> None:
         """``torch.autograd.grad(loss, params)`` with parameters an optimizer holds: the
@@ -1178,6 +1187,8 @@ class Recorder:
             if not o.stepped:
                 o.stepped = True
                 self._note_segment(opt, o)
+            if self._wrong_hits:
+                self._count_wrong_losses()
             self._stepped.append(id(opt))
             self._last_stepped_call = self._pre_hook_calls
             if self._grad_losses:
@@ -1256,6 +1267,7 @@ class Recorder:
                 self._advance()
                 self._cycle_last = None
             self.record.event("segment", step=self.step, models=sorted(m.label for m in models.values()))
+            self._segments += 1
             self._retire_finished(models)
         for k, m in models.items():
             trained[k] = weakref.ref(m.module)
