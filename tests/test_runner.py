@@ -197,7 +197,7 @@ def test_loss_event_findings_are_counted_per_fold(tmp_path):
         "        nn.functional.cross_entropy(m(x), y).backward()\n"
         "        opt.step()\n")
     out = tmp_path / "r.json"
-    p = run(["run", "-q", "--json", str(out), str(script)])
+    p = run(["run", "-q", "--every", "1", "--json", str(out), str(script)])
     assert p.returncode == 0, p.stderr
     events = load(out)["run"]["events"]
     assert [e["step"] for e in events if e["type"] == "segment"] == [6, 12]

@@ -656,13 +656,14 @@ def test_loss_given_what_it_computes_itself(digits, case):
     softmax into nll_loss, a sigmoid into BCE-with-logits: counted at every step a
     backward runs through such a loss. Logits into cross_entropy, log_softmax into
     nll_loss, and a cross_entropy on probabilities computed aside as a metric (never
-    backpropagated) are not."""
+    backpropagated) are not. Read off the loss's graph on the scheduled steps (here
+    every step), with nothing patched."""
     X, y = digits
     torch.manual_seed(0)
     model = mlp(depth=1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     F = nn.functional
-    with gv.watch(model, opt) as w:
+    with gv.watch(model, opt, every=1) as w:
         for i in range(5):
             xs, ys = X[32 * i:32 * i + 32], y[32 * i:32 * i + 32]
             logits = model(xs)
@@ -687,7 +688,43 @@ def test_loss_given_what_it_computes_itself(digits, case):
     wrong = {"softmax_ce_module": "cross_entropy", "softmax_ce_reshaped": "cross_entropy",
              "softmax_nll": "nll_loss", "sigmoid_bce_logits": "binary_cross_entropy_with_logits"}
     if case in wrong:
-        assert [(e["loss"], e["step"], e["steps"]) for e in events] == [(wrong[case], 0, 5)]
+        assert [(e["loss"], e["step"], e["steps"], e["checked"]) for e in events] == [(wrong[case], 0, 5, 5)]
         assert "loss_on_probabilities" in [f["code"] for f in w.report()["findings"]]
     else:
         assert events == [], events
+
+
+def test_scripted_losses_still_compile_under_watch(digits):
+    """torch.jit.script of nn.CrossEntropyLoss, and of a function calling F.cross_entropy
+    and F.nll_loss, inside a watch: TorchScript compiles them (gradvitals patches no loss
+    function; when it did, scripting failed with 'undefined value
+    has_torch_function_variadic') and the losses are the same as without the watch."""
+    X, y = digits
+
+    def losses(watch: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = mlp(depth=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        w = gv.watch(model, opt, every=1) if watch else None
+        try:
+            crit = torch.jit.script(nn.CrossEntropyLoss())
+
+            @torch.jit.script
+            def both(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                return (nn.functional.cross_entropy(logits, target)
+                        + nn.functional.nll_loss(nn.functional.log_softmax(logits, 1), target))
+
+            out = []
+            for i in range(3):
+                logits = model(X[32 * i:32 * i + 32])
+                loss = crit(logits, y[32 * i:32 * i + 32]) + both(logits, y[32 * i:32 * i + 32])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                out.append(loss.item())
+            return out
+        finally:
+            if w is not None:
+                w.close()
+
+    assert losses(True) == losses(False)

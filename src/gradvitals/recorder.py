@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from . import __version__
 from .probes import activations as act_probe
 from .probes import init_audit
+from .probes import loss_graph
 from .probes import patches
 from . import distributed
 from .probes.nonfinite import replay_forward
@@ -212,10 +213,11 @@ class Recorder:
         self.on_retire: Any = None
         self._losses: list[Tensor] = []
         self._grad_losses: list[Tensor] = []  # see _on_autograd_grad
-        self._loss_inputs: dict[tuple[str, str, int], dict[str, Any]] = {}  # see _on_loss_input
+        self._loss_inputs: dict[tuple[str, str, int], dict[str, Any]] = {}  # see _count_wrong_losses
         self._segments = 0  # segment events written (see _note_segment)
-        self._wrong_hits: set[tuple[str, str, int | None]] = set()  # see _check_wrong_losses
-        self._wrong_losses: list[tuple[tuple[str, str, int | None], Any]] = []  # this step's, see there
+        self._wrong_hits: set[tuple[str, str, int | None]] = set()  # see _probe_loss_graph
+        self._loss_probe_step = -1  # the step whose loss graph was last probed
+        self._loss_probed = False  # ... and not yet counted
         self._explicit_loss = False
         self._saw_forward = False  # a root training forward was ever seen
         self._forwards = 0  # root training forwards seen (which forward a backward's loss came from)
@@ -945,9 +947,11 @@ class Recorder:
     def _on_backward_start(self, tensor: Any) -> None:
         # Read before the backward, which frees what the autograd node saved.
         self._loss_div = _loss_divisor(tensor)
-        if self._wrong_losses:
-            self._check_wrong_losses(tensor)
-            self._wrong_losses = []
+        if self._loss_probe_step != self.step and self._scheduled(self.step):
+            try:
+                self._probe_loss_graph(tensor)
+            except Exception as exc:
+                self._fail("loss_graph", exc)
         for o in self._opts.values():
             if o.zstate is not None:
                 self._zero_watch(o)
@@ -1066,46 +1070,33 @@ class Recorder:
         if n == 1:
             self.record.event("amp_skipped_step", step=self.step)
 
-    def _on_loss_input(self, loss_fn: str, made_by: str, classes: int | None, result: Any) -> None:
-        """``loss_fn`` got the output of ``made_by`` (a softmax into cross_entropy). It
-        counts once a backward runs through ``result`` (not a metric computed aside)."""
-        node = getattr(result, "grad_fn", None)
-        if node is not None and len(self._wrong_losses) < 64:
-            self._wrong_losses.append(((loss_fn, made_by, classes), node))
-
-    def _check_wrong_losses(self, tensor: Any) -> None:
-        """Does this backward run through a loss noted by _on_loss_input? A bounded walk
-        of the loss's graph from its root (a few nodes: loss = ce + reg)."""
-        wanted = {id(node): key for key, node in self._wrong_losses}
-        roots = tensor if isinstance(tensor, (list, tuple)) else [tensor]
-        todo = [getattr(t, "grad_fn", None) for t in roots]
-        seen: set[int] = set()
-        hit: set[tuple] = set()
-        while todo and len(seen) < 256 and len(hit) < len(wanted):
-            node = todo.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if id(node) in wanted:
-                hit.add(wanted[id(node)])
-                continue
-            todo.extend(n for n, _ in node.next_functions)
-        self._wrong_hits |= hit  # counted at the step (_count_wrong_losses)
+    def _probe_loss_graph(self, tensor: Any) -> None:
+        """Once per scheduled step, at its first backward: is a loss in this backward's
+        graph given what it computes itself (a softmax into cross_entropy)? Counted at
+        the step (_count_wrong_losses); a metric computed aside is in no backward's graph."""
+        self._loss_probe_step = self.step
+        self._wrong_hits |= loss_graph.wrong_loss_inputs(tensor)
+        self._loss_probed = True
 
     def _count_wrong_losses(self) -> None:
-        """This step trained through the losses noted by _check_wrong_losses: one event
-        per such loss and segment (k-fold: per fold), counting its steps."""
+        """A step whose loss graph was probed: one event per wrong loss and segment
+        (k-fold: per fold), counting the probed steps it was seen at (``steps``) and the
+        probed steps since it was first seen (``checked``)."""
         for loss_fn, made_by, classes in self._wrong_hits:
             key = (loss_fn, made_by, self._segments)
-            ev = self._loss_inputs.get(key)
-            if ev is None:
-                ev = self._loss_inputs[key] = self.record.event(
+            if key not in self._loss_inputs:
+                self._loss_inputs[key] = self.record.event(
                     "loss_on_probabilities", step=self.step, loss=loss_fn, input_from=made_by,
-                    classes=classes, steps=0)
-            if ev.get("last_step") != self.step:
-                ev["steps"] += 1
+                    classes=classes, steps=0, checked=0)
+        hits = {(f, m, self._segments) for f, m, _ in self._wrong_hits}
+        for key, ev in self._loss_inputs.items():
+            if key[2] == self._segments and ev.get("last_step") != self.step:
+                ev["checked"] += 1
+                if key in hits:
+                    ev["steps"] += 1
                 ev["last_step"] = self.step
         self._wrong_hits = set()
+        self._loss_probed = False
 
     def _on_autograd_grad(self, outputs: Any, inputs: Any, seed: Any) -> None:
         """``torch.autograd.grad(loss, params)`` with parameters an optimizer holds: the
@@ -1187,7 +1178,7 @@ class Recorder:
             if not o.stepped:
                 o.stepped = True
                 self._note_segment(opt, o)
-            if self._wrong_hits:
+            if self._loss_probed:
                 self._count_wrong_losses()
             self._stepped.append(id(opt))
             self._last_stepped_call = self._pre_hook_calls

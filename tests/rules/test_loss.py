@@ -125,10 +125,11 @@ def test_loss_on_probabilities_from_the_recorders_event(loss_fn, made_by, classe
     from gradvitals.rules import loss as L
 
     b = Build().mlp(3).loss(falling_loss(100))
-    b.event("loss_on_probabilities", step=0, loss=loss_fn, input_from=made_by, classes=classes, steps=100)
+    b.event("loss_on_probabilities", step=0, loss=loss_fn, input_from=made_by, classes=classes, steps=4,
+            checked=5)
     f = L.loss_on_probabilities(b.record)[0]
     assert f.code == "loss_on_probabilities" and f.severity == "warning" and f.step == 0
-    assert "at 100 of 100 steps from step 0" in f.summary and needle in f.summary
+    assert "at 4 of the 5 steps checked from step 0" in f.summary and needle in f.summary
     assert ("loss_floor" in f.evidence) is (loss_fn == "cross_entropy" and classes is not None)
     b2 = Build().mlp(3).loss(falling_loss(100))
     b2.event("loss_on_probabilities", step=0, loss="mse_loss", input_from="SoftmaxBackward0", steps=100)

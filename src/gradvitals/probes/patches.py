@@ -5,10 +5,6 @@ least one recorder is active and removed (restored exactly) when the last closes
   kept as a device tensor) and the end of each backward pass.
 - ``torch.autograd.grad``: a loss differentiated with respect to the parameters
   directly (loops that set ``p.grad`` themselves), for steps that run no backward.
-- ``F.cross_entropy`` / ``F.nll_loss`` / ``F.binary_cross_entropy_with_logits`` (and
-  the loss modules, which call them): what produced their input — a softmax fed to
-  a loss that applies its own (log-)softmax, a sigmoid fed to one that applies its own
-  sigmoid. One look at the input's autograd node, no value read.
 - ``torch.nn.utils.clip_grad_norm_``: per-parameter norms *before* clipping, the
   total norm and max_norm (did it clip?).
 
@@ -74,54 +70,6 @@ def _grad_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
     return grad
 
 
-#: Loss function -> the autograd nodes whose output it must not get: it applies that
-#: function itself (cross_entropy: log_softmax; binary_cross_entropy_with_logits:
-#: sigmoid), or expects log-probabilities (nll_loss).
-_WRONG_INPUT = {"cross_entropy": ("SoftmaxBackward0",), "nll_loss": ("SoftmaxBackward0",),
-                "binary_cross_entropy_with_logits": ("SigmoidBackward0",)}
-#: Autograd nodes that only move or copy elements: looked through to what made them.
-_PASS_THROUGH = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "TransposeBackward0",
-                           "PermuteBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
-                           "UnsqueezeBackward0", "CloneBackward0", "ToCopyBackward0", "SliceBackward0",
-                           "SelectBackward0", "ExpandBackward0", "TBackward0"})
-
-
-def _producer(t: Any) -> str | None:
-    """The name of the autograd node that computed ``t``, past view/copy nodes."""
-    node = getattr(t, "grad_fn", None)
-    for _ in range(6):
-        if node is None:
-            return None
-        name = type(node).__name__
-        if name not in _PASS_THROUGH:
-            return name
-        nxt = node.next_functions
-        node = nxt[0][0] if nxt else None
-    return None
-
-
-def _loss_wrapper(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
-    wrong = _WRONG_INPUT[name]
-
-    @functools.wraps(orig)
-    def loss(input: Any, *args: Any, **kwargs: Any) -> Any:
-        if _listeners and isinstance(input, torch.Tensor) and input.requires_grad:
-            try:
-                compiling = torch.compiler.is_compiling()
-            except Exception:
-                compiling = False
-            if not compiling:
-                made_by = _producer(input)
-                if made_by in wrong:
-                    result = orig(input, *args, **kwargs)
-                    classes = int(input.shape[1]) if input.dim() >= 2 else None
-                    _each("_on_loss_input", name, made_by, classes, result)
-                    return result
-        return orig(input, *args, **kwargs)
-
-    return loss
-
-
 def _clip_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(orig)
     def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> Any:
@@ -173,9 +121,6 @@ def install(recorder: Any) -> None:
         _originals["Tensor.backward"] = torch.Tensor.backward
         _originals["autograd.backward"] = torch.autograd.backward
         _originals["autograd.grad"] = torch.autograd.grad
-        for name in _WRONG_INPUT:
-            _originals["F." + name] = getattr(torch.nn.functional, name)
-            setattr(torch.nn.functional, name, _loss_wrapper(name, _originals["F." + name]))
         _originals["clip"] = torch.nn.utils.clip_grad_norm_
         _originals["clip_mod"] = torch.nn.utils.clip_grad.clip_grad_norm_
         torch.Tensor.backward = _backward_wrapper(torch.Tensor.backward)  # type: ignore[method-assign]
@@ -201,8 +146,6 @@ def uninstall(recorder: Any) -> None:
         torch.Tensor.backward = _originals.pop("Tensor.backward")  # type: ignore[method-assign]
         torch.autograd.backward = _originals.pop("autograd.backward")
         torch.autograd.grad = _originals.pop("autograd.grad")
-        for name in _WRONG_INPUT:
-            setattr(torch.nn.functional, name, _originals.pop("F." + name))
         torch.nn.utils.clip_grad_norm_ = _originals.pop("clip")
         torch.nn.utils.clip_grad.clip_grad_norm_ = _originals.pop("clip_mod")
         _GradScaler.scale = _originals.pop("scaler.scale")  # type: ignore[method-assign]

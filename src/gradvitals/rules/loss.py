@@ -228,7 +228,8 @@ def loss_spike(record: Record) -> list[Finding]:
 # ----------------------------------------------------- the loss's input
 #: What each loss function does to its input itself, and so must not be given
 #: (the recorder's ``loss_on_probabilities`` events: the autograd node that made the
-#: input of a loss a backward ran through).
+#: input of a loss a backward ran through, read on the scheduled steps; see
+#: probes/loss_graph.py).
 _DOES_ITSELF = {
     ("cross_entropy", "SoftmaxBackward0"): ("`F.cross_entropy` / `nn.CrossEntropyLoss`", "a softmax",
                                             "applies log_softmax to its input itself, so the model trains "
@@ -265,11 +266,13 @@ def loss_on_probabilities(record: Record) -> list[Finding]:
             continue
         fn, producer, why = _DOES_ITSELF[key]
         n = int(ev.get("steps") or 0)
-        span = max(record.steps - ev["step"], n)
-        summary = (f"{fn} was given the output of {producer} at {n} of {span} steps from step {ev['step']}: it "
-                   f"{why}")
+        checked = max(int(ev.get("checked") or n), n)
+        if n < 1:
+            continue
+        summary = (f"{fn} was given the output of {producer} at {n} of the {checked} steps checked from step "
+                   f"{ev['step']}: it {why}")
         classes = ev.get("classes")
-        evidence = {"loss": ev.get("loss"), "input_from": ev.get("input_from"), "steps": n, "of_steps": span}
+        evidence = {"loss": ev.get("loss"), "input_from": ev.get("input_from"), "steps": n, "checked": checked}
         if key[0] == "cross_entropy" and isinstance(classes, int) and classes >= 2:
             # Inputs in [0, 1]: at best the right class gets 1 and the others 0, so the
             # loss cannot go below log(1 + (C - 1) / e).
