@@ -695,10 +695,11 @@ def test_loss_given_what_it_computes_itself(digits, case):
 
 
 def test_scripted_losses_still_compile_under_watch(digits):
-    """torch.jit.script of nn.CrossEntropyLoss, and of a function calling F.cross_entropy
-    and F.nll_loss, inside a watch: TorchScript compiles them (gradvitals patches no loss
-    function; when it did, scripting failed with 'undefined value
-    has_torch_function_variadic') and the losses are the same as without the watch."""
+    """torch.jit.script of nn.CrossEntropyLoss, of a function calling F.cross_entropy and
+    F.nll_loss, and of a gradient penalty calling torch.autograd.grad, inside a watch:
+    TorchScript compiles them (gradvitals patches no loss function, and its wrapped
+    autograd.grad/backward are registered as the builtins they wrap; before, scripting
+    failed) and the losses are the same as without the watch."""
     X, y = digits
 
     def losses(watch: bool) -> list[float]:
@@ -714,10 +715,18 @@ def test_scripted_losses_still_compile_under_watch(digits):
                 return (nn.functional.cross_entropy(logits, target)
                         + nn.functional.nll_loss(nn.functional.log_softmax(logits, 1), target))
 
+            @torch.jit.script
+            def penalty(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                g = torch.autograd.grad([out.sum()], [x], create_graph=True)[0]
+                assert g is not None
+                return g.pow(2).mean()
+
             out = []
             for i in range(3):
-                logits = model(X[32 * i:32 * i + 32])
-                loss = crit(logits, y[32 * i:32 * i + 32]) + both(logits, y[32 * i:32 * i + 32])
+                x = X[32 * i:32 * i + 32].clone().requires_grad_()
+                logits = model(x)
+                loss = (crit(logits, y[32 * i:32 * i + 32]) + both(logits, y[32 * i:32 * i + 32])
+                        + penalty(logits, x))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -111,6 +111,23 @@ def _scaler_step_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
     return step
 
 
+_kept: list[Any] = []  # wrappers registered as TorchScript builtins (see _as_builtin)
+
+
+def _as_builtin(wrapper: Any, original: Any) -> None:
+    """Register ``wrapper`` as the TorchScript builtin ``original`` is (private API: a
+    torch without it only loses scripting through the wrapper)."""
+    try:
+        from torch.jit import _builtins
+
+        op = _builtins._get_builtin_table().get(id(original))
+        if op is not None:
+            _builtins._register_builtin(wrapper, op)
+            _kept.append(wrapper)  # the table holds its id: it must never be reused
+    except Exception:
+        pass
+
+
 def install(recorder: Any) -> None:
     with _lock:
         if recorder in _listeners:
@@ -126,6 +143,11 @@ def install(recorder: Any) -> None:
         torch.Tensor.backward = _backward_wrapper(torch.Tensor.backward)  # type: ignore[method-assign]
         torch.autograd.backward = _backward_wrapper(torch.autograd.backward)
         torch.autograd.grad = _grad_wrapper(torch.autograd.grad)
+        # TorchScript maps these functions to its builtins by identity: a function scripted
+        # while they are wrapped must still find aten::backward / aten::grad (else it tries to
+        # compile the wrapper and the user's torch.jit.script fails).
+        _as_builtin(torch.autograd.backward, _originals["autograd.backward"])
+        _as_builtin(torch.autograd.grad, _originals["autograd.grad"])
         wrapped = _clip_wrapper(_originals["clip"])
         torch.nn.utils.clip_grad_norm_ = wrapped
         torch.nn.utils.clip_grad.clip_grad_norm_ = wrapped
