@@ -251,6 +251,7 @@ def test_close_removes_every_hook_and_patch():
     opt = torch.optim.Adam(model.parameters())
     backward_before = torch.Tensor.backward
     clip_before = torch.nn.utils.clip_grad_norm_
+    clip_with_norm_before = torch.nn.utils.clip_grads_with_norm_
     w = gv.watch(model, opt, every=1)
     assert torch.Tensor.backward is not backward_before
     model(torch.randn(4, 64)).sum().backward()
@@ -263,6 +264,7 @@ def test_close_removes_every_hook_and_patch():
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert torch.Tensor.backward is backward_before
     assert torch.nn.utils.clip_grad_norm_ is clip_before
+    assert torch.nn.utils.clip_grads_with_norm_ is clip_with_norm_before
     assert patches.active() == []
 
 
@@ -289,6 +291,29 @@ def test_several_optimizers_and_clipping(digits):
     assert rec.series["clip_clipped"].values[-1] == float(total.item() > 0.5)
     # recorded before clipping: the global norm equals clip's total, not max_norm
     assert rec.series["grad_norm_global"].values[-1] == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_clipping_by_a_norm_taken_apart_is_seen_before_it_scales(digits):
+    # accelerate >= 1.x (and code written like it) takes the total norm itself and then
+    # calls clip_grads_with_norm_: the record must hold the norms before that scaling.
+    X, y = digits
+    torch.manual_seed(0)
+    model = mlp(depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gv.watch(model, opt) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[:32]), y[:32]).backward()
+            grads = [p.grad for p in model.parameters()]
+            total = torch.nn.utils.get_total_norm(grads)
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), 0.05, total)
+            opt.step()
+    rec = w.record
+    assert total.item() > 0.05  # it clipped
+    assert rec.series["grad_norm_global"].values[-1] == pytest.approx(total.item(), rel=1e-5)
+    assert rec.series["clip_total_norm"].values == pytest.approx(rec.series["grad_norm_global"].values, rel=1e-5)
+    assert list(rec.series["clip_clipped"].values) == [1.0, 1.0, 1.0]
+    assert list(rec.series["clip_max_norm"].values) == [0.05] * 3
 
 
 def test_probe_error_does_not_stop_training(digits, monkeypatch):

@@ -89,6 +89,22 @@ def test_gradient_clipping_telemetry_and_norms_before_clipping(tmp_path):
     assert min(grad) > 10 * clip
 
 
+def test_explosion_under_clipping_is_diagnosed_from_the_norms_before_clipping(tmp_path):
+    # SGD at lr 30 under the Trainer's default max_grad_norm=1.0: the gradients grow to
+    # 10-50x the threshold while clipping hides it from the update. Whichever order the
+    # Trainer calls clipping and on_pre_optimizer_step in, the record holds the norms the
+    # Trainer itself logs (before clipping), and the run is diagnosed from them.
+    cb = GradVitalsCallback(quiet=True)
+    trainer = train(tmp_path, cb, max_steps=30, learning_rate=30.0, optim="sgd", max_grad_norm=1.0,
+                    lr_scheduler_type="constant")
+    series = cb.report.record.series
+    grad = series["grad_norm_global"].points()[1]
+    assert grad == pytest.approx(logged(trainer, "grad_norm"), rel=1e-5)
+    assert max(grad) > 10.0  # clipped to 1.0 before the step: only the pre-clip norms show it
+    codes = {f.code for f in cb.report.findings if f.severity in ("critical", "warning")}
+    assert codes & {"exploding_gradients", "loss_spike"}
+
+
 def test_learning_rate_far_too_high_is_diagnosed_with_the_layer(tmp_path):
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(

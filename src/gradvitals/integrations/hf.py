@@ -1,10 +1,12 @@
 """gradvitals for the Hugging Face Trainer: ``Trainer(..., callbacks=[GradVitalsCallback()])``.
 
-The Trainer calls ``on_pre_optimizer_step`` after gradient accumulation and clipping,
-right before ``optimizer.step()``, and ``on_optimizer_step`` right after it: the
-callback begins and ends the recorded step there (micro-batches are never counted).
-Clipping goes through ``torch.nn.utils.clip_grad_norm_``, where the recorder takes
-the gradient norms *before* clipping (and after accelerate unscaled fp16 gradients).
+The Trainer calls ``on_pre_optimizer_step`` after gradient accumulation, right before
+``optimizer.step()``, and ``on_optimizer_step`` right after it: the callback begins and
+ends the recorded step there (micro-batches are never counted). The Trainer clips
+*before* ``on_pre_optimizer_step`` (through accelerate: ``torch.nn.utils.clip_grad_norm_``
+in older releases, ``get_total_norm`` + ``clip_grads_with_norm_`` in newer ones); the
+recorder takes the per-parameter norms at that clip call, before the gradients are
+scaled (and after accelerate unscaled fp16 gradients), and the step uses them.
 
 transformers releases without these events call ``optimizer.step()`` without a
 closure, so there the optimizer's own step hooks see the same gradients: the

@@ -7,6 +7,9 @@ least one recorder is active and removed (restored exactly) when the last closes
   directly (loops that set ``p.grad`` themselves), for steps that run no backward.
 - ``torch.nn.utils.clip_grad_norm_``: per-parameter norms *before* clipping, the
   total norm and max_norm (did it clip?).
+- ``torch.nn.utils.clip_grads_with_norm_`` (torch >= 2.6): the same, for code that takes
+  the total norm itself and then scales (accelerate >= 1.x, hence the HF Trainer 5.x,
+  clips this way, before the Trainer's ``on_pre_optimizer_step``).
 
 Each wrapper calls the original with the same arguments and returns its result
 unchanged; a listener that raises is reported by its recorder, never propagated.
@@ -80,11 +83,29 @@ def _clip_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
         else:
             parameters = list(parameters)  # the original does the same: a generator is read once
         _each("_on_clip_start", parameters, max_norm)
-        total = orig(parameters, max_norm, *args, **kwargs)
+        _depth.clip = True
+        try:
+            total = orig(parameters, max_norm, *args, **kwargs)
+        finally:
+            _depth.clip = False
         _each("_on_clip_end", total, max_norm)
         return total
 
     return clip_grad_norm_
+
+
+def _clip_with_norm_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def clip_grads_with_norm_(parameters: Any, max_norm: float, total_norm: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _listeners or getattr(_depth, "clip", False):  # inside clip_grad_norm_: seen there
+            return orig(parameters, max_norm, total_norm, *args, **kwargs)
+        parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        _each("_on_clip_start", parameters, max_norm)
+        result = orig(parameters, max_norm, total_norm, *args, **kwargs)
+        _each("_on_clip_end", total_norm, max_norm)
+        return result
+
+    return clip_grads_with_norm_
 
 
 def _scale_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -151,6 +172,9 @@ def install(recorder: Any) -> None:
         wrapped = _clip_wrapper(_originals["clip"])
         torch.nn.utils.clip_grad_norm_ = wrapped
         torch.nn.utils.clip_grad.clip_grad_norm_ = wrapped
+        if hasattr(torch.nn.utils, "clip_grads_with_norm_"):
+            _originals["clip_with_norm"] = torch.nn.utils.clip_grads_with_norm_
+            torch.nn.utils.clip_grads_with_norm_ = _clip_with_norm_wrapper(_originals["clip_with_norm"])
         # GradScaler: the loss it scales (recorded unscaled) and the steps it skips.
         _originals["scaler.scale"] = _GradScaler.scale
         _originals["scaler.step"] = _GradScaler.step
@@ -170,6 +194,8 @@ def uninstall(recorder: Any) -> None:
         torch.autograd.grad = _originals.pop("autograd.grad")
         torch.nn.utils.clip_grad_norm_ = _originals.pop("clip")
         torch.nn.utils.clip_grad.clip_grad_norm_ = _originals.pop("clip_mod")
+        if "clip_with_norm" in _originals:
+            torch.nn.utils.clip_grads_with_norm_ = _originals.pop("clip_with_norm")
         _GradScaler.scale = _originals.pop("scaler.scale")  # type: ignore[method-assign]
         _GradScaler.step = _originals.pop("scaler.step")  # type: ignore[method-assign]
 
