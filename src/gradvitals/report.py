@@ -103,6 +103,9 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
     except OSError as exc:  # name the report, not the temporary file
         raise type(exc)(exc.errno, f"cannot write the report to {path} ({check_writable(path) or exc.strerror})") from None
     try:
+        # mkstemp creates 0600; the report gets the mode any file the user creates gets
+        # (or the mode of the file it replaces), so that it can be shared or served.
+        os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -115,6 +118,28 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
             pass
         raise
     return path
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # Read, not set-and-restore: os.umask(0) would let another thread create a file with
+    # mode 0666 in between. Linux states it in /proc; elsewhere set-and-restore it is.
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_writable(path: str | os.PathLike[str]) -> str | None:
