@@ -55,3 +55,15 @@ def test_gallery_page_written(demo_out):
     text = page.read_text()
     assert "http://" not in text.replace("http://www.w3.org", "") and "https://" not in text.replace("https://www.w3.org", "")
     assert f"gallery: {page}" in stdout
+
+
+def test_bundled_digits_are_scikit_learns():
+    # The demo runs on a plain install (no scikit-learn): the package ships the same data.
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from gradvitals.data import load_digits
+
+    X, y = load_digits()
+    X_ref, y_ref = sklearn_digits(return_X_y=True)
+    assert X.dtype == X_ref.dtype and y.dtype == y_ref.dtype
+    assert (X == X_ref).all() and (y == y_ref).all()

@@ -144,9 +144,9 @@ def build(cfg: Config, example: torch.Tensor) -> nn.Module:
 
 
 def load_data(normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
+    from .data import load_digits
 
-    X, y = load_digits(return_X_y=True)
+    X, y = load_digits()
     X = torch.tensor(X, dtype=torch.float32)
     if normalize:
         X = (X - X.mean(0)) / (X.std(0) + 1e-6)
