@@ -3,12 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The dev install is the lock, build tools included (pip's isolated build reads the
+# constraint from the environment).
+LOCK := $(CURDIR)/constraints-dev.txt
 
-.PHONY: demo test install clean chromium
+.PHONY: demo test install clean chromium compat wheel-check lock
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints-dev.txt -e '.[dev]'
+	PIP_CONSTRAINT=$(LOCK) $(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +27,23 @@ chromium:
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	tools/wheel_check.sh $(PY)
+
+# The wheel in a clean venv with runtime dependencies only: demo --quick, run, report.
+wheel-check: $(STAMP)
+	tools/wheel_check.sh $(PY)
+
+# tests/integrations on the oldest supported and newest available transformers/accelerate
+# and lightning (throw-away venvs in .compat/; not part of `make test`: several minutes).
+compat:
+	tools/compat.sh
+
+# Rewrite the lock from .venv (run `make test` there first: the lock is what passed).
+lock: $(STAMP)
+	{ sed -n '/^# Runtime and dev dependencies:/q;p' constraints-dev.txt; \
+	  echo '# Runtime and dev dependencies:'; \
+	  $(PY) -m pip freeze --exclude-editable --disable-pip-version-check | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; \
+	} > constraints-dev.txt.new && mv constraints-dev.txt.new constraints-dev.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache gradvitals-demo
+	rm -rf $(VENV) .pytest_cache gradvitals-demo .compat

@@ -203,7 +203,10 @@ def test_bad_options_fail_when_the_callback_is_built():
 
 
 def test_amp_loss_and_gradients_are_recorded_unscaled(tmp_path, digits):
-    from lightning.pytorch.plugins import MixedPrecision
+    try:
+        from lightning.pytorch.plugins import MixedPrecision
+    except ImportError:  # lightning < 2.2 names it MixedPrecisionPlugin
+        from lightning.pytorch.plugins import MixedPrecisionPlugin as MixedPrecision
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # a real loss scale, on CPU
     model, cb = DigitsMLP(), GradVitalsCallback(quiet=True)
