@@ -203,3 +203,12 @@ def test_schema_is_shipped_as_package_data():
     assert json.loads(text)["title"] == "gradvitals.report/1"
     jsonschema.Draft202012Validator.check_schema(schema())
     assert set(schema()["$defs"]["code"]["enum"]) == set(CODES)
+
+
+def test_the_contract_in_docs_lists_every_code():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text(encoding="utf-8")
+    table = re.findall(r"^\| (\w+) \|", text, flags=re.M)
+    assert [c for c in table if c != "code"] == list(CODES)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 Severity = Literal["critical", "warning", "info"]
 SEVERITIES: tuple[str, ...] = ("critical", "warning", "info")
 
-#: The fixed vocabulary of finding codes (DESIGN.md). Add, never rename.
+#: The fixed vocabulary of finding codes (docs/design.md, the report contract). Add, never rename.
 CODES: tuple[str, ...] = (
     "vanishing_gradients",
     "exploding_gradients",
@@ -26,9 +26,9 @@ CODES: tuple[str, ...] = (
     "no_gradient",
     "not_updated",
     "architecture_risk",
-    "grad_not_zeroed",  # added after DESIGN's table: gradients never cleared between steps
-    "eval_mode_training",  # added after DESIGN's table: trained in eval mode after train mode
-    "loss_on_probabilities",  # added after DESIGN's table: a softmax fed to cross_entropy & co
+    "grad_not_zeroed",  # added to the first table: gradients never cleared between steps
+    "eval_mode_training",  # added to the first table: trained in eval mode after train mode
+    "loss_on_probabilities",  # added to the first table: a softmax fed to cross_entropy & co
 )
 
 

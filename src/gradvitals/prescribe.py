@@ -34,7 +34,7 @@ DEFAULT_TRIALS = 5
 #: Warmup length as a fraction of the budget: long enough to matter, short enough to finish.
 WARMUP_FRACTION = 0.25
 #: Early global gradient norms above this are already an explosion, not a baseline to clip
-#: at (DESIGN's 1e3 per-layer ceiling, with a margin for the global norm of many layers).
+#: at (the chapter's 1e3 per-layer ceiling, docs/design.md, with a margin for the global norm of many layers).
 HEALTHY_NORM_CEILING = 100.0
 #: A trial "improves the loss" when its best loss is below the baseline's by this factor.
 IMPROVEMENT = 0.98

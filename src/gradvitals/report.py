@@ -18,7 +18,7 @@ from .record import SCHEMA, Record
 
 @dataclass
 class Report:
-    """Findings over a record. ``to_json()`` is the stable contract (DESIGN.md)."""
+    """Findings over a record. ``to_json()`` is the stable contract (docs/design.md)."""
 
     record: Record
     findings: list[Finding] = field(default_factory=list)

@@ -31,7 +31,7 @@ _MAX_CODE = 65535
 _MISSING = -1.0  # a cell with no recorded step (a norm is never negative)
 #: Significant digits kept for plotted values: a plot resolves far less, hover shows 4.
 PLOT_DIGITS = 4
-#: Healthy per-step update/weight ratio (DESIGN.md: ~1e-3), drawn as a guide line.
+#: Healthy per-step update/weight ratio (docs/design.md: ~1e-3), drawn as a guide line.
 UPDATE_RATIO_GUIDE = 1e-3
 #: Quantities recorded as NaN where they do not apply (saturation of a ReLU output,
 #: dead units of a sigmoid): such layers are left out of the panel, not drawn as NaN.
