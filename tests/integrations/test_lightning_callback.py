@@ -67,7 +67,8 @@ def test_healthy_run_records_every_optimizer_step_and_logs_layer_norms(tmp_path,
     from lightning.pytorch.loggers import CSVLogger
 
     model, cb = DigitsMLP(), GradVitalsCallback(every=5, log_every_n_steps=10)
-    trainer = lightning_trainer(tmp_path, cb, max_steps=40, logger=CSVLogger(str(tmp_path / "logs")))
+    trainer = lightning_trainer(tmp_path, cb, max_steps=40, logger=CSVLogger(str(tmp_path / "logs")),
+                                log_every_n_steps=10)
     trainer.fit(model, loader(digits))
 
     report = cb.report
