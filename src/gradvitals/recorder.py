@@ -1795,6 +1795,10 @@ class Recorder:
                          "module": self.record.layer_of(name) if name else None, "value": value}
             event["source"] = "series"
         event.update(found)
+        event.setdefault("op", None)
+        # Which pass made it: the backward for gradients born there (replayed or read
+        # off the series), the forward (the loss included) for everything else.
+        event["phase"] = "backward" if event.get("kind") in ("gradient", "norm_overflow") else "forward"
         module = event.get("module")
         if module and module in self.record.layers:
             event["module_kind"] = self.record.layers[module].kind

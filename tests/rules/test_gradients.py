@@ -222,3 +222,17 @@ def test_nonfinite_run_that_recovered_is_a_warning(last_bad, finite_after, sever
         assert f"The run recovered: after {span}, every recorded value was finite again for its last {finite_after} steps." in f.summary
     else:
         assert "recovered" not in f.summary
+
+
+def test_nonfinite_forward_origin_names_its_op_only_when_replayed():
+    from gradvitals.rules import nonfinite as nf
+
+    b = Build().mlp(4)
+    b.event("nonfinite_origin", step=3, kind="activation", module="layers.1", value="nan", source="replay",
+            phase="forward", op="layer_norm")
+    f = nf.nonfinite(b.record)[0]
+    assert f.summary.endswith("produced the first non-finite activation, in `layer_norm` from finite inputs.")
+    b = Build().mlp(4)
+    b.event("nonfinite_origin", step=3, kind="activation", module="layers.1", value="nan", source="series",
+            phase="forward", op=None)
+    assert "from finite inputs" not in nf.nonfinite(b.record)[0].summary

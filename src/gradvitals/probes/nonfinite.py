@@ -7,11 +7,20 @@ stepped yet), checking the output of every torch function call; the first call
 that turns finite inputs into non-finite outputs is the origin, attributed to the
 innermost module running it. RNG state and buffers (BatchNorm running stats) are
 restored afterwards, so the run's numbers do not change.
+
+Infinities made on purpose are not origins: an attention mask built with
+``torch.full(..., -inf)`` or ``masked_fill(mask, -inf)`` (a non-finite constant among
+the op's arguments), whatever is computed from it without a new NaN (``triu``, a view,
+``scores + mask``), and an additive mask passed in or kept as a buffer (0 and -inf
+only). The origin is the first op whose finite inputs gave a non-finite output, or
+whose by-design infinities gave a NaN (``softmax`` of a fully masked row).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -30,6 +39,32 @@ def _local(t: Tensor) -> Tensor:
     only this rank makes); any other tensor as it is."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None and hasattr(t, "placements") else t
+
+
+def _nonfinite_scalar(obj: Any) -> bool:
+    """A Python number among the arguments that is NaN/Inf (``float('-inf')`` filled in)."""
+    leaves, _ = tree_flatten(obj)
+    return any(isinstance(x, float) and not math.isfinite(x) for x in leaves)
+
+
+def _nonfinite_nan(obj: Any) -> bool:
+    leaves, _ = tree_flatten(obj)
+    return any(isinstance(x, float) and math.isnan(x) for x in leaves)
+
+
+def _has_nan(ts: list[Tensor]) -> bool:
+    return any(t.numel() and not t.is_sparse and bool(torch.isnan(_local(t)).any()) for t in ts)
+
+
+def _additive_mask(t: Tensor) -> bool:
+    """0 where attended, -inf where masked, nothing else: an additive attention mask made
+    outside the forward (an input, a buffer). A corrupt batch holds NaN, +Inf or other
+    values beside its -inf."""
+    t = _local(t)
+    if t.numel() == 0 or t.is_sparse or not t.is_floating_point():
+        return False
+    neg_inf = torch.isneginf(t)
+    return bool(neg_inf.any()) and bool(((t == 0) | neg_inf).all())
 
 
 def _bad(ts: list[Tensor]) -> str | None:
@@ -67,6 +102,17 @@ class _Tracer(TorchFunctionMode):
         self.origin: dict[str, Any] | None = None
         self.input_bad: dict[str, Any] | None = None
         self.internal: list[Any] = []  # open wrapper-bookkeeping ranges (record_function handles)
+        # Tensors whose NaN/Inf is by design (masks), by id; the weak reference tells a
+        # live tensor from a new one that reuses a freed one's id (a strong one would
+        # keep every layer's masked scores alive through the replay).
+        self.designed: dict[int, weakref.ref] = {}
+
+    def design(self, t: Tensor) -> None:
+        self.designed[id(t)] = weakref.ref(t)
+
+    def is_designed(self, t: Tensor) -> bool:
+        r = self.designed.get(id(t))
+        return r is not None and r() is t
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -85,10 +131,19 @@ class _Tracer(TorchFunctionMode):
             if value is not None:
                 ins = _tensors((args, kwargs))
                 module = self.stack[-1] if self.stack else None
-                if _bad(ins) is None:
+                designed = [t for t in ins if self.is_designed(t)]
+                bad_in = _bad([t for t in ins if not self.is_designed(t)])
+                if bad_in is None and (designed or _nonfinite_scalar((args, kwargs))):
+                    if value == "nan" and not _has_nan(designed) and not _nonfinite_nan((args, kwargs)):
+                        # A NaN born from the mask's infinities (a fully masked row).
+                        self.origin = {"op": name or str(func), "module": module, "value": value}
+                    else:
+                        for t in outs:  # the mask itself, or what carries it on
+                            self.design(t)
+                elif bad_in is None:
                     self.origin = {"op": name or str(func), "module": module, "value": value}
                 elif self.input_bad is None:
-                    self.input_bad = {"op": name or str(func), "module": module, "value": _bad(ins)}
+                    self.input_bad = {"op": name or str(func), "module": module, "value": bad_in}
         return out
 
 
@@ -106,7 +161,8 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
     hold); the FSDP modules are resharded afterwards (FSDP2 keeps the root's gathered
     parameters after a forward, and the optimizer is about to update the shards).
     """
-    inputs_bad = _bad(_tensors((args, kwargs)))
+    masks = [t for t in _tensors((args, kwargs)) if _additive_mask(t)]
+    inputs_bad = _bad([t for t in _tensors((args, kwargs)) if not any(t is m for m in masks)])
     the_input = {"kind": "input", "module": names.get(id(model)) or next(iter(names.values()), None),
                  "op": None, "value": inputs_bad}
     if inputs_bad is not None and not collective:
@@ -131,6 +187,8 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post, always_call=True))
         tracer = _Tracer(stack)
+        for t in [*masks, *(b for b in buffers if _additive_mask(b))]:
+            tracer.design(t)
         # Its warnings are ours, not the user's (a checkpointed block run under no_grad
         # warns that no input requires grad).
         with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), torch.no_grad(), tracer:
@@ -170,3 +228,4 @@ def _reshard(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+

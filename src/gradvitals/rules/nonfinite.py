@@ -2,7 +2,8 @@
 
 Decided from the ``nonfinite_origin`` event the recorder writes when it first sees a
 non-finite value (it replays that step's forward with tracing to find the module
-that produced it), falling back to the series' first non-finite steps.
+that produced it), falling back to the series' first non-finite steps. The event's ``phase`` says which
+pass made it ("forward", the loss included, or "backward"), ``op`` the function.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def nonfinite(record: Record) -> list[Finding]:
                        f"{_WHAT.get(kind, 'produced it')}.")
         if ev.get("module_kind"):
             summary = summary.rstrip(".") + f" ({ev['module_kind']})."
+        if kind == "activation" and ev.get("op") and ev.get("source") == "replay":
+            summary = summary.rstrip(".") + f", in `{ev['op']}` from finite inputs."
         if ev.get("rank") is not None and (ev.get("world_size") or 1) > 1:  # torchrun: whose data
             ranks = ev.get("ranks") or [ev["rank"]]
             on = f"rank {ev['rank']} only" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))

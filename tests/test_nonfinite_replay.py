@@ -1,0 +1,81 @@
+"""The NaN origin's replays (probes/nonfinite.py) on small hand-built models, torch as
+the oracle: infinities made on purpose (attention masks) are not origins."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gradvitals.probes.nonfinite import replay_forward
+
+T = 6
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n or "(root)" for n, m in model.named_modules()}
+
+
+class MaskedAttention(nn.Module):
+    """Scores masked with -inf the three ways scripts do it, then a LayerNorm that
+    overflows when the input is huge."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.q = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.register_buffer("additive", torch.full((T, T), float("-inf")).triu(1))
+        self.register_buffer("tril", torch.tril(torch.ones(T, T)))
+
+    def forward(self, x, mask=None):
+        q = self.q(x / x.abs().amax())  # small scores whatever the scale of x
+        wei = q @ q.transpose(-2, -1)
+        if self.how == "full":
+            wei = wei + torch.full((T, T), float("-inf")).triu(1)
+        elif self.how == "masked_fill":
+            wei = wei.masked_fill(self.tril == 0, float("-inf"))
+        elif self.how == "buffer":
+            wei = wei + self.additive
+        elif self.how == "input":
+            wei = wei + mask
+        elif self.how == "all_masked":  # a row with nothing to attend to: softmax makes NaN
+            wei = wei.masked_fill(torch.ones(T, T, dtype=torch.bool), float("-inf"))
+        return self.norm(F.softmax(wei, dim=-1) @ x)
+
+
+def test_masks_by_design_are_not_origins():
+    torch.manual_seed(0)
+    mask = torch.full((T, T), float("-inf")).triu(1)
+    for how in ("full", "masked_fill", "buffer", "input"):
+        model = MaskedAttention(how)
+        sane = torch.randn(2, T, 4)
+        assert replay_forward(model, _names(model), (sane, mask), {}) is None, how
+        # Values of 1e30 overflow inside the LayerNorm (squared): the first NaN/Inf made
+        # from finite values; torch as the oracle: its input is finite, its output not.
+        huge = sane * 1e30
+        seen = []
+        h = model.norm.register_forward_hook(lambda m, a, o: seen.append(
+            (bool(torch.isfinite(a[0]).all()), bool(torch.isfinite(o).all()))))
+        with torch.no_grad():
+            model(huge, mask)
+        h.remove()
+        assert seen == [(True, False)]
+        found = replay_forward(model, _names(model), (huge, mask), {})
+        assert found is not None and (found["module"], found["op"], found["kind"]) == (
+            "norm", "layer_norm", "activation"), (how, found)
+
+
+def test_a_nan_born_from_the_mask_is_an_origin():
+    model = MaskedAttention("all_masked")
+    found = replay_forward(model, _names(model), (torch.randn(2, T, 4),), {})
+    assert found is not None and found["op"] == "softmax" and found["module"] == "(root)", found
+
+
+def test_an_input_with_other_values_beside_its_inf_is_the_input():
+    model = MaskedAttention("input")
+    corrupt = torch.zeros(T, T)
+    corrupt[0, 1], corrupt[2, 3] = float("-inf"), 0.5  # not a 0/-inf mask: data
+    found = replay_forward(model, _names(model), (torch.randn(2, T, 4), corrupt), {})
+    assert found is not None and found["kind"] == "input", found
+
