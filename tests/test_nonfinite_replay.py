@@ -1,5 +1,6 @@
 """The NaN origin's replays (probes/nonfinite.py) on small hand-built models, torch as
-the oracle: infinities made on purpose (attention masks) are not origins."""
+the oracle: infinities made on purpose (attention masks) are not origins, and a
+gradient born non-finite in the backward is traced to the op that made it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradvitals.probes.nonfinite import replay_forward
+from gradvitals.probes.nonfinite import replay_backward, replay_forward
 
 T = 6
 
@@ -79,3 +80,45 @@ def test_an_input_with_other_values_beside_its_inf_is_the_input():
     found = replay_forward(model, _names(model), (torch.randn(2, T, 4), corrupt), {})
     assert found is not None and found["kind"] == "input", found
 
+
+class SqrtModel(nn.Module):
+    """Finite forward, infinite backward: sqrt at 0 has an infinite derivative (the op
+    that makes it), the product before it turns it into NaN (passes it on); the model
+    returns its own loss, as GPT implementations do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 1)
+        self.register_buffer("gate", torch.zeros(8))
+
+    def forward(self, x, y):
+        h = torch.sqrt(self.fc(x) * self.gate)
+        return self.head(h), F.mse_loss(self.head(h).squeeze(-1), y)
+
+
+def test_backward_replay_names_the_producer_not_the_propagators():
+    torch.manual_seed(0)
+    model = SqrtModel()
+    x, y = torch.randn(16, 4), torch.randn(16)
+    _, loss = model(x, y)
+    loss.backward()
+    assert torch.isfinite(loss) and not torch.isfinite(model.fc.weight.grad).all()  # torch: born in the backward
+    before = [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    checked, found = replay_backward(model, _names(model), (x, y), {})
+    assert checked and found == {"module": "(root)", "op": "sqrt", "backward_op": "SqrtBackward0",
+                     "value": "inf", "kind": "gradient"}, found
+    # .grad and the RNG state are left as they were
+    for p, g in zip(model.parameters(), before):
+        assert torch.equal(p.grad.nan_to_num(), g.nan_to_num()) and torch.equal(p.grad.isnan(), g.isnan())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_backward_replay_without_a_returned_loss_finds_nothing():
+    model = nn.Sequential(nn.Linear(4, 1))
+    assert replay_backward(model, _names(model), (torch.randn(1, 4),), {}) == (False, None)  # a batch of one
+    model = SqrtModel()
+    model.gate.fill_(1.0)  # sqrt of values near 100: every gradient finite
+    model.fc.bias.data.fill_(100.0)
+    assert replay_backward(model, _names(model), (torch.randn(3, 4), torch.randn(3)), {}) == (True, None)

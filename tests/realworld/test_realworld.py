@@ -330,12 +330,15 @@ def test_functional_model_without_modules():
 ORACLE = HERE.parent / "nonfinite_oracle.py"
 
 
-def oracle(program: str, *args: str) -> tuple[str, str]:
+def oracle(program: str, *args: str, backward: bool = False) -> tuple[str, str]:
     """(module path, class) torch's own hooks see make the first NaN/Inf in the forward
-    (the first module output that is not finite)."""
-    p = subprocess.run([sys.executable, str(ORACLE), program, *args], capture_output=True,
+    (the first module output that is not finite), or with ``backward`` the first module
+    whose gradient is not finite while the gradient it received was."""
+    flag = ["--backward"] if backward else []
+    p = subprocess.run([sys.executable, str(ORACLE), *flag, program, *args], capture_output=True,
                        text=True, cwd=HERE, timeout=TIMEOUT_S)
-    m = re.search(r"^ORACLE (\S+) (\S+)$", p.stderr, re.M)
+    tag = "ORACLE_BACKWARD" if backward else "ORACLE"
+    m = re.search(rf"^{tag} (\S+) (\S+)$", p.stderr, re.M)
     assert m, p.stderr[-3000:]
     return m.group(1), m.group(2)
 
@@ -379,6 +382,25 @@ def test_hand_written_masked_fill_attention_is_not_the_origin():
     assert (ev["op"], ev["phase"], ev["kind"]) == ("layer_norm", "forward", "activation")
     report, _ = run_both("gpt_char.py")
     assert_healthy(report)
+
+
+def test_gpt_nan_born_in_the_backward_is_traced_to_its_producer():
+    """SGD at lr 300: at the first bad step the loss is finite and every gradient is not.
+    The report named the deepest parameter whose gradient norm went bad (every upstream
+    one goes bad at once); the backward is now replayed and the producer named: the
+    module torch's backward hooks see make a non-finite gradient from a finite one."""
+    report, _ = run_both("gpt_char.py", "--optimizer", "sgd", "--lr", "300")
+    nf = codes(report)["nonfinite"]
+    step = first_bad_step(report, "grad_norm")
+    assert first_bad_step(report, "loss") > step  # the forward was finite
+    module, kind = oracle("gpt_char.py", "--optimizer", "sgd", "--lr", "300", backward=True)
+    assert kind == "LayerNorm", (module, kind)  # blocks.1.ln1 with one thread
+    assert nf["step"] == step and nf["layers"][0] == module, nf["summary"]
+    ev = nf["evidence"]
+    assert ev["backward_checked"] is True
+    assert (ev["phase"], ev["kind"], ev["source"], ev["op"], ev["backward_op"]) == (
+        "backward", "gradient", "replay", "layer_norm", "NativeLayerNormBackward0")
+    assert "in the backward" in nf["summary"]
 
 
 # ------------------------------------------------- looks bad, is normal

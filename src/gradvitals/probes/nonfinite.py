@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from . import patches
+
 
 def _tensors(obj: Any) -> list[Tensor]:
     leaves, _ = tree_flatten(obj)
@@ -229,3 +231,117 @@ def _reshard(model: nn.Module) -> None:
         if isinstance(m, FSDPModule):
             m.reshard()
 
+
+class _Tagger(TorchFunctionMode):
+    """Labels each autograd node the replayed forward creates with the module and the
+    function that made it, so that the backward's nodes can be named."""
+
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack = stack
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        module = self.stack[-1] if self.stack else None
+        for t in _tensors(out):
+            node = t.grad_fn
+            if node is not None and "gradvitals" not in node.metadata:
+                node.metadata["gradvitals"] = (module, getattr(func, "__name__", "") or str(func))
+        return out
+
+
+#: Autograd nodes the backward replay walks at most (a replay-only cost, bounded for
+#: graphs with millions of nodes).
+MAX_BACKWARD_NODES = 200_000
+
+
+def replay_backward(model: nn.Module, names: dict[int, str], args: tuple, kwargs: dict
+                    ) -> tuple[bool, dict[str, Any] | None]:
+    """Re-run ``model(*args, **kwargs)`` with autograd and differentiate the loss it
+    returns (a model that computes its own loss, as GPT implementations do); return the
+    first op of that backward whose incoming gradients were finite and whose outgoing
+    ones are not: the producer of the first non-finite gradient, not the nodes that
+    pass it on. Returns (whether a backward was replayed, that origin or None): not
+    replayed when the model returns no loss (a 0-d tensor) or a non-finite one (the
+    forward is the origin); no origin when every replayed gradient is finite.
+
+    The weights are those of the failing step (the optimizer has not stepped yet);
+    gradients are taken with ``torch.autograd.grad`` (``.grad`` is left as it is), RNG
+    state and buffers are restored. Random ops (dropout) draw other masks than the
+    original forward did.
+    """
+    stack: list[str] = []
+    handles: list[Any] = []
+
+    def pre(mod: nn.Module, _a: Any) -> None:
+        stack.append(names.get(id(mod), type(mod).__name__))
+
+    def post(mod: nn.Module, _a: Any, _o: Any) -> None:
+        if stack:
+            stack.pop()
+
+    buffers = [b for b in model.buffers()]
+    saved = [b.detach().clone() for b in buffers]
+    devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda"} - {None})
+    origin: dict[str, Any] = {}
+    try:
+        for m in model.modules():
+            if isinstance(m, torch.jit.ScriptModule):
+                continue
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post, always_call=True))
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            with _Tagger(stack):
+                out = model(*args, **kwargs)
+            for h in handles:
+                h.remove()
+            handles = []
+            # The loss: a 0-d result (a reduction), not a one-element output (batch of 1).
+            losses = [t for t in _tensors(out) if t.dim() == 0 and t.grad_fn is not None]
+            if not losses:
+                return False, None
+            loss = losses[0] if len(losses) == 1 else torch.stack([t.reshape(()) for t in losses]).sum()
+            if _bad([loss.detach()]) is not None:
+                return False, None
+            # Every node the backward can run, each named by the nearest labelled one on
+            # its way to the loss (the ops inside a fused function such as
+            # multi_head_attention_forward are its caller's).
+            label: dict[Any, tuple] = {}
+            todo = [(loss.grad_fn, (names.get(id(model)), "loss"))]
+            while todo and len(label) < MAX_BACKWARD_NODES:
+                node, parent = todo.pop()
+                if node is None or node in label:
+                    continue
+                label[node] = node.metadata.get("gradvitals", parent)
+                for nxt, _ in node.next_functions:
+                    if nxt is not None and nxt not in label:
+                        todo.append((nxt, label[node]))
+
+            def watch(node: Any) -> Any:
+                def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+                    if origin:
+                        return
+                    made = _bad([g for g in grad_inputs if isinstance(g, Tensor)])
+                    if made is not None and _bad([g for g in grad_outputs if isinstance(g, Tensor)]) is None:
+                        module, op = label[node]
+                        origin.update(module=module, op=op, backward_op=node.name(), value=made)
+                return hook
+
+            for node in label:
+                if node.name() != "torch::autograd::AccumulateGrad":
+                    handles.append(node.register_hook(watch(node)))
+            params = [p for p in model.parameters() if p.requires_grad]
+            if params:
+                with patches.quiet():  # not a backward of the run's
+                    torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+    if not origin:
+        return True, None
+    origin["kind"] = "gradient"
+    return True, origin

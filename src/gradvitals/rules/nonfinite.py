@@ -2,7 +2,8 @@
 
 Decided from the ``nonfinite_origin`` event the recorder writes when it first sees a
 non-finite value (it replays that step's forward with tracing to find the module
-that produced it), falling back to the series' first non-finite steps. The event's ``phase`` says which
+that produced it, and its backward when the forward and the loss were finite),
+falling back to the series' first non-finite steps. The event's ``phase`` says which
 pass made it ("forward", the loss included, or "backward"), ``op`` the function.
 """
 
@@ -49,6 +50,12 @@ def nonfinite(record: Record) -> list[Finding]:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the loss; the "
                        f"model's forward was not recorded, so the layer could not be traced (every "
                        f"weight was still finite).")
+        elif kind == "gradient" and ev.get("source") == "replay":
+            # The backward replayed: the op that made it, not the parameters it reached.
+            op = f" in `{ev['op']}`'s backward ({ev.get('backward_op')})" if ev.get("op") else ""
+            summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward "
+                       f"(the loss and the forward were finite): {where} made the first non-finite "
+                       f"gradient{op} from a finite incoming gradient.")
         else:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')}: {where} "
                        f"{_WHAT.get(kind, 'produced it')}.")
