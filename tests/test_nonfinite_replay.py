@@ -122,3 +122,35 @@ def test_backward_replay_without_a_returned_loss_finds_nothing():
     model.gate.fill_(1.0)  # sqrt of values near 100: every gradient finite
     model.fc.bias.data.fill_(100.0)
     assert replay_backward(model, _names(model), (torch.randn(3, 4), torch.randn(3)), {}) == (True, None)
+
+
+class GuardedDivision(nn.Module):
+    """`torch.where(x == 0, 0, 1 / x)`: the 1/x is Inf where x is 0, and torch.where
+    drops it; the NaN/Inf that reaches the output is born later, in the LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x, guarded=True):
+        inv = 1 / x
+        if guarded:
+            inv = torch.where(x == 0, torch.zeros_like(x), inv)
+        return self.norm(inv * 1e30)
+
+
+def test_the_origin_is_the_first_nonfinite_value_that_reaches_the_output():
+    model = GuardedDivision()
+    x = torch.tensor([[0.0, 1.0, 2.0, 4.0]])
+    seen = []
+    h = model.norm.register_forward_hook(lambda m, a, o: seen.append(
+        (bool(torch.isfinite(a[0]).all()), bool(torch.isfinite(o).all()))))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    assert seen == [(True, False)]  # torch: finite into the LayerNorm, not out of it
+    found = replay_forward(model, _names(model), (x,), {})
+    assert found is not None and (found["module"], found["op"]) == ("norm", "layer_norm"), found
+    # With the division's Inf kept, it is the origin.
+    found = replay_forward(model, _names(model), (x, False), {})
+    assert found is not None and (found["module"], found["op"]) == ("(root)", "__rdiv__"), found

@@ -13,7 +13,9 @@ Infinities made on purpose are not origins: an attention mask built with
 the op's arguments), whatever is computed from it without a new NaN (``triu``, a view,
 ``scores + mask``), and an additive mask passed in or kept as a buffer (0 and -inf
 only). The origin is the first op whose finite inputs gave a non-finite output, or
-whose by-design infinities gave a NaN (``softmax`` of a fully masked row).
+whose by-design infinities gave a NaN (``softmax`` of a fully masked row), among those
+whose NaN/Inf reaches the model's output (a guarded ``torch.where(x == 0, 0, 1 / x)``
+does not).
 """
 
 from __future__ import annotations
@@ -108,6 +110,12 @@ class _Tracer(TorchFunctionMode):
         # live tensor from a new one that reuses a freed one's id (a strong one would
         # keep every layer's masked scores alive through the replay).
         self.designed: dict[int, weakref.ref] = {}
+        # Every op that made NaN/Inf from finite values, in order, and which of them the
+        # non-finite values of a tensor come from (the earliest): the origin is the first
+        # one whose values reach the model's output, not a guarded 1/x that
+        # torch.where discards.
+        self.candidates: list[dict[str, Any]] = []
+        self.made_by: dict[int, tuple[weakref.ref, int]] = {}
 
     def design(self, t: Tensor) -> None:
         self.designed[id(t)] = weakref.ref(t)
@@ -115,6 +123,17 @@ class _Tracer(TorchFunctionMode):
     def is_designed(self, t: Tensor) -> bool:
         r = self.designed.get(id(t))
         return r is not None and r() is t
+
+    def candidate_of(self, t: Tensor) -> int | None:
+        entry = self.made_by.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def _made(self, outs: list[Tensor], found: dict[str, Any]) -> None:
+        if self.origin is None:
+            self.origin = found
+        self.candidates.append(found)
+        for t in outs:
+            self.made_by[id(t)] = (weakref.ref(t), len(self.candidates) - 1)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -127,7 +146,7 @@ class _Tracer(TorchFunctionMode):
             if self.internal and args and args[0] is self.internal[-1]:
                 self.internal.pop()
             return out
-        if self.origin is None and not self.internal and _judged(name):
+        if not self.internal and _judged(name):
             outs = _tensors(out)
             value = _bad(outs) if outs else None
             if value is not None:
@@ -138,14 +157,19 @@ class _Tracer(TorchFunctionMode):
                 if bad_in is None and (designed or _nonfinite_scalar((args, kwargs))):
                     if value == "nan" and not _has_nan(designed) and not _nonfinite_nan((args, kwargs)):
                         # A NaN born from the mask's infinities (a fully masked row).
-                        self.origin = {"op": name or str(func), "module": module, "value": value}
+                        self._made(outs, {"op": name or str(func), "module": module, "value": value})
                     else:
                         for t in outs:  # the mask itself, or what carries it on
                             self.design(t)
                 elif bad_in is None:
-                    self.origin = {"op": name or str(func), "module": module, "value": value}
-                elif self.input_bad is None:
-                    self.input_bad = {"op": name or str(func), "module": module, "value": bad_in}
+                    self._made(outs, {"op": name or str(func), "module": module, "value": value})
+                else:
+                    made = [c for c in map(self.candidate_of, ins) if c is not None]
+                    if made:  # carries an earlier op's NaN/Inf on
+                        for t in outs:
+                            self.made_by[id(t)] = (weakref.ref(t), min(made))
+                    elif self.input_bad is None:
+                        self.input_bad = {"op": name or str(func), "module": module, "value": bad_in}
         return out
 
 
@@ -195,7 +219,11 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
         # warns that no input requires grad).
         with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), torch.no_grad(), tracer:
             warnings.simplefilter("ignore")
-            model(*args, **kwargs)
+            result = model(*args, **kwargs)
+            # The first candidate whose NaN/Inf reaches the output; with none of them
+            # there (a finite output, or one a weight made non-finite), the first op seen.
+            reached = [c for c in map(tracer.candidate_of, _tensors(result)) if c is not None]
+            del result
     finally:
         for h in handles:
             h.remove()
@@ -206,7 +234,7 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
             _reshard(model)
     if inputs_bad is not None:
         return the_input
-    found = tracer.origin or tracer.input_bad
+    found = tracer.candidates[min(reached)] if reached else tracer.origin or tracer.input_bad
     if found is None:
         return None
     kind = "activation"
