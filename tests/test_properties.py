@@ -196,6 +196,23 @@ def test_schema_rejects_what_breaks_the_contract(mutate, where):
         VALIDATOR.validate(data)
 
 
+def test_schema_nonfinite_phase_is_forward_or_backward():
+    rec = Record()
+    for i in range(5):
+        rec.add("loss", i, 1.0 / (i + 1))
+    data = json.loads(_strict(Report.from_record(rec).to_json()))
+    finding = {"code": "nonfinite", "severity": "critical", "step": 3, "layers": ["blocks.1.ln1"],
+               "summary": "x", "advice": "", "evidence": {"phase": "backward", "op": "layer_norm",
+                                                         "backward_op": "NativeLayerNormBackward0"}}
+    data["findings"] = [finding]
+    VALIDATOR.validate(data)
+    finding["evidence"] = {"step": 3}  # an older report: no phase
+    VALIDATOR.validate(data)
+    finding["evidence"] = {"phase": "optimizer"}
+    with pytest.raises(jsonschema.ValidationError):
+        VALIDATOR.validate(data)
+
+
 def test_schema_is_shipped_as_package_data():
     from importlib import resources
 

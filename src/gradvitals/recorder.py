@@ -36,7 +36,7 @@ from .probes import init_audit
 from .probes import loss_graph
 from .probes import patches
 from . import distributed
-from .probes.nonfinite import replay_forward
+from .probes.nonfinite import replay_backward, replay_forward
 from .probes.norms import foreach_norm, fused_norms
 from .probes.topology import ActivationCalls, activation_after
 from .record import DEFAULT_CAP, LayerInfo, ParamInfo, Record, Series
@@ -260,6 +260,7 @@ class Recorder:
         self._pre_hook_calls = 0
         self._scaler_pre_calls = 0
         self._origin_done = False
+        self._replaying = False  # the NaN origin's backward replay runs a forward of ours
         self._last_nonfinite: int | None = None  # the last step any watched value was NaN/Inf
         self._closed = False
         self._paused = False
@@ -596,6 +597,8 @@ class Recorder:
         return o.full or step % (o.every if step < o.late_after else o.late_every) == 0
 
     def _on_root_start(self, model: _Model) -> None:
+        if self._replaying:
+            return
         if self._act_stale:  # left by a forward that raised (see _on_root_end)
             for h in self._act_stale:
                 h.remove()
@@ -632,6 +635,8 @@ class Recorder:
         """The root's forward returned ``output`` (``raised``: it raised instead, and torch
         is running its always-called global forward hooks: the process-wide hook must not
         be removed from under that loop now, only made inert and removed later)."""
+        if self._replaying:
+            return
         if torch.is_grad_enabled() and not raised:
             # Which model's forward, in which mode, the next backward comes from: an
             # eval-mode one after training in train mode is validation if nothing
@@ -1764,9 +1769,11 @@ class Recorder:
                 if found is None and res is not None:
                     found = res
                     event["source"] = "replay"
+        grads = [(k[len("grad_norm/"):], v) for _, k, v in first if k.startswith("grad_norm/")]
+        loss_bad = any(k.startswith("loss") for _, k, _ in first)
+        if found is None and grads and not loss_bad and event.get("forward_checked"):
+            found = self._replay_backward(event)
         if found is None:
-            grads = [(k[len("grad_norm/"):], v) for _, k, v in first if k.startswith("grad_norm/")]
-            loss_bad = any(k.startswith("loss") for _, k, _ in first)
             if loss_bad and not event.get("forward_checked"):
                 # No forward to replay (none recorded: a functional model, hooks that
                 # never ran): the loss may only carry what a weight already held.
@@ -1795,11 +1802,39 @@ class Recorder:
                          "module": self.record.layer_of(name) if name else None, "value": value}
             event["source"] = "series"
         event.update(found)
+        event.setdefault("op", None)
+        # Which pass made it: the backward for gradients born there (replayed or read
+        # off the series), the forward (the loss included) for everything else.
+        event["phase"] = "backward" if event.get("kind") in ("gradient", "norm_overflow") else "forward"
         module = event.get("module")
         if module and module in self.record.layers:
             event["module_kind"] = self.record.layers[module].kind
         event = distributed.merge_origin(self, event)  # multi-rank: the first bad rank's origin
         self.record.event("nonfinite_origin", **event)
+
+    def _replay_backward(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """The forward was finite and a gradient is not: replay each model's last forward
+        and its backward from the loss the model returns (probes/nonfinite.py). Not
+        under torch.distributed (a replayed backward would need every rank)."""
+        if distributed.initialized():
+            return None
+        for model in self.models:
+            if model.last_inputs is None:
+                continue
+            args, kwargs = model.last_inputs
+            self._replaying = True
+            try:
+                checked, res = replay_backward(model.module, model.names, args, kwargs)
+            except Exception as exc:  # e.g. out of memory for a second graph: the series decide
+                event["backward_replay_error"] = type(exc).__name__
+                return None
+            finally:
+                self._replaying = False
+            event["backward_checked"] = event.get("backward_checked", False) or checked
+            if res is not None:
+                event["source"] = "replay"
+                return res
+        return None
 
     def _nonfinite_weight(self) -> dict[str, Any] | None:
         """The first parameter, in forward order, holding NaN/Inf (one sync per device;

@@ -9,6 +9,7 @@ status the same, and the report must say what the run really showed.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -323,6 +324,83 @@ def test_functional_model_without_modules():
     nf = codes(report)["nonfinite"]
     assert nf["step"] == 20 and nf["evidence"]["kind"] == "loss" and nf["evidence"]["forward_checked"] is False
     assert "forward outputs were finite" not in nf["summary"] and "could not be traced" in nf["summary"]
+
+
+# ------------------------------------- NaN origins: masks by design, the backward
+ORACLE = HERE.parent / "nonfinite_oracle.py"
+
+
+def oracle(program: str, *args: str, backward: bool = False) -> tuple[str, str]:
+    """(module path, class) torch's own hooks see make the first NaN/Inf in the forward
+    (the first module output that is not finite), or with ``backward`` the first module
+    whose gradient is not finite while the gradient it received was."""
+    flag = ["--backward"] if backward else []
+    p = subprocess.run([sys.executable, str(ORACLE), *flag, program, *args], capture_output=True,
+                       text=True, cwd=HERE, timeout=TIMEOUT_S)
+    tag = "ORACLE_BACKWARD" if backward else "ORACLE"
+    m = re.search(rf"^{tag} (\S+) (\S+)$", p.stderr, re.M)
+    assert m, p.stderr[-3000:]
+    return m.group(1), m.group(2)
+
+
+def first_bad_step(report: dict, prefix: str) -> int | None:
+    steps = [s["first_nonfinite_step"] for k, s in report["series"].items()
+             if k.split("/")[0] == prefix and s.get("first_nonfinite_step") is not None]
+    return min(steps) if steps else None
+
+
+def test_transformer_encoder_causal_mask_is_not_the_origin():
+    """nn.TransformerEncoder at an overflowing lr: the -inf masks (the causal mask made
+    in the model's forward, the one the encoder builds to check it) were reported as the
+    origin (`(root)`, op `full`); the first NaN/Inf made from finite values is the
+    LayerNorm torch's hooks see (its output, at that step). At a sane lr: no finding."""
+    report, _ = run_both("encoder_causal_mask.py", "--lr", "10")
+    nf = codes(report)["nonfinite"]
+    module, kind = oracle("encoder_causal_mask.py", "--lr", "10")
+    # The last step's float sums decide which overflows first (thread count, SIMD
+    # width): a LayerNorm of the encoder is the case this program is for.
+    assert kind == "LayerNorm" and module.startswith("encoder.layers."), (module, kind)
+    assert nf["layers"][0] == module, nf["summary"]
+    ev = nf["evidence"]
+    assert (ev["op"], ev["phase"], ev["kind"], ev["source"]) == ("layer_norm", "forward", "activation", "replay")
+    assert nf["step"] == first_bad_step(report, "loss")
+    report, _ = run_both("encoder_causal_mask.py", "--lr", "0.1")
+    assert_healthy(report)
+
+
+def test_hand_written_masked_fill_attention_is_not_the_origin():
+    """A lecture-style character GPT (`wei.masked_fill(tril == 0, float('-inf'))` in every
+    head): the origin was `blocks.0.sa.heads.0`, op `masked_fill`; torch sees the first
+    non-finite output in `blocks.0.ln2`, a LayerNorm fed finite values. At the script's
+    own lr: healthy."""
+    report, _ = run_both("gpt_char.py", "--lr", "1000")
+    nf = codes(report)["nonfinite"]
+    module, kind = oracle("gpt_char.py", "--lr", "1000")
+    assert kind == "LayerNorm", (module, kind)  # blocks.0.ln2 with one thread
+    assert nf["layers"][0] == module, nf["summary"]
+    ev = nf["evidence"]
+    assert (ev["op"], ev["phase"], ev["kind"]) == ("layer_norm", "forward", "activation")
+    report, _ = run_both("gpt_char.py")
+    assert_healthy(report)
+
+
+def test_gpt_nan_born_in_the_backward_is_traced_to_its_producer():
+    """SGD at lr 300: at the first bad step the loss is finite and every gradient is not.
+    The report named the deepest parameter whose gradient norm went bad (every upstream
+    one goes bad at once); the backward is now replayed and the producer named: the
+    module torch's backward hooks see make a non-finite gradient from a finite one."""
+    report, _ = run_both("gpt_char.py", "--optimizer", "sgd", "--lr", "300")
+    nf = codes(report)["nonfinite"]
+    step = first_bad_step(report, "grad_norm")
+    assert first_bad_step(report, "loss") > step  # the forward was finite
+    module, kind = oracle("gpt_char.py", "--optimizer", "sgd", "--lr", "300", backward=True)
+    assert kind == "LayerNorm", (module, kind)  # blocks.1.ln1 with one thread
+    assert nf["step"] == step and nf["layers"][0] == module, nf["summary"]
+    ev = nf["evidence"]
+    assert ev["backward_checked"] is True
+    assert (ev["phase"], ev["kind"], ev["source"], ev["op"], ev["backward_op"]) == (
+        "backward", "gradient", "replay", "layer_norm", "NativeLayerNormBackward0")
+    assert "in the backward" in nf["summary"]
 
 
 # ------------------------------------------------- looks bad, is normal

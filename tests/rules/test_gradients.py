@@ -222,3 +222,35 @@ def test_nonfinite_run_that_recovered_is_a_warning(last_bad, finite_after, sever
         assert f"The run recovered: after {span}, every recorded value was finite again for its last {finite_after} steps." in f.summary
     else:
         assert "recovered" not in f.summary
+
+
+@pytest.mark.parametrize("source, op, says", [
+    ("replay", "layer_norm", "in the backward (the loss and the forward were finite): `layers.2` made the first "
+                             "non-finite gradient in `layer_norm`'s backward (NativeLayerNormBackward0)"),
+    ("replay", None, "in the backward (the loss and the forward were finite): `layers.2` made the first "
+                     "non-finite gradient from a finite incoming gradient"),
+    ("series", None, "`layers.2` received the first non-finite gradient (backward)"),  # not replayed: as before
+])
+def test_nonfinite_born_in_the_backward_says_so(source, op, says):
+    from gradvitals.rules import nonfinite as nf
+
+    b = Build().mlp(4)
+    b.loss([2.0] * 31)
+    b.event("nonfinite_origin", step=30, kind="gradient", module="layers.2", value="inf", source=source,
+            phase="backward", op=op, backward_op="NativeLayerNormBackward0" if op else None)
+    f = nf.nonfinite(b.record)[0]
+    assert says in f.summary and f.layers[0] == "layers.2" and f.evidence["phase"] == "backward"
+
+
+def test_nonfinite_forward_origin_names_its_op_only_when_replayed():
+    from gradvitals.rules import nonfinite as nf
+
+    b = Build().mlp(4)
+    b.event("nonfinite_origin", step=3, kind="activation", module="layers.1", value="nan", source="replay",
+            phase="forward", op="layer_norm")
+    f = nf.nonfinite(b.record)[0]
+    assert f.summary.endswith("produced the first non-finite activation, in `layer_norm` from finite inputs.")
+    b = Build().mlp(4)
+    b.event("nonfinite_origin", step=3, kind="activation", module="layers.1", value="nan", source="series",
+            phase="forward", op=None)
+    assert "from finite inputs" not in nf.nonfinite(b.record)[0].summary

@@ -7,17 +7,30 @@ stepped yet), checking the output of every torch function call; the first call
 that turns finite inputs into non-finite outputs is the origin, attributed to the
 innermost module running it. RNG state and buffers (BatchNorm running stats) are
 restored afterwards, so the run's numbers do not change.
+
+Infinities made on purpose are not origins: an attention mask built with
+``torch.full(..., -inf)`` or ``masked_fill(mask, -inf)`` (a non-finite constant among
+the op's arguments), whatever is computed from it without a new NaN (``triu``, a view,
+``scores + mask``), and an additive mask passed in or kept as a buffer (0 and -inf
+only). The origin is the first op whose finite inputs gave a non-finite output, or
+whose by-design infinities gave a NaN (``softmax`` of a fully masked row), among those
+whose NaN/Inf reaches the model's output (a guarded ``torch.where(x == 0, 0, 1 / x)``
+does not).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+
+from . import patches
 
 
 def _tensors(obj: Any) -> list[Tensor]:
@@ -30,6 +43,32 @@ def _local(t: Tensor) -> Tensor:
     only this rank makes); any other tensor as it is."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None and hasattr(t, "placements") else t
+
+
+def _nonfinite_scalar(obj: Any) -> bool:
+    """A Python number among the arguments that is NaN/Inf (``float('-inf')`` filled in)."""
+    leaves, _ = tree_flatten(obj)
+    return any(isinstance(x, float) and not math.isfinite(x) for x in leaves)
+
+
+def _nonfinite_nan(obj: Any) -> bool:
+    leaves, _ = tree_flatten(obj)
+    return any(isinstance(x, float) and math.isnan(x) for x in leaves)
+
+
+def _has_nan(ts: list[Tensor]) -> bool:
+    return any(t.numel() and not t.is_sparse and bool(torch.isnan(_local(t)).any()) for t in ts)
+
+
+def _additive_mask(t: Tensor) -> bool:
+    """0 where attended, -inf where masked, nothing else: an additive attention mask made
+    outside the forward (an input, a buffer). A corrupt batch holds NaN, +Inf or other
+    values beside its -inf."""
+    t = _local(t)
+    if t.numel() == 0 or t.is_sparse or not t.is_floating_point():
+        return False
+    neg_inf = torch.isneginf(t)
+    return bool(neg_inf.any()) and bool(((t == 0) | neg_inf).all())
 
 
 def _bad(ts: list[Tensor]) -> str | None:
@@ -67,6 +106,34 @@ class _Tracer(TorchFunctionMode):
         self.origin: dict[str, Any] | None = None
         self.input_bad: dict[str, Any] | None = None
         self.internal: list[Any] = []  # open wrapper-bookkeeping ranges (record_function handles)
+        # Tensors whose NaN/Inf is by design (masks), by id; the weak reference tells a
+        # live tensor from a new one that reuses a freed one's id (a strong one would
+        # keep every layer's masked scores alive through the replay).
+        self.designed: dict[int, weakref.ref] = {}
+        # Every op that made NaN/Inf from finite values, in order, and which of them the
+        # non-finite values of a tensor come from (the earliest): the origin is the first
+        # one whose values reach the model's output, not a guarded 1/x that
+        # torch.where discards.
+        self.candidates: list[dict[str, Any]] = []
+        self.made_by: dict[int, tuple[weakref.ref, int]] = {}
+
+    def design(self, t: Tensor) -> None:
+        self.designed[id(t)] = weakref.ref(t)
+
+    def is_designed(self, t: Tensor) -> bool:
+        r = self.designed.get(id(t))
+        return r is not None and r() is t
+
+    def candidate_of(self, t: Tensor) -> int | None:
+        entry = self.made_by.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def _made(self, outs: list[Tensor], found: dict[str, Any]) -> None:
+        if self.origin is None:
+            self.origin = found
+        self.candidates.append(found)
+        for t in outs:
+            self.made_by[id(t)] = (weakref.ref(t), len(self.candidates) - 1)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -79,16 +146,30 @@ class _Tracer(TorchFunctionMode):
             if self.internal and args and args[0] is self.internal[-1]:
                 self.internal.pop()
             return out
-        if self.origin is None and not self.internal and _judged(name):
+        if not self.internal and _judged(name):
             outs = _tensors(out)
             value = _bad(outs) if outs else None
             if value is not None:
                 ins = _tensors((args, kwargs))
                 module = self.stack[-1] if self.stack else None
-                if _bad(ins) is None:
-                    self.origin = {"op": name or str(func), "module": module, "value": value}
-                elif self.input_bad is None:
-                    self.input_bad = {"op": name or str(func), "module": module, "value": _bad(ins)}
+                designed = [t for t in ins if self.is_designed(t)]
+                bad_in = _bad([t for t in ins if not self.is_designed(t)])
+                if bad_in is None and (designed or _nonfinite_scalar((args, kwargs))):
+                    if value == "nan" and not _has_nan(designed) and not _nonfinite_nan((args, kwargs)):
+                        # A NaN born from the mask's infinities (a fully masked row).
+                        self._made(outs, {"op": name or str(func), "module": module, "value": value})
+                    else:
+                        for t in outs:  # the mask itself, or what carries it on
+                            self.design(t)
+                elif bad_in is None:
+                    self._made(outs, {"op": name or str(func), "module": module, "value": value})
+                else:
+                    made = [c for c in map(self.candidate_of, ins) if c is not None]
+                    if made:  # carries an earlier op's NaN/Inf on
+                        for t in outs:
+                            self.made_by[id(t)] = (weakref.ref(t), min(made))
+                    elif self.input_bad is None:
+                        self.input_bad = {"op": name or str(func), "module": module, "value": bad_in}
         return out
 
 
@@ -106,7 +187,8 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
     hold); the FSDP modules are resharded afterwards (FSDP2 keeps the root's gathered
     parameters after a forward, and the optimizer is about to update the shards).
     """
-    inputs_bad = _bad(_tensors((args, kwargs)))
+    masks = [t for t in _tensors((args, kwargs)) if _additive_mask(t)]
+    inputs_bad = _bad([t for t in _tensors((args, kwargs)) if not any(t is m for m in masks)])
     the_input = {"kind": "input", "module": names.get(id(model)) or next(iter(names.values()), None),
                  "op": None, "value": inputs_bad}
     if inputs_bad is not None and not collective:
@@ -131,11 +213,17 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post, always_call=True))
         tracer = _Tracer(stack)
+        for t in [*masks, *(b for b in buffers if _additive_mask(b))]:
+            tracer.design(t)
         # Its warnings are ours, not the user's (a checkpointed block run under no_grad
         # warns that no input requires grad).
         with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), torch.no_grad(), tracer:
             warnings.simplefilter("ignore")
-            model(*args, **kwargs)
+            result = model(*args, **kwargs)
+            # The first candidate whose NaN/Inf reaches the output; with none of them
+            # there (a finite output, or one a weight made non-finite), the first op seen.
+            reached = [c for c in map(tracer.candidate_of, _tensors(result)) if c is not None]
+            del result
     finally:
         for h in handles:
             h.remove()
@@ -146,7 +234,7 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
             _reshard(model)
     if inputs_bad is not None:
         return the_input
-    found = tracer.origin or tracer.input_bad
+    found = tracer.candidates[min(reached)] if reached else tracer.origin or tracer.input_bad
     if found is None:
         return None
     kind = "activation"
@@ -170,3 +258,118 @@ def _reshard(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+class _Tagger(TorchFunctionMode):
+    """Labels each autograd node the replayed forward creates with the module and the
+    function that made it, so that the backward's nodes can be named."""
+
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack = stack
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        module = self.stack[-1] if self.stack else None
+        for t in _tensors(out):
+            node = t.grad_fn
+            if node is not None and "gradvitals" not in node.metadata:
+                node.metadata["gradvitals"] = (module, getattr(func, "__name__", "") or str(func))
+        return out
+
+
+#: Autograd nodes the backward replay walks at most (a replay-only cost, bounded for
+#: graphs with millions of nodes).
+MAX_BACKWARD_NODES = 200_000
+
+
+def replay_backward(model: nn.Module, names: dict[int, str], args: tuple, kwargs: dict
+                    ) -> tuple[bool, dict[str, Any] | None]:
+    """Re-run ``model(*args, **kwargs)`` with autograd and differentiate the loss it
+    returns (a model that computes its own loss, as GPT implementations do); return the
+    first op of that backward whose incoming gradients were finite and whose outgoing
+    ones are not: the producer of the first non-finite gradient, not the nodes that
+    pass it on. Returns (whether a backward was replayed, that origin or None): not
+    replayed when the model returns no loss (a 0-d tensor) or a non-finite one (the
+    forward is the origin); no origin when every replayed gradient is finite.
+
+    The weights are those of the failing step (the optimizer has not stepped yet);
+    gradients are taken with ``torch.autograd.grad`` (``.grad`` is left as it is), RNG
+    state and buffers are restored. Random ops (dropout) draw other masks than the
+    original forward did.
+    """
+    stack: list[str] = []
+    handles: list[Any] = []
+
+    def pre(mod: nn.Module, _a: Any) -> None:
+        stack.append(names.get(id(mod), type(mod).__name__))
+
+    def post(mod: nn.Module, _a: Any, _o: Any) -> None:
+        if stack:
+            stack.pop()
+
+    buffers = [b for b in model.buffers()]
+    saved = [b.detach().clone() for b in buffers]
+    devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda"} - {None})
+    origin: dict[str, Any] = {}
+    try:
+        for m in model.modules():
+            if isinstance(m, torch.jit.ScriptModule):
+                continue
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post, always_call=True))
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            with _Tagger(stack):
+                out = model(*args, **kwargs)
+            for h in handles:
+                h.remove()
+            handles = []
+            # The loss: a 0-d result (a reduction), not a one-element output (batch of 1).
+            losses = [t for t in _tensors(out) if t.dim() == 0 and t.grad_fn is not None]
+            if not losses:
+                return False, None
+            loss = losses[0] if len(losses) == 1 else torch.stack([t.reshape(()) for t in losses]).sum()
+            if _bad([loss.detach()]) is not None:
+                return False, None
+            # Every node the backward can run, each named by the nearest labelled one on
+            # its way to the loss (the ops inside a fused function such as
+            # multi_head_attention_forward are its caller's).
+            label: dict[Any, tuple] = {}
+            todo = [(loss.grad_fn, (names.get(id(model)), "loss"))]
+            while todo and len(label) < MAX_BACKWARD_NODES:
+                node, parent = todo.pop()
+                if node is None or node in label:
+                    continue
+                label[node] = node.metadata.get("gradvitals", parent)
+                for nxt, _ in node.next_functions:
+                    if nxt is not None and nxt not in label:
+                        todo.append((nxt, label[node]))
+
+            def watch(node: Any) -> Any:
+                def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+                    if origin:
+                        return
+                    made = _bad([g for g in grad_inputs if isinstance(g, Tensor)])
+                    if made is not None and _bad([g for g in grad_outputs if isinstance(g, Tensor)]) is None:
+                        module, op = label[node]
+                        origin.update(module=module, op=op, backward_op=node.name(), value=made)
+                return hook
+
+            for node in label:
+                if node.name() != "torch::autograd::AccumulateGrad":
+                    handles.append(node.register_hook(watch(node)))
+            params = [p for p in model.parameters() if p.requires_grad]
+            if params:
+                with patches.quiet():  # not a backward of the run's
+                    torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+    if not origin:
+        return True, None
+    origin["kind"] = "gradient"
+    return True, origin

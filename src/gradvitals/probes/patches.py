@@ -17,6 +17,7 @@ unchanged; a listener that raises is reported by its recorder, never propagated.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import Any, Callable
@@ -38,6 +39,17 @@ def _each(method: str, *args: Any) -> None:
             getattr(rec, method)(*args)
         except Exception as exc:  # never break the user's run
             rec._fail("patches." + method, exc)
+
+
+@contextlib.contextmanager
+def quiet() -> Any:
+    """Backwards and ``autograd.grad`` calls of our own (the NaN origin's backward
+    replay): no listener hears them, as for a backward nested in another."""
+    _depth.n = getattr(_depth, "n", 0) + 1
+    try:
+        yield
+    finally:
+        _depth.n -= 1
 
 
 def _backward_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:

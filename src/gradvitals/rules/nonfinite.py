@@ -2,7 +2,9 @@
 
 Decided from the ``nonfinite_origin`` event the recorder writes when it first sees a
 non-finite value (it replays that step's forward with tracing to find the module
-that produced it), falling back to the series' first non-finite steps.
+that produced it, and its backward when the forward and the loss were finite),
+falling back to the series' first non-finite steps. The event's ``phase`` says which
+pass made it ("forward", the loss included, or "backward"), ``op`` the function.
 """
 
 from __future__ import annotations
@@ -48,11 +50,19 @@ def nonfinite(record: Record) -> list[Finding]:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the loss; the "
                        f"model's forward was not recorded, so the layer could not be traced (every "
                        f"weight was still finite).")
+        elif kind == "gradient" and ev.get("source") == "replay":
+            # The backward replayed: the op that made it, not the parameters it reached.
+            op = f" in `{ev['op']}`'s backward ({ev.get('backward_op')})" if ev.get("op") else ""
+            summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward "
+                       f"(the loss and the forward were finite): {where} made the first non-finite "
+                       f"gradient{op} from a finite incoming gradient.")
         else:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')}: {where} "
                        f"{_WHAT.get(kind, 'produced it')}.")
         if ev.get("module_kind"):
             summary = summary.rstrip(".") + f" ({ev['module_kind']})."
+        if kind == "activation" and ev.get("op") and ev.get("source") == "replay":
+            summary = summary.rstrip(".") + f", in `{ev['op']}` from finite inputs."
         if ev.get("rank") is not None and (ev.get("world_size") or 1) > 1:  # torchrun: whose data
             ranks = ev.get("ranks") or [ev["rank"]]
             on = f"rank {ev['rank']} only" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
