@@ -777,6 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
                    help="pinned (default): fixed glibc malloc thresholds, no page-fault lottery "
                         "(see MALLOC_PINNED); default: the environment's malloc settings as they are")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help=f"torch threads (default {THREADS}; 1 on a machine whose cores are busy: two "
+                        "threads there measured a 0.2 ms step at 10 ms, spinning)")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.malloc == "pinned" and any(os.environ.get(k) != v for k, v in MALLOC_PINNED.items()):
@@ -806,10 +809,10 @@ def main(argv: list[str] | None = None) -> int:
         methods = [m for m in methods if m.name in want]
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(a.threads)
     results: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": THREADS, "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
+                    "threads": a.threads, "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
                     "device": "cpu", "dtype": "float32"},
         "settings": {"rounds": rounds, "steps_per_block": steps, "loss_item_in_step": False,
                      "lead_in_steps": LEAD_IN, "malloc": a.malloc,
