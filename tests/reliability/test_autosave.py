@@ -117,14 +117,14 @@ def _tmp_files(out: Path) -> list[str]:
 
 
 def test_sigkill_at_random_moments_leaves_a_recent_partial_report(tmp_path):
-    """Started together (their start-up overlaps): three runs under `gradvitals run
+    """Started together (their start-up overlaps): two runs under `gradvitals run
     --json` and two under gv.watch(path=...), each SIGKILLed at a random moment after its
     second autosave; one SIGKILLed with its writer process the moment an autosave's
     temporary file appears (a larger record, so a write takes a while), which must
     leave the previous complete file; one SIGTERMed, whose final report is complete."""
     rng = random.Random(26)
     runs = []
-    for k, how in enumerate(["run", "run", "run", "watch", "watch", "sigterm", "write"]):
+    for k, how in enumerate(["run", "run", "watch", "watch", "sigterm", "write"]):
         out = tmp_path / f"r{k}.json"
         extra = ["--layers", "24", "--every", "1", "--sleep", "0"] if how == "write" else ["--sleep", "0.01"]
         proc, progress = _start(tmp_path, out, watch=how == "watch", extra=extra)
@@ -134,7 +134,8 @@ def test_sigkill_at_random_moments_leaves_a_recent_partial_report(tmp_path):
         waiting = list(runs)
         t0 = time.monotonic()
         while waiting:
-            assert time.monotonic() - t0 < 120, "no autosave within the time-out"
+            # (a time-out, not the expected time: ~60-100 s on this project's loaded 2-core machine)
+            assert time.monotonic() - t0 < 300, "no second autosave within the time-out"
             for r in list(waiting):
                 if r["proc"].poll() is not None:
                     raise AssertionError(f"a run ended before it was killed: {r['proc'].stderr.read().decode()}")
