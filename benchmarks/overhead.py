@@ -301,6 +301,34 @@ class GradvitalsFull(GradvitalsMethod):
     warmup = None  # one rate throughout
 
 
+class GradvitalsAutosave(GradvitalsMethod):
+    """The default watch given a report path: it autosaves every ``autosave_s`` (default
+    60 s; the record is snapshotted on the training thread, diagnosed and written by a
+    background thread). Against ``gv_default`` (no path, no autosave) per round."""
+
+    name = "gv_autosave"
+    label = "gradvitals watch (default) with path=: autosave every 60 s (the default)"
+
+    def setup(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="gv-bench-autosave-")
+        self.watch = gv.watch(self.model, self.opt, path=os.path.join(self._dir, "run.json"), **self.options)
+        self.watch.pause()
+
+    def close(self) -> None:
+        saver = self.watch._recorder.autosave
+        self.saves = saver.saves if saver is not None else 0
+        self.watch.close()
+        import shutil
+
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class GradvitalsAutosave1s(GradvitalsAutosave):
+    name = "gv_autosave_1s"
+    label = "gradvitals watch (default) with path=, autosave_s=1 (60x the default's rate: an upper bound)"
+    options = {"autosave_s": 1.0}
+
+
 class NaiveItem(Method):
     name = "naive_item"
     label = "per-parameter p.grad.norm().item() loop"
@@ -435,7 +463,7 @@ def _available(method: type[Method]) -> bool:
 
 
 METHODS: list[type[Method]] = [Method, PlainTwin, GradvitalsMethod, GradvitalsEarly, GradvitalsNoOrigin, GradvitalsFull,
-                               NormFloor, NormFetch, NaiveItem, ClipTotal, DetectAnomaly, ActHooks, TensorBoardHist, WandbWatch]
+                               GradvitalsAutosave, GradvitalsAutosave1s, NormFloor, NormFetch, NaiveItem, ClipTotal, DetectAnomaly, ActHooks, TensorBoardHist, WandbWatch]
 
 
 # ------------------------------------------------------------------ timing
@@ -526,6 +554,14 @@ def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps
         rel = [a / b for a, b in zip(ratios["gv_default"], ratios["gv_no_origin"])]
         lo, hi = _quantiles(rel)
         out["_origin_vs_no_origin"] = {"ratio": statistics.median(rel), "ratio_q1": lo, "ratio_q3": hi}
+    for name in ("gv_autosave", "gv_autosave_1s"):
+        if "gv_default" in block and name in block:
+            # What the autosave adds to the same default watch, per round.
+            rel = [a / b for a, b in zip(ratios[name], ratios["gv_default"])]
+            lo, hi = _quantiles(rel)
+            saves = next((getattr(m, "saves", None) for m in insts if m.name == name), None)
+            out[f"_{name}_vs_default"] = {"ratio": statistics.median(rel), "ratio_q1": lo, "ratio_q3": hi,
+                                          "saves": saves}
     if "gv_default" in block and "norm_fetch" in block:
         # What gradvitals adds beyond the least any per-step norm recorder must do.
         rel = [a / b for a, b in zip(ratios["gv_default"], ratios["norm_fetch"])]
@@ -678,6 +714,13 @@ def render(results: dict[str, Any], method_names: list[str]) -> str:
         lines.append("")
         lines.append("default watch / norm_fetch (gradvitals beyond the fetched-norm floor, same run): "
                      + ", ".join(f"{w} {c['ratio']:.3f}x" for w, c in ctx))
+    for name in ("gv_autosave", "gv_autosave_1s"):
+        ctx = [(w, r["methods"][f"_{name}_vs_default"]) for w, r in results["workloads"].items()
+               if f"_{name}_vs_default" in r["methods"]]
+        if ctx:
+            lines.append(f"{name} / default watch (what the autosave adds, same run): "
+                         + ", ".join(f"{w} {c['ratio']:.3f}x ({c['ratio_q1']:.3f}-{c['ratio_q3']:.3f}, "
+                                     f"{c['saves']} saves)" for w, c in ctx))
     lines.append("")
     lines.append("budgets:")
     for b in results["budgets"]:
@@ -734,6 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
                    help="pinned (default): fixed glibc malloc thresholds, no page-fault lottery "
                         "(see MALLOC_PINNED); default: the environment's malloc settings as they are")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help=f"torch threads (default {THREADS}; 1 on a machine whose cores are busy: two "
+                        "threads there measured a 0.2 ms step at 10 ms, spinning)")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.malloc == "pinned" and any(os.environ.get(k) != v for k, v in MALLOC_PINNED.items()):
@@ -751,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds, steps, rec_steps = (2, 5, 20_000) if a.quick else (a.rounds, a.steps, RECORD_STEPS)
     if a.gv_warmup < 0:
         p.error("--gv-warmup must be a non-negative integer")
-    for m in (GradvitalsMethod, GradvitalsNoOrigin):
+    for m in (GradvitalsMethod, GradvitalsNoOrigin, GradvitalsAutosave, GradvitalsAutosave1s):
         m.warmup = 5 if a.quick else a.gv_warmup
     methods = [m for m in METHODS if _available(m)]
     if a.methods:
@@ -763,10 +809,10 @@ def main(argv: list[str] | None = None) -> int:
         methods = [m for m in methods if m.name in want]
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(a.threads)
     results: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": THREADS, "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
+                    "threads": a.threads, "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
                     "device": "cpu", "dtype": "float32"},
         "settings": {"rounds": rounds, "steps_per_block": steps, "loss_item_in_step": False,
                      "lead_in_steps": LEAD_IN, "malloc": a.malloc,

@@ -45,12 +45,14 @@ def _check_script_arg(script: str) -> None:
           f"see `gradvitals {ctx.info_name} --help`")
 
 
-def _options(every: int | None, full: bool, tensorboard: str | None) -> Any:
+def _options(every: int | None, full: bool, tensorboard: str | None, autosave_s: float | None = None) -> Any:
     from .recorder import Options
 
     kwargs: dict[str, Any] = {"full": full, "tensorboard": tensorboard}
     if every is not None:
         kwargs["every"] = every
+    if autosave_s is not None:
+        kwargs["autosave_s"] = autosave_s
     try:
         return Options(**kwargs)
     except ValueError as exc:
@@ -63,6 +65,10 @@ def _options(every: int | None, full: bool, tensorboard: str | None) -> Any:
 @click.option("--tensorboard", metavar="DIR", help="Also log per-layer scalars and findings to TensorBoard.")
 @click.option("--every", type=int, metavar="N", help="Activation stats / update ratios every N steps (default 25; every 4N after step 1000).")
 @click.option("--full", is_flag=True, help="Record every probe on every step (slower).")
+@click.option("--autosave", "autosave_s", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Rewrite the --json/--html report every SECONDS while the script runs, so a run "
+                   "killed without a chance to write it (SIGKILL, OOM, node loss) leaves one "
+                   "(default 60; 0: off).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but the script's own output.")
 @click.option("--try-fixes", is_flag=True, help="Then re-run the script with each remedy the findings point to "
               "and show which one cures it.")
@@ -74,7 +80,7 @@ def _options(every: int | None, full: bool, tensorboard: str | None) -> Any:
 @click.argument("script", metavar="SCRIPT")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[ARGS]...")
 def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | None, every: int | None,
-            full: bool, quiet: bool, try_fixes: bool, budget_steps: int | None, trials: int,
+            full: bool, autosave_s: float | None, quiet: bool, try_fixes: bool, budget_steps: int | None, trials: int,
             remedy_json: str | None, script: str, args: tuple[str, ...]) -> None:
     """Run SCRIPT with ARGS unmodified and diagnose its training.
 
@@ -84,7 +90,7 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
     from .runner import ScriptRunner, UsageError, check_outputs
 
     _check_script_arg(script)
-    options = _options(every, full, tensorboard)
+    options = _options(every, full, tensorboard, autosave_s)
     applier = None
     if remedy_json:
         from .prescribe import Remedy, RemedyApplier
@@ -95,6 +101,7 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
             raise click.BadParameter(str(exc), param_hint="--remedy") from None
     runner = ScriptRunner(script, list(args), options,
                           budget_steps=None if try_fixes else budget_steps, remedy=applier)
+    runner.autosave_paths = (json_path, html_path)
     from .distributed import writes_report
 
     if not quiet and writes_report():  # torchrun: rank 0's line only

@@ -11,6 +11,7 @@ run-level ones (``loss``, ``grad_norm_global``). The quantities are listed in
 
 from __future__ import annotations
 
+import copy
 import math
 from array import array
 from dataclasses import asdict, dataclass, field
@@ -190,6 +191,16 @@ class Series:
             "first_nonfinite_step": self.first_nonfinite_step,
         }
 
+    def copy(self) -> Series:
+        """An independent copy (two array copies): what an autosave serialises while
+        the live series goes on growing."""
+        c = Series.__new__(Series)
+        for name in Series.__slots__:
+            setattr(c, name, getattr(self, name))
+        c.steps = self.steps[:]
+        c.values = self.values[:]
+        return c
+
     @classmethod
     def from_json(cls, data: dict[str, Any], cap: int = DEFAULT_CAP) -> Series:
         s = cls(cap=max(cap, len(data.get("steps", ())) + 2))
@@ -368,6 +379,25 @@ class Record:
                   if not isinstance(e.get("step"), int) or start <= e["step"] < end]
         return Record(run=dict(self.run), layers=layers, params=params, series=series, events=events,
                       steps=end - start, cap=self.cap)
+
+    def snapshot(self) -> Record:
+        """A copy that shares nothing mutable with this record (series arrays copied,
+        run and events deep-copied as their JSON values), cheap enough to take on the
+        training thread: what is serialised from it elsewhere cannot change under it."""
+        layers = {}
+        for n, l in self.layers.items():
+            c = copy.copy(l)
+            c.params = list(l.params)
+            c.extra = _json_safe(l.extra)
+            layers[n] = c
+        params = {}
+        for n, p in self.params.items():
+            c = copy.copy(p)
+            c.shape = list(p.shape)
+            params[n] = c
+        return Record(run=_json_safe(self.run), layers=layers, params=params,
+                      series={k: s.copy() for k, s in self.series.items()},
+                      events=_json_safe(self.events), steps=self.steps, cap=self.cap)
 
     # -- (de)serialisation ---------------------------------------------------
     def layers_json(self) -> list[dict[str, Any]]:

@@ -72,6 +72,11 @@ class Options:
     name: str | None = None
     #: Write per-layer gradient norms, update ratios and the loss to TensorBoard here.
     tensorboard: str | None = None
+    #: Rewrite the report every this many seconds of wall time while the run goes on,
+    #: when it has a path (``--json``/``--html``, ``gv.watch(path=...)``): a run killed
+    #: without a chance to write it (SIGKILL, OOM, node loss) leaves one this recent.
+    #: None or 0: off. (See gradvitals.autosave.)
+    autosave_s: float | None = 60.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
@@ -91,6 +96,9 @@ class Options:
             raise ValueError(f"name must be a non-empty string or None, got {self.name!r}")
         if self.tensorboard is not None and not isinstance(self.tensorboard, (str, os.PathLike)):
             raise ValueError(f"tensorboard must be a folder path (str) or None, got {self.tensorboard!r}")
+        a = self.autosave_s
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not a >= 0 or a == math.inf):
+            raise ValueError(f"autosave_s must be a number of seconds >= 0 (0 or None: off), got {a!r}")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> Options:
@@ -277,6 +285,7 @@ class Recorder:
         self._ring_rows = 0
         self.progress: Any = None  # reports.progress.Progress: the CLI's live status line
         self.backward_mode_models: set[int] = set()
+        self.autosave: Any = None  # autosave.Autosave: ticked at each step boundary
         patches.install(self)
         if self.options.tensorboard:
             self._open_tensorboard(self.options.tensorboard)
@@ -1363,6 +1372,8 @@ class Recorder:
         self._stepped = []
         self.step += 1
         self.record.steps = self.step
+        if self.autosave is not None:
+            self.autosave.tick(self)  # a clock read; a snapshot when one is due (never raises)
 
     # ------------------------------------------------------ measure + sync
     def _grad_norms(self, o: _Opt | None) -> tuple[list[str], Any] | None:
@@ -1916,23 +1927,29 @@ class Recorder:
             except Exception as exc:
                 self._fail("flush", exc)
         self.sync()
-        self.record.run["duration_s"] = round(time.time() - self._started, 3)
+        self.stamp(self.record)
+
+    def stamp(self, record: Record) -> None:
+        """Write the run's totals so far into ``record`` (this recorder's, or a snapshot of it)."""
+        record.run["duration_s"] = round(time.time() - self._started, 3)
         # A step still open (several optimizers, one of them alive but idle: the cycle
         # never saw the last step end) has been taken and recorded: it counts.
-        g = self.record.series.get("grad_norm_global")
+        g = record.series.get("grad_norm_global")
         steps = self.step + 1 if self._stepped and g is not None and g.last_step == self.step else self.step
-        self.record.run["steps"] = steps
-        self.record.steps = steps
+        record.run["steps"] = steps
+        record.steps = steps
         if self._last_nonfinite is not None:  # did the run come back from it? (rules/nonfinite.py)
-            for ev in self.record.events_of("nonfinite_origin"):
+            for ev in record.events_of("nonfinite_origin"):
                 ev["last_nonfinite_step"] = self._last_nonfinite
-        self.record.run["devices"] = sorted({str(p.device) for m in self.models for _, p in m.params})
+        record.run["devices"] = sorted({str(p.device) for m in self.models for _, p in m.params})
 
     def close(self) -> None:
         """Remove every hook and patch this recorder installed. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self.autosave is not None:
+            self.autosave.stop()  # no autosave may land after the final report
         self._remove_hooks()
         patches.uninstall(self)
         self.finish()

@@ -93,6 +93,19 @@ class Report:
         yield from render(self)
 
 
+def partial_note(run: dict[str, Any]) -> str | None:
+    """What a reader must know about a report that is not the run's final one (an
+    autosave, ``run.complete: false``); None for a final report or one that does not say."""
+    if run.get("complete") is not False:
+        return None
+    step = run.get("last_step")
+    at = run.get("autosaved_at")
+    return (f"Partial report: autosaved {f'at {at}, ' if at else ''}"
+            f"{f'up to step {step}' if step is not None else 'before the first step'}. "
+            "The run had not ended then; if it is not still running, it ended without writing its "
+            "final report (SIGKILL, the OOM killer, a lost node, a restarted kernel).")
+
+
 def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write text so that ``path`` is either the old file or the whole new one."""
     path = Path(path)

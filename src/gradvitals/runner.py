@@ -29,7 +29,8 @@ from torch.nn.modules import module as nn_module
 from torch.optim import optimizer as optim_module
 
 from .probes import patches
-from . import distributed
+from . import autosave, distributed
+from .autosave import mark_complete
 from .recorder import Options, Recorder, _Model
 from .report import Report, check_writable, write_atomic
 
@@ -75,6 +76,9 @@ class ScriptRunner:
         self._globals: dict[str, Any] | None = None
         self._compiled: set[int] = set()  # id() of root models run through torch.compile
         self.progress: Any = None  # reports.progress.Progress, handed to the recorder (CLI)
+        #: (json, html) paths the report is autosaved to while the script runs (the CLI
+        #: sets them; the final write stays the caller's, see write_outputs).
+        self.autosave_paths: tuple[str | None, str | None] = (None, None)
 
     # ------------------------------------------------------------ checks
     def compile(self) -> types.CodeType:
@@ -267,6 +271,8 @@ class ScriptRunner:
         self.recorder.on_retire = lambda model: self._roots.pop(id(model.module), None)
         self.recorder.record.run["script"] = self.script
         self.recorder.record.run["script_argv"] = [self.script, *self.args]
+        if not self.stop_after_first_step and distributed.writes_report():
+            autosave.attach(self.recorder, *self.autosave_paths, self.options.autosave_s)
         saved_argv, saved_path0 = sys.argv, list(sys.path)
         saved_main = sys.modules.get("__main__")
         main = types.ModuleType("__main__")
@@ -278,7 +284,7 @@ class ScriptRunner:
                               "__annotations__": {}})
         self._globals = main.__dict__
         old_term = _install_sigterm()
-        status, error = 0, None
+        status, error, ended = 0, None, "finished"
         try:
             sys.argv = [self.script, *self.args]
             sys.path.insert(0, os.path.dirname(script_path))
@@ -291,14 +297,18 @@ class ScriptRunner:
                     warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
                     exec(code, main.__dict__)
             except _StopAtFirstStep:
-                status = 0
+                status, ended = 0, "stopped"
+            except _Terminated as exc:
+                status, error = _exit_status(exc)
+                ended = "SIGTERM"
             except SystemExit as exc:
                 status, error = _exit_status(exc)
+                ended = "sys.exit"
             except KeyboardInterrupt:
-                status, error = 130, "KeyboardInterrupt"
+                status, error, ended = 130, "KeyboardInterrupt", "KeyboardInterrupt"
                 _print_script_traceback(script_path)
             except BaseException as exc:  # the script's own error: show it as python would
-                status, error = 1, f"{type(exc).__name__}: {exc}"
+                status, error, ended = 1, f"{type(exc).__name__}: {exc}", "exception"
                 _print_script_traceback(script_path)
         finally:
             self._uninstall()
@@ -309,6 +319,7 @@ class ScriptRunner:
                 sys.modules["__main__"] = saved_main
             _restore_sigterm(old_term)
         self.recorder.record.run["exit_status"] = status
+        mark_complete(self.recorder.record, ended)
         if self.remedy is not None:
             self.recorder.record.run["remedy_status"] = self.remedy.status()
         if self.budget_steps is not None:

@@ -9,10 +9,15 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+import logging
+
 from .record import Record
-from . import distributed
+from . import autosave, distributed
+from .autosave import mark_complete
 from .recorder import Options, Recorder
-from .report import Report
+from .report import Report, check_writable, write_atomic
+
+log = logging.getLogger("gradvitals")
 
 
 DRIVES = ("hooks", "manual")
@@ -28,10 +33,19 @@ class Watch:
     """
 
     def __init__(self, model: nn.Module | Iterable[nn.Module], optimizer: Any = None, *,
-                 drive: str = "hooks", **options: Any) -> None:
+                 drive: str = "hooks", path: str | os.PathLike[str] | None = None,
+                 html: str | os.PathLike[str] | None = None, **options: Any) -> None:
         if drive not in DRIVES:
             raise ValueError(f"drive must be one of {', '.join(map(repr, DRIVES))}, got {drive!r}")
         self.drive = drive
+        self.path, self.html = path, html
+        for flag, where in (("path", path), ("html", html)):
+            if where is not None:
+                if not isinstance(where, (str, os.PathLike)):
+                    raise TypeError(f"{flag} must be a file path (str or os.PathLike) or None, got {type(where).__name__}")
+                why = check_writable(where)
+                if why:
+                    raise ValueError(f"{flag}={str(where)!r}: cannot write the report there ({why})")
         models = _as_list(model, nn.Module, "model")
         optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer") if optimizer is not None else []
         self.options = Options.from_kwargs(options)
@@ -46,6 +60,8 @@ class Watch:
         except BaseException:
             self._recorder.close()
             raise
+        if distributed.writes_report():
+            autosave.attach(self._recorder, path, html, self.options.autosave_s)
 
     # -- the record --------------------------------------------------------
     @property
@@ -120,23 +136,47 @@ class Watch:
             if not was:
                 self._recorder.resume()
 
-    def close(self) -> None:
-        """Remove every hook gradvitals attached. Idempotent."""
-        self._recorder.close()
+    def close(self, *, ended: str = "closed") -> None:
+        """Remove every hook gradvitals attached and, given ``path``/``html``, write
+        the final report there (``run.complete: true``; a failed write is warned
+        about, never raised into the training script). Idempotent."""
+        if self._recorder._closed:
+            return
+        self._recorder.close()  # stops the autosave first
+        if (self.path is None and self.html is None) or not distributed.writes_report():
+            return
+        mark_complete(self._recorder.record, ended)
+        rep = self.diagnosis()
+        try:
+            with distributed.sigterm_deferred():
+                if self.path is not None:
+                    rep.save(self.path)
+                if self.html is not None:
+                    from .reports.html import render_html
+
+                    write_atomic(self.html, render_html(rep.to_json()))
+        except OSError as exc:
+            log.warning("gradvitals: could not write the report (%s); the last autosave, if any, "
+                        "is what remains", exc)
 
     def __enter__(self) -> Watch:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, etype: Any, value: Any, tb: Any) -> None:
+        ended = ("closed" if etype is None else "KeyboardInterrupt" if issubclass(etype, KeyboardInterrupt)
+                 else "sys.exit" if issubclass(etype, SystemExit) else "exception")
+        self.close(ended=ended)
 
 
 def watch(model: nn.Module | Iterable[nn.Module], optimizer: Any = None, *, drive: str = "hooks",
+          path: str | os.PathLike[str] | None = None, html: str | os.PathLike[str] | None = None,
           **options: Any) -> Watch:
     """Watch ``model`` (one module or several). ``optimizer``: one, several, or None
-    (then each ``backward()`` counts as a step). Options: see :class:`gradvitals.recorder.Options`.
+    (then each ``backward()`` counts as a step). ``path`` / ``html``: the JSON / HTML
+    report is written there when the watch closes and autosaved every ``autosave_s``
+    seconds (default 60) until then. Options: see :class:`gradvitals.recorder.Options`.
     """
-    return Watch(model, optimizer, drive=drive, **options)
+    return Watch(model, optimizer, drive=drive, path=path, html=html, **options)
 
 
 def _as_list(obj: Any, kind: type, what: str) -> list[Any]:

@@ -255,3 +255,57 @@ def test_watch_on_rank0_only_stops_merging_after_the_timeout_and_says_why(tmp_pa
     info = _load(out)["run"]["distributed"]
     assert info["merged"] is False and "every rank" in info["merge_stopped"]
     assert len(_load(out)["series"]["grad_norm/0.weight"]["values"]) == 3  # rank 0's own record
+
+
+def test_rank0_autosaves_the_merged_record_and_a_killed_rank0_leaves_it(tmp_path):
+    """Under torchrun only rank 0 autosaves, and what it saves is the merged record (the
+    loss is the ranks' mean: rank 1's batch differs); SIGKILL on rank 0 leaves its last
+    autosave, whole and partial."""
+    out = tmp_path / "ddp.json"
+    progress = tmp_path / "progress.txt"
+    script = HERE / "scripts" / "train_forever_dist.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "gradvitals", "run", "-q", "--autosave", "0.3",
+           "--json", str(out), str(script), "--progress", str(progress)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: MERGE_TIMEOUT_S}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while not (out.exists() and _load(out)["run"]["steps"] >= 3):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() - t0 < RUN_TIMEOUT_S, "no autosave"
+            time.sleep(0.05)
+        pids = {}
+        for line in progress.read_text().splitlines():
+            rank, pid, _ = line.split()
+            pids[int(rank)] = int(pid)
+        time.sleep(0.5)
+        os.kill(pids[0], signal.SIGKILL)
+        proc.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    rep = _load(out)
+    from gradvitals.report import schema
+    import jsonschema
+
+    jsonschema.validate(rep, schema())
+    run = rep["run"]
+    assert run["complete"] is False and run["pid"] == pids[0]  # rank 0's, never rank 1's
+    steps = run["steps"]
+    assert steps >= 3
+    # Merged: each step's loss is the mean of the two ranks' losses, not rank 0's own.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    xs, ys = [], []
+    for rank in range(2):
+        g = torch.Generator().manual_seed(rank)
+        xs.append(torch.randn(32, 16, generator=g) * (3.0 if rank == 1 else 1.0))
+        ys.append(torch.randint(0, 4, (32,), generator=g))
+    with torch.no_grad():
+        first = [nn.functional.cross_entropy(model(x), y).item() for x, y in zip(xs, ys)]
+    loss0 = rep["series"]["loss"]["values"][0]
+    assert loss0 == pytest.approx(sum(first) / 2, rel=1e-5)
+    assert loss0 != pytest.approx(first[0], rel=1e-3)

@@ -21,6 +21,8 @@ from array import array
 from importlib import resources
 from typing import Any, Iterable
 
+from ..report import partial_note
+
 #: Columns of the heatmap at most: a screen shows ~1,000 pixel columns; the record's
 #: series hold 500-1,000 points each after decimation, so this rarely bins.
 MAX_HEATMAP_COLUMNS = 1000
@@ -507,6 +509,11 @@ def _run_html(run: dict[str, Any]) -> str:
                        ("gradvitals_version", "gradvitals")):
         if run.get(key):
             rows.append((label, html.escape(str(run[key]))))
+    note = partial_note(run)
+    if note:
+        rows.insert(0, ("partial report", html.escape(note)))
+    elif run.get("ended") and run.get("ended") != "finished":
+        rows.append(("ended", html.escape(str(run["ended"]))))
     if run.get("exit_status") not in (None, 0):
         rows.append(("exit status", html.escape(str(run["exit_status"]))))
     if run.get("script_error"):

@@ -19,6 +19,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..report import partial_note
 from ..taxonomy import ZEROING_FAMILIES, activation_family
 
 SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
@@ -52,6 +53,9 @@ def render(report: Any, *, max_layers: int = MAX_TABLE_LAYERS) -> Iterator[Any]:
     if getattr(report, "untrained", False):
         style = "bold"
     yield Text(report.verdict, style=style)
+    note = partial_note(report.record.run)
+    if note:
+        yield Text(note, style="yellow")
     for f in findings:
         yield finding_panel(f)
     table = layer_table(report.record, max_layers=max_layers)
