@@ -174,6 +174,17 @@ def test_norm_overflowing_to_inf_then_staying_huge_is_an_explosion_without_warni
     assert g.exploding_gradients(b2.record) == []
 
 
+def test_overflow_from_a_normal_level_of_exactly_zero_has_no_ratio():
+    # Found by test_properties' random records: a normal level of exactly 0 divided the peak
+    # (ZeroDivisionError, reported as a rule_error and the finding lost).
+    b = Build().mlp(4)
+    b.series("grad_norm_global", [0.0, 0.0, math.inf, 6e17, 1.5e19] + [0.0] * 50)
+    f = g._overflow_then_huge(b.record, 2, 0.0, [(3, 6e17), (4, 1.5e19)])
+    assert f.severity == "critical" and f.step == 2 and f.evidence["growth"] is None
+    assert f.evidence["peak_grad_norm"] == 1.5e19 and "normal)" not in f.summary
+    assert g._overflow_then_huge(b.record, 2, 0.5, [(4, 1.5e19)]).evidence["growth"] == 3e19
+
+
 def test_a_norm_still_climbing_at_the_end_of_the_run_is_an_early_warning():
     n = 300
     growth = 200.0  # over the run (after the trend's warmup skip)

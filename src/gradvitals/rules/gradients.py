@@ -341,10 +341,13 @@ def _overflow_then_huge(record: Record, nan_step: int, normal: float,
     run went on with finite but enormous gradients: an explosion without a climb."""
     peak_step, peak = max(huge, key=lambda x: x[1])
     layers = _growing_layers(record, peak_step)
+    # From exactly 0 (gradients that had vanished) the growth has no finite ratio.
+    growth = peak / normal if normal > 0 else None
+    above = f", {orders(growth)} normal" if growth is not None else ""
     summary = (f"Gradient norm jumped from {sci(normal)} to Inf at step {nan_step} and stayed huge "
-               f"(up to {sci(peak)} at step {peak_step}, {orders(peak / normal)} normal): 0 steps of warning.")
+               f"(up to {sci(peak)} at step {peak_step}{above}): 0 steps of warning.")
     evidence = {"normal_grad_norm": normal, "peak_grad_norm": peak, "peak_step": peak_step,
-                "growth": peak / normal, "visible_step": nan_step, "growth_per_step": None,
+                "growth": growth, "visible_step": nan_step, "growth_per_step": None,
                 "nonfinite_step": nan_step, "warning_steps": 0, "at_init": False,
                 "huge_steps_after_nonfinite": len(huge)}
     return Finding(code="exploding_gradients", severity="critical", step=nan_step, layers=tuple(layers),
