@@ -151,6 +151,40 @@ def test_clipping_under_ninety_percent_is_not_a_finding():
     assert c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record)
 
 
+def test_frequent_large_clipping_after_warmup_is_a_warning_with_rate_and_size():
+    # issue 25: clipped on ~65% of the steps, norms 15-40x max_norm 1.0
+    norms = [0.5 if i % 3 == 0 else 15.0 + (i % 26) for i in range(150)]
+    f = c.clipping_always_active(clip_run(1.0, norms, falling_loss(150)).record)[0]
+    assert f.severity == "warning"
+    assert 0.6 < f.evidence["clipped_fraction"] < 0.7
+    assert 15.0 <= f.evidence["median_scale"] <= 40.0
+    assert f.evidence["window_first_step"] == 15  # the first tenth of the run is warm-up
+    assert f"{f.evidence['clipped_fraction']:.0%} of 135 steps" in f.summary and "learning rate is too high" in f.advice
+
+
+@pytest.mark.parametrize("clipped,found", [(3, False), (4, False), (5, True), (20, True)])
+def test_clip_rate_alarm_edge_over_the_window(clipped, found):
+    # 100 steps, window = steps 10..99 (90 calls); CLIP_RATE_ALARM = 5% = 4.5 calls
+    norms = [0.5] * 100
+    for k in range(clipped):
+        norms[99 - 7 * k] = 30.0
+    got = c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record)
+    assert bool(got) == found
+    assert not got or got[0].severity == "warning"
+
+
+def test_clipping_only_in_the_first_steps_is_clean():
+    # large clips during warm-up (the first tenth), never after
+    norms = [40.0] * 10 + [0.5] * 90
+    assert c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record) == []
+
+
+def test_frequent_mild_clipping_is_clean():
+    # the classic SGD LSTM recipe: clipped often, but each clip a small cut
+    norms = [2.0 if i % 2 else 0.5 for i in range(100)]
+    assert c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record) == []
+
+
 # ------------------------------------------------------------------ grad_not_zeroed
 @pytest.mark.parametrize("n,severity", [
     (p.GRAD_NOT_ZEROED_MIN_STEPS - 1, None),  # one or two such steps: no finding
