@@ -222,3 +222,47 @@ def test_nonfinite_run_that_recovered_is_a_warning(last_bad, finite_after, sever
         assert f"The run recovered: after {span}, every recorded value was finite again for its last {finite_after} steps." in f.summary
     else:
         assert "recovered" not in f.summary
+
+
+# ------------------------------------------------------------------ crash before any NaN
+def crashed(grads: list[float], losses: list[float], status: int = 1,
+            error: str | None = "OverflowError: math range error") -> Build:
+    b = Build().mlp(3, act="Tanh")
+    b.series("grad_norm_global", grads)
+    b.loss(losses)
+    b.record.run["exit_status"] = status
+    if error:
+        b.record.run["script_error"] = error
+    return b
+
+
+# issue 25: a tanh RNN without clipping: the norm rose 60x in two steps, the loss 160x,
+# then math.exp(loss) overflowed and killed the script before any NaN was recorded.
+RNN_GRADS = [1.17, 24.0, 71.2, 12.7, 9.8, 6.9]
+RNN_LOSS = [4.5, 29.2, 292.0, 691.6, 379.8, 718.9]
+
+
+def test_a_climb_that_ends_in_a_crash_is_an_explosion():
+    f = g.exploding_gradients(crashed(RNN_GRADS, RNN_LOSS).record)
+    assert f and f[0].severity == "critical" and f[0].evidence["script_died"] is True
+    assert f[0].evidence["peak_grad_norm"] == 71.2 and f[0].step == 1
+    assert "OverflowError" in f[0].summary and "died at step 5" in f[0].summary
+
+
+@pytest.mark.parametrize("change", ["finished", "sigint", "no_error", "loss_flat", "small_climb", "old_peak"])
+def test_a_crash_is_not_an_explosion_without_a_climb_and_a_diverging_loss(change):
+    grads, losses, status, error = list(RNN_GRADS), list(RNN_LOSS), 1, "OverflowError: math range error"
+    if change == "finished":
+        status, error = 0, None
+    elif change == "sigint":
+        status, error = 130, "KeyboardInterrupt"
+    elif change == "no_error":
+        error = None
+    elif change == "loss_flat":  # a bug unrelated to training killed it (KeyError at step 5)
+        losses = [4.5, 4.4, 4.3, 4.4, 4.2, 4.1]
+    elif change == "small_climb":  # 9.9x: under GROWTH_VISIBLE
+        grads = [1.0, 5.0, 9.9, 3.0, 2.0, 2.0]
+    elif change == "old_peak":  # the peak lies more than CRASH_TAIL_STEPS before the end
+        grads = RNN_GRADS[:3] + [5.0] * (g.CRASH_TAIL_STEPS + 1)
+        losses = RNN_LOSS[:3] + [400.0] * (g.CRASH_TAIL_STEPS + 1)
+    assert g.exploding_gradients(crashed(grads, losses, status, error).record) == []

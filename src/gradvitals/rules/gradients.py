@@ -202,6 +202,14 @@ TREND_GROWTH = 100.0
 TREND_SKIP_STEPS = 10
 TREND_MIN_POINTS = 5
 
+#: A script that died (an uncaught exception, e.g. OverflowError in its own
+#: ``math.exp(loss)``) ends its record before any NaN: a climb of GROWTH_VISIBLE x
+#: whose peak lies within this many steps of the last one, with the loss grown
+#: CRASH_LOSS_GROWTH x, is the explosion that killed it (the report is written after
+#: the crash, so the last steps are all the warning there was).
+CRASH_TAIL_STEPS = 10
+CRASH_LOSS_GROWTH = 10.0
+
 #: NaN origins that are not the aftermath of growth (bad data, an unsafe loss).
 _NOT_GROWTH_ORIGINS = ("input", "loss")
 
@@ -274,9 +282,10 @@ def exploding_gradients(record: Record) -> list[Finding]:
             start = next(i for i, v in enumerate(values) if v >= ABSOLUTE_EXPLODING)
         severity = "critical"
     else:
-        if ratio < EXPLODE_PEAK:
+        crashed = ratio >= GROWTH_VISIBLE and _died_diverging(record, steps[end], steps[-1])
+        if ratio < EXPLODE_PEAK and not crashed:
             return _growing_trend(record, steps, values)
-        severity = "critical" if ratio >= EXPLODE_CRITICAL_PEAK else "warning"
+        severity = "critical" if ratio >= EXPLODE_CRITICAL_PEAK or crashed else "warning"
     visible = steps[start]
     span = max(steps[end] - visible, 0)
     factor = (peak / values[start]) ** (1.0 / span) if span and values[start] > 0 else math.nan
@@ -307,8 +316,25 @@ def exploding_gradients(record: Record) -> list[Finding]:
     else:
         summary = (f"Gradient norm spiked {orders(ratio)} above its normal level ({sci(normal)} -> {sci(peak)} "
                    f"at step {steps[end]}), climbing from step {visible}.")
+        if severity == "critical" and ratio < EXPLODE_PEAK:  # the crash branch
+            error = str(record.run.get("script_error") or "an error").splitlines()[-1][:120]
+            summary = summary[:-1] + (f", and the loss diverged until the script died at step "
+                                      f"{record.steps - 1} ({error}).")
+            evidence["script_died"] = True
     return [Finding(code="exploding_gradients", severity=severity, step=visible, layers=tuple(layers),
                     summary=summary, evidence=evidence, advice=_exploding_advice(record, at_init, layers))]
+
+
+def _died_diverging(record: Record, peak_step: int, last_step: int) -> bool:
+    """The script died of an error (not Ctrl-C) CRASH_TAIL_STEPS or fewer after the
+    gradient's peak, its loss CRASH_LOSS_GROWTH x above where it started."""
+    status = record.run.get("exit_status")
+    if not record.run.get("script_error") or status in (None, 0, 130):
+        return False
+    if last_step - peak_step > CRASH_TAIL_STEPS:
+        return False
+    _, losses = points(record.get("loss"))
+    return len(losses) >= 2 and losses[0] > 0 and max(losses[-CRASH_TAIL_STEPS:]) >= CRASH_LOSS_GROWTH * losses[0]
 
 
 def _growing_trend(record: Record, steps: list[int], values: list[float]) -> list[Finding]:
