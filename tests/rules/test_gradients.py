@@ -77,6 +77,39 @@ def test_vanishing_skips_exact_zero_gradients_left_to_dead_relu():
     assert g.vanishing_gradients(b.record) == []
 
 
+def underflowing(n: int, zeros: int, act: str = "Tanh", per_layer: float = 1.5) -> Build:
+    """A profile decaying ``per_layer`` orders per layer from the head whose first
+    ``zeros`` layers underflowed to exactly 0.0 (issue 25: a 50-layer tanh MLP at N(0, 0.01))."""
+    return Build().mlp(n, act=act).grads(
+        STEPS, lambda s, i, p: 0.0 if i < zeros and p.endswith("weight") else 10.0 ** (-per_layer * (n - 1 - i)))
+
+
+def test_vanishing_exact_zeros_at_the_end_of_a_decay_are_underflow():
+    f = g.vanishing_gradients(underflowing(12, 6).record)
+    assert f and f[0].severity == "critical"
+    assert f[0].evidence["zero_grad_layers"] == 6 and f[0].evidence["underflow_steps"] == len(STEPS)
+    assert "exactly 0.0" in f[0].summary and "first 6 of 12" in f[0].summary
+    assert f[0].layers[0] == "layers.0"
+    # the same decay through ReLU layers underflows the same way (no dead-unit cliff)
+    assert g.vanishing_gradients(underflowing(12, 6, act="ReLU").record)
+
+
+def test_vanishing_exact_zeros_through_tanh_with_two_weight_layers():
+    # issue 25: embedding -> Linear -> tanh -> Linear; the saturated tanh passes exactly 0
+    b = Build().mlp(2, act="Tanh").grads(STEPS, lambda s, i, p: 0.0 if i == 0 and s >= 50 else 1.0)
+    f = g.vanishing_gradients(b.record)
+    assert f and f[0].layers == ("layers.0",) and f[0].evidence["weight_layers"] == 2
+    # ...but exactly 0 behind a ReLU is a dead layer (dead_relu's), not vanishing
+    relu = Build().mlp(2, act="ReLU").grads(STEPS, lambda s, i, p: 0.0 if i == 0 and s >= 50 else 1.0)
+    assert g.vanishing_gradients(relu.record) == []
+    # and zeros on too few of the steps are not persistent
+    brief = Build().mlp(2, act="Tanh").grads(STEPS, lambda s, i, p: 0.0 if i == 0 and s >= 200 else 1.0)
+    assert g.vanishing_gradients(brief.record) == []
+    # two layers with ordinary, non-zero gradients are no profile at all
+    two = Build().mlp(2, act="Tanh").grads(STEPS, lambda s, i, p: 10.0 ** (-8 * (1 - i)))
+    assert g.vanishing_gradients(two.record) == []
+
+
 def test_vanishing_profiles_each_model_of_a_gan_separately():
     b = Build()
     b.mlp(5, model="G")

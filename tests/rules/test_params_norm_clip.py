@@ -90,6 +90,24 @@ def test_not_updated_from_exact_zero_ratios_only_when_others_move_and_the_gradie
     assert p.not_updated(build(1.0, 0.0).record) == []
 
 
+def test_not_updated_ignores_a_zero_initialised_tensor_that_barely_moved():
+    # a bias at norm ~1e-23 under a gradient of 1e-22 (underflowing early layers of a
+    # 50-layer tanh MLP): the ratio divides by ~0, the zero update is float32 rounding
+    def build(weight: float) -> Build:
+        b = Build().mlp(4)
+        b.ratios(STEPS, lambda s, i, name: 0.0 if name == "layers.0.weight" else 1e-3,
+                 grad=10 * weight, weight=weight)
+        for name in b.weights():
+            if name != "layers.0.weight":
+                for s in STEPS:
+                    b.record.add(f"weight_norm/{name}", s, 5.0)
+        return trained(b, 300)
+
+    assert p.not_updated(build(7.5e-23).record) == []
+    assert p.not_updated(build(p.NOT_UPDATED_MIN_WEIGHT_NORM * 0.99).record) == []
+    assert p.not_updated(build(p.NOT_UPDATED_MIN_WEIGHT_NORM * 1.01).record)
+
+
 # ------------------------------------------------------------------ BatchNorm
 def bn_run(samples: list[float], batch: int | None, kind: str = "BatchNorm1d") -> Build:
     b = Build()
