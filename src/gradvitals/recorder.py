@@ -677,6 +677,7 @@ class Recorder:
                 for name, act in activation_after(self._act_events or []).items():
                     if name in self.record.layers:
                         self.record.layers[name].activation_after = act
+                self._act_infos.clear()  # a layer before a functional tanh/sigmoid measures its saturation
             except Exception as exc:
                 self._fail("topology", exc)
 
@@ -708,7 +709,9 @@ class Recorder:
             self._act_infos.clear()
         info = self._act_infos[id(module)] = _ActInfo(
             module=module, name=name, kind=kind, layer=layer, keys=keys, wants_dead=wants_dead,
-            sat=act_probe.saturation_kind(module), leaf=next(module.children(), None) is None,
+            sat=act_probe.saturation_kind(module) or (act_probe.preactivation_kind(layer.activation_after)
+                                                       if layer is not None and kind in WEIGHT_LAYERS else None),
+            leaf=next(module.children(), None) is None,
             version=self._version)
         return info
 
