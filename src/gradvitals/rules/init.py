@@ -22,6 +22,7 @@ from typing import Any
 from ..findings import Finding
 from ..record import LayerInfo, Record, Series
 from ..taxonomy import HE_FAMILIES, NORM_LAYERS, WEIGHT_LAYERS, activation_family
+from ._common import points
 
 #: Signal scale off by 10^3 along one unnormalised chain: a 20-layer ReLU MLP with
 #: PyTorch's default init (std x0.41 of He per layer) is at 10^-7.8; a healthy 3-layer
@@ -225,10 +226,10 @@ def _too_large_in_blocks(record: Record, judged: set[str], step: int | None) -> 
     confirmed by a step-0 loss >= INIT_LOSS_EXCESS x ln(classes), classes being the
     last weight layer's outputs."""
     found = []
-    losses = points_of(record.get("loss"))
-    if not losses or losses[0][0] != 0 or not math.isfinite(losses[0][1]):
+    loss_steps, losses = points(record.get("loss"))
+    if not loss_steps or loss_steps[0] != 0:
         return []
-    loss0 = losses[0][1]
+    loss0 = losses[0]
     for model, layers in weight_layers_by_model(record).items():
         head = layers[-1]
         classes = int(head.extra.get("fan_out") or 0)
@@ -284,12 +285,6 @@ def _too_large_in_blocks(record: Record, judged: set[str], step: int | None) -> 
                              evidence=evidence, advice=advice))
     return found
 
-
-def points_of(series: Series | None) -> list[tuple[int, float]]:
-    if series is None:
-        return []
-    steps, values = series.points()
-    return list(zip(steps, values))
 
 
 def _init_advice(acts: list[str]) -> str:
