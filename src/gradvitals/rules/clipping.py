@@ -23,12 +23,12 @@ CLIP_MIN_CALLS = 10
 CLIP_ALWAYS_FRACTION = 0.9
 
 #: Fraction of the window's steps clipped that is an alarm when each clip is a large
-#: cut (CLIP_SCALE_WARN): clipping is meant to catch the rare spike (Pascanu et al.
-#: 2013, "On the difficulty of training recurrent neural networks", sec. 3.2; max_norm
-#: 1.0 in GPT-3/PaLM/Llama recipes with rare clipping), and large-scale practice reads a
-#: clip rate above a few percent late in training as a sign of a too-high learning rate
-#: or a diverging run (ZClip, Kumar et al. 2025, arXiv:2504.02507: fixed-threshold
-#: clipping is a spike guard, not a step-size control).
+#: cut (CLIP_SCALE_WARN). Norm clipping is meant to catch rare spikes (Pascanu et al.
+#: 2013, "On the difficulty of training recurrent neural networks", sec. 3.2; GPT-3,
+#: PaLM and Llama train with max_norm 1.0 as such a guard);
+#: ZClip (Kumar et al. 2025, arXiv:2504.02507) treats a fixed threshold as a spike guard,
+#: not a step-size control. No report publishes one number: 5% is our reading of
+#: practice's "more than a few percent of late steps clipped" alarm.
 CLIP_RATE_ALARM = 0.05
 
 #: Leading share of the clip calls left out of the window (at least WARMUP_STEPS):
