@@ -288,6 +288,23 @@ def test_functional_tanh_and_sigmoid_saturation_match_oracle(digits):
     assert math.isnan(s["act_sat_frac/head"].values[-1])  # nothing saturating after the head
 
 
+def test_functional_activations_are_told_from_a_module_calling_the_same_function():
+    from gradvitals.probes.topology import functional_activations
+
+    # nn.Sigmoid's forward calls torch.sigmoid: its module event follows the call
+    module = [("module", "0", "Linear"), ("func", "sigmoid", ""), ("module", "1", "Sigmoid"),
+              ("module", "2", "Linear")]
+    assert functional_activations(module) == set()
+    # torch.tanh(self.a(x)) then a Linear: a function of the user's
+    function = [("module", "a", "Linear"), ("func", "tanh", ""), ("module", "b", "Linear"),
+                ("func", "sigmoid", ""), ("module", "head", "Linear")]
+    assert functional_activations(function) == {"a", "b"}
+    # a LayerNorm or a dropout in between: the Linear's output is not the pre-activation
+    for between in ("LayerNorm", "Dropout"):
+        assert functional_activations([("module", "a", "Linear"), ("module", "n", between),
+                                       ("func", "tanh", "")]) == set()
+
+
 def test_close_removes_every_hook_and_patch():
     model = mlp(depth=2)
     opt = torch.optim.Adam(model.parameters())

@@ -58,8 +58,8 @@ def saturation_kind(module: nn.Module) -> str | None:
 
 def preactivation_kind(activation_after: str | None) -> str | None:
     """"pre_tanh"/"pre_sigmoid" for a weight layer whose output goes into a functional
-    tanh/sigmoid (the trace writes functions lowercase, ``torch.tanh`` -> "tanh"; a
-    module, ``nn.Tanh``, is measured on its own output instead)."""
+    tanh/sigmoid (``torch.tanh`` -> "tanh"; the caller checks it is no module's: an
+    ``nn.Tanh`` is measured on its own output instead)."""
     if activation_after in ("tanh", "sigmoid"):
         return "pre_" + activation_after
     return None
