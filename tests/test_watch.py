@@ -246,6 +246,65 @@ def test_activation_stats_oracle_values(digits):
     assert s["dead_frac/0"].values[0] == pytest.approx(never)
 
 
+class _FunctionalActs(nn.Module):
+    """Activations called as functions (no module to hook): torch.tanh, torch.sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 32)
+        self.b = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(torch.sigmoid(self.b(torch.tanh(self.a(x)))))
+
+
+def test_functional_tanh_and_sigmoid_saturation_match_oracle(digits):
+    """issue 25: the saturation of a functional activation is measured on the weight
+    layer feeding it; torch's own tanh/sigmoid outputs are the oracle."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = _FunctionalActs()
+    with torch.no_grad():
+        model.a.weight.mul_(8.0)  # a part of the tanh's outputs past 0.99
+        model.b.weight.mul_(20.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: one oracle for every step
+    x = X[:50]
+    with gv.watch(model, opt, every=1) as w:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y[:50]).backward()
+            opt.step()
+    with torch.no_grad():
+        t = torch.tanh(model.a(x))
+        sg = torch.sigmoid(model.b(t))
+    tanh_sat = (t.abs() > 0.99).float().mean().item()
+    sig_sat = ((sg - 0.5).abs() > 0.49).float().mean().item()
+    assert 0.05 < tanh_sat < 0.95 and 0.05 < sig_sat < 0.95  # the oracle is not trivial
+    s = w.record.series
+    assert w.record.layers["a"].activation_after == "tanh"
+    assert s["act_sat_frac/a"].values[-1] == pytest.approx(tanh_sat, abs=1e-6)
+    assert s["act_sat_frac/b"].values[-1] == pytest.approx(sig_sat, abs=1e-6)
+    assert math.isnan(s["act_sat_frac/head"].values[-1])  # nothing saturating after the head
+
+
+def test_functional_activations_are_told_from_a_module_calling_the_same_function():
+    from gradvitals.probes.topology import functional_activations
+
+    # nn.Sigmoid's forward calls torch.sigmoid: its module event follows the call
+    module = [("module", "0", "Linear"), ("func", "sigmoid", ""), ("module", "1", "Sigmoid"),
+              ("module", "2", "Linear")]
+    assert functional_activations(module) == set()
+    # torch.tanh(self.a(x)) then a Linear: a function of the user's
+    function = [("module", "a", "Linear"), ("func", "tanh", ""), ("module", "b", "Linear"),
+                ("func", "sigmoid", ""), ("module", "head", "Linear")]
+    assert functional_activations(function) == {"a", "b"}
+    # a LayerNorm or a dropout in between: the Linear's output is not the pre-activation
+    for between in ("LayerNorm", "Dropout"):
+        assert functional_activations([("module", "a", "Linear"), ("module", "n", between),
+                                       ("func", "tanh", "")]) == set()
+
+
 def test_close_removes_every_hook_and_patch():
     model = mlp(depth=2)
     opt = torch.optim.Adam(model.parameters())

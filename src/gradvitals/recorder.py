@@ -38,7 +38,7 @@ from .probes import patches
 from . import distributed
 from .probes.nonfinite import replay_backward, replay_forward
 from .probes.norms import foreach_norm, fused_norms
-from .probes.topology import ActivationCalls, activation_after
+from .probes.topology import ActivationCalls, activation_after, functional_activations
 from .record import DEFAULT_CAP, LayerInfo, ParamInfo, Record, Series
 from .taxonomy import BATCHNORM_LAYERS, WEIGHT_LAYERS, activation_family
 
@@ -691,6 +691,10 @@ class Recorder:
                 for name, act in activation_after(self._act_events or []).items():
                     if name in self.record.layers:
                         self.record.layers[name].activation_after = act
+                for name in functional_activations(self._act_events or []):
+                    if name in self.record.layers:
+                        self.record.layers[name].extra["activation_is_function"] = True
+                self._act_infos.clear()  # a layer before a functional tanh/sigmoid measures its saturation
             except Exception as exc:
                 self._fail("topology", exc)
 
@@ -722,7 +726,10 @@ class Recorder:
             self._act_infos.clear()
         info = self._act_infos[id(module)] = _ActInfo(
             module=module, name=name, kind=kind, layer=layer, keys=keys, wants_dead=wants_dead,
-            sat=act_probe.saturation_kind(module), leaf=next(module.children(), None) is None,
+            sat=act_probe.saturation_kind(module) or (
+                act_probe.preactivation_kind(layer.activation_after)
+                if layer is not None and kind in WEIGHT_LAYERS and layer.extra.get("activation_is_function") else None),
+            leaf=next(module.children(), None) is None,
             version=self._version)
         return info
 

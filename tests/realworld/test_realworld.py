@@ -467,3 +467,114 @@ def test_kfold_with_every_optimizer_kept_alive():
     plateau = codes(report).get("loss_plateau")
     assert plateau is not None, [f["summary"] for f in report["findings"]]
     assert plateau["evidence"]["segment"]["also"] == ["model1 (steps 60-119)", "model2 (steps 120-179)"]
+
+
+# ------------------------------------------------------------- issue 25: thresholds calibrated to practice
+def test_clipping_on_most_steps_after_warmup_is_found():
+    """A char GPT warmed up to lr 1.0: clip_grad_norm_(max_norm=1.0) cuts most steps
+    after warm-up (fewer than 90% of them) by several x while the loss climbs."""
+    report, stdout = run_both("char_gpt.py", "--lr", "1.0", "--warmup", "60")
+    f = codes(report)["clipping_always_active"]
+    ev = f["evidence"]
+    assert 0.05 <= ev["clipped_fraction"] < 0.9 and ev["median_scale"] >= 3
+    assert ev["window_first_step"] >= 5 and f"{ev['clipped_fraction']:.0%}" in f["summary"]
+    # the script's own count agrees that clipping was frequent
+    clipped = int(stdout.split("clipped on ")[1].split(" of")[0])
+    assert clipped >= 50
+
+
+def test_char_gpt_clipping_now_and_then_is_healthy():
+    """The healthy twin: AdamW 3e-3, clipped on a few early steps only."""
+    report, _ = run_both("char_gpt.py")
+    assert_healthy(report)
+    assert "clipping_always_active" not in codes(report, ("warning", "critical", "info"))
+
+
+def test_init_too_large_inside_a_transformer():
+    """Every Linear of a pre-LN GPT at N(0, 1): no plain chain compounds it, the step-0
+    loss (far above ln(vocabulary)) and the per-layer scales show it."""
+    report, _ = run_both("char_gpt.py", "--init", "normal1", "--steps", "40")
+    f = codes(report)["poor_initialization"]
+    ev = f["evidence"]
+    assert ev["loss_step0"] >= 2 * ev["uniform_loss"] and ev["mean_init_ratio"] >= 4
+    assert ev["residual_branch_layers"] >= 4 and ev["act_std_step0_max"] > 10
+    assert report["series"]["loss"]["values"][0] == ev["loss_step0"]
+
+
+def test_gradients_underflowing_to_exact_zero_are_vanishing():
+    """50 tanh layers at N(0, 0.01): the first layers' gradients are exactly 0.0 on every
+    step while the last layers' are not -- vanishing, caused by the init; not
+    'not updated' (nothing is left out of the optimizer)."""
+    report, _ = run_both("deep_tanh.py", "--depth", "50", "--std", "0.01", "--steps", "55")
+    found = codes(report)
+    f = found["vanishing_gradients"]
+    assert f["severity"] == "critical" and f["evidence"]["zero_grad_layers"] >= 10
+    assert f["layers"][0] == "0" and f["caused_by"] == "poor_initialization"
+    assert report["series"]["grad_norm/0.weight"]["max"] == 0.0  # the oracle: exactly zero throughout
+    assert "not_updated" not in found and "no_gradient" not in found
+
+
+def test_deep_tanh_with_xavier_init_is_healthy():
+    report, _ = run_both("deep_tanh.py")
+    assert_healthy(report)
+
+
+def test_relu_units_dying_under_large_adamw_steps_name_the_learning_rate():
+    """AdamW lr 5e-2, wd 0.5: ratios ~2-4e-2, most units of a ReLU layer die, the loss
+    still falls: dead_relu is caused by update_ratio_high."""
+    report, stdout = run_both("adamw_dead.py")
+    found = codes(report)
+    assert found["update_ratio_high"]["severity"] == "warning" and "died" in found["update_ratio_high"]["summary"]
+    assert found["dead_relu"]["caused_by"] == "update_ratio_high"
+    last = [l for l in stdout.splitlines() if l.startswith("step ")][-1]
+    assert int(last.split("dead units after model[3]: ")[1].rstrip("%")) >= 50  # the script's own count
+
+
+def test_adamw_at_a_sane_learning_rate_is_healthy():
+    report, _ = run_both("adamw_dead.py", "--lr", "1e-3", "--wd", "0.01")
+    assert_healthy(report)
+
+
+def test_rnn_gradient_explosion_that_kills_the_script():
+    """tanh RNN, BPTT 200, no clipping: the gradient norm climbs, the loss goes from 4.5
+    to hundreds in a few steps, then the script's math.exp(loss) overflows: the report,
+    written after the crash, names the explosion."""
+    report, _ = run_both("rnn_bptt.py", expect_status=1)
+    assert "OverflowError" in report["run"]["script_error"]
+    f = codes(report)["exploding_gradients"]
+    assert f["severity"] == "critical" and f["evidence"]["script_died"] is True
+    assert f["evidence"]["growth"] >= 10 and "died" in f["summary"]
+    assert "rnn" in f["advice"] or "clip_grad_norm_" in f["advice"]
+
+
+def test_rnn_with_clipping_and_a_sane_learning_rate_is_healthy():
+    report, _ = run_both("rnn_bptt.py", "--clip", "1.0", "--lr", "0.05", "--steps", "30")
+    assert_healthy(report)
+
+
+def test_functional_tanh_in_a_cell_saturates():
+    """h = torch.tanh(self.i2h(cat([x, h]))): no nn.Tanh to hook; the saturation is read
+    on the Linear feeding the function."""
+    report, _ = run_both("char_mlp.py", "--cell", "--init", "randn", "--lr", "10", "--steps", "60")
+    f = codes(report)["saturated_activations"]
+    assert f["layers"][0] == "i2h" and f["evidence"]["saturated_fraction_by_layer"]["i2h"] >= 0.9
+    assert "torch.tanh" in f["summary"]
+
+
+def test_two_layer_mlp_with_an_embedding_whose_first_layer_gets_exactly_zero():
+    """Embedding -> Linear -> torch.tanh -> Linear at a huge lr: the tanh is pinned at +-1,
+    its derivative exactly 0: the hidden layer's gradient is exactly 0.0 on most steps.
+    Vanishing with two weight layers, caused by the saturation."""
+    report, _ = run_both("char_mlp.py", "--lr", "1000", "--steps", "60")
+    found = codes(report)
+    assert found["saturated_activations"]["layers"][0] == "hidden"
+    v = found["vanishing_gradients"]
+    assert v["layers"] == ["hidden"] and v["evidence"]["weight_layers"] == 2
+    assert v["caused_by"] == "saturated_activations"
+
+
+def test_char_mlp_at_a_sane_learning_rate_is_healthy():
+    report, _ = run_both("char_mlp.py", "--lr", "0.1", "--steps", "60")
+    assert_healthy(report)
+    report, _ = run_both("char_mlp.py", "--cell", "--lr", "0.1", "--steps", "60")
+    assert_healthy(report)

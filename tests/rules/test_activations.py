@@ -107,6 +107,26 @@ def test_saturation_needs_a_bounded_output():
     assert a.saturated_activations(b.record) == []
 
 
+def functional_cell(level: float) -> Build:
+    """issue 25: h = torch.tanh(self.i2h(...)): no tanh module; the i2h Linear carries
+    the saturation of the tanh after it (measured on its output, unbounded: std 30)."""
+    b = Build()
+    b.layer("emb", "Embedding", params={"weight": [65, 10]})
+    b.layer("i2h", "Linear", activation_after="tanh", params={"weight": [64, 74], "bias": [64]})
+    b.layer("out", "Linear", params={"weight": [65, 64], "bias": [65]})
+    b.series("act_sat_frac/i2h", dict(zip(STEPS, [level] * 12)))
+    b.series("act_std/i2h", dict(zip(STEPS, [30.0] * 12)))
+    return b.loss(flat_loss(300))
+
+
+def test_saturation_of_a_functional_tanh_is_read_on_the_layer_feeding_it():
+    f = a.saturated_activations(functional_cell(0.95).record)
+    assert f and f[0].severity == "warning" and f[0].layers == ("i2h",)
+    assert "`torch.tanh` applied to `i2h`" in f[0].summary and "pre-activation std 30" in f[0].summary
+    assert "self.i2h(x)" in f[0].advice and "nn.init.xavier_normal_(model.i2h.weight)" in f[0].advice
+    assert a.saturated_activations(functional_cell(a.SAT_LAYER_FRAC - 0.01).record) == []
+
+
 def test_dead_relu_single_batch_needs_a_fully_dead_layer():
     """A step-0 checkup has one batch: 55% idle units is chance, 100% is conclusive."""
     one = lambda v: a.dead_relu(dead({"acts.1": [v]}).record)  # noqa: E731

@@ -77,6 +77,39 @@ def test_vanishing_skips_exact_zero_gradients_left_to_dead_relu():
     assert g.vanishing_gradients(b.record) == []
 
 
+def underflowing(n: int, zeros: int, act: str = "Tanh", per_layer: float = 1.5) -> Build:
+    """A profile decaying ``per_layer`` orders per layer from the head whose first
+    ``zeros`` layers underflowed to exactly 0.0 (issue 25: a 50-layer tanh MLP at N(0, 0.01))."""
+    return Build().mlp(n, act=act).grads(
+        STEPS, lambda s, i, p: 0.0 if i < zeros and p.endswith("weight") else 10.0 ** (-per_layer * (n - 1 - i)))
+
+
+def test_vanishing_exact_zeros_at_the_end_of_a_decay_are_underflow():
+    f = g.vanishing_gradients(underflowing(12, 6).record)
+    assert f and f[0].severity == "critical"
+    assert f[0].evidence["zero_grad_layers"] == 6 and f[0].evidence["underflow_steps"] == len(STEPS)
+    assert "exactly 0.0" in f[0].summary and "first 6 of 12" in f[0].summary
+    assert f[0].layers[0] == "layers.0"
+    # the same decay through ReLU layers underflows the same way (no dead-unit cliff)
+    assert g.vanishing_gradients(underflowing(12, 6, act="ReLU").record)
+
+
+def test_vanishing_exact_zeros_through_tanh_with_two_weight_layers():
+    # issue 25: embedding -> Linear -> tanh -> Linear; the saturated tanh passes exactly 0
+    b = Build().mlp(2, act="Tanh").grads(STEPS, lambda s, i, p: 0.0 if i == 0 and s >= 50 else 1.0)
+    f = g.vanishing_gradients(b.record)
+    assert f and f[0].layers == ("layers.0",) and f[0].evidence["weight_layers"] == 2
+    # ...but exactly 0 behind a ReLU is a dead layer (dead_relu's), not vanishing
+    relu = Build().mlp(2, act="ReLU").grads(STEPS, lambda s, i, p: 0.0 if i == 0 and s >= 50 else 1.0)
+    assert g.vanishing_gradients(relu.record) == []
+    # and zeros on too few of the steps are not persistent
+    brief = Build().mlp(2, act="Tanh").grads(STEPS, lambda s, i, p: 0.0 if i == 0 and s >= 200 else 1.0)
+    assert g.vanishing_gradients(brief.record) == []
+    # two layers with ordinary, non-zero gradients are no profile at all
+    two = Build().mlp(2, act="Tanh").grads(STEPS, lambda s, i, p: 10.0 ** (-8 * (1 - i)))
+    assert g.vanishing_gradients(two.record) == []
+
+
 def test_vanishing_profiles_each_model_of_a_gan_separately():
     b = Build()
     b.mlp(5, model="G")
@@ -265,3 +298,47 @@ def test_nonfinite_forward_origin_names_its_op_only_when_replayed():
     b.event("nonfinite_origin", step=3, kind="activation", module="layers.1", value="nan", source="series",
             phase="forward", op=None)
     assert "from finite inputs" not in nf.nonfinite(b.record)[0].summary
+
+
+# ------------------------------------------------------------------ crash before any NaN
+def crashed(grads: list[float], losses: list[float], status: int = 1,
+            error: str | None = "OverflowError: math range error") -> Build:
+    b = Build().mlp(3, act="Tanh")
+    b.series("grad_norm_global", grads)
+    b.loss(losses)
+    b.record.run["exit_status"] = status
+    if error:
+        b.record.run["script_error"] = error
+    return b
+
+
+# issue 25: a tanh RNN without clipping: the norm rose 60x in two steps, the loss 160x,
+# then math.exp(loss) overflowed and killed the script before any NaN was recorded.
+RNN_GRADS = [1.17, 24.0, 71.2, 12.7, 9.8, 6.9]
+RNN_LOSS = [4.5, 29.2, 292.0, 691.6, 379.8, 718.9]
+
+
+def test_a_climb_that_ends_in_a_crash_is_an_explosion():
+    f = g.exploding_gradients(crashed(RNN_GRADS, RNN_LOSS).record)
+    assert f and f[0].severity == "critical" and f[0].evidence["script_died"] is True
+    assert f[0].evidence["peak_grad_norm"] == 71.2 and f[0].step == 1
+    assert "OverflowError" in f[0].summary and "died at step 5" in f[0].summary
+
+
+@pytest.mark.parametrize("change", ["finished", "sigint", "no_error", "loss_flat", "small_climb", "old_peak"])
+def test_a_crash_is_not_an_explosion_without_a_climb_and_a_diverging_loss(change):
+    grads, losses, status, error = list(RNN_GRADS), list(RNN_LOSS), 1, "OverflowError: math range error"
+    if change == "finished":
+        status, error = 0, None
+    elif change == "sigint":
+        status, error = 130, "KeyboardInterrupt"
+    elif change == "no_error":
+        error = None
+    elif change == "loss_flat":  # a bug unrelated to training killed it (KeyError at step 5)
+        losses = [4.5, 4.4, 4.3, 4.4, 4.2, 4.1]
+    elif change == "small_climb":  # 9.9x: under GROWTH_VISIBLE
+        grads = [1.0, 5.0, 9.9, 3.0, 2.0, 2.0]
+    elif change == "old_peak":  # the peak lies more than CRASH_TAIL_STEPS before the end
+        grads = RNN_GRADS[:3] + [5.0] * (g.CRASH_TAIL_STEPS + 1)
+        losses = RNN_LOSS[:3] + [400.0] * (g.CRASH_TAIL_STEPS + 1)
+    assert g.exploding_gradients(crashed(grads, losses, status, error).record) == []

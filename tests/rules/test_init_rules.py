@@ -194,3 +194,47 @@ def test_records_without_audit_facts_produce_nothing():
     rec = Record()
     rec.layers["l0"] = LayerInfo(name="l0", kind="Linear", depth=0, activation_after="relu")
     assert poor_initialization(rec) == [] and symmetric_weights(rec) == []
+
+
+# ------------------------------------------------------------------ too large inside blocks
+def gpt(std: float, loss0: float | None, vocab: int = 65, d: int = 32, blocks: int = 2) -> Net:
+    """A pre-LN GPT's weight layers as the audit writes them: each block's qkv and fc
+    follow a LayerNorm, its proj and out end residual branches; every Linear at N(0, std)."""
+    n = Net()
+    for b in range(blocks):
+        n.module(f"blocks.{b}.ln1", "LayerNorm")
+        n.linear(f"blocks.{b}.qkv", None, std, fan_in=d, fan_out=3 * d, act_std=std * 5)
+        n.linear(f"blocks.{b}.proj", None, std, fan_in=d, fan_out=d, residual_bypass=True)
+        n.module(f"blocks.{b}.ln2", "LayerNorm")
+        n.linear(f"blocks.{b}.fc", "gelu", std, fan_in=d, fan_out=4 * d)
+        n.linear(f"blocks.{b}.out", None, std, fan_in=4 * d, fan_out=d, residual_bypass=True)
+    n.module("ln_f", "LayerNorm")
+    n.linear("head", None, std, fan_in=d, fan_out=vocab)
+    if loss0 is not None:
+        n.record.add("loss", 0, loss0)
+    return n
+
+
+def test_init_too_large_inside_a_transformer_is_found_with_the_step0_loss():
+    # issue 25: every Linear at N(0, 1) in a pre-LN GPT, step-0 loss 19.2 vs ln(65) = 4.17
+    f = poor_initialization(gpt(1.0, 19.2).record)
+    assert len(f) == 1 and f[0].severity == "warning"
+    ev = f[0].evidence
+    assert ev["classes"] == 65 and ev["weight_layers"] == 9 and ev["residual_branch_layers"] == 4
+    assert ev["mean_init_ratio"] >= 4.0 and "19.2" in f[0].summary and "ln(65)" in f[0].summary
+    assert "std=0.02" in f[0].advice
+
+
+@pytest.mark.parametrize("std,loss0", [
+    (1.0, 2.0 * math.log(65) * 0.99),  # the loss still near a uniform guess: no confirmation
+    (0.02, 19.2),                      # GPT-2's init: a high loss has another cause
+    (1.0, None),                       # no step-0 loss recorded
+])
+def test_init_inside_blocks_needs_both_large_weights_and_a_large_step0_loss(std, loss0):
+    assert poor_initialization(gpt(std, loss0).record) == []
+
+
+def test_default_pytorch_init_of_a_transformer_is_clean():
+    d = 32
+    default = 1.0 / math.sqrt(3 * d)  # kaiming_uniform(a=sqrt(5)): std 1/sqrt(3 fan_in)
+    assert poor_initialization(gpt(default, 4.3).record) == []

@@ -90,6 +90,24 @@ def test_not_updated_from_exact_zero_ratios_only_when_others_move_and_the_gradie
     assert p.not_updated(build(1.0, 0.0).record) == []
 
 
+def test_not_updated_ignores_a_zero_initialised_tensor_that_barely_moved():
+    # a bias at norm ~1e-23 under a gradient of 1e-22 (underflowing early layers of a
+    # 50-layer tanh MLP): the ratio divides by ~0, the zero update is float32 rounding
+    def build(weight: float) -> Build:
+        b = Build().mlp(4)
+        b.ratios(STEPS, lambda s, i, name: 0.0 if name == "layers.0.weight" else 1e-3,
+                 grad=10 * weight, weight=weight)
+        for name in b.weights():
+            if name != "layers.0.weight":
+                for s in STEPS:
+                    b.record.add(f"weight_norm/{name}", s, 5.0)
+        return trained(b, 300)
+
+    assert p.not_updated(build(7.5e-23).record) == []
+    assert p.not_updated(build(p.NOT_UPDATED_MIN_WEIGHT_NORM * 0.99).record) == []
+    assert p.not_updated(build(p.NOT_UPDATED_MIN_WEIGHT_NORM * 1.01).record)
+
+
 # ------------------------------------------------------------------ BatchNorm
 def bn_run(samples: list[float], batch: int | None, kind: str = "BatchNorm1d") -> Build:
     b = Build()
@@ -149,6 +167,40 @@ def test_clipping_under_ninety_percent_is_not_a_finding():
     assert c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record) == []
     norms = [2.0] * 92 + [0.5] * 8
     assert c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record)
+
+
+def test_frequent_large_clipping_after_warmup_is_a_warning_with_rate_and_size():
+    # issue 25: clipped on ~65% of the steps, norms 15-40x max_norm 1.0
+    norms = [0.5 if i % 3 == 0 else 15.0 + (i % 26) for i in range(150)]
+    f = c.clipping_always_active(clip_run(1.0, norms, falling_loss(150)).record)[0]
+    assert f.severity == "warning"
+    assert 0.6 < f.evidence["clipped_fraction"] < 0.7
+    assert 15.0 <= f.evidence["median_scale"] <= 40.0
+    assert f.evidence["window_first_step"] == 15  # the first tenth of the run is warm-up
+    assert f"{f.evidence['clipped_fraction']:.0%} of 135 steps" in f.summary and "learning rate is too high" in f.advice
+
+
+@pytest.mark.parametrize("clipped,found", [(3, False), (4, False), (5, True), (20, True)])
+def test_clip_rate_alarm_edge_over_the_window(clipped, found):
+    # 100 steps, window = steps 10..99 (90 calls); CLIP_RATE_ALARM = 5% = 4.5 calls
+    norms = [0.5] * 100
+    for k in range(clipped):
+        norms[99 - 7 * k] = 30.0
+    got = c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record)
+    assert bool(got) == found
+    assert not got or got[0].severity == "warning"
+
+
+def test_clipping_only_in_the_first_steps_is_clean():
+    # large clips during warm-up (the first tenth), never after
+    norms = [40.0] * 10 + [0.5] * 90
+    assert c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record) == []
+
+
+def test_frequent_mild_clipping_is_clean():
+    # the classic SGD LSTM recipe: clipped often, but each clip a small cut
+    norms = [2.0 if i % 2 else 0.5 for i in range(100)]
+    assert c.clipping_always_active(clip_run(1.0, norms, falling_loss(100)).record) == []
 
 
 # ------------------------------------------------------------------ grad_not_zeroed

@@ -153,3 +153,34 @@ def test_huge_updates_from_huge_initial_gradients_are_not_blamed_on_the_lr():
     b2 = Build().mlp(5).ratios([0], lambda s, i, p: 1e9).loss(loss)
     climb_into_nan(b2)  # step 0's gradient is normal and it climbs into the NaN: the lr is the suspect
     assert u.update_ratio_high(b2.record)
+
+
+# ------------------------------------------------------------------ dead units under large steps
+def dying(ratio: float, dead_from: int | None, opt: str = "AdamW") -> Build:
+    """issue 25: AdamW at lr 5e-2, wd 0.5: ratios ~2-4e-2 over the run, the loss falls,
+    and acts.1's units die after ``dead_from`` (None: they live)."""
+    b = run(ratio, falling_loss(300), lr=5e-2)
+    b.record.run["optimizers"] = [opt]
+    for i in range(4):
+        dead = [0.9 if dead_from is not None and i == 1 and s >= dead_from else 0.1 for s in STEPS]
+        b.series(f"dead_frac/acts.{i}", dict(zip(STEPS, dead)))
+    return b
+
+
+def test_units_dying_under_large_steps_name_the_learning_rate_though_the_loss_falls():
+    from gradvitals.diagnose import diagnose
+
+    f = u.update_ratio_high(dying(2.5e-2, dead_from=25).record)
+    assert f and f[0].severity == "warning" and f[0].step == 25
+    assert "died" in f[0].summary and "acts.1" in f[0].summary and "lr=0.005" in f[0].advice
+    linked = {x.code: x for x in diagnose(dying(2.5e-2, dead_from=25).record)}
+    assert linked["dead_relu"].caused_by == "update_ratio_high"
+
+
+@pytest.mark.parametrize("ratio,dead_from", [
+    (u.UPDATE_RATIO_HIGH * 0.9, 25),  # ordinary steps: the units died of something else
+    (2.5e-2, 0),                      # dead from the first recorded step: the init's doing
+    (2.5e-2, None),                   # large steps, every unit alive, the loss falls: fine
+])
+def test_dead_units_blame_the_learning_rate_only_when_they_died_under_large_steps(ratio, dead_from):
+    assert u.update_ratio_high(dying(ratio, dead_from).record) == []

@@ -21,6 +21,13 @@ STAT_NAMES = ("act_mean", "act_std", "act_zero_frac", "act_sat_frac", "act_nonfi
 SIGMOID_SAT_MARGIN = 0.01
 TANH_SAT_LEVEL = 0.99
 
+#: A weight layer followed by a *functional* sigmoid/tanh (``torch.tanh(self.fc(x))``,
+#: no module to hook) is measured on its output, the pre-activation: tanh(x) > 0.99
+#: exactly where |x| > atanh(0.99), sigmoid(x) within 0.01 of its bounds where
+#: |x| > logit(0.99). Same band as the modules', read one op earlier.
+PRE_TANH_LEVEL = math.atanh(TANH_SAT_LEVEL)
+PRE_SIGMOID_LEVEL = math.log((1.0 - SIGMOID_SAT_MARGIN) / SIGMOID_SAT_MARGIN)
+
 #: Scheduled forwards whose per-unit activity masks are OR-ed to decide "never
 #: active over the window": 4 batches x batch size samples.
 DEAD_WINDOW = 4
@@ -46,6 +53,15 @@ def saturation_kind(module: nn.Module) -> str | None:
         if getattr(module, "nonlinearity", "tanh") == "relu":
             return None  # nn.RNN(nonlinearity="relu"): unbounded, nothing to saturate
         return "tanh"  # their outputs are tanh-bounded (LSTM: o * tanh(c))
+    return None
+
+
+def preactivation_kind(activation_after: str | None) -> str | None:
+    """"pre_tanh"/"pre_sigmoid" for a weight layer whose output goes into a functional
+    tanh/sigmoid (``torch.tanh`` -> "tanh"; the caller checks it is no module's: an
+    ``nn.Tanh`` is measured on its own output instead)."""
+    if activation_after in ("tanh", "sigmoid"):
+        return "pre_" + activation_after
     return None
 
 
@@ -140,6 +156,8 @@ def row_stats(X: Tensor, sat: str | None, scratch: Scratch | None = None) -> Ten
         satc = _count_above(torch.sub(X, 0.5, out=c).abs_(), 0.5 - SIGMOID_SAT_MARGIN)
     elif sat == "tanh":
         satc = _count_above(torch.abs(X, out=c), TANH_SAT_LEVEL)
+    elif sat in _PRE_LEVELS:
+        satc = _count_above(torch.abs(X, out=c), _PRE_LEVELS[sat])
     else:
         satc = nonfinite  # replaced by NaN in the scale
     raw = torch.stack([total, centred_sq, nonzero.neg_().add_(n), satc, nonfinite], 1)
@@ -187,7 +205,12 @@ def saturation_count(X: Tensor, sat: str | None, c: Tensor) -> Tensor | None:
         return torch.sub(X, 0.5, out=c).abs_().gt_(0.5 - SIGMOID_SAT_MARGIN).sum(1)
     if sat == "tanh":
         return torch.abs(X, out=c).gt_(TANH_SAT_LEVEL).sum(1)
+    if sat in _PRE_LEVELS:
+        return torch.abs(X, out=c).gt_(_PRE_LEVELS[sat]).sum(1)
     return None
+
+
+_PRE_LEVELS = {"pre_tanh": PRE_TANH_LEVEL, "pre_sigmoid": PRE_SIGMOID_LEVEL}
 
 
 def finish_raw(v: list[float], n: int, sat: str | None) -> list[float] | None:

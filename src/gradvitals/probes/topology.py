@@ -53,3 +53,25 @@ def activation_after(events: list[tuple[str, str, str]]) -> dict[str, str]:
                 result.setdefault(p, name)
             pending = []
     return result
+
+
+def functional_activations(events: list[tuple[str, str, str]]) -> set[str]:
+    """Weight layers whose output goes straight into an activation function called by
+    the user's code (``torch.tanh(self.fc(x))``), not by a module's forward (``nn.Tanh``
+    calls ``torch.tanh`` itself: its module event follows the call)."""
+    after = activation_after(events)
+    out: set[str] = set()
+    pending: list[str] = []
+    for i, (what, name, kind) in enumerate(events):
+        if what == "module":
+            # Only a function applied right to the layer's output: after a LayerNorm or a
+            # dropout in between, the layer's output is not the pre-activation.
+            pending = [name] if kind in WEIGHT_LAYERS else []
+            continue
+        nxt = events[i + 1] if i + 1 < len(events) else None
+        by_module = (nxt is not None and nxt[0] == "module"
+                     and activation_family(nxt[2]) == activation_family(name))
+        if not by_module:
+            out.update(p for p in pending if after.get(p) == name)
+        pending = []
+    return out

@@ -18,7 +18,7 @@ from ..taxonomy import (
     ZEROING_FAMILIES,
     activation_family,
 )
-from ._common import WARMUP_STEPS, attr, first_nonfinite_step, loss_levels, median, names, points, q, sci
+from ._common import WARMUP_STEPS, attr, first_nonfinite_step, loss_levels, median, names, nn_class, points, q, sci
 
 # ----------------------------------------------------------------- dead ReLU
 #: Fraction of a layer's units never positive over the recorder's window (4
@@ -176,7 +176,8 @@ SAT_PREACT_STD = 2.5
 def saturated_activations(record: Record) -> list[Finding]:
     """Sigmoid/tanh (and RNN) outputs pinned near their bounds.
 
-    Decides from ``act_sat_frac/<module>``: a layer is saturated when the median
+    Decides from ``act_sat_frac/<module>`` (for a weight layer: of the functional
+    tanh/sigmoid its output goes into, read on the pre-activation): a layer is saturated when the median
     over its scheduled points after WARMUP_STEPS is >= SAT_LAYER_FRAC. The model's
     last module is left out (a confident sigmoid output is the goal, not a
     fault). Warning when the loss removed < SAT_LEARNING_PROGRESS of its start,
@@ -193,7 +194,8 @@ def saturated_activations(record: Record) -> list[Finding]:
         steps, values = _before(points(series), first_nonfinite_step(record))
         if not values:
             continue
-        if any(v > BOUNDED_STD for v in points(record.get(f"act_std/{name}"))[1]):
+        pre = layer is not None and layer.kind in WEIGHT_LAYERS  # measured before a functional tanh/sigmoid
+        if not pre and any(v > BOUNDED_STD for v in points(record.get(f"act_std/{name}"))[1]):
             continue  # not a bounded output (e.g. nn.RNN(nonlinearity="relu")): nothing to pin
         late = [v for s, v in zip(steps, values) if s >= WARMUP_STEPS] or values
         level = median(late)
@@ -211,8 +213,14 @@ def saturated_activations(record: Record) -> list[Finding]:
     feeder = _weight_before(record, worst[0]) if record.layers.get(worst[0]) is not None else None
     pre_std = median(points(record.get(f"act_std/{feeder}"))[1]) if feeder else math.nan
     kind = record.layers[worst[0]].kind if worst[0] in record.layers else "activation"
-    summary = (f"{worst[1]:.0%} of the outputs of {q(worst[0])} ({kind}) are pinned at their bounds, "
-               f"where the derivative is < 1% of its maximum")
+    if kind in WEIGHT_LAYERS:  # a functional activation after a weight layer: read on its input
+        fn = record.layers[worst[0]].activation_after or "tanh"
+        summary = (f"{worst[1]:.0%} of the outputs of `torch.{fn}` applied to {q(worst[0])} ({kind}) are "
+                   f"pinned at their bounds, where the derivative is < 1% of its maximum")
+        kind = nn_class(record, fn)
+    else:
+        summary = (f"{worst[1]:.0%} of the outputs of {q(worst[0])} ({kind}) are pinned at their bounds, "
+                   f"where the derivative is < 1% of its maximum")
     if len(sat) > 1:
         summary += f"; {len(sat)} layers are saturated"
     if math.isfinite(pre_std):
@@ -239,6 +247,15 @@ def _sat_advice(record: Record, module: str, feeder: str | None, pre_std: float,
                 f"gradient norm (max_norm=1.0) and lower the learning rate; initialise recurrent weights "
                 f"orthogonally: `nn.init.orthogonal_({attr(module)}.weight_hh_l0)`.")
     big = math.isfinite(pre_std) and pre_std > SAT_PREACT_STD
+    layer = record.layers.get(module)
+    if layer is not None and layer.kind in WEIGHT_LAYERS:
+        fn = layer.activation_after or "tanh"
+        return (f"{q(module)} drives the `torch.{fn}` after it into its flat tails"
+                f"{f' (pre-activation std {sci(pre_std)})' if math.isfinite(pre_std) else ''}. Lower the "
+                f"learning rate (large steps grow the weights until the {fn} pins) and clip the gradient norm; "
+                f"normalise the pre-activation and initialise with Xavier:\n"
+                f"    h = torch.{fn}(self.norm(self.{module.rsplit('.', 1)[-1]}(x)))  # self.norm = nn.LayerNorm(features)\n"
+                f"    nn.init.xavier_normal_({attr(module)}.weight)")
     if is_input and big:
         return (f"The inputs are not normalised: {q(feeder)} feeds {q(module)} pre-activations with std "
                 f"{sci(pre_std)}, deep in the flat tails. Standardise the data once, before training:\n"

@@ -17,7 +17,7 @@ import math
 
 from ..findings import Finding
 from ..record import Record
-from ..taxonomy import RECURRENT_LAYERS
+from ..taxonomy import RECURRENT_LAYERS, SATURATING_FAMILIES
 from ._common import (
     activation_families,
     activation_names,
@@ -60,6 +60,14 @@ VANISH_PERSIST = 0.6
 #: vanishing in absolute terms (a step of lr=1 would move the weights < 1e-8).
 VANISH_ABSOLUTE = 1e-8
 
+#: log10 given to a gradient that is exactly 0.0 where it underflowed: the smallest
+#: positive float32 (subnormal) is 1.4e-45, so a gradient that decayed to 0 is below it.
+UNDERFLOW_LOG10 = -45.0
+
+#: Weight layers needed when the early ones' gradients are exactly 0: the last layer
+#: still learning and the first one at 0 is the whole profile.
+VANISH_MIN_LAYERS_ZERO = 2
+
 
 def vanishing_gradients(record: Record) -> list[Finding]:
     """Early weight layers' |grad|/|weight| orders of magnitude below the late ones'.
@@ -77,8 +85,24 @@ def vanishing_gradients(record: Record) -> list[Finding]:
     return sorted(found, key=lambda f: -(f.evidence.get("gap_orders") or 0))[:1]
 
 
+def _underflowed(wps: list[WeightParam], row: list[float], logs: list[float]) -> list[int]:
+    """Indices of the leading weight layers whose gradient is exactly 0 because it
+    underflowed (see ``vanishing_gradients``), or [] (none, or a dead-ReLU cliff)."""
+    k = 0
+    while k < len(row) and (row[k] == 0.0 or not math.isfinite(row[k])):
+        k += 1
+    zeros = [i for i in range(k) if row[i] == 0.0]
+    if not zeros or k >= len(row):
+        return []  # no zeros first, or no layer after them that learns
+    nonzero = [x for x in logs[k:] if math.isfinite(x)]
+    late = median(nonzero[-max(1, len(nonzero) // 3):])
+    decayed = len(nonzero) >= 2 and late - logs[k] >= VANISH_ORDERS
+    saturating = wps[zeros[-1]].activation in SATURATING_FAMILIES
+    return zeros if decayed or saturating else []
+
+
 def _vanishing_in(record: Record, wps: list[WeightParam]) -> list[Finding]:
-    if len(wps) < VANISH_MIN_LAYERS:
+    if len(wps) < VANISH_MIN_LAYERS_ZERO:
         return []
     stop = first_nonfinite_step(record)
     rel = {s: row for s, row in relative_grads(record, wps).items() if stop is None or s < stop}
@@ -87,10 +111,18 @@ def _vanishing_in(record: Record, wps: list[WeightParam]) -> list[Finding]:
     gaps: dict[int, float] = {}
     tops: dict[int, float] = {}
     per_layer: list[list[float]] = [[] for _ in wps]
+    zero_steps: dict[int, int] = {}  # step -> leading layers whose gradient underflowed to 0
     for step, row in rel.items():
         logs = [math.log10(v) if math.isfinite(v) and v > 0 else math.nan for v in row]
+        zeros = _underflowed(wps, row, logs)
+        for i in zeros:
+            logs[i] = UNDERFLOW_LOG10
+        if zeros:
+            zero_steps[step] = len(zeros)
         valid = [x for x in logs if math.isfinite(x)]
-        if len(valid) < VANISH_MIN_LAYERS:
+        if len(valid) < (VANISH_MIN_LAYERS_ZERO if zeros else VANISH_MIN_LAYERS):
+            if n < VANISH_MIN_LAYERS and len(valid) == n:
+                gaps[step] = 0.0  # too few layers for a profile: a step without zeros counts as no gap
             continue
         early = median(logs[:third])
         late = median(logs[-third:])
@@ -107,6 +139,7 @@ def _vanishing_in(record: Record, wps: list[WeightParam]) -> list[Finding]:
     by_abs = len(tops) > 0 and len(tiny) >= VANISH_PERSIST * len(tops)
     if not (by_gap or by_abs):
         return []
+    underflow = by_gap and sum(1 for st in flagged if st in zero_steps) >= VANISH_PERSIST * len(flagged)
     layer_level = [median(xs) for xs in per_layer]
     best = max((x for x in layer_level if math.isfinite(x)), default=math.nan)
     stalled = [i for i, x in enumerate(layer_level) if math.isfinite(x) and best - x >= STALL_ORDERS]
@@ -132,6 +165,12 @@ def _vanishing_in(record: Record, wps: list[WeightParam]) -> list[Finding]:
         else:
             tail = f"the first {third} of {n} weight layers learn {span} slower than the last"
         summary = f"Gradients shrink {span} from {q(head)} to {q(first)}: {tail}."
+        if underflow:
+            zk = max(zero_steps[st] for st in flagged if st in zero_steps)
+            summary = (f"Gradients vanish from {q(head)} back to {q(first)} until they underflow: the first "
+                       f"{zk} of {n} weight layers get gradients of exactly 0.0 on "
+                       f"{sum(1 for st in flagged if st in zero_steps)} of {len(gaps)} profiled steps, "
+                       f"while the last layers' are not.")
     else:
         summary = (f"Gradients are vanishingly small in every weight layer: the largest "
                    f"|grad|/|weight| is {sci(10 ** best)} (< {VANISH_ABSOLUTE:g}).")
@@ -145,6 +184,8 @@ def _vanishing_in(record: Record, wps: list[WeightParam]) -> list[Finding]:
         "stalled_layers": [wps[i].layer for i in stalled],
         "activation": act_names[0] if act_names else None,
         "weight_layers": n,
+        "underflow_steps": len(zero_steps),
+        "zero_grad_layers": max(zero_steps.values(), default=0),
     }
     return [Finding(code="vanishing_gradients", severity=severity, step=first_step,
                     layers=tuple(layers), summary=summary, evidence=evidence,
@@ -201,6 +242,14 @@ TREND_GROWTH = 100.0
 #: Steps skipped before the trend's first window (warmup), and points per window.
 TREND_SKIP_STEPS = 10
 TREND_MIN_POINTS = 5
+
+#: A script that died (an uncaught exception, e.g. OverflowError in its own
+#: ``math.exp(loss)``) ends its record before any NaN: a climb of GROWTH_VISIBLE x
+#: whose peak lies within this many steps of the last one, with the loss grown
+#: CRASH_LOSS_GROWTH x, is the explosion that killed it (the report is written after
+#: the crash, so the last steps are all the warning there was).
+CRASH_TAIL_STEPS = 10
+CRASH_LOSS_GROWTH = 10.0
 
 #: NaN origins that are not the aftermath of growth (bad data, an unsafe loss).
 _NOT_GROWTH_ORIGINS = ("input", "loss")
@@ -274,9 +323,10 @@ def exploding_gradients(record: Record) -> list[Finding]:
             start = next(i for i, v in enumerate(values) if v >= ABSOLUTE_EXPLODING)
         severity = "critical"
     else:
-        if ratio < EXPLODE_PEAK:
+        crashed = ratio >= GROWTH_VISIBLE and _died_diverging(record, steps[end], steps[-1])
+        if ratio < EXPLODE_PEAK and not crashed:
             return _growing_trend(record, steps, values)
-        severity = "critical" if ratio >= EXPLODE_CRITICAL_PEAK else "warning"
+        severity = "critical" if ratio >= EXPLODE_CRITICAL_PEAK or crashed else "warning"
     visible = steps[start]
     span = max(steps[end] - visible, 0)
     factor = (peak / values[start]) ** (1.0 / span) if span and values[start] > 0 else math.nan
@@ -307,8 +357,25 @@ def exploding_gradients(record: Record) -> list[Finding]:
     else:
         summary = (f"Gradient norm spiked {orders(ratio)} above its normal level ({sci(normal)} -> {sci(peak)} "
                    f"at step {steps[end]}), climbing from step {visible}.")
+        if severity == "critical" and ratio < EXPLODE_PEAK:  # the crash branch
+            error = str(record.run.get("script_error") or "an error").splitlines()[-1][:120]
+            summary = summary[:-1] + (f", and the loss diverged until the script died at step "
+                                      f"{record.steps - 1} ({error}).")
+            evidence["script_died"] = True
     return [Finding(code="exploding_gradients", severity=severity, step=visible, layers=tuple(layers),
                     summary=summary, evidence=evidence, advice=_exploding_advice(record, at_init, layers))]
+
+
+def _died_diverging(record: Record, peak_step: int, last_step: int) -> bool:
+    """The script died of an error (not Ctrl-C) CRASH_TAIL_STEPS or fewer after the
+    gradient's peak, its loss CRASH_LOSS_GROWTH x above where it started."""
+    status = record.run.get("exit_status")
+    if not record.run.get("script_error") or status in (None, 0, 130):
+        return False
+    if last_step - peak_step > CRASH_TAIL_STEPS:
+        return False
+    _, losses = points(record.get("loss"))
+    return len(losses) >= 2 and losses[0] > 0 and max(losses[-CRASH_TAIL_STEPS:]) >= CRASH_LOSS_GROWTH * losses[0]
 
 
 def _growing_trend(record: Record, steps: list[int], values: list[float]) -> list[Finding]:

@@ -22,6 +22,7 @@ from typing import Any
 from ..findings import Finding
 from ..record import LayerInfo, Record, Series
 from ..taxonomy import HE_FAMILIES, NORM_LAYERS, WEIGHT_LAYERS, activation_family
+from ._common import points
 
 #: Signal scale off by 10^3 along one unnormalised chain: a 20-layer ReLU MLP with
 #: PyTorch's default init (std x0.41 of He per layer) is at 10^-7.8; a healthy 3-layer
@@ -29,6 +30,19 @@ from ..taxonomy import HE_FAMILIES, NORM_LAYERS, WEIGHT_LAYERS, activation_famil
 CHAIN_DECADES_WARNING = 3.0
 #: 10^6: activations or gradients leave float32's comfortable range within a few steps.
 CHAIN_DECADES_CRITICAL = 6.0
+
+#: Inside normalised or residual blocks (a transformer) no chain compounds, but each
+#: layer still has a scale: weights this many times He/Xavier's std on (geometric)
+#: average over the blocks' weight layers are too large (PyTorch's default init reads
+#: 0.4-0.6x, GPT-2's N(0, 0.02) well below 1x; N(0, 1) in a 32-wide GPT reads 4-9x,
+#: in a 768-wide one ~30x).
+BLOCK_INIT_RATIO_LARGE = 4.0
+#: Weight layers needed for that average (one odd layer is a choice, not an init).
+BLOCK_INIT_MIN_LAYERS = 3
+#: The step-0 loss at this many times ln(classes) confirms it: a classifier at init
+#: predicts ~uniformly, loss ~ln(C) (4.17 for 65 characters); logits blown up by the
+#: init are confidently wrong (a pre-LN GPT at N(0, 1): 19.2).
+INIT_LOSS_EXCESS = 2.0
 
 
 @dataclass
@@ -159,12 +173,14 @@ def poor_initialization(record: Record) -> list[Finding]:
     measured along the chain collapses or blows up as much."""
     findings = []
     step = _audit_step(record)
+    judged: set[str] = set()
     for chain in chains(record):
         predicted = chain.predicted_decades
         measured, nonfinite, act_ev = measured_decades(record, chain)
         worst = max(abs(predicted), abs(measured) if measured is not None else 0.0)
         if worst < CHAIN_DECADES_WARNING and not (nonfinite and abs(predicted) >= CHAIN_DECADES_WARNING):
             continue
+        judged.update(c.layer.name for c in chain.layers)
         severity = "critical" if worst >= CHAIN_DECADES_CRITICAL or nonfinite else "warning"
         ranked = sorted(chain.layers, key=lambda c: -abs(math.log10(c.ratio)))
         direction = "grow" if (measured if measured is not None and abs(measured) > abs(predicted)
@@ -199,7 +215,76 @@ def poor_initialization(record: Record) -> list[Finding]:
             code="poor_initialization", severity=severity, step=step,
             layers=tuple(c.layer.name for c in ranked),
             summary=summary, evidence=evidence, advice=_init_advice(acts)))
+    findings.extend(_too_large_in_blocks(record, judged, step))
     return findings
+
+
+def _too_large_in_blocks(record: Record, judged: set[str], step: int | None) -> list[Finding]:
+    """Weights too large layer by layer where no chain compounds them (residual branches,
+    layers before a LayerNorm): the geometric mean of weight std / He-or-Xavier std over
+    the model's weight layers (those no chain finding already named) >= BLOCK_INIT_RATIO_LARGE,
+    confirmed by a step-0 loss >= INIT_LOSS_EXCESS x ln(classes), classes being the
+    last weight layer's outputs."""
+    found = []
+    loss_steps, losses = points(record.get("loss"))
+    if not loss_steps or loss_steps[0] != 0:
+        return []
+    loss0 = losses[0]
+    for model, layers in weight_layers_by_model(record).items():
+        head = layers[-1]
+        classes = int(head.extra.get("fan_out") or 0)
+        if classes < 2 or loss0 < INIT_LOSS_EXCESS * math.log(classes):
+            continue
+        scored = []
+        for layer in layers:
+            ex = layer.extra
+            std = float(ex["weight_std"])
+            if layer.name in judged or ex.get("weight_constant") or not math.isfinite(std) or std <= 0:
+                continue
+            fam = activation_family(layer.activation_after)
+            rule, exp = expected_std(fam, int(ex["fan_in"]), int(ex["fan_out"]))
+            scored.append((std / exp, layer, rule, exp))
+        if len(scored) < BLOCK_INIT_MIN_LAYERS:
+            continue
+        mean_ratio = 10 ** (sum(math.log10(r) for r, *_ in scored) / len(scored))
+        if mean_ratio < BLOCK_INIT_RATIO_LARGE:
+            continue
+        scored.sort(key=lambda x: -x[0])
+        ratio, typical, rule, exp = scored[len(scored) // 2]
+        stds = [(layer.name, first_point(record.get(f"act_std/{layer.name}"))) for _, layer, _, _ in scored]
+        stds = [(n, v) for n, v in stds if v is not None and math.isfinite(v)]
+        act = max(stds, key=lambda x: x[1]) if stds else None
+        in_blocks = sum(1 for _, layer, _, _ in scored if layer.extra.get("residual_bypass"))
+        summary = (f"Weights initialised {mean_ratio:.1f}x larger than He/Xavier for their activations across "
+                   f"{len(scored)} weight layers ({in_blocks} in residual branches; e.g. `{typical.name}`: std "
+                   f"{float(typical.extra['weight_std']):.3g} vs {rule}'s {exp:.3g}): the loss at step 0 is "
+                   f"{loss0:.3g}, {loss0 / math.log(classes):.1f}x the ln({classes}) = {math.log(classes):.2f} "
+                   f"of a uniform guess" + (f"; activation std up to {act[1]:.3g} (`{act[0]}`)." if act else "."))
+        evidence: dict[str, Any] = {
+            "model": model,
+            "mean_init_ratio": round(mean_ratio, 3),
+            "weight_layers": len(scored),
+            "residual_branch_layers": in_blocks,
+            "init_ratio": {layer.name: round(r, 4) for r, layer, _, _ in scored[:8]},
+            "expected": {layer.name: f"{rl} std {e:.4g}" for _, layer, rl, e in scored[:8]},
+            "loss_step0": loss0,
+            "classes": classes,
+            "uniform_loss": math.log(classes),
+            "act_std_step0_max": act[1] if act else None,
+            "threshold_ratio": BLOCK_INIT_RATIO_LARGE,
+        }
+        advice = ("Initialise the weights small, as transformers do (GPT-2: N(0, 0.02), the residual "
+                  "projections scaled by 1/sqrt(2 * n_layers)); normalisation does not undo a too-large init "
+                  "inside the residual branches or of the logits:\n"
+                  "    for m in model.modules():\n"
+                  "        if isinstance(m, nn.Linear):\n"
+                  "            nn.init.normal_(m.weight, mean=0.0, std=0.02)\n"
+                  "or `gv.init_(model, batch)`, which picks He/Xavier per layer.")
+        found.append(Finding(code="poor_initialization", severity="warning", step=step,
+                             layers=tuple(layer.name for _, layer, _, _ in scored[:8]), summary=summary,
+                             evidence=evidence, advice=advice))
+    return found
+
 
 
 def _init_advice(acts: list[str]) -> str:

@@ -25,6 +25,11 @@ MIN_STEPS = 1
 #: is a parameter with ratio 0 "not updated" rather than "vanishing".
 NOT_UPDATED_MIN_RELATIVE_GRAD = 1e-3
 
+#: A parameter norm below this is a zero-initialised tensor (a bias) that has barely
+#: moved: |grad|/|weight| divides by ~0 and says nothing (a 50-layer tanh MLP's early
+#: biases, norm ~1e-24 under gradients of 1e-22 that underflow in the update).
+NOT_UPDATED_MIN_WEIGHT_NORM = 1e-6
+
 #: Scheduled points with ratio exactly 0 needed (one step may be skipped by an AMP
 #: scaler or accumulation).
 NOT_UPDATED_MIN_POINTS = 2
@@ -181,7 +186,8 @@ def _zero_ratio_params(record: Record, exclude: set[str]) -> list[ParamInfo]:
         if len(values) < NOT_UPDATED_MIN_POINTS or any(v != 0 for v in values):
             continue
         g, w = as_dict(grads.get(name)), as_dict(weights.get(name))
-        rel = [g[s] / w[s] for s in steps if s in g and s in w and w[s] > 0 and math.isfinite(g[s])]
+        rel = [g[s] / w[s] for s in steps
+               if s in g and s in w and w[s] > NOT_UPDATED_MIN_WEIGHT_NORM and math.isfinite(g[s])]
         if rel and min(rel) >= NOT_UPDATED_MIN_RELATIVE_GRAD:
             out.append(info)
     return out

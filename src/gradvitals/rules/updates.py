@@ -102,7 +102,9 @@ def update_ratio_high(record: Record) -> list[Finding]:
     ABSOLUTE_EXPLODING) and the loss: fires when the typical ratio reached
     UPDATE_RATIO_HIGH at or before the loss spiked, went NaN after a climbing
     gradient (see ``exploding_gradients``), or
-    reached UPDATE_RATIO_HIGH_PLATEAU in a run whose loss did not fall.
+    reached UPDATE_RATIO_HIGH_PLATEAU in a run whose loss did not fall, or stayed
+    >= UPDATE_RATIO_HIGH over the run while ReLU units died (``dead_relu``, after
+    the first recorded step).
     Critical when the loss went NaN or diverged.
     """
     typical = _typical_ratios(record)
@@ -141,6 +143,9 @@ def update_ratio_high(record: Record) -> list[Finding]:
         step, ratio = max(very, key=lambda x: x[1])
         why = "the loss did not fall"
         severity = "warning"
+    elif (died := _units_died_under(record, typical, first_bar)) is not None:
+        step, ratio, why = died
+        severity = "warning"
     else:
         return []
     row = sorted(typical[step][2], key=lambda x: -x[1])
@@ -159,6 +164,38 @@ def update_ratio_high(record: Record) -> list[Finding]:
               f"    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)")
     return [Finding(code="update_ratio_high", severity=severity, step=step, layers=layers, summary=summary,
                     evidence=evidence, advice=advice)]
+
+
+def _units_died_under(record: Record, typical: dict[int, tuple[float, float, list[tuple[str, float]]]],
+                      first_bar: float) -> tuple[int, float, str] | None:
+    """(step, ratio, why) when ReLU units died while the steps were large: alive at the
+    first recorded point, dead (see ``dead_relu``) from a later one, the typical ratio
+    high at or before that step and its median over the run after WARMUP_STEPS at least
+    UPDATE_RATIO_HIGH. The loss may still fall (the surviving units carry it); the dead
+    units are the damage the learning rate did. None otherwise (dead from the init is
+    the init's, not the learning rate's)."""
+    from .activations import dead_relu
+
+    dead = [f for f in dead_relu(record) if f.severity in ("warning", "critical")]
+    if not dead or not typical:
+        return None
+    death = dead[0].step
+    first = min(typical)
+    if death is None or death <= first:
+        return None
+    late = [med for s, (med, _, _) in typical.items() if s >= WARMUP_STEPS] or [m for m, _, _ in typical.values()]
+    if median(late) < UPDATE_RATIO_HIGH:
+        return None
+    high = [(s, med) for s, (med, _, _) in typical.items()
+            if s <= death and med >= (first_bar if s == first else UPDATE_RATIO_HIGH)]
+    if not high:
+        return None
+    # An adaptive optimizer's first step is lr-sized by construction: a later one speaks.
+    step, ratio = max([h for h in high if h[0] >= WARMUP_STEPS] or high, key=lambda x: x[1])
+    worst = max(dead[0].evidence.get("dead_fraction_by_layer", {}).items(), key=lambda x: x[1], default=None)
+    where = f" ({worst[1]:.0%} of the units after `{worst[0]}`)" if worst else ""
+    return step, ratio, (f"ReLU units died under those steps by step {death}{where}, though the loss still "
+                         f"falls (median ratio {sci(median(late))} over the run)")
 
 
 def _nan_after_growth(record: Record) -> bool:
