@@ -325,6 +325,20 @@ def test_functional_model_without_modules():
     assert "forward outputs were finite" not in nf["summary"] and "could not be traced" in nf["summary"]
 
 
+def test_best_checkpoint_reloaded_with_torch_load_is_evaluated_not_untrained():
+    """torch.save(model, f) of the best epoch, model = torch.load(f) at the end and a test
+    evaluation: the reloaded model is a second model no backward reaches and no optimizer
+    holds. Not a no_gradient (it was one for every layer of it); a layer the trained
+    model really never uses is still one, and only that one is named."""
+    report, stdout = run_both("best_checkpoint.py")
+    assert "test loss" in stdout and report["run"]["steps"] == 72
+    assert len({l["model"] for l in report["layers"]}) == 2  # the reloaded copy is seen
+    assert_healthy(report)
+    report, _ = run_both("best_checkpoint.py", "--unused-layer")
+    f = codes(report)["no_gradient"]
+    assert [l.split(":")[-1] for l in f["layers"]] == ["aux"] and len(f["layers"]) == 1, f["layers"]
+
+
 # ------------------------------------------------- looks bad, is normal
 @pytest.mark.parametrize("program", ["attention_masks.py", "bce_clamp.py", "policy_gradient.py",
                                      "float64_unbatched.py", "hf_gpt2.py"])

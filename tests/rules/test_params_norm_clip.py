@@ -66,6 +66,36 @@ def test_no_gradient_anywhere_is_critical_and_needs_a_step():
     assert p.no_gradient(Build().mlp(3).record) == []  # nothing recorded yet
 
 
+def reloaded(in_optimizer: bool | None, got_some: bool = False) -> Build:
+    """A trained model "model" and a second one "best" (a checkpoint reloaded to be
+    evaluated, a teacher, a target network) whose parameters got no gradient."""
+    b = trained(Build().mlp(3, model="model"))
+    b.layer("best:0", "Linear", params={"weight": [64, 64], "bias": [64]}, model="best")
+    b.layer("best:1", "Linear", params={"weight": [10, 64], "bias": [10]}, model="best")
+    for name in ("best:0.weight", "best:0.bias", "best:1.weight", "best:1.bias"):
+        b.record.params[name].grad_seen = got_some and name.startswith("best:1")
+        b.record.params[name].in_optimizer = in_optimizer
+    return b
+
+
+def test_a_model_nothing_trains_is_evaluated_not_disconnected():
+    """No gradient anywhere in it and no optimizer known to hold it (in_optimizer None:
+    it appeared after the last step): it is evaluated, not trained."""
+    assert p.no_gradient(reloaded(None).record) == []
+    assert p.no_gradient(reloaded(False).record) == []
+
+
+def test_a_model_an_optimizer_holds_or_partly_trained_is_still_no_gradient():
+    f = p.no_gradient(reloaded(True).record)  # its optimizer steps it: disconnected from the loss
+    assert f and f[0].layers == ("best:0", "best:1") and f[0].severity == "warning"
+    f = p.no_gradient(reloaded(None, got_some=True).record)  # part of it trains: the rest is cut off
+    assert f and f[0].layers == ("best:0",)
+    b = reloaded(None)  # the only model, with no gradient: nothing else trained either
+    for info in b.record.params.values():
+        info.grad_seen, info.in_optimizer = False, None
+    assert p.no_gradient(b.record)[0].severity == "critical"
+
+
 # ------------------------------------------------------------------ not_updated
 def test_not_updated_when_missing_from_the_optimizer():
     b = trained(Build().mlp(4))

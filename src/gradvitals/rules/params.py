@@ -81,17 +81,44 @@ def _by_layer(params: list[ParamInfo]) -> dict[str, list[ParamInfo]]:
     return out
 
 
+def _model_of(record: Record, p: ParamInfo) -> str:
+    layer = record.layers.get(p.layer)
+    return layer.model if layer is not None else ""
+
+
+def _untrained_models(record: Record, trainable: list[ParamInfo]) -> set[str]:
+    """Models that took part in no backward (not one of their parameters ever got a
+    gradient) and that no optimizer is known to hold, while another model did get
+    gradients: evaluated, not trained (a best checkpoint reloaded with torch.load to
+    be tested, a teacher, a reference model, a target network, an inference copy).
+    Their parameters are not expected to receive gradients."""
+    by_model: dict[str, list[ParamInfo]] = {}
+    for p in trainable:
+        by_model.setdefault(_model_of(record, p), []).append(p)
+    if len(by_model) < 2:
+        return set()
+    trained = {m for m, ps in by_model.items() if any(p.grad_seen for p in ps)}
+    if not trained:
+        return set()  # nothing got a gradient anywhere: that is the finding
+    return {m for m, ps in by_model.items()
+            if m not in trained and not any(p.in_optimizer for p in ps)}
+
+
 def no_gradient(record: Record) -> list[Finding]:
     """Trainable parameters that never received a gradient.
 
     Decides from ``ParamInfo``: ``requires_grad`` and not ``grad_seen`` after at
     least MIN_STEPS steps with gradients, and not known to be outside the
     optimizer (``in_optimizer is False``: the user left it out on purpose).
+    A whole model none of whose parameters got a gradient and that no optimizer
+    holds, beside one that trained, is evaluated, not trained: not reported.
     Critical when no trainable parameter got a gradient at all.
     """
     if record.steps < MIN_STEPS or record.get("grad_norm_global") is None:
         return []
     trainable = [p for p in record.params.values() if p.requires_grad]
+    untrained = _untrained_models(record, trainable)
+    trainable = [p for p in trainable if _model_of(record, p) not in untrained]
     missing = [p for p in trainable if not p.grad_seen and p.in_optimizer is not False]
     if not missing:
         return []
