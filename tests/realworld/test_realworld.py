@@ -273,6 +273,24 @@ def test_script_that_restores_a_checkpoint_after_nan_recovered():
     assert_healthy(report)
 
 
+def test_finite_again_with_every_gradient_zero_is_dead_not_recovered():
+    """A 20-layer ReLU MLP at N(0, 1) under Adam: the gradients' norm overflows to Inf for
+    steps 0-75, then every value is finite, but the loss is exactly 0.0 and every
+    gradient exactly 0 to the end (a saturated softmax). It was a warning that the run
+    "recovered"; it is dead: critical, and said so. With He init: no such finding."""
+    report, stdout = run_both("dead_after_nan.py")
+    assert stdout.splitlines()[-2] == "step 90 loss 0"
+    nf = codes(report)["nonfinite"]
+    zero = report["series"]["grad_norm_global"]
+    tail = [s for s, v in zip(zero["steps"], zero["values"]) if s > nf["evidence"]["last_nonfinite_step"]]
+    assert nf["severity"] == "critical" and "The run recovered" not in nf["summary"]
+    n = nf["evidence"]["zero_gradient_steps"]
+    assert n == len(tail) == 24 and all(float(v) == 0 for v in zero["values"][-n:])
+    assert f"every gradient was exactly 0 for its last {n} steps (the loss exactly 0.0)" in nf["summary"]
+    report, _ = run_both("dead_after_nan.py", "--init", "he")
+    assert "nonfinite" not in codes(report, ("critical", "warning", "info"))
+
+
 def test_model_fine_tuned_in_eval_mode_is_measured_and_traced():
     """model.eval() for the whole run (frozen BatchNorm statistics): its forwards are
     the training forwards. They were ignored as validation: no activation statistics,
