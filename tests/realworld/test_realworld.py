@@ -357,6 +357,28 @@ def test_best_checkpoint_reloaded_with_torch_load_is_evaluated_not_untrained():
     assert [l.split(":")[-1] for l in f["layers"]] == ["aux"] and len(f["layers"]) == 1, f["layers"]
 
 
+@pytest.mark.parametrize("init", ["zero", "zero-proj", "default"])
+def test_zero_init_inside_residual_branches(init):
+    """A lecture-style GPT with every weight zero: the layers inside its residual branches
+    (key/query/value, the first feed-forward Linear) are a symmetry nothing breaks
+    (symmetric_weights was not reported: the Fixup/ReZero exemption covered every layer of
+    a branch). Only the last layer of each branch may start at zero: with just those
+    zero (GPT-2-style residual projections), or the default init, the run is healthy."""
+    report, _ = run_both("lecture_gpt.py", "--init", init)
+    if init != "zero":
+        assert_healthy(report)
+        return
+    f = codes(report)["symmetric_weights"]
+    assert f["severity"] == "critical"
+    layers = set(f["layers"])
+    for b in (0, 1):
+        assert {f"blocks.{b}.sa.heads.{h}.{w}" for h in range(4) for w in ("key", "query", "value")} <= layers
+        assert f"blocks.{b}.ffwd.net.0" in layers
+        assert not {f"blocks.{b}.sa.proj", f"blocks.{b}.ffwd.net.2"} & layers  # branch ends: allowed
+    assert "lm_head" not in layers
+    assert "(here `model.blocks[0].sa.proj`, `model.blocks[0].ffwd.net[2]`" in f["advice"]
+
+
 # ------------------------------------------------- looks bad, is normal
 @pytest.mark.parametrize("program", ["attention_masks.py", "bce_clamp.py", "policy_gradient.py",
                                      "float64_unbatched.py", "hf_gpt2.py"])
