@@ -379,6 +379,21 @@ def test_zero_init_inside_residual_branches(init):
     assert "(here `model.blocks[0].sa.proj`, `model.blocks[0].ffwd.net[2]`" in f["advice"]
 
 
+def test_forgot_model_train_after_an_evaluation_before_the_first_step():
+    """estimate_loss() at iteration 0 puts the GPT in eval mode; without its model.train()
+    every step trains with dropout off. The model never trained in train mode, yet this is
+    no deliberate eval-mode fine-tuning: an evaluation put it there (it was not reported).
+    With model.train() (the default run, in test_zero_init_inside_residual_branches) and
+    a model fine-tuned in eval mode from the start (eval_mode_finetune.py): nothing."""
+    report, _ = run_both("lecture_gpt.py", "--forget-train")
+    f = codes(report)["eval_mode_training"]
+    assert f["step"] == 0 and f["evidence"]["steps"] == 100 == report["run"]["steps"]
+    assert "after an evaluation before its first step" in f["summary"] and "model.train()" in f["advice"]
+    assert "blocks.0.sa.heads.0.dropout" in f["layers"]
+    report, _ = run_both("eval_mode_finetune.py")
+    assert_healthy(report)
+
+
 # ------------------------------------------------- looks bad, is normal
 @pytest.mark.parametrize("program", ["attention_masks.py", "bce_clamp.py", "policy_gradient.py",
                                      "float64_unbatched.py", "hf_gpt2.py"])

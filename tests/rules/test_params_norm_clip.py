@@ -231,3 +231,14 @@ def test_eval_mode_training_only_where_the_mode_matters(kinds, steps, fires):
         assert f"From step 10, {steps} of 90 steps trained the model on forwards run in eval mode" in f.summary
         assert "model.train()" in f.advice
         assert ("BatchNorm" in f.summary) is ("BatchNorm1d" in kinds) and "dropout" in f.summary
+
+
+@pytest.mark.parametrize("evaluated_first", [True, False])
+def test_eval_mode_training_says_what_put_the_model_in_eval_mode(evaluated_first):
+    b = trained(Build().mlp(3)).layer("drop", "Dropout")
+    b.event("eval_mode_training", step=0, model="", steps=100, last_step=99, evaluated_first=evaluated_first)
+    f = n.eval_mode_training(b.record)[0]
+    assert f.summary.startswith("From step 0, 100 of 100 steps trained the model on forwards run in eval mode, ")
+    assert ("after an evaluation before its first step" in f.summary) is evaluated_first
+    assert ("after it had trained in train mode" in f.summary) is not evaluated_first
+    assert "model.train()" in f.advice and "`drop`" in f.summary
