@@ -291,6 +291,32 @@ def test_finite_again_with_every_gradient_zero_is_dead_not_recovered():
     assert "nonfinite" not in codes(report, ("critical", "warning", "info"))
 
 
+def test_try_fixes_a_dead_baseline_sets_no_loss_to_beat():
+    """--try-fixes on the dead run: the baseline's loss is exactly 0.0 because nothing
+    learns any more (critical nonfinite, every gradient 0). gv.init_ removes every critical
+    finding but could not beat 0.0, so no remedy won; a baseline that is not sound sets no
+    loss to beat, and a trial that is not sound (lr x0.1 still overflows) is compared with
+    nothing. The winner is the sound trial with the best loss."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        p = subprocess.run([*gradvitals_cmd(), "run", "--try-fixes", "--trials", "2", "--budget-steps", "60",
+                            "--json", str(out), "dead_after_nan.py", "--steps", "60"],
+                           capture_output=True, text=True, cwd=HERE, timeout=3 * TIMEOUT_S)
+        assert p.returncode == 0, p.stderr[-3000:]
+        trials = json.loads(out.read_text())["trials"]
+    base = trials[0]
+    assert base["remedy"] == "none" and base["final_loss"] == 0.0 and "nonfinite" in base["critical_codes"]
+    assert base["degenerate"].startswith("every gradient exactly 0 for its last")
+    won = [t for t in trials if t["winner"]]
+    assert [t["remedy"] for t in won] == ["init"], [(t["remedy"], t["critical_codes"], t["degenerate"],
+                                                    t["final_loss"]) for t in trials]
+    assert won[0]["critical_codes"] == [] and won[0]["degenerate"] == "" and won[0]["final_loss"] > 0.0
+    for t in trials[1:]:
+        if not t["winner"]:
+            assert t["degenerate"] or t["critical_codes"] or t["final_loss"] > won[0]["final_loss"]
+    assert "WINNER" in p.stderr + p.stdout and "Make it permanent" in p.stderr + p.stdout
+
+
 def test_model_fine_tuned_in_eval_mode_is_measured_and_traced():
     """model.eval() for the whole run (frozen BatchNorm statistics): its forwards are
     the training forwards. They were ignored as validation: no activation statistics,
