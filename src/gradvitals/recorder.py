@@ -1206,9 +1206,24 @@ class Recorder:
                 if self._steps_model(opt, self._eval_step):  # not a frozen teacher's forward
                     self._note_eval_step(self._eval_step)
                 self._eval_step = None
+            if self._unseen_grads and self._scheduled(self.step):
+                self._note_unstepped_grads()
             self._measure_and_flush(o)
         except Exception as exc:
             self._fail("gradients", exc)
+
+    def _note_unstepped_grads(self) -> None:
+        """Parameters of models no optimizer holds that have a gradient now (a model built
+        again after its optimizer, a loss network left trainable): no optimizer measures
+        them, so their grad_seen is set here, on scheduled steps only (an attribute read
+        per parameter not seen yet; no value read)."""
+        for m in self.models:
+            for name, p in m.params:
+                if id(p) in self._unseen_grads and p.grad is not None:
+                    info = self.record.params.get(name)
+                    if info is not None and info.in_optimizer is False:
+                        self._unseen_grads.discard(id(p))
+                        info.grad_seen = True
 
     @staticmethod
     def _steps_model(opt: torch.optim.Optimizer, model: _Model) -> bool:

@@ -420,6 +420,23 @@ def test_forgot_model_train_after_an_evaluation_before_the_first_step():
     assert_healthy(report)
 
 
+def test_model_built_again_after_its_optimizer():
+    """The optimizer holds the first model's parameters (no gradient ever reaches them);
+    the model built again trains with gradients every step and nothing steps it: the
+    loss stays flat. It was only a loss_plateau; it is not_updated, critical, naming the
+    cause, with the optimizer moved after the model in the advice. Built in the right
+    order (--fixed): healthy."""
+    report, _ = run_both("model_rebuilt.py")
+    f = codes(report)["not_updated"]
+    assert f["severity"] == "critical" and set(f["layers"]) == {"0", "2", "4"}
+    assert f["evidence"]["stale_optimizer_params"] == 6 and "built again" in f["summary"]
+    assert "optimizer = torch.optim.Adam(model.parameters()" in f["advice"]
+    plateau = codes(report).get("loss_plateau")
+    assert plateau is None or plateau.get("caused_by") == "not_updated", plateau
+    report, _ = run_both("model_rebuilt.py", "--fixed")
+    assert_healthy(report)
+
+
 # ------------------------------------------------- looks bad, is normal
 @pytest.mark.parametrize("program", ["attention_masks.py", "bce_clamp.py", "policy_gradient.py",
                                      "float64_unbatched.py", "hf_gpt2.py"])

@@ -120,6 +120,35 @@ def test_not_updated_from_exact_zero_ratios_only_when_others_move_and_the_gradie
     assert p.not_updated(build(1.0, 0.0).record) == []
 
 
+def rebuilt(optimizer_got_grads: bool) -> Build:
+    """A model whose every parameter gets gradients and is in no optimizer, in a run
+    whose optimizer (Adam) steps 6 tensors of no model this run uses."""
+    b = Build().mlp(3).loss(flat_loss(80))
+    b.record.run["optimizers"] = ["Adam"]
+    for info in b.record.params.values():
+        info.in_optimizer, info.grad_seen = False, True
+    for i in range(6):
+        b.series(f"weight_norm/opt.param{i}", {0: 5.0, 25: 5.0})
+        b.series(f"update_ratio/opt.param{i}", {0: 0.0, 25: 0.0})
+        if optimizer_got_grads:
+            b.series(f"grad_norm/opt.param{i}", {0: 1.0, 25: 1.0})
+    return b
+
+
+def test_not_updated_model_built_again_after_its_optimizer_is_critical():
+    f = p.not_updated(rebuilt(False).record)
+    assert len(f) == 1 and f[0].severity == "critical"
+    assert set(f[0].layers) == {"layers.0", "layers.1", "head"}
+    assert ("receive gradients but never change: no optimizer holds them, and the optimizer (Adam) steps "
+            "6 parameter tensors that never receive a gradient") in f[0].summary
+    assert "built again" in f[0].summary and f[0].evidence["stale_optimizer_params"] == 6
+    assert "optimizer = torch.optim.Adam(model.parameters()" in f[0].advice
+    # the optimizer's own parameters do get gradients (a loss network left trainable beside
+    # the model that trains): only the warning that they are not in the optimizer
+    f = p.not_updated(rebuilt(True).record)
+    assert f[0].severity == "warning" and "not in the optimizer" in f[0].summary
+
+
 # ------------------------------------------------------------------ BatchNorm
 def bn_run(samples: list[float], batch: int | None, kind: str = "BatchNorm1d") -> Build:
     b = Build()
