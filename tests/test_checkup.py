@@ -251,6 +251,44 @@ def test_residual_paths_are_found_in_the_traced_forward(digits):
     assert "architecture_risk" not in report.codes  # the same sigmoids, with a gradient highway
 
 
+def test_the_last_layer_of_each_residual_branch_is_told_apart(digits):
+    """x = x + fc2(relu(fc1(x))) with every weight zero: both layers are bypassed, only
+    fc2 (the layer a Fixup/ReZero init may start at zero) ends its branch; fc1's zero
+    rows are a symmetry nothing breaks. With only fc2 zero: nothing to report."""
+    X, y = digits
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(64, 64)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+                                        for _ in range(3))
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = self.inp(x)
+            for block in self.blocks:
+                x = x + block(x)
+            return self.head(x)
+
+    for zero_first in (True, False):
+        torch.manual_seed(0)
+        model = Res()
+        for block in model.blocks:
+            nn.init.zeros_(block[2].weight)
+            if zero_first:
+                nn.init.zeros_(block[0].weight)
+        report = gv.checkup(model, (X[:64], y[:64]))
+        ex = {n: report.record.layers[n].extra for n in ("blocks.0.0", "blocks.0.2")}
+        assert ex["blocks.0.0"]["residual_branch_last"] is False and ex["blocks.0.2"]["residual_branch_last"] is True
+        sym = [f for f in report.findings if f.code == "symmetric_weights"]
+        if zero_first:
+            assert sym and set(sym[0].layers) == {"blocks.0.0", "blocks.1.0", "blocks.2.0"}, sym
+            assert "model.blocks[0][2]" in sym[0].advice
+        else:
+            assert not sym, sym[0].summary
+
+
 # ------------------------------------------------------- leaves no trace
 class Messy(nn.Module):
     """BatchNorm running stats, dropout (RNG), spectral norm (writes buffers in forward)."""

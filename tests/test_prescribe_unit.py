@@ -119,3 +119,52 @@ def test_html_report_shows_trials_table_and_overlaid_curves():
     page = render_html(report)
     assert 'id="trials-section"' in page and "WINNER" in page and "lr = 0.1 * lr" in page
     assert page.count("<polyline") == 2  # the baseline's NaN points are left out, not drawn at 0
+
+
+def test_judge_a_degenerate_baseline_sets_no_loss_to_beat():
+    """The baseline's loss is exactly 0.0 because the run is dead (every gradient 0 after
+    an Inf episode, a nonfinite critical): that loss is no bar. Among the trials that
+    remove the critical findings, the best loss wins; a trial that is itself degenerate
+    (non-finite values, all-zero gradients) is compared with nothing."""
+    base = _trial("none", ["nonfinite", "poor_initialization"], 0.0, best=0.0)
+    base.critical_codes, base.degenerate = ["nonfinite", "poor_initialization"], "every gradient exactly 0"
+    init = _trial("init", [], 7.5e-7)
+    lr = _trial("lr_x0.1", [], 3e-3)
+    clip = _trial("clip", ["nonfinite"], 0.0)
+    clip.critical_codes, clip.degenerate = ["nonfinite"], "non-finite values"
+    trials = [base, init, lr, clip]
+    _judge(trials)
+    assert [t.remedy for t in trials if t.winner] == ["init"]
+    assert init.steps_to_baseline_best is None  # a dead run's loss is no target
+    # the same trials against a sound baseline at 0.0 (an easy task it already solves): nothing improves
+    for t in trials:
+        t.winner = False
+    base.critical_codes, base.degenerate, base.remaining_codes = [], "", []
+    _judge(trials)
+    assert not any(t.winner for t in trials)
+
+
+def test_judge_a_degenerate_trial_never_wins_on_its_loss():
+    base = _trial("none", [], 2.0)
+    dead = _trial("lr_x3", [], 0.0)
+    dead.degenerate = "every gradient exactly 0"
+    ok = _trial("warmup", [], 1.5)
+    trials = [base, dead, ok]
+    _judge(trials)
+    assert [t.remedy for t in trials if t.winner] == ["warmup"]
+
+
+def test_trial_soundness_is_read_from_its_report():
+    from gradvitals.prescribe import _soundness
+
+    def report(grads, losses, findings=()):
+        return {"schema": "gradvitals.report/1", "run": {"steps": len(grads)}, "layers": [],
+                "series": {"grad_norm_global": {"steps": list(range(len(grads))), "values": grads},
+                           "loss": {"steps": list(range(len(losses))), "values": losses}},
+                "findings": [{"code": c, "severity": s} for c, s in findings]}
+
+    assert _soundness(report([1.0] * 20, [0.5] * 20)) == ([], "")
+    crit, why = _soundness(report([1.0] * 10 + [0.0] * 10, [0.5] * 10 + [0.0] * 10, [("nonfinite", "critical")]))
+    assert crit == ["nonfinite"] and why == "every gradient exactly 0 for its last 10 steps"
+    assert _soundness(report([1.0] * 11 + [0.0] * 9, [0.5] * 20))[1] == ""  # 9 steps: converging, not dead
+    assert _soundness(report([1.0] * 20, [0.5] * 19 + ["nan"]))[1] == "non-finite values"

@@ -683,12 +683,15 @@ def test_gradients_never_cleared_between_steps_are_seen(digits, loop):
 
 
 @pytest.mark.parametrize("loop", ["forgot_train", "train_after_eval", "eval_throughout", "eval_with_grad",
-                                  "teacher"])
+                                  "teacher", "evaluated_first_forgot_train", "evaluated_first_train"])
 def test_training_in_eval_mode_after_train_mode_is_seen(digits, loop):
     """A validation block's model.eval() with no model.train() after it: the steps that
     follow train in eval mode (an eval_mode_training event counts them). Switching back,
     a model fine-tuned in eval mode from the start, and validation forwards with
-    gradients enabled that nothing backpropagates are not that."""
+    gradients enabled that nothing backpropagates are not that. An evaluation before
+    the first step (estimate_loss() at iteration 0) with no model.train() after it
+    trains every step in eval mode: that is it too (the model never trained in train
+    mode, but an evaluation, not the script's intent, put it in eval mode)."""
     X, y = digits
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10))
@@ -699,6 +702,12 @@ def test_training_in_eval_mode_after_train_mode_is_seen(digits, loop):
     opt_student = torch.optim.SGD(student.parameters(), lr=0.05)
     with gv.watch([model, student], [opt, opt_student]) as w:
         for i in range(10):
+            if i == 0 and loop.startswith("evaluated_first"):
+                model.eval()  # estimate_loss() at iteration 0
+                with torch.no_grad():
+                    model(X[-64:])
+                if loop == "evaluated_first_train":
+                    model.train()
             if loop == "teacher" and i >= 4:
                 # distillation from the model trained above, now a frozen teacher in eval
                 # mode, its forward not under no_grad and the last before the backward
@@ -716,7 +725,7 @@ def test_training_in_eval_mode_after_train_mode_is_seen(digits, loop):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if i == 3 and loop not in ("eval_throughout", "teacher"):
+            if i == 3 and loop in ("forgot_train", "train_after_eval", "eval_with_grad"):
                 model.eval()
                 if loop == "eval_with_grad":
                     nn.functional.cross_entropy(model(X[-64:]), y[-64:]).item()  # no no_grad, no backward
@@ -726,8 +735,10 @@ def test_training_in_eval_mode_after_train_mode_is_seen(digits, loop):
                 if loop in ("train_after_eval", "eval_with_grad"):
                     model.train()
     events = w.record.events_of("eval_mode_training")
-    if loop == "forgot_train":
-        assert [(e["step"], e["steps"]) for e in events] == [(4, 6)]
+    if loop in ("forgot_train", "evaluated_first_forgot_train"):
+        first = loop.startswith("evaluated_first")
+        assert [(e["step"], e["steps"], e["evaluated_first"]) for e in events] == [(0, 10, True) if first
+                                                                                   else (4, 6, False)]
         assert "eval_mode_training" in [f["code"] for f in w.report()["findings"]]
     else:
         assert events == [], events

@@ -274,11 +274,43 @@ class Trial:
     steps: int = 0
     steps_to_baseline_best: int | None = None
     loss_curve: dict[str, list[Any]] = field(default_factory=dict)
+    critical_codes: list[str] = field(default_factory=list)  # findings of severity critical
+    degenerate: str = ""  # why its loss means nothing ("non-finite values", all-zero gradients), or ""
+
+    @property
+    def sound(self) -> bool:
+        """No critical finding, every value finite, gradients not all zero at the end:
+        only then is its loss comparable with another trial's."""
+        return not self.critical_codes and not self.degenerate
 
     def to_json(self) -> dict[str, Any]:
         from .record import json_safe
 
         return json_safe(asdict(self))
+
+
+def _soundness(report: dict[str, Any]) -> tuple[list[str], str]:
+    """(codes of its critical findings, why its loss is degenerate or "") for one trial's
+    report: a loss or gradient norm that went non-finite, or every gradient exactly 0
+    over its last RECOVERED_MIN_STEPS steps or more (a dead run whose loss may read 0.0)."""
+    from .record import Record
+    from .rules._common import zero_gradient_tail
+    from .rules.nonfinite import RECOVERED_MIN_STEPS
+
+    findings = report.get("findings", [])
+    critical = sorted({f["code"] for f in findings if f.get("severity") == "critical"})
+    series = report.get("series", {})
+    try:
+        record = Record.from_json(report)
+    except (ValueError, KeyError, TypeError):
+        record = None
+    dead_from = zero_gradient_tail(record) if record is not None else None
+    if record is not None and dead_from is not None and record.steps - dead_from >= RECOVERED_MIN_STEPS:
+        return critical, f"every gradient exactly 0 for its last {record.steps - dead_from} steps"
+    values = [v for key in ("loss", "grad_norm_global") for v in (series.get(key) or {}).get("values", [])]
+    if any(f.get("code") == "nonfinite" for f in findings) or any(not math.isfinite(float(v)) for v in values):
+        return critical, "non-finite values"
+    return critical, ""
 
 
 def _loss_stats(report: dict[str, Any]) -> tuple[float | None, float | None, list[int], list[float]]:
@@ -336,6 +368,7 @@ def try_fixes(script: str, args: list[str], diagnosed: dict[str, Any], budget: i
                                  label=remedy.label() if remedy else "baseline"))
             continue
         final, best, steps, vals = _loss_stats(report)
+        critical, degenerate = _soundness(report)
         applied = report.get("run", {}).get("remedy_status", {})
         codes = sorted({f["code"] for f in report.get("findings", []) if f.get("severity") in ("critical", "warning")})
         crashed = status not in (0,) and report.get("run", {}).get("script_error")
@@ -347,7 +380,7 @@ def try_fixes(script: str, args: list[str], diagnosed: dict[str, Any], budget: i
             remaining_codes=codes, final_loss=final, best_loss=best, status=status,
             steps=int(report.get("run", {}).get("steps", 0)), label=remedy.label() if remedy else "baseline",
             snippet=remedy.snippet() if remedy else "",
-            loss_curve={"steps": steps, "values": vals},
+            loss_curve={"steps": steps, "values": vals}, critical_codes=critical, degenerate=degenerate,
         ))
     _judge(results)
     return results
@@ -359,20 +392,27 @@ def _critical(codes: list[str]) -> set[str]:
 
 
 def _judge(results: list[Trial]) -> None:
+    """The winner removes the baseline's critical findings and has the best loss. Losses
+    are compared only between sound trials: a baseline with critical findings, non-finite
+    values or all-zero gradients sets no loss to beat (a dead run's loss can read 0.0),
+    and a degenerate trial's loss beats nothing."""
     base = results[0]
-    base_best = base.best_loss if base.best_loss is not None else math.inf
-    base_final = base.final_loss if base.final_loss is not None and math.isfinite(base.final_loss) else math.inf
+    base_sound = base.sound
+    base_best = base.best_loss if base.best_loss is not None and base_sound else math.inf
+    base_final = (base.final_loss if base_sound and base.final_loss is not None and math.isfinite(base.final_loss)
+                  else math.inf)
     candidates = []
     for t in results[1:]:
-        if t.loss_curve.get("values") and base.best_loss is not None:
+        if t.loss_curve.get("values") and base.best_loss is not None and not base.degenerate:
             for s, v in zip(t.loss_curve["steps"], t.loss_curve["values"]):
                 if isinstance(v, float) and math.isfinite(v) and v <= base.best_loss:
                     t.steps_to_baseline_best = int(s)
                     break
-        if not t.applicable or t.final_loss is None or not math.isfinite(t.final_loss):
+        if not t.applicable or t.final_loss is None or not math.isfinite(t.final_loss) or t.degenerate:
             continue
         removes = not (_critical(t.remaining_codes) & _critical(base.remaining_codes)) or not _critical(base.remaining_codes)
-        improves = t.final_loss < base_final * IMPROVEMENT or (t.best_loss is not None and t.best_loss < base_best * IMPROVEMENT)
+        improves = (not base_sound or t.final_loss < base_final * IMPROVEMENT
+                    or (t.best_loss is not None and t.best_loss < base_best * IMPROVEMENT))
         if removes and improves:
             candidates.append(t)
     if candidates:
@@ -396,5 +436,7 @@ def render_table(trials: list[Trial]) -> Any:
         table.add_row(Text(t.label), "yes" if t.applicable else "no", ", ".join(t.remaining_codes) or "none",
                       f(t.final_loss), f(t.best_loss),
                       "-" if t.steps_to_baseline_best is None else str(t.steps_to_baseline_best),
-                      "WINNER" if t.winner else Text("" if t.applicable else t.reason[:60]))
+                      "WINNER" if t.winner else Text(t.reason[:60] if not t.applicable
+                                                     else f"not comparable: {t.degenerate}"[:60] if t.degenerate
+                                                     else ""))
     return table

@@ -128,6 +128,10 @@ class _Model:
     # no dropout) are measured and replayed; after, eval-mode forwards are validation.
     train_mode_seen: bool = False
     eval_steps: dict[str, Any] | None = None  # its eval_mode_training event, once seen
+    # Its first forward was an evaluation (no_grad, eval mode) before any training one:
+    # eval-mode training forwards after it are a forgotten model.train(), not a model
+    # fine-tuned in eval mode on purpose. None until its first forward decides.
+    evaluated_first: bool | None = None
     local_hooks: bool = False  # its root hooks live on the module (gv.watch), not global (runner)
 
 
@@ -646,11 +650,15 @@ class Recorder:
         be removed from under that loop now, only made inert and removed later)."""
         if self._replaying:
             return
+        if model.evaluated_first is None and not raised:
+            model.evaluated_first = not torch.is_grad_enabled() and not model.module.training
         if torch.is_grad_enabled() and not raised:
             # Which model's forward, in which mode, the next backward comes from: an
-            # eval-mode one after training in train mode is validation if nothing
-            # backpropagates it, and a forgotten model.train() if a step uses it.
-            self._last_forward = (model, not model.module.training and model.train_mode_seen)
+            # eval-mode one after training in train mode (or after an evaluation before
+            # its first step) is validation if nothing backpropagates it, and a
+            # forgotten model.train() if a step uses it.
+            self._last_forward = (model, not model.module.training
+                                  and (model.train_mode_seen or model.evaluated_first is True))
         if torch.is_grad_enabled() and not raised and (model.module.training or not model.train_mode_seen):
             if model.module.training:
                 model.train_mode_seen = True
@@ -1219,9 +1227,24 @@ class Recorder:
                 if self._steps_model(opt, self._eval_step):  # not a frozen teacher's forward
                     self._note_eval_step(self._eval_step)
                 self._eval_step = None
+            if self._unseen_grads and self._scheduled(self.step):
+                self._note_unstepped_grads()
             self._measure_and_flush(o)
         except Exception as exc:
             self._fail("gradients", exc)
+
+    def _note_unstepped_grads(self) -> None:
+        """Parameters of models no optimizer holds that have a gradient now (a model built
+        again after its optimizer, a loss network left trainable): no optimizer measures
+        them, so their grad_seen is set here, on scheduled steps only (an attribute read
+        per parameter not seen yet; no value read)."""
+        for m in self.models:
+            for name, p in m.params:
+                if id(p) in self._unseen_grads and p.grad is not None:
+                    info = self.record.params.get(name)
+                    if info is not None and info.in_optimizer is False:
+                        self._unseen_grads.discard(id(p))
+                        info.grad_seen = True
 
     @staticmethod
     def _steps_model(opt: torch.optim.Optimizer, model: _Model) -> bool:
@@ -1235,7 +1258,7 @@ class Recorder:
         ev = model.eval_steps
         if ev is None:
             ev = model.eval_steps = self.record.event("eval_mode_training", step=self.step, model=model.label,
-                                                      steps=0)
+                                                      steps=0, evaluated_first=not model.train_mode_seen)
         if ev.get("last_step") != self.step:  # several optimizers of one step count once
             ev["steps"] += 1
             ev["last_step"] = self.step

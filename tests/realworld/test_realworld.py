@@ -274,6 +274,50 @@ def test_script_that_restores_a_checkpoint_after_nan_recovered():
     assert_healthy(report)
 
 
+def test_finite_again_with_every_gradient_zero_is_dead_not_recovered():
+    """A 20-layer ReLU MLP at N(0, 1) under Adam: the gradients' norm overflows to Inf for
+    steps 0-75, then every value is finite, but the loss is exactly 0.0 and every
+    gradient exactly 0 to the end (a saturated softmax). It was a warning that the run
+    "recovered"; it is dead: critical, and said so. With He init: no such finding."""
+    report, stdout = run_both("dead_after_nan.py")
+    assert stdout.splitlines()[-2] == "step 90 loss 0"
+    nf = codes(report)["nonfinite"]
+    zero = report["series"]["grad_norm_global"]
+    tail = [s for s, v in zip(zero["steps"], zero["values"]) if s > nf["evidence"]["last_nonfinite_step"]]
+    assert nf["severity"] == "critical" and "The run recovered" not in nf["summary"]
+    n = nf["evidence"]["zero_gradient_steps"]
+    assert n == len(tail) == 24 and all(float(v) == 0 for v in zero["values"][-n:])
+    assert f"every gradient was exactly 0 for its last {n} steps (the loss exactly 0.0)" in nf["summary"]
+    report, _ = run_both("dead_after_nan.py", "--init", "he")
+    assert "nonfinite" not in codes(report, ("critical", "warning", "info"))
+
+
+def test_try_fixes_a_dead_baseline_sets_no_loss_to_beat():
+    """--try-fixes on the dead run: the baseline's loss is exactly 0.0 because nothing
+    learns any more (critical nonfinite, every gradient 0). gv.init_ removes every critical
+    finding but could not beat 0.0, so no remedy won; a baseline that is not sound sets no
+    loss to beat, and a trial that is not sound (lr x0.1 still overflows) is compared with
+    nothing. The winner is the sound trial with the best loss."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        p = subprocess.run([*gradvitals_cmd(), "run", "--try-fixes", "--trials", "2", "--budget-steps", "60",
+                            "--json", str(out), "dead_after_nan.py", "--steps", "60"],
+                           capture_output=True, text=True, cwd=HERE, timeout=3 * TIMEOUT_S)
+        assert p.returncode == 0, p.stderr[-3000:]
+        trials = json.loads(out.read_text())["trials"]
+    base = trials[0]
+    assert base["remedy"] == "none" and base["final_loss"] == 0.0 and "nonfinite" in base["critical_codes"]
+    assert base["degenerate"].startswith("every gradient exactly 0 for its last")
+    won = [t for t in trials if t["winner"]]
+    assert [t["remedy"] for t in won] == ["init"], [(t["remedy"], t["critical_codes"], t["degenerate"],
+                                                    t["final_loss"]) for t in trials]
+    assert won[0]["critical_codes"] == [] and won[0]["degenerate"] == "" and won[0]["final_loss"] > 0.0
+    for t in trials[1:]:
+        if not t["winner"]:
+            assert t["degenerate"] or t["critical_codes"] or t["final_loss"] > won[0]["final_loss"]
+    assert "WINNER" in p.stderr + p.stdout and "Make it permanent" in p.stderr + p.stdout
+
+
 def test_model_fine_tuned_in_eval_mode_is_measured_and_traced():
     """model.eval() for the whole run (frozen BatchNorm statistics): its forwards are
     the training forwards. They were ignored as validation: no activation statistics,
@@ -401,6 +445,76 @@ def test_gpt_nan_born_in_the_backward_is_traced_to_its_producer():
     assert (ev["phase"], ev["kind"], ev["source"], ev["op"], ev["backward_op"]) == (
         "backward", "gradient", "replay", "layer_norm", "NativeLayerNormBackward0")
     assert "in the backward" in nf["summary"]
+
+
+
+
+def test_best_checkpoint_reloaded_with_torch_load_is_evaluated_not_untrained():
+    """torch.save(model, f) of the best epoch, model = torch.load(f) at the end and a test
+    evaluation: the reloaded model is a second model no backward reaches and no optimizer
+    holds. Not a no_gradient (it was one for every layer of it); a layer the trained
+    model really never uses is still one, and only that one is named."""
+    report, stdout = run_both("best_checkpoint.py")
+    assert "test loss" in stdout and report["run"]["steps"] == 72
+    assert len({l["model"] for l in report["layers"]}) == 2  # the reloaded copy is seen
+    assert_healthy(report)
+    report, _ = run_both("best_checkpoint.py", "--unused-layer")
+    f = codes(report)["no_gradient"]
+    assert [l.split(":")[-1] for l in f["layers"]] == ["aux"] and len(f["layers"]) == 1, f["layers"]
+
+
+@pytest.mark.parametrize("init", ["zero", "zero-proj", "default"])
+def test_zero_init_inside_residual_branches(init):
+    """A lecture-style GPT with every weight zero: the layers inside its residual branches
+    (key/query/value, the first feed-forward Linear) are a symmetry nothing breaks
+    (symmetric_weights was not reported: the Fixup/ReZero exemption covered every layer of
+    a branch). Only the last layer of each branch may start at zero: with just those
+    zero (GPT-2-style residual projections), or the default init, the run is healthy."""
+    report, _ = run_both("lecture_gpt.py", "--init", init)
+    if init != "zero":
+        assert_healthy(report)
+        return
+    f = codes(report)["symmetric_weights"]
+    assert f["severity"] == "critical"
+    layers = set(f["layers"])
+    for b in (0, 1):
+        assert {f"blocks.{b}.sa.heads.{h}.{w}" for h in range(4) for w in ("key", "query", "value")} <= layers
+        assert f"blocks.{b}.ffwd.net.0" in layers
+        assert not {f"blocks.{b}.sa.proj", f"blocks.{b}.ffwd.net.2"} & layers  # branch ends: allowed
+    assert "lm_head" not in layers
+    assert "(here `model.blocks[0].sa.proj`, `model.blocks[0].ffwd.net[2]`" in f["advice"]
+
+
+def test_forgot_model_train_after_an_evaluation_before_the_first_step():
+    """estimate_loss() at iteration 0 puts the GPT in eval mode; without its model.train()
+    every step trains with dropout off. The model never trained in train mode, yet this is
+    no deliberate eval-mode fine-tuning: an evaluation put it there (it was not reported).
+    With model.train() (the default run, in test_zero_init_inside_residual_branches) and
+    a model fine-tuned in eval mode from the start (eval_mode_finetune.py): nothing."""
+    report, _ = run_both("lecture_gpt.py", "--forget-train")
+    f = codes(report)["eval_mode_training"]
+    assert f["step"] == 0 and f["evidence"]["steps"] == 100 == report["run"]["steps"]
+    assert "after an evaluation before its first step" in f["summary"] and "model.train()" in f["advice"]
+    assert "blocks.0.sa.heads.0.dropout" in f["layers"]
+    report, _ = run_both("eval_mode_finetune.py")
+    assert_healthy(report)
+
+
+def test_model_built_again_after_its_optimizer():
+    """The optimizer holds the first model's parameters (no gradient ever reaches them);
+    the model built again trains with gradients every step and nothing steps it: the
+    loss stays flat. It was only a loss_plateau; it is not_updated, critical, naming the
+    cause, with the optimizer moved after the model in the advice. Built in the right
+    order (--fixed): healthy."""
+    report, _ = run_both("model_rebuilt.py")
+    f = codes(report)["not_updated"]
+    assert f["severity"] == "critical" and set(f["layers"]) == {"0", "2", "4"}
+    assert f["evidence"]["stale_optimizer_params"] == 6 and "built again" in f["summary"]
+    assert "optimizer = torch.optim.Adam(model.parameters()" in f["advice"]
+    plateau = codes(report).get("loss_plateau")
+    assert plateau is None or plateau.get("caused_by") == "not_updated", plateau
+    report, _ = run_both("model_rebuilt.py", "--fixed")
+    assert_healthy(report)
 
 
 # ------------------------------------------------- looks bad, is normal

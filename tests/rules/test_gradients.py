@@ -342,3 +342,34 @@ def test_a_crash_is_not_an_explosion_without_a_climb_and_a_diverging_loss(change
         grads = RNN_GRADS[:3] + [5.0] * (g.CRASH_TAIL_STEPS + 1)
         losses = RNN_LOSS[:3] + [400.0] * (g.CRASH_TAIL_STEPS + 1)
     assert g.exploding_gradients(crashed(grads, losses, status, error).record) == []
+
+
+@pytest.mark.parametrize("zero_tail,severity", [
+    (24, "critical"),  # every gradient exactly 0 for the last 24 steps: dead, not recovered
+    (10, "critical"),  # exactly RECOVERED_MIN_STEPS of them
+    (9, "warning"),    # one short: the last steps of a run that recovered and converged
+    (0, "warning"),    # finite and learning to the end: recovered
+    (30, "critical"),  # the zeros began inside the episode: its last 24 steps count
+])
+def test_nonfinite_run_finite_but_with_all_zero_gradients_is_dead(zero_tail, severity):
+    """After its Inf episode every value is finite, but the global gradient norm is
+    exactly 0 (and the loss exactly 0.0) on its last steps: a saturated softmax,
+    nothing can learn any more. Finite is not recovered."""
+    from gradvitals.rules import nonfinite as nf
+
+    b = Build().mlp(4)
+    live = max(99 - 75 - zero_tail, 0)
+    b.series("grad_norm_global", ([math.inf] * 76 + [3.0] * live + [0.0] * zero_tail)[-100:])
+    b.loss([1e20] * 76 + [0.5] * live + [0.0] * min(zero_tail, 24))
+    b.event("nonfinite_origin", step=0, kind="norm_overflow", module="38", value="inf", last_nonfinite_step=75)
+    f = nf.nonfinite(b.record)[0]
+    assert f.severity == severity
+    if severity == "critical":
+        assert "The run recovered" not in f.summary
+        n = min(zero_tail, 24)
+        assert (f"The run is dead, not recovered: after steps 0-75 every value was finite, but every gradient "
+                f"was exactly 0 for its last {n} steps (the loss exactly 0.0)") in f.summary
+        assert f.evidence["zero_gradient_steps"] == n and f.evidence["zero_gradient_from"] == 100 - n
+        assert "before step 0" in f.advice
+    else:
+        assert "The run recovered" in f.summary and "zero_gradient_steps" not in f.evidence

@@ -175,6 +175,23 @@ def test_constant_last_layer_and_zero_init_residual_branch_are_fine():
     assert symmetric_weights(net.record) == []
 
 
+def test_only_the_last_layer_of_a_residual_branch_may_start_at_zero():
+    """Every weight zero inside a residual branch (a GPT with all-zero init): the
+    branch's first layer is a symmetry nothing breaks; its last one is exempt."""
+    net = Net()
+    net.linear("l0", "ReLU", he())
+    net.linear("fc1", "ReLU", 0.0, grad=0.0, residual_bypass=True, residual_branch_last=False)
+    net.linear("fc2", None, 0.0, grad=0.0, residual_bypass=True, residual_branch_last=True)
+    net.linear("head", None, 0.1, fan_out=10)
+    f = symmetric_weights(net.record)
+    assert [(x.severity, x.layers) for x in f] == [("critical", ("fc1",))]
+    assert "(here `model.fc2`)" in f[0].advice and "kaiming_normal_(model.fc1.weight" in f[0].advice
+    # a record written before the audit told branch layers apart: the whole branch exempt, as before
+    for name in ("fc1", "fc2"):
+        del net.record.layers[name].extra["residual_branch_last"]
+    assert symmetric_weights(net.record) == []
+
+
 def test_single_output_unit_has_no_symmetry():
     net = Net()
     net.linear("l0", "ReLU", 0.0, fan_out=1)

@@ -66,6 +66,36 @@ def test_no_gradient_anywhere_is_critical_and_needs_a_step():
     assert p.no_gradient(Build().mlp(3).record) == []  # nothing recorded yet
 
 
+def reloaded(in_optimizer: bool | None, got_some: bool = False) -> Build:
+    """A trained model "model" and a second one "best" (a checkpoint reloaded to be
+    evaluated, a teacher, a target network) whose parameters got no gradient."""
+    b = trained(Build().mlp(3, model="model"))
+    b.layer("best:0", "Linear", params={"weight": [64, 64], "bias": [64]}, model="best")
+    b.layer("best:1", "Linear", params={"weight": [10, 64], "bias": [10]}, model="best")
+    for name in ("best:0.weight", "best:0.bias", "best:1.weight", "best:1.bias"):
+        b.record.params[name].grad_seen = got_some and name.startswith("best:1")
+        b.record.params[name].in_optimizer = in_optimizer
+    return b
+
+
+def test_a_model_nothing_trains_is_evaluated_not_disconnected():
+    """No gradient anywhere in it and no optimizer known to hold it (in_optimizer None:
+    it appeared after the last step): it is evaluated, not trained."""
+    assert p.no_gradient(reloaded(None).record) == []
+    assert p.no_gradient(reloaded(False).record) == []
+
+
+def test_a_model_an_optimizer_holds_or_partly_trained_is_still_no_gradient():
+    f = p.no_gradient(reloaded(True).record)  # its optimizer steps it: disconnected from the loss
+    assert f and f[0].layers == ("best:0", "best:1") and f[0].severity == "warning"
+    f = p.no_gradient(reloaded(None, got_some=True).record)  # part of it trains: the rest is cut off
+    assert f and f[0].layers == ("best:0",)
+    b = reloaded(None)  # the only model, with no gradient: nothing else trained either
+    for info in b.record.params.values():
+        info.grad_seen, info.in_optimizer = False, None
+    assert p.no_gradient(b.record)[0].severity == "critical"
+
+
 # ------------------------------------------------------------------ not_updated
 def test_not_updated_when_missing_from_the_optimizer():
     b = trained(Build().mlp(4))
@@ -106,6 +136,35 @@ def test_not_updated_ignores_a_zero_initialised_tensor_that_barely_moved():
     assert p.not_updated(build(7.5e-23).record) == []
     assert p.not_updated(build(p.NOT_UPDATED_MIN_WEIGHT_NORM * 0.99).record) == []
     assert p.not_updated(build(p.NOT_UPDATED_MIN_WEIGHT_NORM * 1.01).record)
+
+
+def rebuilt(optimizer_got_grads: bool) -> Build:
+    """A model whose every parameter gets gradients and is in no optimizer, in a run
+    whose optimizer (Adam) steps 6 tensors of no model this run uses."""
+    b = Build().mlp(3).loss(flat_loss(80))
+    b.record.run["optimizers"] = ["Adam"]
+    for info in b.record.params.values():
+        info.in_optimizer, info.grad_seen = False, True
+    for i in range(6):
+        b.series(f"weight_norm/opt.param{i}", {0: 5.0, 25: 5.0})
+        b.series(f"update_ratio/opt.param{i}", {0: 0.0, 25: 0.0})
+        if optimizer_got_grads:
+            b.series(f"grad_norm/opt.param{i}", {0: 1.0, 25: 1.0})
+    return b
+
+
+def test_not_updated_model_built_again_after_its_optimizer_is_critical():
+    f = p.not_updated(rebuilt(False).record)
+    assert len(f) == 1 and f[0].severity == "critical"
+    assert set(f[0].layers) == {"layers.0", "layers.1", "head"}
+    assert ("receive gradients but never change: no optimizer holds them, and the optimizer (Adam) steps "
+            "6 parameter tensors that never receive a gradient") in f[0].summary
+    assert "built again" in f[0].summary and f[0].evidence["stale_optimizer_params"] == 6
+    assert "optimizer = torch.optim.Adam(model.parameters()" in f[0].advice
+    # the optimizer's own parameters do get gradients (a loss network left trainable beside
+    # the model that trains): only the warning that they are not in the optimizer
+    f = p.not_updated(rebuilt(True).record)
+    assert f[0].severity == "warning" and "not in the optimizer" in f[0].summary
 
 
 # ------------------------------------------------------------------ BatchNorm
@@ -253,3 +312,14 @@ def test_eval_mode_training_only_where_the_mode_matters(kinds, steps, fires):
         assert f"From step 10, {steps} of 90 steps trained the model on forwards run in eval mode" in f.summary
         assert "model.train()" in f.advice
         assert ("BatchNorm" in f.summary) is ("BatchNorm1d" in kinds) and "dropout" in f.summary
+
+
+@pytest.mark.parametrize("evaluated_first", [True, False])
+def test_eval_mode_training_says_what_put_the_model_in_eval_mode(evaluated_first):
+    b = trained(Build().mlp(3)).layer("drop", "Dropout")
+    b.event("eval_mode_training", step=0, model="", steps=100, last_step=99, evaluated_first=evaluated_first)
+    f = n.eval_mode_training(b.record)[0]
+    assert f.summary.startswith("From step 0, 100 of 100 steps trained the model on forwards run in eval mode, ")
+    assert ("after an evaluation before its first step" in f.summary) is evaluated_first
+    assert ("after it had trained in train mode" in f.summary) is not evaluated_first
+    assert "model.train()" in f.advice and "`drop`" in f.summary

@@ -10,7 +10,9 @@ plain facts into the record, so the rules (``rules/init.py``,
   are interchangeable), ``identical_cols``;
 - per RNN/LSTM/GRU (cell) layer: ``spectral_radius`` (largest |eigenvalue| of the
   recurrent weight ``weight_hh``; per gate block for LSTM/GRU) and ``nonlinearity``;
-- per weight layer spanned by a skip connection: ``residual_bypass: True``;
+- per weight layer spanned by a skip connection: ``residual_bypass: True``, and
+  ``residual_branch_last``: whether it is the last weight layer of the branch an
+  ``add`` joins back (the one a Fixup/ReZero-style init may start at zero);
 - one ``init_audit`` event per model: Post-LN transformer layers
   (``nn.TransformerEncoderLayer/DecoderLayer(norm_first=False)``), residual adds
   seen, and the norm modules whose output is the skip operand of a residual add
@@ -204,6 +206,7 @@ class _SkipTrace:
         self.order: list[str | None] = []  # stamp - 1 -> weight layer name
         self.tensors: dict[int, tuple[Any, int, str | None]] = {}  # id -> (weakref, stamp, norm name)
         self.bypassed: set[int] = set()
+        self.branch_last: set[int] = set()  # order index of each added branch's last weight layer
         self.residual_adds = 0
         self.post_ln_norms: list[str] = []
         self.handles: list[Any] = []
@@ -292,6 +295,8 @@ class _SkipTrace:
             if lo < hi:
                 self.residual_adds += 1
                 self.bypassed.update(range(lo, hi))  # order indices of layers lo+1..hi
+                if name not in ("cat", "concat", "concatenate"):  # a sum: x + f(x), f ends with layer hi
+                    self.branch_last.add(hi - 1)
                 for _, (s, norm) in known:
                     if s == lo and norm is not None and norm not in self.post_ln_norms:
                         self.post_ln_norms.append(norm)
@@ -306,6 +311,7 @@ class _SkipTrace:
             name = self.order[i] if i < len(self.order) else None
             if name is not None and name in self.record.layers:
                 self.record.layers[name].extra["residual_bypass"] = True
+                self.record.layers[name].extra["residual_branch_last"] = i in self.branch_last
                 bypassed.append(name)
         self.event["residual_adds"] = self.residual_adds
         self.event["residual_bypassed_layers"] = len(bypassed)

@@ -135,6 +135,19 @@ def mad(values: Sequence[float], center: float) -> float:
     return 1.4826 * statistics.median(vals) if vals else math.nan
 
 
+def zero_gradient_tail(record: Record) -> int | None:
+    """First step of the run's final stretch on which every recorded global gradient
+    norm is exactly 0 (no gradient anywhere: nothing can learn any more), or None
+    when the last recorded one is not 0."""
+    steps, values = points(record.get("grad_norm_global"), finite_only=False)
+    first = None
+    for s, v in zip(reversed(steps), reversed(values)):
+        if v != 0:
+            break
+        first = s
+    return first
+
+
 def first_nonfinite_step(record: Record) -> int | None:
     """First step the loss or a gradient norm was NaN/Inf (the run's breaking point)."""
     found: list[int] = []

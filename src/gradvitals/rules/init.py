@@ -22,7 +22,7 @@ from typing import Any
 from ..findings import Finding
 from ..record import LayerInfo, Record, Series
 from ..taxonomy import HE_FAMILIES, NORM_LAYERS, WEIGHT_LAYERS, activation_family
-from ._common import points
+from ._common import attr, points
 
 #: Signal scale off by 10^3 along one unnormalised chain: a 20-layer ReLU MLP with
 #: PyTorch's default init (std x0.41 of He per layer) is at 10^-7.8; a healthy 3-layer
@@ -307,13 +307,16 @@ def symmetric_weights(record: Record) -> list[Finding]:
     (zero/constant init). Critical when symmetry cannot break: the next weight layer's
     columns are identical too, or the layer got no gradient at step 0; warning when
     only the next layer's randomness can slowly break it. The last weight layer (the
-    targets differ per output) and residual-branch layers (zero-init on purpose,
-    e.g. Fixup/ReZero) are exempt."""
+    targets differ per output) and the last weight layer of each residual branch
+    (zero-init on purpose, e.g. Fixup/ReZero, GPT-2's residual projections: the
+    skip path carries the signal) are exempt; the branch's other layers are not
+    (``residual_branch_last`` False; records without that fact exempt the whole
+    branch, as before)."""
     hits: list[tuple[str, LayerInfo, dict[str, Any]]] = []
     for model, layers in weight_layers_by_model(record).items():
         for i, layer in enumerate(layers):
             ex = layer.extra
-            if not ex.get("identical_rows") or ex.get("residual_bypass"):
+            if not ex.get("identical_rows") or (ex.get("residual_bypass") and ex.get("residual_branch_last", True)):
                 continue
             if int(layer.out_features or ex.get("fan_out", 0) or 0) <= 1 or i == len(layers) - 1:
                 continue
@@ -342,11 +345,26 @@ def symmetric_weights(record: Record) -> list[Finding]:
         code="symmetric_weights", severity=severity, step=_audit_step(record), layers=tuple(names),
         summary=summary,
         evidence={"layers": {h[1].name: h[2] for h in hits[:16]}, "count": len(hits)},
-        advice=("Break the symmetry with random init (biases may stay zero): `gv.init_(model, batch)`, "
-                "or per layer `nn.init.kaiming_normal_(m.weight, nonlinearity='relu')` (ReLU family) / "
-                "`nn.init.xavier_normal_(m.weight)` (sigmoid/tanh). Zero init is fine only for biases, "
-                "the final output layer, or the last layer of a residual branch."),
+        advice=_symmetric_advice(record, hits[0][1]),
     )]
+
+
+def _symmetric_advice(record: Record, first: LayerInfo) -> str:
+    """Random init for the first symmetric layer, by the activation after it; where the
+    model has residual branches, which of its layers may start at zero."""
+    if activation_family(first.activation_after) in HE_FAMILIES:
+        init = f"nn.init.kaiming_normal_({attr(first.name)}.weight, nonlinearity='relu')"
+    else:
+        init = f"nn.init.xavier_normal_({attr(first.name)}.weight)"
+    branch_ends = [l.name for l in record.layers_in_order()
+                   if l.model == first.model and l.extra.get("residual_branch_last")]
+    allowed = "the last layer of a residual branch"
+    if branch_ends:
+        allowed += " (here " + ", ".join(f"`{attr(n)}`" for n in branch_ends[:4]) + \
+            (f" and {len(branch_ends) - 4} more" if len(branch_ends) > 4 else "") + ")"
+    return ("Break the symmetry with random init (biases may stay zero): `gv.init_(model, batch)`, "
+            f"or per layer, e.g. `{init}` (He for the ReLU family, Xavier for sigmoid/tanh or no "
+            f"activation). Zero init is fine only for biases, the final output layer, or {allowed}.")
 
 
 RULES = [poor_initialization, symmetric_weights]

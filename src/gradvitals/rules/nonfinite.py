@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..findings import Finding
 from ..record import Record
+from ._common import points, zero_gradient_tail
 
 _WHAT = {
     "activation": "produced the first non-finite activation",
@@ -27,6 +28,9 @@ _WHAT = {
 #: before the run counts as recovered (the script restored a checkpoint, skipped the
 #: bad batch): enough to show it trains again, not a NaN the next steps bring back.
 RECOVERED_MIN_STEPS = 10
+#: The same number of last steps with every gradient exactly 0 makes a run whose values
+#: are finite again dead instead (a saturated softmax, every ReLU dead): finite is
+#: not recovered when nothing can learn any more.
 
 
 def nonfinite(record: Record) -> list[Finding]:
@@ -68,17 +72,32 @@ def nonfinite(record: Record) -> list[Finding]:
             on = f"rank {ev['rank']} only" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
             summary = summary.rstrip(".") + f", on {on} (of {ev['world_size']} ranks)."
         severity = "critical"
+        evidence = {k: v for k, v in ev.items() if k != "type"}
+        advice = _advice(kind, module)
         last_bad = ev.get("last_nonfinite_step")
         if isinstance(last_bad, int) and record.steps - 1 - last_bad >= RECOVERED_MIN_STEPS:
-            # Not broken: the script came back from it (its own NaN handling).
-            severity = "warning"
             bad_steps = f"step {last_bad}" if last_bad == ev.get("step") else f"steps {ev.get('step')}-{last_bad}"
-            summary += (f" The run recovered: after {bad_steps}, every recorded value was finite "
-                        f"again for its last {record.steps - 1 - last_bad} steps.")
+            dead_from = zero_gradient_tail(record)
+            if dead_from is not None:
+                dead_from = max(dead_from, last_bad + 1)  # (the zeros may begin inside the episode)
+            if dead_from is not None and record.steps - dead_from >= RECOVERED_MIN_STEPS:
+                # Finite again, but no gradient anywhere to the end: dead, not recovered.
+                n = record.steps - dead_from
+                summary += (f" The run is dead, not recovered: after {bad_steps} every value was finite, but "
+                            f"every gradient was exactly 0 for its last {n} steps{_loss_then(record, dead_from)}: "
+                            f"nothing can learn any more.")
+                evidence.update(zero_gradient_steps=n, zero_gradient_from=dead_from)
+                advice = (f"These weights cannot train on: restart from the initial weights or from a checkpoint "
+                          f"saved before step {ev.get('step')}, with the change below (the first NaN/Inf is the "
+                          f"cause). " + advice)
+            else:
+                # Not broken: the script came back from it (its own NaN handling).
+                severity = "warning"
+                summary += (f" The run recovered: after {bad_steps}, every recorded value was finite "
+                            f"again for its last {record.steps - 1 - last_bad} steps.")
         return [Finding(
             code="nonfinite", severity=severity, step=ev.get("step"), layers=layers,
-            summary=summary, evidence={k: v for k, v in ev.items() if k != "type"},
-            advice=_advice(kind, module),
+            summary=summary, evidence=evidence, advice=advice,
         )]
     # Fallback: no origin event (e.g. a report from an older run): earliest series.
     first: tuple[int, str] | None = None
@@ -99,6 +118,19 @@ def nonfinite(record: Record) -> list[Finding]:
         summary=f"NaN/Inf first seen at step {step} in series `{key}`.",
         evidence={"series": key, "step": step}, advice=_advice("gradient", layer),
     )]
+
+
+def _loss_then(record: Record, from_step: int) -> str:
+    """What the loss did over the dead stretch: exactly 0 (a saturated softmax), or flat."""
+    steps, values = points(record.get("loss"))
+    tail = [v for s, v in zip(steps, values) if s >= from_step]
+    if not tail:
+        return ""
+    if all(v == 0 for v in tail):
+        return " (the loss exactly 0.0)"
+    if max(tail) == min(tail):
+        return f" (the loss stuck at {tail[-1]:.4g})"
+    return ""
 
 
 def _advice(kind: str, module: str | None) -> str:

@@ -32,7 +32,10 @@ def _mode_dependent(kind: str) -> bool:
 
 def eval_mode_training(record: Record) -> list[Finding]:
     """Steps trained on forwards run in eval mode by a model that trained in train
-    mode before: a ``model.eval()`` for validation and no ``model.train()`` after it.
+    mode before, or that an evaluation put in eval mode before its first step
+    (``evaluated_first``: its first forward was a no_grad one in eval mode): a
+    ``model.eval()`` for validation and no ``model.train()`` after it. A model
+    trained in eval mode from its first forward on is fine-tuned that way on purpose.
     Only where it changes the computation (BatchNorm, Dropout in the model)."""
     out: list[Finding] = []
     for ev in record.events_of("eval_mode_training"):
@@ -54,10 +57,17 @@ def eval_mode_training(record: Record) -> list[Finding]:
         if drops:
             what.append(f"its dropout ({names(drops)}) is off")
         span = max(record.steps - first, n)
-        summary = (f"From step {first}, {n} of {span} steps trained the model on forwards run in eval mode, after "
-                   f"it had trained in train mode: {' and '.join(what)}. A `model.eval()` (for validation) "
+        if ev.get("evaluated_first"):
+            after = ("after an evaluation before its first step (no_grad forwards in eval mode) had put it in "
+                     "eval mode")
+        else:
+            after = "after it had trained in train mode"
+        summary = (f"From step {first}, {n} of {span} steps trained the model on forwards run in eval mode, "
+                   f"{after}: {' and '.join(what)}. A `model.eval()` (for validation) "
                    f"with no `model.train()` after it.")
-        advice = ("Switch back to training mode after evaluating, before the next training forward:\n"
+        advice = ("Switch back to training mode after evaluating, before the next training forward (at the end "
+                  "of the evaluation function, e.g. `estimate_loss()`, or at the top of each training "
+                  "iteration):\n"
                   "    model.eval()\n    with torch.no_grad():\n        ...  # validation\n"
                   "    model.train()")
         out.append(Finding(code="eval_mode_training", severity="warning", step=first,

@@ -86,17 +86,44 @@ def _by_layer(params: list[ParamInfo]) -> dict[str, list[ParamInfo]]:
     return out
 
 
+def _model_of(record: Record, p: ParamInfo) -> str:
+    layer = record.layers.get(p.layer)
+    return layer.model if layer is not None else ""
+
+
+def _untrained_models(record: Record, trainable: list[ParamInfo]) -> set[str]:
+    """Models that took part in no backward (not one of their parameters ever got a
+    gradient) and that no optimizer is known to hold, while another model did get
+    gradients: evaluated, not trained (a best checkpoint reloaded with torch.load to
+    be tested, a teacher, a reference model, a target network, an inference copy).
+    Their parameters are not expected to receive gradients."""
+    by_model: dict[str, list[ParamInfo]] = {}
+    for p in trainable:
+        by_model.setdefault(_model_of(record, p), []).append(p)
+    if len(by_model) < 2:
+        return set()
+    trained = {m for m, ps in by_model.items() if any(p.grad_seen for p in ps)}
+    if not trained:
+        return set()  # nothing got a gradient anywhere: that is the finding
+    return {m for m, ps in by_model.items()
+            if m not in trained and not any(p.in_optimizer for p in ps)}
+
+
 def no_gradient(record: Record) -> list[Finding]:
     """Trainable parameters that never received a gradient.
 
     Decides from ``ParamInfo``: ``requires_grad`` and not ``grad_seen`` after at
     least MIN_STEPS steps with gradients, and not known to be outside the
     optimizer (``in_optimizer is False``: the user left it out on purpose).
+    A whole model none of whose parameters got a gradient and that no optimizer
+    holds, beside one that trained, is evaluated, not trained: not reported.
     Critical when no trainable parameter got a gradient at all.
     """
     if record.steps < MIN_STEPS or record.get("grad_norm_global") is None:
         return []
     trainable = [p for p in record.params.values() if p.requires_grad]
+    untrained = _untrained_models(record, trainable)
+    trainable = [p for p in trainable if _model_of(record, p) not in untrained]
     missing = [p for p in trainable if not p.grad_seen and p.in_optimizer is not False]
     if not missing:
         return []
@@ -153,21 +180,60 @@ def not_updated(record: Record) -> list[Finding]:
         return []
     layers = _by_layer(found)
     numel = sum(p.numel for p in found)
-    if outside:
+    stale = _stale_optimizer_params(record) if outside else []
+    kinds = [str(k) for k in record.run.get("optimizers") or []]
+    kind = kinds[0] if len(kinds) == 1 else "AdamW"
+    severity = "warning"
+    if stale:
+        # The optimizer steps parameters that never get a gradient, the parameters that do
+        # are in no optimizer: nothing in the run learns (a model built again after its
+        # optimizer was created from the first one's parameters).
+        severity = "critical"
+        who = f"the optimizer ({kinds[0]})" if len(kinds) == 1 else "the optimizers"
+        why = (f"no optimizer holds them, and {who} steps {len(stale)} parameter tensor"
+               f"{'s' if len(stale) != 1 else ''} that never receive a gradient: the model was built again "
+               f"(or replaced) after the optimizer was created from an earlier one's parameters, so nothing "
+               f"steps the model that trains")
+    elif outside:
         why = "they are not in the optimizer" if len(outside) > 1 else "it is not in the optimizer"
     else:
         why = "the optimizer step leaves them exactly unchanged"
     summary = (f"{names(list(layers))} ({numel:,} parameters) receive gradients but never change: {why}.")
     evidence = {"params": [p.name for p in found], "not_in_optimizer": [p.name for p in outside],
                 "zero_update_ratio": [p.name for p in frozen_by_ratio], "numel": numel}
+    if stale:
+        evidence["stale_optimizer_params"] = len(stale)
     first = next(iter(layers))
-    advice = (f"Build the optimizer from every trainable parameter, after the model is complete (modules "
-              f"added or replaced later, e.g. {names(list(layers))}, are not in it):\n"
-              f"    optimizer = torch.optim.AdamW(model.parameters(), lr=...)\n"
-              f"or add them: `optimizer.add_param_group({{'params': {attr(first)}.parameters()}})`. "
-              f"If they are meant to stay fixed, freeze them: `{attr(first)}.requires_grad_(False)`.")
-    return [Finding(code="not_updated", severity="warning", step=0, layers=tuple(layers), summary=summary,
+    if stale:
+        advice = (f"Create the optimizer after the last line that builds or replaces the model (`model = ...`), "
+                  f"from that model's parameters:\n    model = ...\n"
+                  f"    optimizer = torch.optim.{kind}(model.parameters(), lr=...)\n"
+                  f"(or build the model once, and move it with `model.to(device)` before the optimizer).")
+    else:
+        advice = (f"Build the optimizer from every trainable parameter, after the model is complete (modules "
+                  f"added or replaced later, e.g. {names(list(layers))}, are not in it):\n"
+                  f"    optimizer = torch.optim.{kind}(model.parameters(), lr=...)\n"
+                  f"or add them: `optimizer.add_param_group({{'params': {attr(first)}.parameters()}})`. "
+                  f"If they are meant to stay fixed, freeze them: `{attr(first)}.requires_grad_(False)`.")
+    return [Finding(code="not_updated", severity=severity, step=0, layers=tuple(layers), summary=summary,
                     evidence=evidence, advice=advice)]
+
+
+def _stale_optimizer_params(record: Record) -> list[str]:
+    """Parameters the optimizers step that never received a gradient, when no parameter
+    any optimizer holds ever did: those of models in the record (``in_optimizer`` and
+    not ``grad_seen``) and those of no model (measured by the optimizer under their
+    ``opt.paramN`` names: a weight series, never a gradient one). Empty when any
+    optimizer parameter got a gradient (a loss network left trainable beside a model
+    that trains is only outside the optimizer)."""
+    held = [p for p in record.params.values() if p.in_optimizer]
+    if any(p.grad_seen for p in held) or record.get("grad_norm_global") is not None:
+        return []
+    if any(k.startswith("grad_norm/") for k in record.series):
+        return []
+    orphans = [k.split("/", 1)[1] for k in record.series
+               if k.startswith("weight_norm/") and k.split("/", 1)[1] not in record.params]
+    return [p.name for p in held] + orphans
 
 
 def _zero_ratio_params(record: Record, exclude: set[str]) -> list[ParamInfo]:
