@@ -789,6 +789,8 @@ def test_loss_given_what_it_computes_itself(digits, case):
         assert events == [], events
 
 
+# torch 2.13 deprecates torch.jit.script itself; users' scripted code must still work under a watch.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_scripted_losses_still_compile_under_watch(digits):
     """torch.jit.script of nn.CrossEntropyLoss, of a function calling F.cross_entropy and
     F.nll_loss, and of a gradient penalty calling torch.autograd.grad, inside a watch:
