@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -247,14 +246,18 @@ def test_folder_removed_mid_run_warns_once_and_training_goes_on(tmp_path, caplog
     losses: list[float] = []
     with caplog.at_level(logging.WARNING, logger="gradvitals"):
         w = gv.watch(m, opt, path=out, autosave_s=0.02)
-        saver = w._recorder.autosave
-        t0 = time.monotonic()
-        while not out.exists() and time.monotonic() - t0 < 60:
-            losses += _train(m, opt, 5, pause_s=0.002)
-        shutil.rmtree(folder)  # the path becomes unwritable mid-run
-        while saver.failures < 2 and time.monotonic() - t0 < 120:
-            losses += _train(m, opt, 5, pause_s=0.002)
-        w.close()  # the final write fails too: warned, not raised
+        try:
+            saver = w._recorder.autosave
+            t0 = time.monotonic()
+            while not out.exists() and time.monotonic() - t0 < 60:
+                losses += _train(m, opt, 5, pause_s=0.002)
+            # The path becomes unwritable mid-run: the folder moves away in one rename (an
+            # rmtree races the writer's next temporary file: "Directory not empty").
+            folder.rename(tmp_path / "moved")
+            while saver.failures < 2 and time.monotonic() - t0 < 120:
+                losses += _train(m, opt, 5, pause_s=0.002)
+        finally:
+            w.close()  # the final write fails too: warned, not raised
     plain_m, plain_opt = _mlp()
     assert losses == _train(plain_m, plain_opt, len(losses))  # the run's numbers are its own
     assert saver.saves >= 1 and saver.failures >= 2
