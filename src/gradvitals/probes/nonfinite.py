@@ -20,6 +20,7 @@ does not).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -193,25 +194,7 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
                  "op": None, "value": inputs_bad}
     if inputs_bad is not None and not collective:
         return the_input
-    stack: list[str] = []
-    handles = []
-
-    def pre(mod: nn.Module, _a: Any) -> None:
-        stack.append(names.get(id(mod), type(mod).__name__))
-
-    def post(mod: nn.Module, _a: Any, _o: Any) -> None:
-        if stack:
-            stack.pop()
-
-    buffers = [b for b in model.buffers()]
-    saved = [b.detach().clone() for b in buffers]
-    devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda"} - {None})
-    try:
-        for m in model.modules():
-            if isinstance(m, torch.jit.ScriptModule):
-                continue  # takes no Python hooks: its ops count as its caller's
-            handles.append(m.register_forward_pre_hook(pre))
-            handles.append(m.register_forward_hook(post, always_call=True))
+    with _replay_frame(model, names) as (stack, devices, buffers):
         tracer = _Tracer(stack)
         for t in [*masks, *(b for b in buffers if _additive_mask(b))]:
             tracer.design(t)
@@ -224,12 +207,6 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
             # there (a finite output, or one a weight made non-finite), the first op seen.
             reached = [c for c in map(tracer.candidate_of, _tensors(result)) if c is not None]
             del result
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
         if collective:
             _reshard(model)
     if inputs_bad is not None:
@@ -283,6 +260,39 @@ class _Tagger(TorchFunctionMode):
 MAX_BACKWARD_NODES = 200_000
 
 
+
+@contextlib.contextmanager
+def _replay_frame(model: nn.Module, names: dict[int, str]) -> Any:
+    """What both replays share: the stack of module names the replayed forward is in
+    (pre/post hooks on every module but scripted ones, which take no Python hooks: their
+    ops count as their caller's), the CUDA devices whose RNG the replay forks, and the
+    model's buffers, restored afterwards (BatchNorm statistics the replay updated)."""
+    stack: list[str] = []
+    handles = []
+
+    def pre(mod: nn.Module, _a: Any) -> None:
+        stack.append(names.get(id(mod), type(mod).__name__))
+
+    def post(mod: nn.Module, _a: Any, _o: Any) -> None:
+        if stack:
+            stack.pop()
+
+    buffers = list(model.buffers())
+    saved = [b.detach().clone() for b in buffers]
+    devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda"} - {None})
+    try:
+        for m in model.modules():
+            if not isinstance(m, torch.jit.ScriptModule):
+                handles.append(m.register_forward_pre_hook(pre))
+                handles.append(m.register_forward_hook(post, always_call=True))
+        yield stack, devices, buffers
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
 def replay_backward(model: nn.Module, names: dict[int, str], args: tuple, kwargs: dict
                     ) -> tuple[bool, dict[str, Any] | None]:
     """Re-run ``model(*args, **kwargs)`` with autograd and differentiate the loss it
@@ -298,33 +308,14 @@ def replay_backward(model: nn.Module, names: dict[int, str], args: tuple, kwargs
     state and buffers are restored. Random ops (dropout) draw other masks than the
     original forward did.
     """
-    stack: list[str] = []
     handles: list[Any] = []
-
-    def pre(mod: nn.Module, _a: Any) -> None:
-        stack.append(names.get(id(mod), type(mod).__name__))
-
-    def post(mod: nn.Module, _a: Any, _o: Any) -> None:
-        if stack:
-            stack.pop()
-
-    buffers = [b for b in model.buffers()]
-    saved = [b.detach().clone() for b in buffers]
-    devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda"} - {None})
     origin: dict[str, Any] = {}
-    try:
-        for m in model.modules():
-            if isinstance(m, torch.jit.ScriptModule):
-                continue
-            handles.append(m.register_forward_pre_hook(pre))
-            handles.append(m.register_forward_hook(post, always_call=True))
+    with _replay_frame(model, names) as (stack, devices, _buffers), contextlib.ExitStack() as node_hooks:
+        node_hooks.callback(lambda: [h.remove() for h in handles])
         with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), torch.enable_grad():
             warnings.simplefilter("ignore")
             with _Tagger(stack):
                 out = model(*args, **kwargs)
-            for h in handles:
-                h.remove()
-            handles = []
             # The loss: a 0-d result (a reduction), not a one-element output (batch of 1).
             losses = [t for t in _tensors(out) if t.dim() == 0 and t.grad_fn is not None]
             if not losses:
@@ -363,12 +354,6 @@ def replay_backward(model: nn.Module, names: dict[int, str], args: tuple, kwargs
             if params:
                 with patches.quiet():  # not a backward of the run's
                     torch.autograd.grad(loss, params, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
     if not origin:
         return True, None
     origin["kind"] = "gradient"
