@@ -5,6 +5,7 @@ a write that fails warns once and training goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -98,10 +99,8 @@ def _check_partial(out: Path, progress: Path, t_kill: float) -> dict:
 def _children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
+        with contextlib.suppress(OSError):  # a thread that ended since the listing
             out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
     return out
 
 
@@ -202,8 +201,9 @@ def _kill_during_a_write(tmp_path: Path, attempts: int = 2) -> None:
             _wait_for(out, proc)
             before = json.loads(out.read_bytes())
             t0 = time.monotonic()
+            # Spin, not sleep: the kill must land inside the write's window, milliseconds long.
             while time.monotonic() - t0 < 30 and not _tmp_files(out) and proc.poll() is None:
-                pass
+                continue
         finally:
             t_kill = time.monotonic()
             _kill_writer_and_run(proc)
