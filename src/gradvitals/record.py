@@ -24,33 +24,82 @@ SCHEMA = "gradvitals.report/1"
 #: 10 series stay under 20 MB for any run length.
 DEFAULT_CAP = 1000
 
-#: What each series quantity means (the renderers and the docs read this).
-QUANTITIES: dict[str, str] = {
-    "loss": "training loss (mean of the backward() losses of the step)",
-    "grad_norm_global": "L2 norm of all recorded gradients together",
-    "grad_norm": "L2 norm of a parameter's gradient (before clipping)",
-    "weight_norm": "L2 norm of a parameter",
-    "update_ratio": "|W_after - W_before| / |W_before| over one optimizer step",
-    "act_mean": "mean of a module's output",
-    "act_std": "standard deviation of a module's output",
-    "act_zero_frac": "fraction of exact zeros in a module's output",
-    "act_sat_frac": "fraction of sigmoid/tanh outputs pinned near their bounds",
-    "act_nonfinite_frac": "fraction of NaN/Inf in a module's output",
-    "dead_frac": "fraction of output units never positive over the window",
-    "bn_batch": "number of samples per channel a BatchNorm layer normalised over",
-    "lr": "learning rate of a param group",
-    "clip_total_norm": "total gradient norm seen by clip_grad_norm_ (before clipping)",
-    "clip_max_norm": "max_norm passed to clip_grad_norm_",
-    "clip_clipped": "1 when clip_grad_norm_ scaled the gradients down, else 0",
-}
+@dataclass(frozen=True)
+class Quantity:
+    """One recorded quantity: what its series mean and how the layers treat them.
 
+    Everything that would otherwise parse a series key to decide what to do with it
+    (the distributed merge, the NaN-origin search, the renderers, the rules) reads
+    this instead. Adding a quantity is a row here and the probe that records it.
+    """
+
+    name: str
+    meaning: str
+    #: What the part after ``/`` names: "param", "layer", or "run" (no suffix, or
+    #: a run-level one: ``lr/<optimizer>.<group>``, ``loss/<optimizer>``).
+    per: str
+    #: How ranks combine it (gradvitals.distributed): "norm" (sqrt of the summed
+    #: squared shards), "global" (recomputed from the merged norms), "ratio"
+    #: (|dW|/|W| from merged norms), "moment" (weighted mean/second moment), "dead"
+    #: (ever-active masks summed), "mean" (over ranks), "local" (each rank's own).
+    merge: str
+    #: A NaN/Inf in it starts the NaN-origin search (the recorder's flush).
+    watched: bool
+    #: When it is measured: "step" (every optimizer step), "scheduled" (steps the
+    #: schedule picks, see Options.every), "clip" (each clip_grad_norm_ call).
+    schedule: str
+    #: NaN in it means "not applicable here" (no sigmoid/tanh to saturate), not a fault.
+    nan_ok: bool = False
+
+
+def _q(*rows: tuple[Any, ...]) -> dict[str, Quantity]:
+    return {r[0]: Quantity(*r) for r in rows}
+
+
+#: Every quantity a series can hold, by the part of its key before ``/``.
+QUANTITIES: dict[str, Quantity] = _q(
+    ("loss", "training loss (mean of the backward() losses of the step)", "run", "mean", True, "step"),
+    ("grad_norm_global", "L2 norm of all recorded gradients together", "run", "global", True, "step"),
+    ("grad_norm", "L2 norm of a parameter's gradient (before clipping)", "param", "norm", True, "step"),
+    ("weight_norm", "L2 norm of a parameter", "param", "norm", True, "scheduled"),
+    ("update_ratio", "|W_after - W_before| / |W_before| over one optimizer step", "param", "ratio", False,
+     "scheduled"),
+    ("act_mean", "mean of a module's output", "layer", "moment", True, "scheduled"),
+    ("act_std", "standard deviation of a module's output", "layer", "moment", True, "scheduled"),
+    ("act_zero_frac", "fraction of exact zeros in a module's output", "layer", "moment", False, "scheduled"),
+    ("act_sat_frac", "fraction of sigmoid/tanh outputs pinned near their bounds", "layer", "moment", False,
+     "scheduled", True),
+    ("act_nonfinite_frac", "fraction of NaN/Inf in a module's output", "layer", "moment", False, "scheduled"),
+    ("dead_frac", "fraction of output units never positive over the window", "layer", "dead", False,
+     "scheduled", True),
+    ("bn_batch", "number of samples per channel a BatchNorm layer normalised over", "layer", "local", False,
+     "scheduled"),
+    ("lr", "learning rate of a param group", "run", "mean", False, "step"),
+    ("clip_total_norm", "total gradient norm seen by clip_grad_norm_ (before clipping)", "run", "mean", True,
+     "clip"),
+    ("clip_max_norm", "max_norm passed to clip_grad_norm_", "run", "mean", False, "clip"),
+    ("clip_clipped", "1 when clip_grad_norm_ scaled the gradients down, else 0", "run", "mean", False, "clip"),
+)
 
 #: Quantities recorded per layer or per parameter (``<quantity>/<name>``); the others
 #: (loss, grad_norm_global, lr/<group>, clip_*) are the run's.
-PER_NAME_QUANTITIES = frozenset({
-    "grad_norm", "weight_norm", "update_ratio", "act_mean", "act_std", "act_zero_frac", "act_sat_frac",
-    "act_nonfinite_frac", "dead_frac", "bn_batch",
-})
+PER_NAME_QUANTITIES = frozenset(q.name for q in QUANTITIES.values() if q.per != "run")
+
+
+def series_key(quantity: str, name: str | None = None) -> str:
+    """The series key of ``quantity`` for ``name`` (a parameter, a layer, a group)."""
+    return quantity if name is None else f"{quantity}/{name}"
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """``"grad_norm/0.weight"`` -> ``("grad_norm", "0.weight")``; ``"loss"`` -> ``("loss", None)``."""
+    q, sep, name = key.partition("/")
+    return (q, name) if sep else (q, None)
+
+
+def quantity_of(key: str) -> Quantity | None:
+    """The :class:`Quantity` a series key holds (None for a key no probe writes)."""
+    return QUANTITIES.get(key.partition("/")[0])
 
 
 def _encode(value: float) -> float | str:
