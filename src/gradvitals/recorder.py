@@ -507,6 +507,35 @@ class Recorder:
     def paused(self) -> bool:
         return self._paused
 
+    # --------------------------------------------- read by the distributed merge
+    @property
+    def version(self) -> int:
+        """Bumped whenever the watched models or optimizers change (caches key on it)."""
+        return self._version
+
+    @property
+    def merger(self) -> Any:
+        """The cross-rank merge: None until the first multi-rank flush, then a
+        distributed.Merger, or False once merging is off."""
+        return self._dist
+
+    @merger.setter
+    def merger(self, value: Any) -> None:
+        self._dist = value
+
+    def ever_active(self, name: str) -> Tensor | None:
+        """Layer ``name``'s per-unit "ever active over the dead-unit window" mask, or None."""
+        dead = self._dead.get(name)
+        masks = getattr(dead, "masks", None)
+        if not masks:
+            return None
+        ever = masks[0] if len(masks) == 1 else torch.stack(masks).any(0)
+        return ever.reshape(-1)
+
+    def fail(self, probe: str, exc: BaseException) -> None:
+        """A probe failed: reported once per probe, never raised (the run goes on)."""
+        self._fail(probe, exc)
+
     def _remove_hooks(self) -> None:
         for h in self._act_handles + self._act_stale:
             h.remove()
