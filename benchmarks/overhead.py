@@ -572,7 +572,7 @@ def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps
 
 # ----------------------------------------------------------- host syncs
 #: (module, function) pairs whose reads are of CPU tensors by construction (see count_host_syncs).
-_CPU_ONLY = {("gradvitals.probes.activations", "cpu_values"), ("gradvitals.recorder", "_cpu_floats")}
+_CPU_ONLY = {("gradvitals.probes.activations", "cpu_values"), ("gradvitals.recorder.staging", "cpu_floats")}
 _SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
 
 
@@ -582,7 +582,7 @@ def count_host_syncs(package: str = "gradvitals"):
     ``.tolist()``, ``float(t)``, ``if t:`` ...) made from ``package``'s own code.
     On a GPU each is a synchronisation; on the CPU this counts where they would be.
     Not counted (tallied apart as ``cpu_reads``): reads through
-    ``gradvitals.probes.activations.cpu_values`` and ``gradvitals.recorder._cpu_floats``,
+    ``gradvitals.probes.activations.cpu_values`` and ``gradvitals.recorder.staging.cpu_floats``,
     which refuse any tensor that is not on the CPU (CPU-only branches: on a GPU they do
     not run, and on the CPU the values are in host memory already)."""
     counter = {"n": 0, "cpu_reads": 0}  # cpu_reads: values read through the exempt CPU reader

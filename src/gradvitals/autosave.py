@@ -8,7 +8,7 @@ at most ``interval_s`` before it ended, marked ``run.complete: false``.
 How it stays off the training's path:
 
 - :meth:`Autosave.tick` runs on the training thread at each step boundary
-  (``Recorder._advance``); until a save is due it is one clock read.
+  (``StepClock.advance``, via the recorder); until a save is due it is one clock read.
 - When one is due, the training thread takes a snapshot of the record
   (:meth:`Record.snapshot`: two array copies per series, 25 ms for 1,233 series of
   1,000 points) and hands it to one background thread, which pickles it to a writer

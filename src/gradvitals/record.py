@@ -352,7 +352,7 @@ class Record:
     def segments(self) -> list[tuple[int, int, list[str]]]:
         """``(first_step, end_step, models)`` per training segment: the run cut at each
         ``segment`` event (a model trained from scratch after others, e.g. the next
-        fold of a k-fold loop; see Recorder._note_segment). ``models`` is empty for the
+        fold of a k-fold loop; see recorder/checks.py Segments). ``models`` is empty for the
         first segment (its models are found from the series). One segment: no cut."""
         cuts = sorted((e["step"], list(e.get("models") or [])) for e in self.events
                       if e.get("type") == "segment" and isinstance(e.get("step"), int)

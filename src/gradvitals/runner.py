@@ -31,7 +31,8 @@ from torch.optim import optimizer as optim_module
 from .probes import patches
 from . import autosave, distributed
 from .autosave import mark_complete
-from .recorder import Options, Recorder, _Model
+from .recorder import Options, Recorder, WatchedModel
+from .reports import tensorboard
 from .report import Report, check_writable, write_atomic
 
 
@@ -70,7 +71,7 @@ class ScriptRunner:
         self.stop_after_first_step = stop_after_first_step
         self.recorder: Recorder | None = None
         self._seen: dict[int, Any] = {}  # id(module) -> weakref (None for plain objects)
-        self._roots: dict[int, _Model] = {}
+        self._roots: dict[int, WatchedModel] = {}
         self._handles: list[Any] = []
         self._opt_init: Callable[..., Any] | None = None
         self._globals: dict[str, Any] | None = None
@@ -116,12 +117,12 @@ class ScriptRunner:
             try:
                 runner._on_optimizer(opt)
             except Exception as exc:
-                rec._fail("optimizer_discovery", exc)
+                rec.fail("optimizer_discovery", exc)
 
         self._opt_init = orig_init
         torch.optim.Optimizer.__init__ = __init__  # type: ignore[method-assign]
         if self.stop_after_first_step:  # a script without an optimizer: stop after its first backward
-            self._handles.append(_StopAfterBackward(rec))
+            self._handles.append(patches.install(_StopAfterBackward(rec)))
 
     def _uninstall(self) -> None:
         for h in self._handles:
@@ -150,7 +151,7 @@ class ScriptRunner:
             try:
                 self._discover(module)
             except Exception as exc:
-                self.recorder._fail("model_discovery", exc)  # type: ignore[union-attr]
+                self.recorder.fail("model_discovery", exc)  # type: ignore[union-attr]
                 return
             if self.remedy is not None and id(module) in self._roots:
                 self._suspended = True
@@ -171,9 +172,9 @@ class ScriptRunner:
                 self._compiled.add(id(module))
                 return
             try:
-                self.recorder._on_root_start(model)  # type: ignore[union-attr]
+                self.recorder.forward_start(model)  # type: ignore[union-attr]
             except Exception as exc:
-                self.recorder._fail("activations", exc)  # type: ignore[union-attr]
+                self.recorder.fail("activations", exc)  # type: ignore[union-attr]
 
     def _on_forward_post(self, module: nn.Module, args: tuple, *rest: Any) -> None:
         # (module, args, kwargs, output); when the forward raised, torch calls a global
@@ -189,16 +190,17 @@ class ScriptRunner:
         model = self._roots.get(id(module))
         if model is not None and model.module is module:
             try:
-                self.recorder._on_root_end(model, args, kwargs, output, raised=raised)  # type: ignore[union-attr]
+                self.recorder.forward_end(model, args, kwargs, output, raised=raised)  # type: ignore[union-attr]
             except Exception as exc:
-                self.recorder._fail("activations", exc)  # type: ignore[union-attr]
+                self.recorder.fail("activations", exc)  # type: ignore[union-attr]
 
     def _discover(self, module: nn.Module) -> None:
         """A module called for the first time: a new root model, unless it belongs to one."""
         rec = self.recorder
         assert rec is not None
         self._seen[id(module)] = weakref.ref(module)
-        if id(module) in rec._modules and rec._modules[id(module)][0].module is not module:
+        entry = rec.model_of(module)
+        if entry is not None and entry[0].module is not module:
             return  # a submodule of a known model called on its own
         if not any(p.requires_grad for p in module.parameters()):
             return  # loss modules, frozen feature extractors: nothing to train
@@ -240,10 +242,10 @@ class ScriptRunner:
         try:
             rec.add_optimizer(opt, local_hooks=False)
         except Exception as exc:
-            rec._fail("optimizer_discovery", exc)
+            rec.fail("optimizer_discovery", exc)
             return
-        rec._opt_pre_hook(opt, args, kwargs)
-        if self.stop_after_first_step and rec._closure_step is None:
+        rec.step_pre(opt, args, kwargs)
+        if self.stop_after_first_step and not rec.closure_pending:
             # (a closure step, LBFGS: measured at the closure's first backward, where
             # _StopAfterBackward ends the script; stopping here would end it before any)
             raise _StopAtFirstStep()
@@ -252,7 +254,7 @@ class ScriptRunner:
 
     def _on_step_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.recorder is not None:
-            self.recorder._opt_post_hook(opt, args, kwargs)
+            self.recorder.step_post(opt, args, kwargs)
         done = self.remedy.on_step_post(opt) if self.remedy is not None else False
         if self.budget_steps is not None:
             self._budget_used += 1
@@ -267,6 +269,7 @@ class ScriptRunner:
         command = " ".join(["gradvitals checkup" if self.stop_after_first_step else "gradvitals run",
                             self.script, *self.args])
         self.recorder = Recorder(self.options, command=command)
+        tensorboard.open_for(self.recorder, self.options.tensorboard)
         self.recorder.progress = self.progress
         self.recorder.on_retire = lambda model: self._roots.pop(id(model.module), None)
         self.recorder.record.run["script"] = self.script
@@ -313,6 +316,7 @@ class ScriptRunner:
         finally:
             self._uninstall()
             self.recorder.close()
+            tensorboard.close_for(self.recorder)
             sys.argv = saved_argv
             sys.path[:] = saved_path0
             if saved_main is not None:
@@ -342,31 +346,17 @@ class _StopAtFirstStep(BaseException):
 
 class _StopAfterBackward:
     """Checkup mode, scripts that step no optimizer: a backward listener (after the
-    recorder's, which has measured that backward as step 0) that ends the script.
-    Installed as a removable handle."""
+    recorder's, which has measured that backward as step 0) that ends the script."""
 
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
-        patches.install(self)
 
-    def _on_backward_start(self, tensor: Any) -> None:
-        pass
-
-    def _on_backward_end(self, tensor: Any, seed: Any = None) -> None:
-        if (self.recorder._backward_mode() and self.recorder.step >= 1) or self.recorder._closure_measured:
+    def backward_end(self, tensor: Any, seed: Any = None) -> None:
+        if (self.recorder.backward_mode and self.recorder.step >= 1) or self.recorder.closure_measured:
             raise _StopAtFirstStep()  # (after the recorder measured it: its listener runs first)
 
-    def _on_clip_start(self, parameters: Any, max_norm: float) -> None:
-        pass
-
-    def _on_clip_end(self, total: Any, max_norm: float) -> None:
-        pass
-
-    def _fail(self, probe: str, exc: BaseException) -> None:
-        self.recorder._fail(probe, exc)
-
-    def remove(self) -> None:
-        patches.uninstall(self)
+    def fail(self, probe: str, exc: BaseException) -> None:
+        self.recorder.fail(probe, exc)
 
 
 class _Terminated(SystemExit):

@@ -16,6 +16,7 @@ from . import autosave, distributed
 from .autosave import mark_complete
 from .recorder import Options, Recorder
 from .report import Report, check_writable, write_atomic
+from .reports import tensorboard
 
 log = logging.getLogger("gradvitals")
 
@@ -49,10 +50,10 @@ class Watch:
         models = _as_list(model, nn.Module, "model")
         optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer") if optimizer is not None else []
         self.options = Options.from_kwargs(options)
-        self._recorder = Recorder(self.options)
-        if drive == "manual":
-            self._recorder._optimizer_seen = True  # steps come from step_begin, never from backward()
+        # drive="manual": steps come from step_begin, never from a backward()
+        self._recorder = Recorder(self.options, manual_steps=drive == "manual")
         try:
+            tensorboard.open_for(self._recorder, self.options.tensorboard)
             for m in models:
                 self._recorder.add_model(m, label=self.options.name if len(models) == 1 else None)
             for opt in optimizers:
@@ -140,9 +141,10 @@ class Watch:
         """Remove every hook gradvitals attached and, given ``path``/``html``, write
         the final report there (``run.complete: true``; a failed write is warned
         about, never raised into the training script). Idempotent."""
-        if self._recorder._closed:
+        if self._recorder.closed:
             return
         self._recorder.close()  # stops the autosave first
+        tensorboard.close_for(self._recorder)
         if (self.path is None and self.html is None) or not distributed.writes_report():
             return
         mark_complete(self._recorder.record, ended)

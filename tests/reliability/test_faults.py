@@ -106,7 +106,7 @@ def test_an_open_watch_neither_steps_nor_hoards_losses_while_another_model_train
             b(x).pow(2).mean().backward()
             opt.step()
         assert wa.step == 3
-        assert len(wa._recorder._losses) == 0
+        assert len(wa._recorder.losses.pending) == 0
         assert wb.step == 200 and wb.record.series["loss"].count == 200
     finally:
         wa.close()

@@ -62,5 +62,5 @@ def test_real_watch_memory_is_flat():
     assert rec.steps == 1500
     assert all(len(s) < 32 for s in rec.series.values())
     assert marks[1500] - marks[500] < FLAT_SLACK_BYTES, marks
-    assert not w._recorder._pending and not w._recorder._losses
+    assert not w._recorder.staging.pending and not w._recorder.losses.pending
     assert len(json.dumps(w.report(), allow_nan=False)) < 200_000

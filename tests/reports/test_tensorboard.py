@@ -125,3 +125,28 @@ def test_two_findings_of_one_code_get_a_tag_each(tmp_path):
     texts = set(_read(tmp_path).Tags()["tensors"])
     assert "gradvitals/architecture_risk/text_summary" in texts, texts
     assert "gradvitals/architecture_risk/rnn_b/text_summary" in texts, texts
+
+
+def test_per_layer_gradient_norms_as_the_help_promises(tmp_path, digits):
+    """`--tensorboard` promises per-layer scalars: each layer's gradient norm (weight and
+    bias together) every step, equal to torch's norm of the layer's gradients."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    want: dict[str, list[float]] = {"0": [], "2": []}
+    with gv.watch(model, opt, tensorboard=str(tmp_path)):
+        for step in range(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[step * 32:(step + 1) * 32]), y[step * 32:(step + 1) * 32]).backward()
+            for name in want:
+                layer = model[int(name)]
+                want[name].append(torch.cat([layer.weight.grad.flatten(), layer.bias.grad.flatten()]).norm().item())
+            opt.step()
+    acc = _read(tmp_path)
+    for name, values in want.items():
+        events = acc.Scalars(f"gradvitals/layer_grad_norm/{name}")
+        assert [e.step for e in events] == [0, 1, 2, 3]
+        for e in events:
+            assert math.isclose(e.value, values[e.step], rel_tol=1e-4), (name, e.step)
+    assert "gradvitals/layer_grad_norm/1" not in acc.Tags()["scalars"]  # ReLU: no parameters

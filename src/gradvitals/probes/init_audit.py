@@ -1,6 +1,6 @@
 """Init and architecture audit: the facts a preflight needs, measured once per model.
 
-Runs at the model's first traced forward (``Recorder._on_root_start``) and writes
+Runs at the model's first traced forward (``Recorder.forward_start``) and writes
 plain facts into the record, so the rules (``rules/init.py``,
 ``rules/architecture.py``) stay pure and a watched run is linted like a checkup:
 
@@ -75,7 +75,7 @@ def plain_weight(mod: nn.Module) -> Tensor | None:
 
 
 def start(recorder: Any, model: Any) -> None:
-    """Audit ``model`` (a recorder ``_Model``) once: weight facts now, skip
+    """Audit ``model`` (a recorder ``WatchedModel``) once: weight facts now, skip
     connections over the forward that is starting (finished by a root hook)."""
     done = _audited.setdefault(recorder, set())
     if id(model.module) in done:
@@ -248,7 +248,7 @@ class _SkipTrace:
             _exit_mode(mode)
             self._write()
         except Exception as exc:
-            self.recorder._fail("init_audit", exc)
+            self.recorder.fail("init_audit", exc)
 
     # -- hooks
     def _pre(self, mod: nn.Module, args: Any) -> None:
@@ -319,7 +319,7 @@ class _SkipTrace:
         self.event["traced_weight_layers"] = len(self.order)
         self.tensors.clear()
         if self.error is not None:
-            self.recorder._fail("init_audit", self.error)
+            self.recorder.fail("init_audit", self.error)
 
 
 def _is_stamp_layer(mod: nn.Module) -> bool:

@@ -34,11 +34,15 @@ _depth = threading.local()  # re-entrancy: autograd.backward called by Tensor.ba
 
 
 def _each(method: str, *args: Any) -> None:
+    """Tell every listener (recorder.events.TrainingEvents) that has ``method``."""
     for rec in list(_listeners):
+        fn = getattr(rec, method, None)
+        if fn is None:
+            continue
         try:
-            getattr(rec, method)(*args)
+            fn(*args)
         except Exception as exc:  # never break the user's run
-            rec._fail("patches." + method, exc)
+            rec.fail("patches." + method, exc)
 
 
 @contextlib.contextmanager
@@ -59,7 +63,7 @@ def _backward_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
         _depth.n = getattr(_depth, "n", 0) + 1
         try:
             if outer and _listeners:
-                _each("_on_backward_start", tensor)
+                _each("backward_start", tensor)
             result = orig(tensor, *args, **kwargs)
         finally:
             _depth.n -= 1
@@ -67,7 +71,7 @@ def _backward_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
             # The gradient it was seeded with (Tensor.backward's ``gradient``,
             # autograd.backward's ``grad_tensors``): None for a plain loss.backward().
             seed = args[0] if args else kwargs.get("gradient", kwargs.get("grad_tensors"))
-            _each("_on_backward_end", tensor, seed)
+            _each("backward_end", tensor, seed)
         return result
 
     return backward
@@ -79,7 +83,7 @@ def _grad_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
         result = orig(outputs, inputs, *args, **kwargs)
         if _listeners and getattr(_depth, "n", 0) == 0:
             seed = args[0] if args else kwargs.get("grad_outputs")
-            _each("_on_autograd_grad", outputs, inputs, seed)
+            _each("autograd_grad", outputs, inputs, seed)
         return result
 
     return grad
@@ -94,13 +98,13 @@ def _clip_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
             parameters = [parameters]
         else:
             parameters = list(parameters)  # the original does the same: a generator is read once
-        _each("_on_clip_start", parameters, max_norm)
+        _each("clip_start", parameters, max_norm)
         _depth.clip = True
         try:
             total = orig(parameters, max_norm, *args, **kwargs)
         finally:
             _depth.clip = False
-        _each("_on_clip_end", total, max_norm)
+        _each("clip_end", total, max_norm)
         return total
 
     return clip_grad_norm_
@@ -112,9 +116,9 @@ def _clip_with_norm_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
         if not _listeners or getattr(_depth, "clip", False):  # inside clip_grad_norm_: seen there
             return orig(parameters, max_norm, total_norm, *args, **kwargs)
         parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-        _each("_on_clip_start", parameters, max_norm)
+        _each("clip_start", parameters, max_norm)
         result = orig(parameters, max_norm, total_norm, *args, **kwargs)
-        _each("_on_clip_end", total_norm, max_norm)
+        _each("clip_end", total_norm, max_norm)
         return result
 
     return clip_grads_with_norm_
@@ -125,7 +129,7 @@ def _scale_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
     def scale(scaler: Any, outputs: Any) -> Any:
         result = orig(scaler, outputs)
         if _listeners:
-            _each("_on_loss_scaled", result, scaler, outputs)
+            _each("loss_scaled", result, scaler, outputs)
         return result
 
     return scale
@@ -135,10 +139,10 @@ def _scaler_step_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(orig)
     def step(scaler: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         if _listeners:
-            _each("_on_scaler_step_begin", optimizer)
+            _each("scaler_step_begin", optimizer)
         result = orig(scaler, optimizer, *args, **kwargs)
         if _listeners:
-            _each("_on_scaler_step_end", optimizer)
+            _each("scaler_step_end", optimizer)
         return result
 
     return step
@@ -161,13 +165,27 @@ def _as_builtin(wrapper: Any, original: Any) -> None:
         pass
 
 
-def install(recorder: Any) -> None:
+class PatchHandle:
+    """What :func:`install` returns: ``remove()`` takes the listener off again
+    (torch.utils.hooks.RemovableHandle style; idempotent)."""
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+
+    def remove(self) -> None:
+        uninstall(self.listener)
+
+
+def install(recorder: Any) -> PatchHandle:
+    """Add a listener (recorder.events.TrainingEvents methods it has are called); the
+    patches go in with the first one."""
+    handle = PatchHandle(recorder)
     with _lock:
         if recorder in _listeners:
-            return
+            return handle
         _listeners.append(recorder)
         if len(_listeners) > 1:
-            return
+            return handle
         _originals["Tensor.backward"] = torch.Tensor.backward
         _originals["autograd.backward"] = torch.autograd.backward
         _originals["autograd.grad"] = torch.autograd.grad
@@ -192,6 +210,7 @@ def install(recorder: Any) -> None:
         _originals["scaler.step"] = _GradScaler.step
         _GradScaler.scale = _scale_wrapper(_GradScaler.scale)  # type: ignore[method-assign]
         _GradScaler.step = _scaler_step_wrapper(_GradScaler.step)  # type: ignore[method-assign]
+    return handle
 
 
 def uninstall(recorder: Any) -> None:

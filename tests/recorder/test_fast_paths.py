@@ -119,7 +119,7 @@ def test_a_staged_group_never_outgrows_the_kept_buffers(monkeypatch, digits):
     """The stage is measured before it would pass ACT_STAGE_MAX_NUMEL, so every
     stacked group fits Scratch (one row over, and the copy and its temporary were
     fresh multi-MB allocations every step). Real MLP, real steps, full=True."""
-    from gradvitals import recorder as rec
+    from gradvitals.recorder import outputs as rec
 
     X, y = digits
     monkeypatch.setattr(rec, "ACT_STAGE_MAX_NUMEL", 5 * 64 * 32)  # 5 outputs of (64, 32)
@@ -301,9 +301,9 @@ def test_ring_keeps_every_series_in_step_order_when_gradients_come_and_go(digits
 def _train_record(digits, fast: bool, monkeypatch, nan_at: int | None = None) -> dict:
     """A real run (MLP on digits, Adam, a step-decay lr schedule, a scheduled probe
     every 4 steps) with the one-pass steady-state path on or off: its JSON record."""
-    from gradvitals import recorder
+    from gradvitals.recorder import gradients
 
-    monkeypatch.setattr(recorder, "FAST_PATH", fast)
+    monkeypatch.setattr(gradients, "FAST_PATH", fast)
     X, y = digits
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
@@ -328,19 +328,19 @@ def _train_record(digits, fast: bool, monkeypatch, nan_at: int | None = None) ->
 
 
 def test_one_pass_steady_state_equals_the_general_path(digits, monkeypatch):
-    """Recorder._measure_fast takes every unscheduled step of this run; its record
+    """GradientMeter's one-read path takes every unscheduled step of this run; its record
     equals, value for value, the record of the general path alone."""
-    from gradvitals import recorder
+    from gradvitals.recorder.gradients import GradientMeter
 
     calls = []
-    real = recorder.Recorder._measure_fast
+    real = GradientMeter.steady
 
-    def counted(self, o):
-        took = real(self, o)
+    def counted(self, *args):
+        took = real(self, *args)
         calls.append(took)
         return took
 
-    monkeypatch.setattr(recorder.Recorder, "_measure_fast", counted)
+    monkeypatch.setattr(GradientMeter, "steady", counted)
     fast = _train_record(digits, True, monkeypatch)
     assert sum(calls) >= 20  # it ran (not on scheduled steps, nor the steps after them: update ratios pend)
     assert not all(calls)
@@ -378,12 +378,12 @@ def test_large_outputs_reduced_in_the_hook_match_torch(digits, monkeypatch):
     every module equals torch's on the hooked output, on every step, with an in-place
     ReLU after a BatchNorm (that BatchNorm's output is measured at once instead), and
     the dead-unit window of a conv layer over its last DEAD_WINDOW forwards."""
-    from gradvitals import recorder as rec
+    from gradvitals.recorder.outputs import OutputMeter
 
     X, y = digits
     calls = []
-    real = rec.Recorder._act_lean_add
-    monkeypatch.setattr(rec.Recorder, "_act_lean_add",
+    real = OutputMeter.lean_add
+    monkeypatch.setattr(OutputMeter, "lean_add",
                         lambda self, x, info, dim: calls.append(info.name) or real(self, x, info, dim))
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -413,14 +413,14 @@ def test_views_of_a_measured_output_take_its_statistics(digits, monkeypatch, inp
     and equal torch's on their hooked outputs on every step. With an in-place ReLU
     after them (the pooled output rewritten after its module returned), each keeps the
     statistics of the output its module returned."""
-    from gradvitals import recorder as rec
+    from gradvitals.recorder.outputs import OutputMeter
 
     X, y = digits
     measured: list[str] = []
-    real, real_lean = rec.Recorder._act_measure, rec.Recorder._act_lean_add
-    monkeypatch.setattr(rec.Recorder, "_act_measure", lambda self, xs, infos, dim:
+    real, real_lean = OutputMeter.measure, OutputMeter.lean_add
+    monkeypatch.setattr(OutputMeter, "measure", lambda self, xs, infos, dim:
                         measured.extend(i.name for i in infos) or real(self, xs, infos, dim))
-    monkeypatch.setattr(rec.Recorder, "_act_lean_add", lambda self, x, info, dim:
+    monkeypatch.setattr(OutputMeter, "lean_add", lambda self, x, info, dim:
                         measured.append(info.name) or real_lean(self, x, info, dim))
     torch.manual_seed(0)
     tail = [nn.ReLU(inplace=True)] if inplace_after else []

@@ -18,7 +18,7 @@ from torch import nn
 import gradvitals as gv
 from gradvitals.record import Record
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from overhead import count_host_syncs  # noqa: E402
 
 from models import SmallCNN, mlp  # noqa: E402
@@ -56,13 +56,13 @@ def test_only_the_cpu_only_reader_is_exempt_from_the_counter():
         act_mod.cpu_values(torch.ones(3, device="meta"))
     # The recorder's reader of the step's CPU norms (one 0-d tensor each) checks every
     # element, not just the first.
-    import gradvitals.recorder as rec_mod
+    import gradvitals.recorder.staging as rec_mod
 
     with pytest.raises(ValueError, match="CPU tensors only"):
-        rec_mod._cpu_floats([torch.tensor(1.0), torch.tensor(2.0, device="meta")])
+        rec_mod.cpu_floats([torch.tensor(1.0), torch.tensor(2.0, device="meta")])
     with count_host_syncs() as counter:
         assert act_mod.cpu_values(t) == [1.0, 1.0, 1.0]
-        assert rec_mod._cpu_floats([torch.tensor(0.5), torch.tensor(2.0)]) == [0.5, 2.0]
+        assert rec_mod.cpu_floats([torch.tensor(0.5), torch.tensor(2.0)]) == [0.5, 2.0]
         assert counter["n"] == 0 and counter["cpu_reads"] == 3
         exec("t.tolist()", vars(act_mod) | {"t": t})
         exec("t.tolist()", vars(rec_mod) | {"t": t})
@@ -154,7 +154,7 @@ def test_benchmark_smoke_run_brackets_methods_and_pins_malloc(tmp_path):
 
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "overhead.py"
     p = subprocess.run([sys.executable, str(bench), "--quick", "--workloads", "W2", "--no-record", "-q",
                         "--methods", "plain_twin,gv_default,gv_no_origin,norm_floor", "--out", str(out)],
                        capture_output=True, text=True, timeout=300, env=env)
