@@ -447,6 +447,30 @@ def test_gpt_nan_born_in_the_backward_is_traced_to_its_producer():
     assert "in the backward" in nf["summary"]
 
 
+def test_nan_born_in_the_backward_of_a_model_that_returns_logits():
+    """A hand-written LayerNorm with the epsilon outside the square root, zeroed padding
+    rows, logits out of the model and cross_entropy outside it: the forward is finite,
+    the backward of `sqrt` at variance 0 makes NaN at the padded batch. The report named
+    `proj` (the deepest parameter whose gradient norm went bad, a propagator); the
+    backward is now replayed from the model's output with a surrogate seed and names the
+    producer torch's backward hooks see. With the epsilon inside: healthy."""
+    report, stdout = run_both("padded_layernorm.py")
+    assert "CHECKSUM nan" in stdout
+    nf = codes(report)["nonfinite"]
+    step = first_bad_step(report, "grad_norm")
+    assert first_bad_step(report, "loss") > step  # the forward was finite
+    module, kind = oracle("padded_layernorm.py", backward=True)
+    assert (module, kind) == ("norm", "LayerNorm")  # the script's own LayerNorm class
+    assert nf["step"] == step and nf["layers"][0] == module, nf["summary"]
+    ev = nf["evidence"]
+    assert (ev["phase"], ev["kind"], ev["source"], ev["op"], ev["backward_op"], ev["backward_seed"]) == (
+        "backward", "gradient", "replay", "sqrt", "SqrtBackward0", "surrogate")
+    assert ev["backward_checked"] is True and ev["value"] == "nan"
+    assert "in the backward" in nf["summary"] and "outside the model" in nf["summary"]
+    report, _ = run_both("padded_layernorm.py", "--eps-inside")
+    assert_healthy(report)
+
+
 
 
 def test_best_checkpoint_reloaded_with_torch_load_is_evaluated_not_untrained():

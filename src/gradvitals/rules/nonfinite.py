@@ -60,6 +60,9 @@ def nonfinite(record: Record) -> list[Finding]:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward "
                        f"(the loss and the forward were finite): {where} made the first non-finite "
                        f"gradient{op} from a finite incoming gradient.")
+            if ev.get("backward_seed") == "surrogate":
+                summary = summary.rstrip(".") + (" (the loss is computed outside the model: its backward was "
+                                                 "replayed from the model's outputs).")
         else:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')}: {where} "
                        f"{_WHAT.get(kind, 'produced it')}.")
