@@ -467,6 +467,7 @@ def test_nan_born_in_the_backward_of_a_model_that_returns_logits():
         "backward", "gradient", "replay", "sqrt", "SqrtBackward0", "surrogate")
     assert ev["backward_checked"] is True and ev["value"] == "nan"
     assert "in the backward" in nf["summary"] and "outside the model" in nf["summary"]
+    assert "torch.sqrt(var + eps)" in nf["advice"] and "Lower the learning rate" not in nf["advice"]
     report, _ = run_both("padded_layernorm.py", "--eps-inside")
     assert_healthy(report)
 
