@@ -537,6 +537,28 @@ def test_forward_that_raises_leaves_no_statistics_and_the_retry_is_traced(digits
     assert not [f for f in w.diagnosis().findings if f.code == "nonfinite"]
 
 
+def test_nan_born_in_the_loss_functions_backward_is_not_blamed_on_the_model():
+    """An RMSE loss (`sqrt(mse)`) outside the model at a perfect fit: the square root's
+    backward at 0 makes the NaN, before any of the model's ops. The model returns its
+    output only, so its backward is replayed with a surrogate seed: finite, and no op of
+    the model is named; the series' answer stands (torch: the model's own backward from
+    a finite seed is finite)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    nn.init.zeros_(model[2].weight), nn.init.zeros_(model[2].bias)
+    x, target = torch.randn(32, 8), torch.zeros(32, 1)  # the zero head fits it exactly
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gv.watch(model, opt) as w:
+        loss = torch.sqrt(nn.functional.mse_loss(model(x), target))
+        opt.zero_grad()
+        loss.backward()
+        assert torch.isfinite(loss) and not torch.isfinite(model[2].weight.grad).all()
+        opt.step()
+    ev = w.record.events_of("nonfinite_origin")[0]
+    assert (ev["backward_checked"], ev["backward_seed"], ev["source"], ev["op"], ev["phase"]) == (
+        True, "surrogate", "series", None, "backward"), ev
+
+
 def test_clip_with_infinite_max_norm_is_not_clipping_telemetry():
     model = mlp(depth=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

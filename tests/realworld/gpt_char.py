@@ -1,7 +1,8 @@
 """A character-level GPT written as the lecture scripts write it: module-level
 hyperparameters, attention heads that mask with
 `wei.masked_fill(self.tril[:T, :T] == 0, float('-inf'))` on every forward, a model
-that returns `(logits, loss)`, and an `estimate_loss()` that toggles eval/train.
+that returns `(logits, loss)` (`--loss-outside`: the loop computes the loss from
+the logits), and an `estimate_loss()` that toggles eval/train.
 Trained on Python's own source text. `--lr` picks the learning rate (AdamW): at a
 sane one it trains; at an overflowing one the weights blow up within a few steps.
 """
@@ -17,6 +18,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--lr", type=float, default=3e-3)
 ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
 ap.add_argument("--steps", type=int, default=60)
+ap.add_argument("--loss-outside", action="store_true", help="the loop computes the loss from the logits")
 args = ap.parse_args()
 
 batch_size = 16
@@ -138,7 +140,11 @@ for it in range(args.steps):
         losses = estimate_loss()
         print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     xb, yb = get_batch("train")
-    logits, loss = model(xb, yb)
+    if args.loss_outside:
+        logits, _ = model(xb)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), yb.view(-1))
+    else:
+        logits, loss = model(xb, yb)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -428,23 +428,53 @@ def test_hand_written_masked_fill_attention_is_not_the_origin():
     assert_healthy(report)
 
 
-def test_gpt_nan_born_in_the_backward_is_traced_to_its_producer():
+@pytest.mark.parametrize("where", ["model", "outside"])
+def test_gpt_nan_born_in_the_backward_is_traced_to_its_producer(where):
     """SGD at lr 300: at the first bad step the loss is finite and every gradient is not.
     The report named the deepest parameter whose gradient norm went bad (every upstream
     one goes bad at once); the backward is now replayed and the producer named: the
-    module torch's backward hooks see make a non-finite gradient from a finite one."""
-    report, _ = run_both("gpt_char.py", "--optimizer", "sgd", "--lr", "300")
+    module torch's backward hooks see make a non-finite gradient from a finite one.
+    With the loss computed outside the model, from its logits, the backward is replayed
+    from the logits with a surrogate seed (it kept the series' answer)."""
+    flags = ["--optimizer", "sgd", "--lr", "300", *(["--loss-outside"] if where == "outside" else [])]
+    report, _ = run_both("gpt_char.py", *flags)
     nf = codes(report)["nonfinite"]
     step = first_bad_step(report, "grad_norm")
     assert first_bad_step(report, "loss") > step  # the forward was finite
-    module, kind = oracle("gpt_char.py", "--optimizer", "sgd", "--lr", "300", backward=True)
+    module, kind = oracle("gpt_char.py", *flags, backward=True)
     assert kind == "LayerNorm", (module, kind)  # blocks.1.ln1 with one thread
     assert nf["step"] == step and nf["layers"][0] == module, nf["summary"]
     ev = nf["evidence"]
     assert ev["backward_checked"] is True
     assert (ev["phase"], ev["kind"], ev["source"], ev["op"], ev["backward_op"]) == (
         "backward", "gradient", "replay", "layer_norm", "NativeLayerNormBackward0")
+    assert ev["backward_seed"] == ("loss" if where == "model" else "surrogate")
     assert "in the backward" in nf["summary"]
+
+
+def test_nan_born_in_the_backward_of_a_model_that_returns_logits():
+    """A hand-written LayerNorm with the epsilon outside the square root, zeroed padding
+    rows, logits out of the model and cross_entropy outside it: the forward is finite,
+    the backward of `sqrt` at variance 0 makes NaN at the padded batch. The report named
+    `proj` (the deepest parameter whose gradient norm went bad, a propagator); the
+    backward is now replayed from the model's output with a surrogate seed and names the
+    producer torch's backward hooks see. With the epsilon inside: healthy."""
+    report, stdout = run_both("padded_layernorm.py")
+    assert "CHECKSUM nan" in stdout
+    nf = codes(report)["nonfinite"]
+    step = first_bad_step(report, "grad_norm")
+    assert first_bad_step(report, "loss") > step  # the forward was finite
+    module, kind = oracle("padded_layernorm.py", backward=True)
+    assert (module, kind) == ("norm", "LayerNorm")  # the script's own LayerNorm class
+    assert nf["step"] == step and nf["layers"][0] == module, nf["summary"]
+    ev = nf["evidence"]
+    assert (ev["phase"], ev["kind"], ev["source"], ev["op"], ev["backward_op"], ev["backward_seed"]) == (
+        "backward", "gradient", "replay", "sqrt", "SqrtBackward0", "surrogate")
+    assert ev["backward_checked"] is True and ev["value"] == "nan"
+    assert "in the backward" in nf["summary"] and "outside the model" in nf["summary"]
+    assert "torch.sqrt(var + eps)" in nf["advice"] and "Lower the learning rate" not in nf["advice"]
+    report, _ = run_both("padded_layernorm.py", "--eps-inside")
+    assert_healthy(report)
 
 
 

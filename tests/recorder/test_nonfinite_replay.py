@@ -4,9 +4,11 @@ gradient born non-finite in the backward is traced to the op that made it."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from gradvitals.probes.nonfinite import replay_backward, replay_forward
 
@@ -107,7 +109,7 @@ def test_backward_replay_names_the_producer_not_the_propagators():
     before = [p.grad.clone() for p in model.parameters()]
     rng = torch.get_rng_state()
     checked, found = replay_backward(model, _names(model), (x, y), {})
-    assert checked and found == {"module": "(root)", "op": "sqrt", "backward_op": "SqrtBackward0",
+    assert checked == "loss" and found == {"module": "(root)", "op": "sqrt", "backward_op": "SqrtBackward0",
                      "value": "inf", "kind": "gradient"}, found
     # .grad and the RNG state are left as they were
     for p, g in zip(model.parameters(), before):
@@ -115,13 +117,15 @@ def test_backward_replay_names_the_producer_not_the_propagators():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_backward_replay_without_a_returned_loss_finds_nothing():
-    model = nn.Sequential(nn.Linear(4, 1))
-    assert replay_backward(model, _names(model), (torch.randn(1, 4),), {}) == (False, None)  # a batch of one
+def test_backward_replay_of_a_finite_backward_finds_nothing():
+    model = nn.Sequential(nn.Linear(4, 1)).requires_grad_(False)
+    assert replay_backward(model, _names(model), (torch.randn(1, 4),), {}) == (None, None)  # nothing to differentiate
+    model.requires_grad_(True)  # a batch of one: its one-element output is no loss, a surrogate seeds it
+    assert replay_backward(model, _names(model), (torch.randn(1, 4),), {}) == ("surrogate", None)
     model = SqrtModel()
     model.gate.fill_(1.0)  # sqrt of values near 100: every gradient finite
     model.fc.bias.data.fill_(100.0)
-    assert replay_backward(model, _names(model), (torch.randn(3, 4), torch.randn(3)), {}) == (True, None)
+    assert replay_backward(model, _names(model), (torch.randn(3, 4), torch.randn(3)), {}) == ("loss", None)
 
 
 class GuardedDivision(nn.Module):
@@ -154,3 +158,89 @@ def test_the_origin_is_the_first_nonfinite_value_that_reaches_the_output():
     # With the division's Inf kept, it is the origin.
     found = replay_forward(model, _names(model), (x, False), {})
     assert found is not None and (found["module"], found["op"]) == ("(root)", "__rdiv__"), found
+
+
+class LogitsModel(nn.Module):
+    """Returns logits only (the loss is computed outside it, as most scripts do), with an
+    op whose derivative is infinite where its input is 0 for rows that are all zero:
+    the forward is finite, the backward is not. ``safe`` moves the epsilon inside."""
+
+    def __init__(self, op: str, safe: bool = False) -> None:
+        super().__init__()
+        self.op, self.safe = op, safe
+        self.fc = nn.Linear(4, 8, bias=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        eps = 1e-6 if self.safe else 0.0
+        sq = h.pow(2).sum(-1, keepdim=True)
+        if self.op == "sqrt":
+            scale = torch.sqrt(sq + eps) + 1e-6
+        elif self.op == "pow":
+            scale = (sq + eps).pow(0.5) + 1e-6
+        else:  # acos at 1: an angle feature
+            scale = torch.acos(1 / (1 + sq + eps)) + 1.0
+        return self.head(h / scale)
+
+
+def _run_backward(model: nn.Module, x: Tensor, y: Tensor) -> bool:
+    """The run's own step: cross_entropy outside the model; whether its gradients are finite."""
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("op,backward_op", [("sqrt", "SqrtBackward0"), ("pow", "PowBackward0"),
+                                            ("acos", "AcosBackward0")])
+def test_backward_replay_of_a_model_that_returns_logits_uses_a_surrogate_seed(op, backward_op):
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    x[2] = 0.0  # an all-zero row (padding)
+    model = LogitsModel(op)
+    assert not _run_backward(model, x, y)  # torch: the run's backward made NaN/Inf
+    seed, found = replay_backward(model, _names(model), (x,), {})
+    assert seed == "surrogate" and found is not None, found
+    assert (found["module"], found["op"], found["backward_op"], found["kind"]) == (
+        "(root)", op, backward_op, "gradient"), found
+    # The healthy twin (epsilon inside): the run's backward is finite, nothing is found.
+    safe = LogitsModel(op, safe=True)
+    safe.load_state_dict(model.state_dict())
+    assert _run_backward(safe, x, y)
+    assert replay_backward(safe, _names(safe), (x,), {}) == ("surrogate", None)
+
+
+class AuxModel(nn.Module):
+    """Logits and an auxiliary output the script's loss never uses; the auxiliary
+    branch's backward makes NaN for an all-zero row, the logits' does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8, bias=False)
+        self.head = nn.Linear(8, 3)
+        self.aux = nn.Linear(1, 1)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(h), self.aux(torch.sqrt(h.pow(2).sum(-1, keepdim=True)))
+
+
+def test_a_surrogate_seed_does_not_invent_an_origin_the_run_did_not_have():
+    """Seeding every output reaches a branch the real loss does not: its NaN is not
+    the run's (the run's gradients were finite), so no origin is reported."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    x[1] = 0.0
+    model = AuxModel()
+    model.zero_grad()
+    F.cross_entropy(model(x)[0], y).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is None or bool(torch.isfinite(g).all()) for g in grads.values())  # torch: finite
+    assert replay_backward(model, _names(model), (x,), {}) == ("surrogate", None)
+    # The same replay where the run's own gradients did go bad there: found.
+    model.zero_grad()
+    sum(o.sum() for o in model(x)).backward()
+    seed, found = replay_backward(model, _names(model), (x,), {})
+    assert seed == "surrogate" and found is not None and found["op"] == "sqrt", found

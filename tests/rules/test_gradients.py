@@ -286,6 +286,26 @@ def test_nonfinite_born_in_the_backward_says_so(source, op, says):
     assert says in f.summary and f.layers[0] == "layers.2" and f.evidence["phase"] == "backward"
 
 
+@pytest.mark.parametrize("op, seed, singular", [
+    ("sqrt", "surrogate", True), ("pow", "loss", True), ("acos", "surrogate", True),
+    ("layer_norm", "surrogate", False),  # an overflow, not a derivative infinite at a point
+    ("sqrt", None, False),  # read off the series (source: series): no op to advise on
+])
+def test_nonfinite_born_in_an_infinite_derivative_advises_the_epsilon_inside(op, seed, singular):
+    """`torch.sqrt(var) + eps` at var 0: the cure is the epsilon inside the root, not a
+    lower learning rate; an overflow in the backward keeps the learning-rate advice."""
+    from gradvitals.rules import nonfinite as nf
+
+    b = Build().mlp(4)
+    b.event("nonfinite_origin", step=8, kind="gradient", module="layers.2", value="nan",
+            source="replay" if seed else "series", phase="backward", op=op if seed else None,
+            backward_op=f"{op.capitalize()}Backward0" if seed else None, backward_seed=seed)
+    f = nf.nonfinite(b.record)[0]
+    assert ("derivative" in f.advice and "inside" in f.advice and f"`{op}`" in f.advice) is singular, f.advice
+    assert ("Lower the learning rate" in f.advice) is not singular, f.advice
+    assert ("outside the model" in f.summary) is (seed == "surrogate"), f.summary
+
+
 def test_nonfinite_forward_origin_names_its_op_only_when_replayed():
     from gradvitals.rules import nonfinite as nf
 

@@ -293,15 +293,40 @@ def _replay_frame(model: nn.Module, names: dict[int, str]) -> Any:
             for b, s in zip(buffers, saved):
                 b.copy_(s)
 
+def _surrogate_seeds(outputs: list[Tensor]) -> list[Tensor]:
+    """The gradient of the sum of each output's mean: 1/numel everywhere. The real seed
+    (the gradient of a loss computed outside the model) is out of reach at no
+    steady-state cost; a mean-reduced loss gives gradients of about this size, and
+    any finite seed shows an op whose derivative is infinite. Kept above the dtype's
+    smallest normal number (a float16 output of 1e8 elements would seed zeros)."""
+    return [torch.full_like(t, max(1.0 / max(t.numel(), 1), torch.finfo(t.dtype).tiny)) for t in outputs]
+
+
+def _nonfinite_params(params: list[Tensor], grads: list[Tensor | None]) -> set[int]:
+    """Indices of the parameters whose gradient holds NaN/Inf (syncs: NaN path only)."""
+    return {i for i, g in enumerate(grads) if g is not None and not g.is_sparse
+            and not bool(torch.isfinite(_local(g)).all())}
+
+
 def replay_backward(model: nn.Module, names: dict[int, str], args: tuple, kwargs: dict
-                    ) -> tuple[bool, dict[str, Any] | None]:
-    """Re-run ``model(*args, **kwargs)`` with autograd and differentiate the loss it
-    returns (a model that computes its own loss, as GPT implementations do); return the
-    first op of that backward whose incoming gradients were finite and whose outgoing
-    ones are not: the producer of the first non-finite gradient, not the nodes that
-    pass it on. Returns (whether a backward was replayed, that origin or None): not
-    replayed when the model returns no loss (a 0-d tensor) or a non-finite one (the
-    forward is the origin); no origin when every replayed gradient is finite.
+                    ) -> tuple[str | None, dict[str, Any] | None]:
+    """Re-run ``model(*args, **kwargs)`` with autograd and replay its backward; return
+    the first op of that backward whose incoming gradients were finite and whose
+    outgoing ones are not: the producer of the first non-finite gradient, not the nodes
+    that pass it on.
+
+    The backward starts from the loss the model returns (a 0-d tensor, as GPT
+    implementations do): seed "loss". A model that returns logits (the loss computed
+    outside it) is differentiated from its outputs with a surrogate seed (seed
+    "surrogate", see _surrogate_seeds). A surrogate reaches what the real loss may not
+    (an output the loss ignores) and has another size than the real seed (an overflow
+    may happen elsewhere), so its origin counts only where the replay's parameters with
+    a non-finite gradient are exactly those of the run's own backward (their ``.grad``):
+    it never names an origin the run did not have.
+
+    Returns (the seed, that origin or None): seed None when nothing was replayed (no
+    output to differentiate, or a non-finite loss: the forward is the origin); no
+    origin when every replayed gradient is finite.
 
     The weights are those of the failing step (the optimizer has not stepped yet);
     gradients are taken with ``torch.autograd.grad`` (``.grad`` is left as it is), RNG
@@ -316,18 +341,25 @@ def replay_backward(model: nn.Module, names: dict[int, str], args: tuple, kwargs
             warnings.simplefilter("ignore")
             with _Tagger(stack):
                 out = model(*args, **kwargs)
+            differentiable = [t for t in _tensors(out) if t.grad_fn is not None]
             # The loss: a 0-d result (a reduction), not a one-element output (batch of 1).
-            losses = [t for t in _tensors(out) if t.dim() == 0 and t.grad_fn is not None]
-            if not losses:
-                return False, None
-            loss = losses[0] if len(losses) == 1 else torch.stack([t.reshape(()) for t in losses]).sum()
-            if _bad([loss.detach()]) is not None:
-                return False, None
+            losses = [t for t in differentiable if t.dim() == 0]
+            if losses:
+                seed = "loss"
+                roots = [losses[0] if len(losses) == 1 else torch.stack([t.reshape(()) for t in losses]).sum()]
+                if _bad([roots[0].detach()]) is not None:
+                    return None, None
+                seeds: list[Tensor] | None = None
+            elif differentiable:
+                seed, roots = "surrogate", differentiable
+                seeds = _surrogate_seeds(roots)
+            else:
+                return None, None
             # Every node the backward can run, each named by the nearest labelled one on
             # its way to the loss (the ops inside a fused function such as
             # multi_head_attention_forward are its caller's).
             label: dict[Any, tuple] = {}
-            todo = [(loss.grad_fn, (names.get(id(model)), "loss"))]
+            todo = [(t.grad_fn, (names.get(id(model)), seed == "loss" and "loss" or "output")) for t in roots]
             while todo and len(label) < MAX_BACKWARD_NODES:
                 node, parent = todo.pop()
                 if node is None or node in label:
@@ -353,8 +385,11 @@ def replay_backward(model: nn.Module, names: dict[int, str], args: tuple, kwargs
             params = [p for p in model.parameters() if p.requires_grad]
             if params:
                 with patches.quiet():  # not a backward of the run's
-                    torch.autograd.grad(loss, params, allow_unused=True)
+                    grads = torch.autograd.grad(roots, params, grad_outputs=seeds, allow_unused=True)
+                if origin and seed == "surrogate" and (
+                        _nonfinite_params(params, list(grads)) != _nonfinite_params(params, [p.grad for p in params])):
+                    origin.clear()  # not the run's backward (see above)
     if not origin:
-        return True, None
+        return seed, None
     origin["kind"] = "gradient"
-    return True, origin
+    return seed, origin

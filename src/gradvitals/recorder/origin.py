@@ -112,8 +112,9 @@ class OriginLocator:
 
     def replay_backward(self, event: dict[str, Any]) -> dict[str, Any] | None:
         """The forward was finite and a gradient is not: replay each model's last forward
-        and its backward from the loss the model returns (probes/nonfinite.py). Not
-        under torch.distributed (a replayed backward would need every rank)."""
+        and its backward, from the loss the model returns or, for a model that returns
+        logits, from its outputs with a surrogate seed (probes/nonfinite.py). Not under
+        torch.distributed (a replayed backward would need every rank)."""
         if distributed.initialized():
             return None
         for model in self.registry.models:
@@ -122,15 +123,21 @@ class OriginLocator:
             args, kwargs = model.last_inputs
             self.replaying = True
             try:
-                checked, res = replay_backward(model.module, model.names, args, kwargs)
+                seed, res = replay_backward(model.module, model.names, args, kwargs)
             except Exception as exc:  # e.g. out of memory for a second graph: the series decide
                 event["backward_replay_error"] = type(exc).__name__
                 return None
             finally:
                 self.replaying = False
-            event["backward_checked"] = event.get("backward_checked", False) or checked
+            event["backward_checked"] = event.get("backward_checked", False) or seed is not None
+            if seed is not None:
+                event["backward_seed"] = seed  # "loss" (the model's own) or "surrogate" (from its outputs)
             if res is not None:
                 event["source"] = "replay"
+                if seed == "surrogate":
+                    # The seed's size decides between Inf and NaN there: the run's own
+                    # value (from the series) stays.
+                    res.pop("value", None)
                 return res
         return None
 

@@ -24,6 +24,18 @@ _WHAT = {
 }
 
 
+#: Ops whose derivative is infinite at a finite input (sqrt and x**p, p < 1, at 0;
+#: acos/asin at +-1): a finite forward, a backward that makes Inf/NaN there. Their cure
+#: is an epsilon inside the op, not a lower learning rate.
+_SINGULAR_ADVICE = (
+    "{m} computes `{op}` at a point where its derivative is infinite (`sqrt`/a fractional power at 0, "
+    "`acos`/`asin` at +-1): the forward is finite, the backward is not. Put the epsilon inside: "
+    "`torch.sqrt(var + eps)`, not `torch.sqrt(var) + eps`; `acos(x.clamp(-1 + 1e-7, 1 - 1e-7))`; or use the "
+    "library op, whose backward is safe there (`nn.LayerNorm`, `F.normalize`, `torch.linalg.vector_norm`).")
+_SINGULAR = {op: _SINGULAR_ADVICE for op in (
+    "sqrt", "pow", "__pow__", "float_power", "acos", "arccos", "asin", "arcsin")}
+
+
 #: Steps with every recorded value finite, up to the run's end, after its last NaN/Inf
 #: before the run counts as recovered (the script restored a checkpoint, skipped the
 #: bad batch): enough to show it trains again, not a NaN the next steps bring back.
@@ -60,6 +72,9 @@ def nonfinite(record: Record) -> list[Finding]:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward "
                        f"(the loss and the forward were finite): {where} made the first non-finite "
                        f"gradient{op} from a finite incoming gradient.")
+            if ev.get("backward_seed") == "surrogate":
+                summary = summary.rstrip(".") + (" (the loss is computed outside the model: its backward was "
+                                                 "replayed from the model's outputs).")
         else:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')}: {where} "
                        f"{_WHAT.get(kind, 'produced it')}.")
@@ -74,6 +89,8 @@ def nonfinite(record: Record) -> list[Finding]:
         severity = "critical"
         evidence = {k: v for k, v in ev.items() if k != "type"}
         advice = _advice(kind, module)
+        if kind == "gradient" and ev.get("source") == "replay" and ev.get("op") in _SINGULAR:
+            advice = _SINGULAR[ev["op"]].format(m=f"`{module}`" if module else "the model", op=ev["op"])
         last_bad = ev.get("last_nonfinite_step")
         if isinstance(last_bad, int) and record.steps - 1 - last_bad >= RECOVERED_MIN_STEPS:
             bad_steps = f"step {last_bad}" if last_bad == ev.get("step") else f"steps {ev.get('step')}-{last_bad}"
