@@ -46,7 +46,6 @@ import datetime
 import logging
 import math
 import os
-import sys
 import signal
 import threading
 import zlib
@@ -55,6 +54,10 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
+
+from .torch_compat import dtensor_type, has_fsdp, local_tensors, unwrap
+# re-export for recorder.py until the recorder package lands
+from .torch_compat import dtensor_type_if_loaded, module_kind  # noqa: F401
 
 log = logging.getLogger("gradvitals")
 
@@ -137,64 +140,13 @@ def timeout_s() -> float:
     return value
 
 
-# ------------------------------------------------------ modules, tensors
-def unwrap(module: nn.Module) -> nn.Module:
-    """The user's model inside a DDP / DataParallel wrapper (their names lack ``module.``)."""
-    seen = 0
-    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and seen < 8:
-        module = module.module
-        seen += 1
-    return module
-
-
-def module_kind(module: nn.Module) -> str:
-    """The user's class name: FSDP2 swaps ``Linear`` for a generated ``FSDPLinear``,
-    a parametrization (spectral_norm, weight_norm) for ``ParametrizedLinear``."""
-    if isinstance(module, torch.jit.ScriptModule):  # torch.jit.script(nn.Linear(...))
-        return str(getattr(module, "original_name", None) or type(module).__name__)
-    return module_kind_of_class(type(module))
-
-
-def module_kind_of_class(cls: type) -> str:
-    name = cls.__name__
-    for prefix in ("FSDP", "Parametrized"):
-        if name.startswith(prefix):
-            for base in cls.__bases__:
-                if base.__name__ == name[len(prefix):]:
-                    return module_kind_of_class(base)
-    return name
-
-
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-
-        return DTensor
-    except Exception:  # torch without distributed
-        return None
-
-
-def dtensor_type_if_loaded() -> type | None:
-    """DTensor when torch.distributed.tensor is imported (only then can one exist);
-    None otherwise, without importing it (a dict lookup: for the per-step path)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None) if mod is not None else None
-
-
-def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
-    """Each DTensor's local shard (no communication); plain tensors unchanged."""
-    dt = _dtensor_type()
-    if dt is None:
-        return tensors
-    return [t.to_local() if isinstance(t, dt) else t for t in tensors]
-
-
+# ------------------------------------------------------------ tensors
 def square_share(t: Any, world: int) -> float:
     """Weight of this rank's ``|local|^2`` in the sum over ranks that gives ``|t|^2``.
     A plain tensor (DDP: replicated) is whole on every rank: 1/world. A DTensor split
     in S shards over its mesh (FSDP2: S = world) appears world/S times (HSDP
     replicas): S/world."""
-    dt = _dtensor_type()
+    dt = dtensor_type()
     if dt is None or not isinstance(t, dt):
         return 1.0 / world
     shards = 1
@@ -202,14 +154,6 @@ def square_share(t: Any, world: int) -> float:
         if placement.is_shard():
             shards *= t.device_mesh.size(dim)
     return shards / world
-
-
-def has_fsdp(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except Exception:
-        return False
-    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, bool]:
@@ -222,7 +166,7 @@ def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, boo
     the same merged values); (None, False) otherwise: no replay."""
     if not (initialized() and has_fsdp(module)):
         return unwrap(module), False
-    merger = getattr(recorder, "_dist", None)
+    merger = getattr(recorder, "merger", None)
     if isinstance(merger, Merger) and merger.active:
         return module, True
     return None, False
@@ -296,9 +240,9 @@ class Merger:
     def _shares(self) -> dict[str, float]:
         """Per parameter name: :func:`square_share` (cached until the models change)."""
         rec = self.recorder
-        if self._share_version != rec._version:
+        if self._share_version != rec.version:
             self._share = {name: square_share(p, self.world) for m in rec.models for name, p in m.params}
-            self._share_version = rec._version
+            self._share_version = rec.version
         return self._share
 
     def _input_numel(self) -> dict[str, float]:
@@ -321,7 +265,7 @@ class Merger:
         masks: dict[int, Tensor] = {}  # item -> "ever active" mask of a dead-unit-tracked layer
         for j, (_, keys, _) in enumerate(pending):
             if len(keys) > 5 and keys[0].startswith("act_mean/") and keys[5].startswith("dead_frac/"):
-                mask = self._ever_active(keys[5].split("/", 1)[1])
+                mask = self.recorder.ever_active(keys[5].split("/", 1)[1])
                 if mask is not None:
                     masks[j] = mask
         fetched = _fetch([t for _, _, t in pending] + list(masks.values()))  # THE host sync
@@ -430,14 +374,6 @@ class Merger:
         self._prune()
         return out
 
-    def _ever_active(self, name: str) -> Tensor | None:
-        dead = getattr(self.recorder, "_dead", {}).get(name)
-        masks = getattr(dead, "masks", None)
-        if not masks:
-            return None
-        ever = masks[0] if len(masks) == 1 else torch.stack(masks).any(0)
-        return ever.reshape(-1)
-
     def _allreduce(self, buf: Tensor) -> None:
         dist = _dist()
         work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
@@ -531,7 +467,7 @@ def _fetch(tensors: list[Tensor]) -> list[Tensor]:
 def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:
     """Called by ``Recorder._flush``: the global values when this is a multi-rank run
     (else ``pending`` unchanged). Never raises; a failure turns merging off."""
-    merger = getattr(recorder, "_dist", None)
+    merger = getattr(recorder, "merger", None)
     if merger is False:
         return _local_items(pending)
     try:
@@ -539,12 +475,12 @@ def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -
             if not initialized() or _dist().get_world_size() < 2:
                 return _local_items(pending)  # e.g. FSDP2 on one rank: clip_grad_norm_'s DTensor
             if os.environ.get(MERGE_ENV, "1").strip() == "0":
-                recorder._dist = False
+                recorder.merger = False
                 rank, world = rank_and_world()
                 recorder.record.run["distributed"] = {"world_size": world, "rank": rank, "merged": False,
                                                       "merge_stopped": f"{MERGE_ENV}=0: this rank's own values"}
                 return _local_items(pending)
-            merger = recorder._dist = Merger(recorder)
+            merger = recorder.merger = Merger(recorder)
         if not merger.active or not initialized():
             return _local_items(pending)
         return merger.merge(pending)
@@ -561,31 +497,31 @@ def _local_items(pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int
 
 
 def _switch_off(recorder: Any, exc: BaseException) -> None:
-    merger = getattr(recorder, "_dist", None)
+    merger = getattr(recorder, "merger", None)
     if isinstance(merger, Merger):
         merger.active = False
         merger.info["merged"] = False
         merger.info["merge_stopped"] = f"{type(exc).__name__}: {exc}"[:300]
     else:  # the merge could not even start (e.g. some rank does not record): never retry
-        recorder._dist = False
+        recorder.merger = False
         rank, world = rank_and_world()
         recorder.record.run["distributed"] = {
             "world_size": world, "rank": rank, "merged": False,
             "merge_stopped": (f"{type(exc).__name__}: {exc}"[:240] + f" (is gv.watch running on every "
                               f"rank? {MERGE_ENV}=0 records each rank alone)")}
-    recorder._fail("distributed", exc)
+    recorder.fail("distributed", exc)
 
 
 def holds_pending(recorder: Any) -> bool:
     """At the end of a run (or a mid-run ``report()``) the pending values are NOT
     merged: that would be a collective on an exit path. They stay pending for the
     next step (or are dropped with the run)."""
-    merger = getattr(recorder, "_dist", None)
+    merger = getattr(recorder, "merger", None)
     return isinstance(merger, Merger) and merger.active and initialized()
 
 
 def merge_origin(recorder: Any, event: dict[str, Any]) -> dict[str, Any]:
-    merger = getattr(recorder, "_dist", None)
+    merger = getattr(recorder, "merger", None)
     if not isinstance(merger, Merger) or not merger.active or not initialized():
         return event
     try:
