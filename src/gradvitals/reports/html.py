@@ -21,6 +21,7 @@ from array import array
 from importlib import resources
 from typing import Any, Iterable
 
+from ..findings import Finding, verdict
 from ..report import partial_note
 
 #: Columns of the heatmap at most: a screen shows ~1,000 pixel columns; the record's
@@ -535,9 +536,6 @@ def _verdict(report: dict[str, Any]) -> str:
     run = report.get("run", {})
     if run.get("verdict"):
         return str(run["verdict"])
-    from ..diagnose import verdict
-    from ..findings import Finding
-
     try:
         return verdict([Finding.from_json(f) for f in report.get("findings", [])])
     except (KeyError, ValueError, TypeError):
