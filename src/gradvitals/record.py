@@ -50,6 +50,9 @@ class Quantity:
     schedule: str
     #: NaN in it means "not applicable here" (no sigmoid/tanh to saturate), not a fault.
     nan_ok: bool = False
+    #: Computed from each rank's own micro-batch: a NaN/Inf in it on one rank names
+    #: that rank as the bad one (gradients are all-reduced: they go bad everywhere).
+    names_bad_rank: bool = False
 
 
 def _q(*rows: tuple[Any, ...]) -> dict[str, Quantity]:
@@ -58,14 +61,15 @@ def _q(*rows: tuple[Any, ...]) -> dict[str, Quantity]:
 
 #: Every quantity a series can hold, by the part of its key before ``/``.
 QUANTITIES: dict[str, Quantity] = _q(
-    ("loss", "training loss (mean of the backward() losses of the step)", "run", "mean", True, "step"),
+    ("loss", "training loss (mean of the backward() losses of the step)", "run", "mean", True, "step", False,
+     True),
     ("grad_norm_global", "L2 norm of all recorded gradients together", "run", "global", True, "step"),
     ("grad_norm", "L2 norm of a parameter's gradient (before clipping)", "param", "norm", True, "step"),
     ("weight_norm", "L2 norm of a parameter", "param", "norm", True, "scheduled"),
     ("update_ratio", "|W_after - W_before| / |W_before| over one optimizer step", "param", "ratio", False,
      "scheduled"),
-    ("act_mean", "mean of a module's output", "layer", "moment", True, "scheduled"),
-    ("act_std", "standard deviation of a module's output", "layer", "moment", True, "scheduled"),
+    ("act_mean", "mean of a module's output", "layer", "moment", True, "scheduled", False, True),
+    ("act_std", "standard deviation of a module's output", "layer", "moment", True, "scheduled", False, True),
     ("act_zero_frac", "fraction of exact zeros in a module's output", "layer", "moment", False, "scheduled"),
     ("act_sat_frac", "fraction of sigmoid/tanh outputs pinned near their bounds", "layer", "moment", False,
      "scheduled", True),

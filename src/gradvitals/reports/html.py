@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Any, Iterable
 
 from ..findings import Finding, verdict
+from ..record import QUANTITIES
 from ..report import partial_note
 
 #: Columns of the heatmap at most: a screen shows ~1,000 pixel columns; the record's
@@ -38,7 +39,8 @@ PLOT_DIGITS = 4
 UPDATE_RATIO_GUIDE = 1e-3
 #: Quantities recorded as NaN where they do not apply (saturation of a ReLU output,
 #: dead units of a sigmoid): such layers are left out of the panel, not drawn as NaN.
-NAN_MEANS_NOT_APPLICABLE = frozenset({"act_sat_frac", "dead_frac"})
+#: From the quantity table (``Quantity.nan_ok``).
+NAN_MEANS_NOT_APPLICABLE = frozenset(q.name for q in QUANTITIES.values() if q.nan_ok)
 #: Evidence lists longer than this are cut in the findings' evidence tables.
 EVIDENCE_LIST_ITEMS = 8
 #: Evidence strings longer than this are cut (a traceback does not belong in a table).
