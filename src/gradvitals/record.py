@@ -11,6 +11,7 @@ run-level ones (``loss``, ``grad_norm_global``). The quantities are listed in
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 from array import array
@@ -347,6 +348,34 @@ class Record:
         rest = [l for l in self.layers.values() if l.depth is None]
         return seen + rest
 
+    def layer_grad_norms(self, step: int | None = None) -> dict[str, tuple[list[int], list[float]]]:
+        """Per layer: (steps, L2 norm of the layer's gradient) from its parameters'
+        ``grad_norm/<param>`` series, layers in forward order (then any others).
+
+        At each step a layer's norm is sqrt(sum of the squared norms of the parameters
+        recorded at that step); a non-finite parameter norm makes the layer's
+        non-finite (NaN wins over Inf). ``step``: that step alone (a logger's per-step
+        scalars: O(parameters), not O(points)). The one place the per-layer norm is
+        computed: the HTML heatmap and the trainer loggers read it from here.
+        """
+        per_layer: dict[str, dict[int, float]] = {l.name: {} for l in self.layers_in_order()}
+        seen: set[str] = set()
+        for key, s in self.series.items():
+            q, param = split_key(key)
+            if q != "grad_norm" or param is None:
+                continue
+            layer = self.layer_of(param)
+            seen.add(layer)
+            acc = per_layer.setdefault(layer, {})
+            for st, v in (_point_at(s, step) if step is not None else zip(*s.points())):
+                acc[st] = _combine_norms(acc[st], v) if st in acc else abs(v)
+        out = {}
+        for layer, acc in per_layer.items():
+            if layer in seen and (acc or step is None):
+                steps = sorted(acc)
+                out[layer] = (steps, [acc[st] for st in steps])
+        return out
+
     def layer_of(self, param: str) -> str:
         p = self.params.get(param)
         if p is not None:
@@ -494,6 +523,23 @@ class Record:
         for k, v in report.get("series", {}).items():
             rec.series[k] = Series.from_json(v)
         return rec
+
+
+def _combine_norms(a: float, b: float) -> float:
+    """The L2 norm of two parts with norms ``a`` and ``b``; NaN wins over Inf.
+    (math.hypot would return Inf for (Inf, NaN), and hides no overflow either.)"""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return math.hypot(a, b)
+
+
+def _point_at(s: Series, step: int) -> list[tuple[int, float]]:
+    """The series' value at ``step`` ([] when not recorded then): the last point
+    first (a logger asks for the step just recorded), else a binary search."""
+    if s.last_step == step:
+        return [(step, s.last_value)]
+    i = bisect.bisect_left(s.steps, step)
+    return [(step, s.values[i])] if i < len(s.steps) and s.steps[i] == step else []
 
 
 def _json_safe(obj: Any) -> Any:

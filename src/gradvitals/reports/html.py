@@ -22,7 +22,7 @@ from importlib import resources
 from typing import Any, Iterable
 
 from ..findings import Finding, verdict
-from ..record import QUANTITIES
+from ..record import QUANTITIES, SCHEMA, Record, split_key
 from ..report import partial_note
 
 #: Columns of the heatmap at most: a screen shows ~1,000 pixel columns; the record's
@@ -128,33 +128,11 @@ def _param_names(layer: dict[str, Any]) -> list[str]:
     return out
 
 
-def layer_grad_norms(report: dict[str, Any]) -> list[tuple[dict[str, Any], dict[int, float]]]:
-    """Per layer with recorded gradients (forward order): step -> L2 norm over its params.
-
-    A layer's norm is sqrt(sum of its parameters' squared norms) at each step; a
-    non-finite parameter norm makes the layer's cell non-finite (NaN wins over Inf).
-    """
-    series = report.get("series", {})
-    out = []
-    for layer in _layers(report):
-        per_step: dict[int, float] = {}
-        found = False
-        for p in _param_names(layer):
-            s = series.get(f"grad_norm/{p}")
-            if not s:
-                continue
-            found = True
-            for step, v in zip(*_series_points(s)):
-                acc = per_step.get(step, 0.0)
-                if math.isnan(acc) or math.isnan(v):
-                    per_step[step] = math.nan
-                elif math.isinf(acc) or math.isinf(v):
-                    per_step[step] = math.inf
-                else:
-                    per_step[step] = math.hypot(acc, v)
-        if found:
-            out.append((layer, per_step))
-    return out
+def _grad_record(report: dict[str, Any]) -> Record:
+    """The report's layers and per-parameter gradient norms as a Record: what the
+    heatmap reads (the per-layer norm is the record's, :meth:`Record.layer_grad_norms`)."""
+    grads = {k: s for k, s in report.get("series", {}).items() if split_key(k)[0] == "grad_norm"}
+    return Record.from_json({"schema": SCHEMA, "layers": _layers(report), "series": grads})
 
 
 def _bins(steps: list[int], max_columns: int) -> list[tuple[int, int]]:
@@ -181,7 +159,9 @@ def heatmap_data(report: dict[str, Any], max_columns: int = MAX_HEATMAP_COLUMNS)
     little-endian, row-major. Binned columns (long runs beyond ``max_columns``) keep
     the max of their steps so a spike or NaN is never averaged away.
     """
-    rows = layer_grad_norms(report)
+    by_name = {l["name"]: l for l in _layers(report)}
+    rows = [(by_name[name], dict(zip(steps, values)))
+            for name, (steps, values) in _grad_record(report).layer_grad_norms().items() if name in by_name]
     all_steps = sorted({s for _, per in rows for s in per})
     bins = _bins(all_steps, max_columns)
     starts = [a for a, _ in bins]
