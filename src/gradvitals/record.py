@@ -557,7 +557,3 @@ def _json_safe(obj: Any) -> Any:
 
 def json_safe(obj: Any) -> Any:
     return _json_safe(obj)
-
-
-def finite(values: Iterable[float]) -> list[float]:
-    return [v for v in values if math.isfinite(v)]

@@ -212,10 +212,6 @@ def _check_shape(data: Any) -> None:
                              f"{'object' if kind is dict else 'array'}, got {type(data[key]).__name__}")
 
 
-def schema_id() -> str:
-    return SCHEMA
-
-
 def schema() -> dict[str, Any]:
     """The JSON Schema of ``gradvitals.report/1`` (shipped as package data), so tools
     that read reports can validate them: ``jsonschema.validate(report, schema())``."""
