@@ -248,7 +248,7 @@ class _SkipTrace:
             _exit_mode(mode)
             self._write()
         except Exception as exc:
-            self.recorder._fail("init_audit", exc)
+            self.recorder.fail("init_audit", exc)
 
     # -- hooks
     def _pre(self, mod: nn.Module, args: Any) -> None:
@@ -319,7 +319,7 @@ class _SkipTrace:
         self.event["traced_weight_layers"] = len(self.order)
         self.tensors.clear()
         if self.error is not None:
-            self.recorder._fail("init_audit", self.error)
+            self.recorder.fail("init_audit", self.error)
 
 
 def _is_stamp_layer(mod: nn.Module) -> bool:
