@@ -571,3 +571,18 @@ def test_audit_trace_survives_a_forward_that_raises():
     finally:
         rec.close()
     assert not model._forward_hooks and not patches.active()
+
+
+def test_a_failing_audit_is_reported_through_the_recorders_public_fail(monkeypatch):
+    """The audit reports its own failure once, as a probe_error, and the checkup goes on."""
+    from gradvitals.probes import init_audit
+
+    def broken_write(self):
+        raise RuntimeError("audit broke")
+
+    monkeypatch.setattr(init_audit._SkipTrace, "_write", broken_write)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    report = gv.checkup(model, (torch.randn(16, 4), torch.randint(0, 2, (16,))))
+    errors = [e for e in report.record.events_of("probe_error") if e.get("probe") == "init_audit"]
+    assert len(errors) == 1 and "audit broke" in errors[0]["error"]
+    assert report.record.get("grad_norm/0.weight") is not None  # the rest of the checkup ran

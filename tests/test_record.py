@@ -115,3 +115,70 @@ def test_extend_is_exactly_a_run_of_appends(cap):
         b.extend(steps, values)
         assert _state(a) == _state(b), chunk
         step = steps[-1] + 1
+
+
+# -------------------------------------------------- per-layer gradient norms
+def _layered(*layers: tuple[str, int | None, list[str]]) -> Record:
+    rec = Record()
+    for name, depth, params in layers:
+        rec.layers[name] = LayerInfo(name=name, kind="Linear", depth=depth, params=list(params))
+        for p in params:
+            rec.params[p] = ParamInfo(name=p, layer=name, shape=[1], numel=1)
+    return rec
+
+
+def test_layer_grad_norm_of_a_one_parameter_layer_is_that_parameters():
+    rec = _layered(("fc", 0, ["fc.weight"]))
+    for step, v in ((0, 3.0), (1, -4.0), (2, 0.0)):
+        rec.add("grad_norm/fc.weight", step, v)
+    assert rec.layer_grad_norms() == {"fc": ([0, 1, 2], [3.0, 4.0, 0.0])}
+
+
+def test_layer_grad_norms_combine_parameters_at_each_step_in_forward_order():
+    rec = _layered(("head", 1, ["head.weight"]), ("body", 0, ["body.weight", "body.bias"]),
+                   ("unused", None, ["unused.weight"]))
+    rec.add("grad_norm/body.weight", 0, 3.0)
+    rec.add("grad_norm/body.bias", 0, 4.0)
+    rec.add("grad_norm/body.weight", 1, 6.0)  # the bias has no gradient at step 1
+    rec.add("grad_norm/body.bias", 2, 8.0)  # nor the weight at step 2
+    rec.add("grad_norm/head.weight", 1, 1e200)  # squares would overflow: the norm does not
+    rec.add("grad_norm/head.weight", 2, 1e200)
+    rec.add("loss", 0, 1.0)
+    norms = rec.layer_grad_norms()
+    assert list(norms) == ["body", "head"]  # forward order; a layer without gradients is absent
+    assert norms["body"] == ([0, 1, 2], [5.0, 6.0, 8.0])
+    assert norms["head"] == ([1, 2], [1e200, 1e200])
+
+
+@pytest.mark.parametrize("a, b, want", [(math.nan, math.inf, math.nan), (math.inf, math.nan, math.nan),
+                                        (math.inf, 2.0, math.inf), (-math.inf, 0.0, math.inf),
+                                        (math.nan, 1.0, math.nan)])
+def test_layer_grad_norm_is_nonfinite_when_a_parameter_is_nan_winning_over_inf(a, b, want):
+    rec = _layered(("fc", 0, ["fc.weight", "fc.bias"]))
+    rec.add("grad_norm/fc.weight", 0, a)
+    rec.add("grad_norm/fc.bias", 0, b)
+    got = rec.layer_grad_norms()["fc"][1][0]
+    assert (math.isnan(got) if math.isnan(want) else got == want), got
+
+
+def test_layer_grad_norms_of_an_empty_record_and_of_parameters_without_layer_info():
+    assert Record().layer_grad_norms() == {}
+    assert _layered(("fc", 0, ["fc.weight"])).layer_grad_norms() == {}
+    rec = Record()  # a logger's record before the layers are known: the name says the layer
+    rec.add("grad_norm/enc.0.weight", 0, 3.0)
+    rec.add("grad_norm/enc.0.bias", 0, 4.0)
+    rec.add("grad_norm/w", 0, 2.0)
+    assert rec.layer_grad_norms() == {"enc.0": ([0], [5.0]), "w": ([0], [2.0])}
+
+
+def test_layer_grad_norms_at_one_step_read_that_step_alone():
+    rec = _layered(("fc", 0, ["fc.weight", "fc.bias"]), ("out", 1, ["out.weight"]))
+    for step in range(10):
+        rec.add("grad_norm/fc.weight", step, 3.0 * (step + 1))
+        rec.add("grad_norm/fc.bias", step, 4.0 * (step + 1))
+    rec.add("grad_norm/out.weight", 4, 7.0)
+    assert rec.layer_grad_norms(9) == {"fc": ([9], [50.0])}  # out: not measured at step 9
+    assert rec.layer_grad_norms(4) == {"fc": ([4], [25.0]), "out": ([4], [7.0])}
+    assert rec.layer_grad_norms(12) == {}
+    whole = rec.layer_grad_norms()
+    assert all(rec.layer_grad_norms(s)["fc"][1] == [v] for s, v in zip(*whole["fc"]))

@@ -13,6 +13,16 @@ __version__ = "0.1.0"
 from .findings import CODES, Finding  # noqa: E402
 from .record import SCHEMA, Record, Series  # noqa: E402
 from .report import Report  # noqa: E402
+from . import report as _report  # noqa: E402
+
+
+def _render_terminal(report: Report):  # the facade may reach up the layers; report.py does not
+    from .reports.terminal import render  # rich loads when a Report is first printed
+
+    return render(report)
+
+
+_report.rich_renderer = _render_terminal
 
 
 def __getattr__(name: str):  # torch-dependent parts load lazily: rules/reports stay torch-free

@@ -1,12 +1,18 @@
-"""Run every rule over a record and order the findings root-cause first."""
+"""Run every rule over a record and order the findings root-cause first.
+
+Pure: :func:`diagnose` reads the record and returns what it concluded (the findings
+and the rules that failed); it writes nothing into the record, so the live status
+line can diagnose mid-run and the final report diagnoses once more from the same data.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
 
-from .findings import Finding
+from .findings import Finding, verdict  # noqa: F401  (diagnose.verdict: the public name)
 from .record import Record
+from .rules._common import reading, shared_readings
 
 log = logging.getLogger("gradvitals")
 
@@ -64,11 +70,22 @@ CAUSES: dict[str, tuple[str, ...]] = {
 _WHOLE_RUN = frozenset({"loss_plateau", "update_ratio_low", "not_updated"})
 
 
-def diagnose(record: Record) -> list[Finding]:
-    """All findings of all rules, causes linked, root cause first."""
+class Findings(list):  # list[Finding]
+    """The ordered findings of one diagnosis, and ``rule_errors``: the rules that
+    raised while producing them (``{"rule": name, "error": repr}``, one per failure).
+    A rule that raises hides none of the others' findings."""
+
+    def __init__(self, findings: list[Finding] = (), rule_errors: list[dict[str, str]] = ()) -> None:
+        super().__init__(findings)
+        self.rule_errors: list[dict[str, str]] = list(rule_errors)
+
+
+def diagnose(record: Record) -> Findings:
+    """All findings of all rules, causes linked, root cause first. Writes nothing."""
+    errors: list[dict[str, str]] = []
     segments = record.segments()
     if len(segments) == 1:
-        return order(link(_run_rules(record, record)))
+        return Findings(order(link(_run_rules(record, errors))), errors)
     # Models trained one after another (k-fold, restarts): each segment is judged on
     # its own, its findings linked among themselves and labelled with where they hold.
     # The same finding in several segments (every fold at too low a learning rate) is
@@ -80,7 +97,7 @@ def diagnose(record: Record) -> list[Finding]:
         part = record.segment(start, end, models)
         names = models or sorted({l.model for l in part.layers.values() if l.model})
         where = f"{', '.join(names) or 'steps'} (steps {start}-{end - 1})"
-        for f in link(_run_rules(part, record)):
+        for f in link(_run_rules(part, errors)):
             key = (f.code, f.severity, tuple(l.split(":", 1)[-1] for l in f.layers))
             if key in first:
                 also.setdefault(first[key], []).append(where)
@@ -93,19 +110,20 @@ def diagnose(record: Record) -> list[Finding]:
         f = findings[i]
         findings[i] = replace(f, summary=f"{f.summary} The same in {', '.join(wheres)}.",
                               evidence={**f.evidence, "segment": {**f.evidence["segment"], "also": wheres}})
-    return order(findings)
+    return Findings(order(findings), errors)
 
 
-def _run_rules(record: Record, errors_to: Record) -> list[Finding]:
+def _run_rules(record: Record, errors: list[dict[str, str]]) -> list[Finding]:
     from .rules import RULES
 
     findings: list[Finding] = []
-    for rule in RULES:
-        try:
-            findings.extend(rule(record))
-        except Exception as exc:  # a broken rule must not hide the others
-            log.warning("gradvitals: rule %s failed: %r", getattr(rule, "__name__", rule), exc)
-            errors_to.event("rule_error", rule=getattr(rule, "__name__", str(rule)), error=repr(exc))
+    with shared_readings():  # a rule another rule reads (exploding_gradients) runs once
+        for rule in RULES:
+            try:
+                findings.extend(reading(rule, record))
+            except Exception as exc:  # a broken rule must not hide the others
+                log.warning("gradvitals: rule %s failed: %r", getattr(rule, "__name__", rule), exc)
+                errors.append({"rule": getattr(rule, "__name__", str(rule)), "error": repr(exc)})
     return findings
 
 
@@ -169,16 +187,3 @@ def order(findings: list[Finding]) -> list[Finding]:
         return (problem, _chain_depth(f, by_code), _SEVERITY_RANK[f.severity], rank.get(f.code, len(rank)))
 
     return sorted(findings, key=key)
-
-
-def verdict(findings: list[Finding]) -> str:
-    """One line for the whole run: state, root cause, where, since when, why."""
-    problems = [f for f in findings if f.severity in ("critical", "warning")]
-    if not problems:
-        return "Healthy: no warning or critical findings."
-    root = problems[0]
-    state = "BROKEN" if any(f.severity == "critical" for f in problems) else "TRAINING POORLY"
-    where = f" ({', '.join(root.layers[:2])})" if root.layers else ""
-    since = f" from step {root.step}" if root.step else ""
-    more = f"; {len(problems) - 1} related finding(s)" if len(problems) > 1 else ""
-    return f"{state}: root cause {root.code}{where}{since}: {root.summary}{more}"

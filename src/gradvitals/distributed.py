@@ -46,7 +46,6 @@ import datetime
 import logging
 import math
 import os
-import sys
 import signal
 import threading
 import zlib
@@ -55,6 +54,11 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
+
+from .record import QUANTITIES, quantity_of, split_key
+from .torch_compat import dtensor_type, has_fsdp, local_tensors, unwrap
+# re-export for recorder.py until the recorder package lands
+from .torch_compat import dtensor_type_if_loaded, module_kind  # noqa: F401
 
 log = logging.getLogger("gradvitals")
 
@@ -71,11 +75,10 @@ MERGE_ENV = "GRADVITALS_DIST_MERGE"
 #: of an all-zero shard can be turned back into |dW|.
 _W_FLOOR = 1e-12
 
-#: Quantities computed from each rank's own micro-batch: a non-finite value here
-#: tells WHICH rank went bad (gradients are shared, so they go bad everywhere).
-_FORWARD_SIDE = ("loss", "act_mean", "act_std")
-
-_ACT = ("act_mean", "act_std", "act_zero_frac", "act_sat_frac", "act_nonfinite_frac")
+#: A module's activation statistics as the recorder pends them, in this order: the
+#: quantity table's "moment" rows (mean, std, then the fractions). Merged as one
+#: block: element counts, first and second moments, fractions weighted alike.
+_MOMENT_BLOCK = tuple(q.name for q in QUANTITIES.values() if q.merge == "moment")
 
 
 # ---------------------------------------------------------------- ranks
@@ -137,64 +140,13 @@ def timeout_s() -> float:
     return value
 
 
-# ------------------------------------------------------ modules, tensors
-def unwrap(module: nn.Module) -> nn.Module:
-    """The user's model inside a DDP / DataParallel wrapper (their names lack ``module.``)."""
-    seen = 0
-    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and seen < 8:
-        module = module.module
-        seen += 1
-    return module
-
-
-def module_kind(module: nn.Module) -> str:
-    """The user's class name: FSDP2 swaps ``Linear`` for a generated ``FSDPLinear``,
-    a parametrization (spectral_norm, weight_norm) for ``ParametrizedLinear``."""
-    if isinstance(module, torch.jit.ScriptModule):  # torch.jit.script(nn.Linear(...))
-        return str(getattr(module, "original_name", None) or type(module).__name__)
-    return module_kind_of_class(type(module))
-
-
-def module_kind_of_class(cls: type) -> str:
-    name = cls.__name__
-    for prefix in ("FSDP", "Parametrized"):
-        if name.startswith(prefix):
-            for base in cls.__bases__:
-                if base.__name__ == name[len(prefix):]:
-                    return module_kind_of_class(base)
-    return name
-
-
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-
-        return DTensor
-    except Exception:  # torch without distributed
-        return None
-
-
-def dtensor_type_if_loaded() -> type | None:
-    """DTensor when torch.distributed.tensor is imported (only then can one exist);
-    None otherwise, without importing it (a dict lookup: for the per-step path)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None) if mod is not None else None
-
-
-def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
-    """Each DTensor's local shard (no communication); plain tensors unchanged."""
-    dt = _dtensor_type()
-    if dt is None:
-        return tensors
-    return [t.to_local() if isinstance(t, dt) else t for t in tensors]
-
-
+# ------------------------------------------------------------ tensors
 def square_share(t: Any, world: int) -> float:
     """Weight of this rank's ``|local|^2`` in the sum over ranks that gives ``|t|^2``.
     A plain tensor (DDP: replicated) is whole on every rank: 1/world. A DTensor split
     in S shards over its mesh (FSDP2: S = world) appears world/S times (HSDP
     replicas): S/world."""
-    dt = _dtensor_type()
+    dt = dtensor_type()
     if dt is None or not isinstance(t, dt):
         return 1.0 / world
     shards = 1
@@ -202,14 +154,6 @@ def square_share(t: Any, world: int) -> float:
         if placement.is_shard():
             shards *= t.device_mesh.size(dim)
     return shards / world
-
-
-def has_fsdp(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except Exception:
-        return False
-    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, bool]:
@@ -222,7 +166,7 @@ def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, boo
     the same merged values); (None, False) otherwise: no replay."""
     if not (initialized() and has_fsdp(module)):
         return unwrap(module), False
-    merger = getattr(recorder, "_dist", None)
+    merger = getattr(recorder, "merger", None)
     if isinstance(merger, Merger) and merger.active:
         return module, True
     return None, False
@@ -296,9 +240,9 @@ class Merger:
     def _shares(self) -> dict[str, float]:
         """Per parameter name: :func:`square_share` (cached until the models change)."""
         rec = self.recorder
-        if self._share_version != rec._version:
+        if self._share_version != rec.version:
             self._share = {name: square_share(p, self.world) for m in rec.models for name, p in m.params}
-            self._share_version = rec._version
+            self._share_version = rec.version
         return self._share
 
     def _input_numel(self) -> dict[str, float]:
@@ -317,12 +261,13 @@ class Merger:
     # -- the merge ---------------------------------------------------------
     def merge(self, pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:
         """Global values for ``pending`` (same items, same keys). Holds the step's one
-        device-to-host copy and the one all-reduce."""
-        masks: dict[int, Tensor] = {}  # item -> "ever active" mask of a dead-unit-tracked layer
-        for j, (_, keys, _) in enumerate(pending):
-            if len(keys) > 5 and keys[0].startswith("act_mean/") and keys[5].startswith("dead_frac/"):
-                mask = self._ever_active(keys[5].split("/", 1)[1])
-                if mask is not None:
+        device-to-host copy and the one all-reduce. How each value merges is its
+        quantity's ``merge`` (gradvitals.record.QUANTITIES)."""
+        plans = [_plan(keys) for _, keys, _ in pending]
+        masks: dict[int, Tensor] = {}  # item -> "ever active" mask of its dead-unit-tracked layer
+        for j, (_, parts) in enumerate(plans):
+            for part, name in parts:
+                if part == "mask" and (mask := self.recorder.ever_active(name)) is not None:
                     masks[j] = mask
         fetched = _fetch([t for _, _, t in pending] + list(masks.values()))  # THE host sync
         values = fetched[:len(pending)]
@@ -331,25 +276,24 @@ class Merger:
         numel = None
         W = float(self.world)
         sends: list[Tensor] = []
-        plans: list[tuple[str, Any]] = []
+        extras: list[Any] = []
         layout: list[str] = []
         bad_here = False
-        for j, ((step, keys, _), v) in enumerate(zip(pending, values)):
-            q = keys[0].split("/", 1)[0]
-            names = [k.split("/", 1)[1] if "/" in k else k for k in keys]
-            if q in _FORWARD_SIDE or q.startswith("loss"):
-                bad_here = bad_here or not bool(torch.isfinite(v[:2] if q == "act_mean" else v).all())
-            if q in ("grad_norm", "weight_norm"):
+        for j, ((step, keys, _), v, (kind, parts)) in enumerate(zip(pending, values, plans)):
+            names = [split_key(k)[1] or k for k in keys]
+            own = [i for i, k in enumerate(keys) if (q := quantity_of(k)) is not None and q.names_bad_rank]
+            if own:
+                bad_here = bad_here or not bool(torch.isfinite(v[own]).all())
+            extra: Any = None
+            if kind == "norm":
                 share = torch.tensor([shares.get(n, 1.0 / W) for n in names], dtype=torch.float64)
                 send = v * v * share
-                if q == "weight_norm":
+                if split_key(keys[0])[0] == "weight_norm":  # the update ratios' denominators
                     for n, x in zip(names, v.tolist()):
                         self._local_w[(step, n)] = x
-                plans.append(("norm", None))
-            elif q == "grad_norm_global":
+            elif kind == "global":
                 send = v[:0]
-                plans.append(("global", None))
-            elif q == "update_ratio":
+            elif kind == "ratio":
                 shard, local_w, share = [], [], []
                 for n in names:
                     lw = self._local_w.pop((step, n), None)
@@ -359,26 +303,16 @@ class Merger:
                 sh = torch.tensor(shard, dtype=torch.bool)
                 d = v * torch.tensor(local_w, dtype=torch.float64)
                 send = torch.where(sh, d * d * torch.tensor(share, dtype=torch.float64), v / W)
-                plans.append(("ratio", (sh, [(step, n) for n in names])))
-            elif q == "act_mean" and len(keys) >= 5 and [k.split("/", 1)[0] for k in keys[:5]] == list(_ACT):
+                extra = (sh, [(step, n) for n in names])
+            elif kind == "act":
                 if numel is None:
                     numel = self._input_numel()
-                w = numel.get(names[0], 1.0)
-                mean, std, zero, sat, nonfin = v[0], v[1], v[2], v[3], v[4]
-                parts = [moment_terms(w, mean, std), torch.stack([w * zero, w * sat, w * nonfin])]
-                extras: list[int] = []  # per key after the five: units of its mask, or 0 (mean)
-                for i, k in enumerate(keys[5:], start=5):
-                    mask = masks.get(j) if k.startswith("dead_frac/") else None
-                    mask = mask if mask is not None and mask.numel() else None
-                    parts.append(mask if mask is not None else v[i:i + 1] / W)
-                    extras.append(mask.numel() if mask is not None else 0)
-                send = torch.cat(parts)
-                plans.append(("act", extras))
+                send, extra = _act_sends(v, parts, numel, masks.get(j), W)
             else:  # loss, lr, clip values and anything a newer probe adds: the mean
                 send = v / W
-                plans.append(("mean", None))
             sends.append(send)
-            layout.append(f"{'|'.join(keys)}:{plans[-1][0]}:{send.numel()}")
+            extras.append(extra)
+            layout.append(f"{'|'.join(keys)}:{kind}:{send.numel()}")
         flags = torch.zeros(self.world, dtype=torch.float64)
         flags[self.rank] = 1.0 if bad_here else 0.0
         signature = float(zlib.crc32("\n".join(layout).encode()))
@@ -391,14 +325,14 @@ class Merger:
         out: list[tuple[int, list[str], Tensor]] = []
         i = 1 + self.world
         last_grad: Tensor | None = None
-        for (step, keys, _), send, (kind, extra) in zip(pending, sends, plans):
+        for (step, keys, _), send, (kind, _), extra in zip(pending, sends, plans, extras):
             s = buf[i:i + send.numel()]
             i += send.numel()
             if kind == "norm":
                 g = s.sqrt()
-                if keys[0].startswith("weight_norm/"):
+                if split_key(keys[0])[0] == "weight_norm":
                     for k, x in zip(keys, g.tolist()):
-                        self._global_w[(step, k.split("/", 1)[1])] = x
+                        self._global_w[(step, split_key(k)[1] or k)] = x
                 else:
                     last_grad = g
             elif kind == "global":
@@ -410,18 +344,7 @@ class Merger:
                                   dtype=torch.float64)
                 g = torch.where(sh, s.sqrt() / gw, s)
             elif kind == "act":
-                total = s[0]
-                mean, std = moments_from_sums(s[:3])
-                stats = [mean, std, s[3] / total, s[4] / total, s[5] / total]
-                at = 6
-                for units in extra:
-                    if units:  # summed "ever active" flags: dead = never active on any rank
-                        stats.append((s[at:at + units] == 0).double().mean())
-                        at += units
-                    else:
-                        stats.append(s[at])
-                        at += 1
-                g = torch.stack(stats).reshape(-1)
+                g = _act_values(s, extra)
             else:
                 g = s
             if g.numel() != len(keys):  # a value shifted would misname every later one
@@ -429,14 +352,6 @@ class Merger:
             out.append((step, keys, g.float()))
         self._prune()
         return out
-
-    def _ever_active(self, name: str) -> Tensor | None:
-        dead = getattr(self.recorder, "_dead", {}).get(name)
-        masks = getattr(dead, "masks", None)
-        if not masks:
-            return None
-        ever = masks[0] if len(masks) == 1 else torch.stack(masks).any(0)
-        return ever.reshape(-1)
 
     def _allreduce(self, buf: Tensor) -> None:
         dist = _dist()
@@ -510,6 +425,75 @@ class _LayoutMismatch(RuntimeError):
     pass
 
 
+def _plan(keys: list[str]) -> tuple[str, list[tuple[str, str]]]:
+    """How one pending item merges, from its keys' quantities (the table's ``merge``):
+    "norm", "global", "ratio" or "mean" when its keys all merge alike; "act" for a
+    module's statistics, as parts: ("moment", layer) for a block of
+    :data:`_MOMENT_BLOCK` keys, ("mask", layer) for the dead fraction measured with
+    that block, ("mean", layer) for any other value."""
+    merges = [q.merge if (q := quantity_of(k)) is not None else "mean" for k in keys]
+    if not any(m in ("moment", "dead") for m in merges):
+        return ("mean" if merges[0] == "local" else merges[0]), []
+    parts: list[tuple[str, str]] = []
+    i = 0
+    while i < len(keys):
+        block = [split_key(k) for k in keys[i:i + len(_MOMENT_BLOCK)]]
+        if (len(block) == len(_MOMENT_BLOCK) and tuple(q for q, _ in block) == _MOMENT_BLOCK
+                and len({n for _, n in block}) == 1):
+            parts.append(("moment", block[0][1] or ""))
+            i += len(_MOMENT_BLOCK)
+            continue
+        name = split_key(keys[i])[1] or ""
+        # Only a dead fraction right after its own module's block, in an item of that
+        # module alone, was measured over the recorder's per-layer window (the one
+        # Recorder.ever_active reads); a group's window is shared by its modules.
+        alone = i == len(_MOMENT_BLOCK) and parts == [("moment", name)]
+        parts.append(("mask" if merges[i] == "dead" and alone else "mean", name))
+        i += 1
+    return "act", parts
+
+
+def _act_sends(v: Tensor, parts: list[tuple[str, str]], numel: dict[str, float], mask: Tensor | None,
+               world: float) -> tuple[Tensor, list[tuple[str, int]]]:
+    """What an "act" item sends into the SUM, and per part how many values: a moment
+    block [n, n*mean, n*E[x^2], n*fractions...] for n = its input's elements on this
+    rank, the "ever active" flags of a mask, or the value / world (the mean)."""
+    chunks: list[Tensor] = []
+    sizes: list[tuple[str, int]] = []
+    at = 0
+    for part, name in parts:
+        if part == "moment":
+            w = numel.get(name, 1.0)
+            chunks += [moment_terms(w, v[at], v[at + 1]), w * v[at + 2:at + len(_MOMENT_BLOCK)]]
+            sizes.append(("moment", len(_MOMENT_BLOCK) + 1))
+            at += len(_MOMENT_BLOCK)
+            continue
+        if part == "mask" and mask is not None and mask.numel():
+            chunks.append(mask)
+            sizes.append(("mask", mask.numel()))
+        else:
+            chunks.append(v[at:at + 1] / world)
+            sizes.append(("mean", 1))
+        at += 1
+    return torch.cat(chunks), sizes
+
+
+def _act_values(s: Tensor, sizes: list[tuple[str, int]]) -> Tensor:
+    """The merged statistics from the summed :func:`_act_sends`."""
+    stats: list[Tensor] = []
+    at = 0
+    for part, n in sizes:
+        if part == "moment":
+            mean, std = moments_from_sums(s[at:at + 3])
+            stats += [mean.reshape(1), std.reshape(1), s[at + 3:at + n] / s[at]]
+        elif part == "mask":  # summed "ever active" flags: dead = never active on any rank
+            stats.append((s[at:at + n] == 0).double().mean().reshape(1))
+        else:
+            stats.append(s[at:at + 1])
+        at += n
+    return torch.cat(stats)
+
+
 def _fetch(tensors: list[Tensor]) -> list[Tensor]:
     """Each tensor as a flat float64 CPU tensor, with one copy per device."""
     tensors = local_tensors([t.detach() for t in tensors])
@@ -531,7 +515,7 @@ def _fetch(tensors: list[Tensor]) -> list[Tensor]:
 def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:
     """Called by ``Recorder._flush``: the global values when this is a multi-rank run
     (else ``pending`` unchanged). Never raises; a failure turns merging off."""
-    merger = getattr(recorder, "_dist", None)
+    merger = getattr(recorder, "merger", None)
     if merger is False:
         return _local_items(pending)
     try:
@@ -539,12 +523,12 @@ def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -
             if not initialized() or _dist().get_world_size() < 2:
                 return _local_items(pending)  # e.g. FSDP2 on one rank: clip_grad_norm_'s DTensor
             if os.environ.get(MERGE_ENV, "1").strip() == "0":
-                recorder._dist = False
+                recorder.merger = False
                 rank, world = rank_and_world()
                 recorder.record.run["distributed"] = {"world_size": world, "rank": rank, "merged": False,
                                                       "merge_stopped": f"{MERGE_ENV}=0: this rank's own values"}
                 return _local_items(pending)
-            merger = recorder._dist = Merger(recorder)
+            merger = recorder.merger = Merger(recorder)
         if not merger.active or not initialized():
             return _local_items(pending)
         return merger.merge(pending)
@@ -561,31 +545,31 @@ def _local_items(pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int
 
 
 def _switch_off(recorder: Any, exc: BaseException) -> None:
-    merger = getattr(recorder, "_dist", None)
+    merger = getattr(recorder, "merger", None)
     if isinstance(merger, Merger):
         merger.active = False
         merger.info["merged"] = False
         merger.info["merge_stopped"] = f"{type(exc).__name__}: {exc}"[:300]
     else:  # the merge could not even start (e.g. some rank does not record): never retry
-        recorder._dist = False
+        recorder.merger = False
         rank, world = rank_and_world()
         recorder.record.run["distributed"] = {
             "world_size": world, "rank": rank, "merged": False,
             "merge_stopped": (f"{type(exc).__name__}: {exc}"[:240] + f" (is gv.watch running on every "
                               f"rank? {MERGE_ENV}=0 records each rank alone)")}
-    recorder._fail("distributed", exc)
+    recorder.fail("distributed", exc)
 
 
 def holds_pending(recorder: Any) -> bool:
     """At the end of a run (or a mid-run ``report()``) the pending values are NOT
     merged: that would be a collective on an exit path. They stay pending for the
     next step (or are dropped with the run)."""
-    merger = getattr(recorder, "_dist", None)
+    merger = getattr(recorder, "merger", None)
     return isinstance(merger, Merger) and merger.active and initialized()
 
 
 def merge_origin(recorder: Any, event: dict[str, Any]) -> dict[str, Any]:
-    merger = getattr(recorder, "_dist", None)
+    merger = getattr(recorder, "merger", None)
     if not isinstance(merger, Merger) or not merger.active or not initialized():
         return event
     try:

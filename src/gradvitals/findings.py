@@ -72,3 +72,17 @@ class Finding:
         return cls(code=d["code"], severity=d["severity"], summary=d.get("summary", ""),
                    advice=d.get("advice", ""), step=d.get("step"), layers=tuple(d.get("layers", ())),
                    evidence=dict(d.get("evidence", {})), caused_by=d.get("caused_by"))
+
+
+def verdict(findings: list[Finding]) -> str:
+    """One line for the whole run: state, root cause, where, since when, why
+    (``findings`` root cause first, as :func:`gradvitals.diagnose.diagnose` orders them)."""
+    problems = [f for f in findings if f.severity in ("critical", "warning")]
+    if not problems:
+        return "Healthy: no warning or critical findings."
+    root = problems[0]
+    state = "BROKEN" if any(f.severity == "critical" for f in problems) else "TRAINING POORLY"
+    where = f" ({', '.join(root.layers[:2])})" if root.layers else ""
+    since = f" from step {root.step}" if root.step else ""
+    more = f"; {len(problems) - 1} related finding(s)" if len(problems) > 1 else ""
+    return f"{state}: root cause {root.code}{where}{since}: {root.summary}{more}"

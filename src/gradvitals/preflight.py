@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .probes.norms import fused_norms
+from .probes.topology import split_batch
 from .recorder import Options, Recorder
 from .report import Report
 
@@ -106,28 +107,6 @@ def _weight_norms(recorder: Recorder, step: int) -> None:
     norms = fused_norms([p for _, p in named]).tolist()  # one host sync
     for (name, _), value in zip(named, norms):
         recorder.record.add(f"weight_norm/{name}", step, value)
-
-
-def split_batch(batch: Any) -> tuple[tuple, dict, Any]:
-    """(positional args, keyword args, targets) for ``model(...)`` from a batch."""
-    if isinstance(batch, Tensor):
-        return (batch,), {}, None
-    if isinstance(batch, Mapping):
-        if not batch:
-            raise ValueError("batch is an empty dict; give the model's inputs, e.g. {'input_ids': ...}")
-        return (), dict(batch), batch.get("labels")
-    if isinstance(batch, (tuple, list)):
-        if len(batch) not in (1, 2):
-            raise ValueError(f"batch must be a tensor, a dict, (inputs,) or (inputs, targets); "
-                             f"got a {type(batch).__name__} of length {len(batch)}")
-        inputs = batch[0]
-        targets = batch[1] if len(batch) == 2 else None
-        if isinstance(inputs, Mapping):
-            return (), dict(inputs), targets
-        if isinstance(inputs, (tuple, list)):
-            return tuple(inputs), {}, targets
-        return (inputs,), {}, targets
-    raise TypeError(f"batch must be a tensor, a dict, (inputs,) or (inputs, targets); got {type(batch).__name__}")
 
 
 def compute_loss(output: Any, targets: Any, batch: Any, loss_fn: LossFn | None) -> tuple[Tensor, str]:

@@ -11,6 +11,7 @@ run-level ones (``loss``, ``grad_norm_global``). The quantities are listed in
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 from array import array
@@ -50,6 +51,9 @@ class Quantity:
     schedule: str
     #: NaN in it means "not applicable here" (no sigmoid/tanh to saturate), not a fault.
     nan_ok: bool = False
+    #: Computed from each rank's own micro-batch: a NaN/Inf in it on one rank names
+    #: that rank as the bad one (gradients are all-reduced: they go bad everywhere).
+    names_bad_rank: bool = False
 
 
 def _q(*rows: tuple[Any, ...]) -> dict[str, Quantity]:
@@ -58,14 +62,15 @@ def _q(*rows: tuple[Any, ...]) -> dict[str, Quantity]:
 
 #: Every quantity a series can hold, by the part of its key before ``/``.
 QUANTITIES: dict[str, Quantity] = _q(
-    ("loss", "training loss (mean of the backward() losses of the step)", "run", "mean", True, "step"),
+    ("loss", "training loss (mean of the backward() losses of the step)", "run", "mean", True, "step", False,
+     True),
     ("grad_norm_global", "L2 norm of all recorded gradients together", "run", "global", True, "step"),
     ("grad_norm", "L2 norm of a parameter's gradient (before clipping)", "param", "norm", True, "step"),
     ("weight_norm", "L2 norm of a parameter", "param", "norm", True, "scheduled"),
     ("update_ratio", "|W_after - W_before| / |W_before| over one optimizer step", "param", "ratio", False,
      "scheduled"),
-    ("act_mean", "mean of a module's output", "layer", "moment", True, "scheduled"),
-    ("act_std", "standard deviation of a module's output", "layer", "moment", True, "scheduled"),
+    ("act_mean", "mean of a module's output", "layer", "moment", True, "scheduled", False, True),
+    ("act_std", "standard deviation of a module's output", "layer", "moment", True, "scheduled", False, True),
     ("act_zero_frac", "fraction of exact zeros in a module's output", "layer", "moment", False, "scheduled"),
     ("act_sat_frac", "fraction of sigmoid/tanh outputs pinned near their bounds", "layer", "moment", False,
      "scheduled", True),
@@ -343,6 +348,34 @@ class Record:
         rest = [l for l in self.layers.values() if l.depth is None]
         return seen + rest
 
+    def layer_grad_norms(self, step: int | None = None) -> dict[str, tuple[list[int], list[float]]]:
+        """Per layer: (steps, L2 norm of the layer's gradient) from its parameters'
+        ``grad_norm/<param>`` series, layers in forward order (then any others).
+
+        At each step a layer's norm is sqrt(sum of the squared norms of the parameters
+        recorded at that step); a non-finite parameter norm makes the layer's
+        non-finite (NaN wins over Inf). ``step``: that step alone (a logger's per-step
+        scalars: O(parameters), not O(points)). The one place the per-layer norm is
+        computed: the HTML heatmap and the trainer loggers read it from here.
+        """
+        per_layer: dict[str, dict[int, float]] = {l.name: {} for l in self.layers_in_order()}
+        seen: set[str] = set()
+        for key, s in self.series.items():
+            q, param = split_key(key)
+            if q != "grad_norm" or param is None:
+                continue
+            layer = self.layer_of(param)
+            seen.add(layer)
+            acc = per_layer.setdefault(layer, {})
+            for st, v in (_point_at(s, step) if step is not None else zip(*s.points())):
+                acc[st] = _combine_norms(acc[st], v) if st in acc else abs(v)
+        out = {}
+        for layer, acc in per_layer.items():
+            if layer in seen and (acc or step is None):
+                steps = sorted(acc)
+                out[layer] = (steps, [acc[st] for st in steps])
+        return out
+
     def layer_of(self, param: str) -> str:
         p = self.params.get(param)
         if p is not None:
@@ -492,6 +525,23 @@ class Record:
         return rec
 
 
+def _combine_norms(a: float, b: float) -> float:
+    """The L2 norm of two parts with norms ``a`` and ``b``; NaN wins over Inf.
+    (math.hypot would return Inf for (Inf, NaN), and hides no overflow either.)"""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return math.hypot(a, b)
+
+
+def _point_at(s: Series, step: int) -> list[tuple[int, float]]:
+    """The series' value at ``step`` ([] when not recorded then): the last point
+    first (a logger asks for the step just recorded), else a binary search."""
+    if s.last_step == step:
+        return [(step, s.last_value)]
+    i = bisect.bisect_left(s.steps, step)
+    return [(step, s.values[i])] if i < len(s.steps) and s.steps[i] == step else []
+
+
 def _json_safe(obj: Any) -> Any:
     """Recursively make a value JSON-encodable (non-finite floats as strings)."""
     if isinstance(obj, float):
@@ -507,7 +557,3 @@ def _json_safe(obj: Any) -> Any:
 
 def json_safe(obj: Any) -> Any:
     return _json_safe(obj)
-
-
-def finite(values: Iterable[float]) -> list[float]:
-    return [v for v in values if math.isfinite(v)]

@@ -10,10 +10,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from .findings import Finding
-from .record import SCHEMA, Record
+from .findings import Finding, verdict
+from .record import SCHEMA, Record, json_safe
+
+#: How ``rich`` prints a Report (``console.print(report)``): a renderer taking the
+#: Report. Installed by the package facade (``gradvitals/__init__.py`` wires in the
+#: terminal renderer), so this data layer imports no renderer.
+rich_renderer: Callable[[Report], Iterable[Any]] | None = None
 
 
 @dataclass
@@ -23,12 +28,16 @@ class Report:
     record: Record
     findings: list[Finding] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. "trials"
+    #: The rules that failed in the diagnosis that made ``findings`` (``{"rule",
+    #: "error"}``); written as ``rule_error`` events of ``run.events``.
+    rule_errors: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
     def from_record(cls, record: Record) -> Report:
         from .diagnose import diagnose
 
-        return cls(record=record, findings=diagnose(record))
+        findings = diagnose(record)
+        return cls(record=record, findings=list(findings), rule_errors=list(findings.rule_errors))
 
     @classmethod
     def from_json(cls, data: dict[str, Any], *, rediagnose: bool = False) -> Report:
@@ -37,7 +46,8 @@ class Report:
             record = Record.from_json(data)
         except (TypeError, KeyError, AttributeError) as exc:
             raise ValueError(f"not a valid {SCHEMA} report: {type(exc).__name__}: {exc}") from None
-        if rediagnose:
+        if rediagnose:  # the saved diagnosis's failed rules go with its findings
+            record.events = [e for e in record.events if not (isinstance(e, dict) and e.get("type") == "rule_error")]
             return cls.from_record(record)
         findings = [Finding.from_json(f) for f in data.get("findings", [])]
         extra = {k: v for k, v in data.items() if k not in ("schema", "run", "layers", "series", "findings")}
@@ -54,8 +64,6 @@ class Report:
 
     @property
     def verdict(self) -> str:
-        from .diagnose import verdict
-
         if self.untrained:
             # Not "Healthy": nothing was measured (the script printed its --help, failed
             # early, only evaluated).
@@ -80,6 +88,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         out = self.record.to_json()
         out["run"]["verdict"] = self.verdict
+        out["run"]["events"].extend(json_safe({"type": "rule_error", **e}) for e in self.rule_errors)
         out["findings"] = [f.to_json() for f in self.findings]
         out.update(self.extra)
         return out
@@ -88,9 +97,9 @@ class Report:
         return write_atomic(path, json.dumps(self.to_json(), allow_nan=False, separators=(",", ":")))
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
-        from .reports.terminal import render
-
-        yield from render(self)
+        if rich_renderer is None:  # pragma: no cover - the package facade installs one
+            raise TypeError("no terminal renderer installed for Report")
+        yield from rich_renderer(self)
 
 
 def partial_note(run: dict[str, Any]) -> str | None:
@@ -201,10 +210,6 @@ def _check_shape(data: Any) -> None:
         if key in data and not isinstance(data[key], kind):
             raise ValueError(f"not a valid {SCHEMA} report: {key!r} must be a JSON "
                              f"{'object' if kind is dict else 'array'}, got {type(data[key]).__name__}")
-
-
-def schema_id() -> str:
-    return SCHEMA
 
 
 def schema() -> dict[str, Any]:

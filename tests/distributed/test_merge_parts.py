@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gradvitals as gv
-from gradvitals import distributed
+from gradvitals import distributed, torch_compat
 
 
 @pytest.mark.parametrize("sizes", [(7, 7), (1, 30), (5, 11, 2)])
@@ -87,6 +87,6 @@ def test_fsdp_generated_class_reports_the_users_class():
         """Stands in for torch.distributed.fsdp.FSDPModule."""
 
     generated = type("FSDPLinear", (FSDPModule, nn.Linear), {})
-    assert distributed.module_kind(generated(2, 2)) == "Linear"
-    assert distributed.module_kind(nn.Linear(2, 2)) == "Linear"
-    assert distributed.module_kind(type("FSDPThing", (nn.Module,), {})()) == "FSDPThing"
+    assert torch_compat.module_kind(generated(2, 2)) == "Linear"
+    assert torch_compat.module_kind(nn.Linear(2, 2)) == "Linear"
+    assert torch_compat.module_kind(type("FSDPThing", (nn.Module,), {})()) == "FSDPThing"

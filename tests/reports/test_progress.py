@@ -7,6 +7,7 @@ import math
 
 from _report_records import mlp_record
 
+from gradvitals.diagnose import Findings
 from gradvitals.findings import Finding
 from gradvitals.reports.progress import Progress
 
@@ -63,8 +64,9 @@ def test_shows_last_fetched_values_and_findings_so_far(monkeypatch):
 
     def fake_diagnose(record):
         calls.append(record.steps)
-        record.event("rule_error", rule="x", error="boom")  # must not leak into the record
-        return [Finding(code="nonfinite", severity="critical", summary="s", advice="a", step=4)]
+        # a failed rule comes back with the findings; the status line must not write it into the record
+        return Findings([Finding(code="nonfinite", severity="critical", summary="s", advice="a", step=4)],
+                        [{"rule": "x", "error": "boom"}])
 
     monkeypatch.setattr("gradvitals.diagnose.diagnose", fake_diagnose)
     clock, out = Clock(), io.StringIO()

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from ..probes.init_audit import fans
-from ..probes.topology import ActivationCalls, activation_after
+from ..probes.topology import ActivationCalls, activation_after, split_batch
 from ..taxonomy import HE_FAMILIES, WEIGHT_LAYERS, activation_family
 
 
@@ -117,8 +117,6 @@ def trace_activations(model: nn.Module, example_batch: Any) -> dict[str, str]:
 
     The forward runs under ``no_grad`` in the model's current mode; buffers (BatchNorm
     running statistics) and the RNG state are restored afterwards."""
-    from ..preflight import split_batch
-
     args, kwargs, _ = split_batch(example_batch)
     names = {id(m): n for n, m in model.named_modules()}
     events: list[tuple[str, str, str]] = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -142,15 +141,11 @@ def write_reports(report: Report, folder: str | Path) -> list[Path]:
 
 
 def layer_grad_norms(record: Record, step: int) -> dict[str, float]:
-    """Per-layer gradient norms of ``step`` from the values the recorder already fetched
-    (no device access): a layer's norm is the 2-norm of its parameters' norms."""
-    squares: dict[str, float] = {}
-    for name, series in record.per_name("grad_norm").items():
-        if series.last_step != step:
-            continue
-        layer = record.layer_of(name)
-        squares[layer] = squares.get(layer, 0.0) + series.last_value ** 2
-    metrics = {f"gradvitals/grad_norm/{layer}": math.sqrt(v) for layer, v in squares.items()}
+    """A logger's scalars for ``step``: each layer's gradient norm (the record's,
+    :meth:`Record.layer_grad_norms`, from the values the recorder already fetched: no
+    device access) and the global norm."""
+    metrics = {f"gradvitals/grad_norm/{layer}": values[-1]
+               for layer, (_, values) in record.layer_grad_norms(step).items()}
     total = record.get("grad_norm_global")
     if total is not None and total.last_step == step:
         metrics["gradvitals/grad_norm_global"] = total.last_value

@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from ..distributed import dtensor_type_if_loaded, local_tensors
+from ..torch_compat import dtensor_type_if_loaded, local_tensors
 
 _FOREACH_DTYPE_ARG = True  # torch >= 2.3 takes dtype= in _foreach_norm; probed once below
 

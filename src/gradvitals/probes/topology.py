@@ -1,13 +1,17 @@
 """Forward-order topology: which module runs at which depth, and which activation
-follows each weight layer (module or function call, e.g. ``F.relu``).
+follows each weight layer (module or function call, e.g. ``F.relu``); and how an
+example batch becomes the traced forward's call (:func:`split_batch`, shared by the
+checkup and ``init_``).
 
 Runs on one traced forward only (the first recorded step), so its cost is paid once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..taxonomy import TRANSPARENT_LAYERS, WEIGHT_LAYERS, activation_family
@@ -75,3 +79,25 @@ def functional_activations(events: list[tuple[str, str, str]]) -> set[str]:
             out.update(p for p in pending if after.get(p) == name)
         pending = []
     return out
+
+
+def split_batch(batch: Any) -> tuple[tuple, dict, Any]:
+    """(positional args, keyword args, targets) for ``model(...)`` from a batch."""
+    if isinstance(batch, Tensor):
+        return (batch,), {}, None
+    if isinstance(batch, Mapping):
+        if not batch:
+            raise ValueError("batch is an empty dict; give the model's inputs, e.g. {'input_ids': ...}")
+        return (), dict(batch), batch.get("labels")
+    if isinstance(batch, (tuple, list)):
+        if len(batch) not in (1, 2):
+            raise ValueError(f"batch must be a tensor, a dict, (inputs,) or (inputs, targets); "
+                             f"got a {type(batch).__name__} of length {len(batch)}")
+        inputs = batch[0]
+        targets = batch[1] if len(batch) == 2 else None
+        if isinstance(inputs, Mapping):
+            return (), dict(inputs), targets
+        if isinstance(inputs, (tuple, list)):
+            return tuple(inputs), {}, targets
+        return (inputs,), {}, targets
+    raise TypeError(f"batch must be a tensor, a dict, (inputs,) or (inputs, targets); got {type(batch).__name__}")

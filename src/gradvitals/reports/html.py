@@ -21,7 +21,12 @@ from array import array
 from importlib import resources
 from typing import Any, Iterable
 
+from ..findings import Finding, verdict
+from ..record import QUANTITIES, SCHEMA, Record, split_key
 from ..report import partial_note
+from .html_format import fmt as _fmt
+from .html_format import num as _num
+from .html_trials import trials_html
 
 #: Columns of the heatmap at most: a screen shows ~1,000 pixel columns; the record's
 #: series hold 500-1,000 points each after decimation, so this rarely bins.
@@ -37,7 +42,8 @@ PLOT_DIGITS = 4
 UPDATE_RATIO_GUIDE = 1e-3
 #: Quantities recorded as NaN where they do not apply (saturation of a ReLU output,
 #: dead units of a sigmoid): such layers are left out of the panel, not drawn as NaN.
-NAN_MEANS_NOT_APPLICABLE = frozenset({"act_sat_frac", "dead_frac"})
+#: From the quantity table (``Quantity.nan_ok``).
+NAN_MEANS_NOT_APPLICABLE = frozenset(q.name for q in QUANTITIES.values() if q.nan_ok)
 #: Evidence lists longer than this are cut in the findings' evidence tables.
 EVIDENCE_LIST_ITEMS = 8
 #: Evidence strings longer than this are cut (a traceback does not belong in a table).
@@ -64,21 +70,6 @@ EMPTY_PANEL = {
 
 
 # ----------------------------------------------------------------- numbers
-def _num(value: Any) -> float:
-    """A series value from the JSON contract (number, "nan", "inf", "-inf", null)."""
-    if value is None:
-        return math.nan
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _plot_value(v: float) -> float | str:
     """Rounded for the page; non-finite kept as the contract's strings."""
     if math.isnan(v):
@@ -87,20 +78,6 @@ def _plot_value(v: float) -> float | str:
         return "inf" if v > 0 else "-inf"
     rounded = float(f"{v:.{PLOT_DIGITS}g}")
     return rounded if math.isfinite(rounded) else v  # 1.7975e308 would round up to Inf
-
-
-def _fmt(v: Any) -> str:
-    """A number for people: integers as is, others to 4 significant digits."""
-    if isinstance(v, (bool, int)):
-        return str(v)
-    x = _num(v)
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "Inf" if x > 0 else "-Inf"
-    if x == 0 or 1e-3 <= abs(x) < 1e4:
-        return f"{x:.4g}"
-    return f"{x:.3e}"
 
 
 def _series_points(series: dict[str, Any]) -> tuple[list[int], list[float]]:
@@ -125,33 +102,11 @@ def _param_names(layer: dict[str, Any]) -> list[str]:
     return out
 
 
-def layer_grad_norms(report: dict[str, Any]) -> list[tuple[dict[str, Any], dict[int, float]]]:
-    """Per layer with recorded gradients (forward order): step -> L2 norm over its params.
-
-    A layer's norm is sqrt(sum of its parameters' squared norms) at each step; a
-    non-finite parameter norm makes the layer's cell non-finite (NaN wins over Inf).
-    """
-    series = report.get("series", {})
-    out = []
-    for layer in _layers(report):
-        per_step: dict[int, float] = {}
-        found = False
-        for p in _param_names(layer):
-            s = series.get(f"grad_norm/{p}")
-            if not s:
-                continue
-            found = True
-            for step, v in zip(*_series_points(s)):
-                acc = per_step.get(step, 0.0)
-                if math.isnan(acc) or math.isnan(v):
-                    per_step[step] = math.nan
-                elif math.isinf(acc) or math.isinf(v):
-                    per_step[step] = math.inf
-                else:
-                    per_step[step] = math.hypot(acc, v)
-        if found:
-            out.append((layer, per_step))
-    return out
+def _grad_record(report: dict[str, Any]) -> Record:
+    """The report's layers and per-parameter gradient norms as a Record: what the
+    heatmap reads (the per-layer norm is the record's, :meth:`Record.layer_grad_norms`)."""
+    grads = {k: s for k, s in report.get("series", {}).items() if split_key(k)[0] == "grad_norm"}
+    return Record.from_json({"schema": SCHEMA, "layers": _layers(report), "series": grads})
 
 
 def _bins(steps: list[int], max_columns: int) -> list[tuple[int, int]]:
@@ -178,7 +133,9 @@ def heatmap_data(report: dict[str, Any], max_columns: int = MAX_HEATMAP_COLUMNS)
     little-endian, row-major. Binned columns (long runs beyond ``max_columns``) keep
     the max of their steps so a spike or NaN is never averaged away.
     """
-    rows = layer_grad_norms(report)
+    by_name = {l["name"]: l for l in _layers(report)}
+    rows = [(by_name[name], dict(zip(steps, values)))
+            for name, (steps, values) in _grad_record(report).layer_grad_norms().items() if name in by_name]
     all_steps = sorted({s for _, per in rows for s in per})
     bins = _bins(all_steps, max_columns)
     starts = [a for a, _ in bins]
@@ -535,9 +492,6 @@ def _verdict(report: dict[str, Any]) -> str:
     run = report.get("run", {})
     if run.get("verdict"):
         return str(run["verdict"])
-    from ..diagnose import verdict
-    from ..findings import Finding
-
     try:
         return verdict([Finding.from_json(f) for f in report.get("findings", [])])
     except (KeyError, ValueError, TypeError):
@@ -552,68 +506,6 @@ def _page(title: str, body: str) -> str:
         f"<script>{_asset('errors.js')}</script></head>"
         f"<body>{body}<ul id=\"gv-errors\" hidden></ul>"
         f"<script>{_asset('report.js')}</script></body></html>\n")
-
-
-_TRIAL_COLOURS = ("#888888", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
-
-
-def _trial_curves_svg(trials: list[dict[str, Any]], width: int = 640, height: int = 240) -> str:
-    """Loss curves of all trials overlaid (log scale), as inline SVG: no JS needed."""
-    lines = []
-    for t in trials:
-        curve = t.get("loss_curve") or {}
-        pts = [(int(s), _num(v)) for s, v in zip(curve.get("steps", []), curve.get("values", []))]
-        pts = [(s, v) for s, v in pts if math.isfinite(v) and v > 0]
-        lines.append(pts)
-    allp = [p for pts in lines for p in pts]
-    if not allp:
-        return '<p class="hint">No finite loss was recorded in any trial.</p>'
-    smax = max(s for s, _ in allp) or 1
-    lo, hi = math.log10(min(v for _, v in allp)), math.log10(max(v for _, v in allp))
-    hi = hi if hi > lo else lo + 1
-    pad = 30
-    out = [f'<svg class="trial-curves" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-           f'role="img" aria-label="loss curves of the trials">',
-           f'<text x="4" y="14" font-size="11">loss (log) 10^{hi:.1f}</text>'
-           f'<text x="4" y="{height - 4}" font-size="11">10^{lo:.1f}; step 0 .. {smax}</text>']
-    for i, (t, pts) in enumerate(zip(trials, lines)):
-        if not pts:
-            continue
-        colour = _TRIAL_COLOURS[i % len(_TRIAL_COLOURS)]
-        coords = " ".join(
-            f"{pad + (width - 2 * pad) * s / smax:.1f},{pad + (height - 2 * pad) * (hi - math.log10(v)) / (hi - lo):.1f}"
-            for s, v in pts)
-        wide = 3 if t.get("winner") else 1.5
-        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{wide}" points="{coords}">'
-                   f'<title>{html.escape(str(t.get("label") or t.get("remedy")))}</title></polyline>')
-    out.append("</svg>")
-    return "".join(out)
-
-
-def _trials_html(trials: list[dict[str, Any]]) -> str:
-    """try-fixes: the comparison table, the overlaid loss curves and the winner's code change."""
-    if not trials:
-        return ""
-    rows = []
-    for i, t in enumerate(trials):
-        colour = _TRIAL_COLOURS[i % len(_TRIAL_COLOURS)]
-        steps_to = t.get("steps_to_baseline_best")
-        rows.append(
-            f'<tr class="{"winner" if t.get("winner") else ""}"><td><span style="color:{colour}">&#9632;</span> '
-            f'{html.escape(str(t.get("label") or t.get("remedy")))}</td>'
-            f'<td>{"yes" if t.get("applicable") else "no: " + html.escape(str(t.get("reason", "")))}</td>'
-            f'<td>{html.escape(", ".join(t.get("remaining_codes") or []) or "none")}</td>'
-            f'<td>{_fmt(t.get("final_loss"))}</td><td>{_fmt(t.get("best_loss"))}</td>'
-            f'<td>{"-" if steps_to is None else int(steps_to)}</td>'
-            f'<td>{"WINNER" if t.get("winner") else ""}</td></tr>')
-    winner = next((t for t in trials if t.get("winner")), None)
-    fix = (f'<p><b>Winner: {html.escape(str(winner.get("label")))}.</b> Make it permanent:</p>'
-           f'<pre>{html.escape(str(winner.get("snippet", "")))}</pre>' if winner else
-           '<p>No remedy both removed the critical findings and improved the loss within the budget.</p>')
-    return ('<section id="trials-section"><h2>Tried fixes <small>(same script, same seed, same steps)</small></h2>'
-            '<table class="trials"><tr><th>trial</th><th>applied</th><th>findings left</th><th>final loss</th>'
-            f'<th>best loss</th><th>steps to baseline best</th><th></th></tr>{"".join(rows)}</table>'
-            f'{_trial_curves_svg(trials)}{fix}</section>')
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -643,7 +535,7 @@ cells = explosion and NaN. Hover a cell for its value.</p>
 <noscript><p class="hint">Charts need JavaScript; the findings below do not.</p></noscript>
 </section>
 <section id="findings-section"><h2>Findings <small>(root cause first)</small></h2>{_findings_html(findings)}</section>
-{_trials_html([t for t in report.get("trials", []) if isinstance(t, dict)])}
+{trials_html([t for t in report.get("trials", []) if isinstance(t, dict)])}
 <section id="run-section"><h2>Run</h2>{_run_html(run)}</section>
 </main>
 <script type="application/json" id="gv-data-0">{data}</script>"""

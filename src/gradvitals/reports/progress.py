@@ -73,15 +73,13 @@ class Progress:
     def _run_rules(self, record: Any, now: float) -> None:
         from ..diagnose import diagnose
 
-        n_events = len(record.events)
         log = logging.getLogger("gradvitals")
+        # a failing rule is reported once, by the final diagnosis, not every few seconds
         was_disabled, log.disabled = log.disabled, True
         started = time.perf_counter()
         try:
-            self._findings = diagnose(record)
+            self._findings = diagnose(record)  # pure: the record is left as it was
         finally:
-            # a failing rule is reported once, by the final diagnosis, not every few seconds
-            del record.events[n_events:]
             log.disabled = was_disabled
         cost = time.perf_counter() - started
         self._next_rules = now + max(self.findings_interval_s, cost / FINDINGS_TIME_SHARE)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import keyword
 import math
 import statistics
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..record import LayerInfo, Record, Series
 from ..taxonomy import (
@@ -23,6 +25,38 @@ from ..taxonomy import (
     WEIGHT_LAYERS,
     activation_family,
 )
+
+#: The findings of the rules already run in this diagnosis, by (rule, record): a rule
+#: that reads another rule's conclusion (update_ratio_high asks whether the gradient
+#: exploded) gets it from here instead of running that rule a second time. Per
+#: thread/context: an autosave may diagnose beside the training thread.
+_READINGS: ContextVar[dict[tuple[Any, int], tuple[Record, Any]] | None] = ContextVar(
+    "gradvitals_rule_readings", default=None)
+
+
+@contextmanager
+def shared_readings() -> Iterator[None]:
+    """One diagnosis: inside it, :func:`reading` computes each rule once per record."""
+    token = _READINGS.set({})
+    try:
+        yield
+    finally:
+        _READINGS.reset(token)
+
+
+def reading(rule: Callable[[Record], Any], record: Record) -> Any:
+    """``rule(record)``, computed once per diagnosis (outside one: computed now)."""
+    cache = _READINGS.get()
+    if cache is None:
+        return rule(record)
+    key = (rule, id(record))
+    hit = cache.get(key)
+    if hit is not None and hit[0] is record:  # the record is kept: its id cannot be reused
+        return hit[1]
+    out = rule(record)
+    cache[key] = (record, out)
+    return out
+
 
 #: Optimizer steps at the start of a run that no trend or loss rule judges on its
 #: own: the first updates of Adam-like optimizers are sign-like and a warmup ramps

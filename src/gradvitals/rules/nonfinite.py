@@ -10,7 +10,7 @@ pass made it ("forward", the loss included, or "backward"), ``op`` the function.
 from __future__ import annotations
 
 from ..findings import Finding
-from ..record import Record
+from ..record import QUANTITIES, Record, split_key
 from ._common import points, zero_gradient_tail
 
 _WHAT = {
@@ -43,6 +43,12 @@ RECOVERED_MIN_STEPS = 10
 #: The same number of last steps with every gradient exactly 0 makes a run whose values
 #: are finite again dead instead (a saturated softmax, every ReLU dead): finite is
 #: not recovered when nothing can learn any more.
+
+
+#: Series whose first NaN/Inf names the origin when no origin event was recorded: the
+#: quantities the NaN-origin search watches (the quantity table's ``watched``), less
+#: clip_total_norm, which repeats the gradient norm without naming a layer.
+_FALLBACK_WATCHED = frozenset(q.name for q in QUANTITIES.values() if q.watched) - {"clip_total_norm"}
 
 
 def nonfinite(record: Record) -> list[Finding]:
@@ -119,9 +125,7 @@ def nonfinite(record: Record) -> list[Finding]:
     # Fallback: no origin event (e.g. a report from an older run): earliest series.
     first: tuple[int, str] | None = None
     for key, s in record.series.items():
-        if s.first_nonfinite_step is not None and key.split("/")[0] in (
-            "loss", "grad_norm", "grad_norm_global", "weight_norm", "act_mean", "act_std"
-        ):
+        if s.first_nonfinite_step is not None and split_key(key)[0] in _FALLBACK_WATCHED:
             cand = (s.first_nonfinite_step, key)
             if first is None or cand < first:
                 first = cand

@@ -20,10 +20,12 @@ from ._common import (
     loss_levels,
     median,
     points,
+    reading,
     sci,
     weight_params,
 )
-from .gradients import ABSOLUTE_EXPLODING
+from .activations import dead_relu
+from .gradients import ABSOLUTE_EXPLODING, exploding_gradients
 from .loss import PLATEAU_PROGRESS, find_spikes, spike_severity
 
 #: The rule of thumb: a healthy step moves each weight matrix by ~1e-3 of its norm.
@@ -174,9 +176,7 @@ def _units_died_under(record: Record, typical: dict[int, tuple[float, float, lis
     UPDATE_RATIO_HIGH. The loss may still fall (the surviving units carry it); the dead
     units are the damage the learning rate did. None otherwise (dead from the init is
     the init's, not the learning rate's)."""
-    from .activations import dead_relu
-
-    dead = [f for f in dead_relu(record) if f.severity in ("warning", "critical")]
+    dead = [f for f in reading(dead_relu, record) if f.severity in ("warning", "critical")]
     if not dead or not typical:
         return None
     death = dead[0].step
@@ -201,10 +201,8 @@ def _units_died_under(record: Record, typical: dict[int, tuple[float, float, lis
 def _nan_after_growth(record: Record) -> bool:
     """A NaN that large steps can explain: the gradient climbed into it. A NaN out of
     the blue (sqrt(0) in backward, bad data) says nothing about the learning rate."""
-    from .gradients import exploding_gradients
-
     return any(not f.evidence.get("at_init") and f.evidence.get("nonfinite_step") is not None
-               for f in exploding_gradients(record))
+               for f in reading(exploding_gradients, record))
 
 
 def update_ratio_low(record: Record) -> list[Finding]:

@@ -1,0 +1,74 @@
+"""What differs between torch builds and wrappers, behind one name each: the user's
+model inside a DDP/DataParallel wrapper, the user's class name behind FSDP2's and
+parametrization's generated classes, DTensor (FSDP2 shards) and its local parts.
+
+Plain helpers, no process group: the recorder, the probes and the distributed merge
+use them alike.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor, nn
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The user's model inside a DDP / DataParallel wrapper (their names lack ``module.``)."""
+    seen = 0
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and seen < 8:
+        module = module.module
+        seen += 1
+    return module
+
+
+def module_kind(module: nn.Module) -> str:
+    """The user's class name: FSDP2 swaps ``Linear`` for a generated ``FSDPLinear``,
+    a parametrization (spectral_norm, weight_norm) for ``ParametrizedLinear``."""
+    if isinstance(module, torch.jit.ScriptModule):  # torch.jit.script(nn.Linear(...))
+        return str(getattr(module, "original_name", None) or type(module).__name__)
+    return module_kind_of_class(type(module))
+
+
+def module_kind_of_class(cls: type) -> str:
+    name = cls.__name__
+    for prefix in ("FSDP", "Parametrized"):
+        if name.startswith(prefix):
+            for base in cls.__bases__:
+                if base.__name__ == name[len(prefix):]:
+                    return module_kind_of_class(base)
+    return name
+
+
+def dtensor_type() -> type | None:
+    """torch's DTensor class (imports torch.distributed.tensor), or None without it."""
+    try:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor
+    except Exception:  # torch without distributed
+        return None
+
+
+def dtensor_type_if_loaded() -> type | None:
+    """DTensor when torch.distributed.tensor is imported (only then can one exist);
+    None otherwise, without importing it (a dict lookup: for the per-step path)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    """Each DTensor's local shard (no communication); plain tensors unchanged."""
+    dt = dtensor_type()
+    if dt is None:
+        return tensors
+    return [t.to_local() if isinstance(t, dt) else t for t in tensors]
+
+
+def has_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except Exception:
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())

@@ -1,0 +1,112 @@
+"""The merge reads how each value combines from the quantity table, in one process: a
+one-rank gloo group, and a second rank that recorded the same values (the sum of two
+equal buffers). Every merged value must come back as recorded, in its key's place."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gradvitals import distributed
+from gradvitals.record import Record
+
+
+class _Recorder:
+    """The public names the merge uses, and nothing else (no private attribute)."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]) -> None:
+        self.models: list = []
+        self.record = Record()
+        self.version = 0
+        self.step = 3
+        self.merger = None
+        self.failed: list = []
+        self._masks = masks
+
+    def ever_active(self, name: str) -> torch.Tensor | None:
+        return self._masks.get(name)
+
+    def fail(self, probe: str, exc: BaseException) -> None:
+        self.failed.append((probe, exc))
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _stats(name: str, *extra: str) -> list[str]:
+    return [f"{q}/{name}" for q in ("act_mean", "act_std", "act_zero_frac", "act_sat_frac",
+                                    "act_nonfinite_frac", *extra)]
+
+
+def _pending() -> list[tuple[int, list[str], torch.Tensor]]:
+    return [
+        (3, ["loss"], torch.tensor([2.5])),
+        (3, ["grad_norm/a.weight", "grad_norm/a.bias"], torch.tensor([3.0, 4.0])),
+        (3, ["grad_norm_global"], torch.tensor([0.0])),
+        (3, _stats("a", "dead_frac"), torch.tensor([0.5, 2.0, 0.25, 0.0, 0.0, 0.9])),  # measured alone
+        (3, _stats("b") + _stats("c"), torch.tensor([1.0, 3.0, 0.1, 0.2, 0.0, -1.0, 0.5, 0.0, 0.0, 0.3])),
+        (3, ["dead_frac/b", "dead_frac/c"], torch.tensor([0.25, 0.75])),  # a group's window
+        (3, ["lr/opt.0", "clip_total_norm"], torch.tensor([0.1, 7.0])),
+    ]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_each_value_merges_by_its_quantity_and_comes_back_in_its_place(one_rank_group, monkeypatch, ranks):
+    rec = _Recorder({"a": torch.tensor([True, False, False, True]), "b": torch.tensor([False] * 4)})
+    merger = distributed.Merger(rec)
+    merger.world = ranks
+    sent = []
+
+    def allreduce(buf):  # the other ranks recorded the very same values
+        sent.append(buf.numel())
+        buf.mul_(ranks)
+
+    monkeypatch.setattr(merger, "_allreduce", allreduce)
+    pending = _pending()
+    out = merger.merge(pending)
+    assert [keys for _, keys, _ in out] == [keys for _, keys, _ in pending]
+    got = {k: v for _, keys, vals in out for k, v in zip(keys, vals.tolist())}
+    want = {k: v for _, keys, vals in pending for k, v in zip(keys, vals.tolist())}
+    want["grad_norm_global"] = 5.0  # recomputed from the merged parameter norms
+    want["dead_frac/a"] = 0.5  # from the recorder's "ever active" mask of a: 2 of 4 units never fired
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+    # one layout check, a flag per rank, 1 loss, 2 norms, 0 global, 6 + 4 mask flags for a,
+    # 2 x 6 for b and c (moments + 3 fractions each), 2 group dead fractions, lr and clip
+    assert sent == [1 + ranks + 1 + 2 + 0 + 6 + 4 + 12 + 2 + 2]
+    assert not rec.failed and merger.bad_ranks == []
+
+
+def test_a_nan_in_a_value_of_the_ranks_own_batch_names_the_rank(one_rank_group, monkeypatch):
+    rec = _Recorder({})
+    merger = distributed.Merger(rec)
+    monkeypatch.setattr(merger, "_allreduce", lambda buf: None)
+    merger.merge([(0, ["grad_norm/a.weight"], torch.tensor([math.inf]))])
+    assert merger.bad_ranks == []  # gradients are shared: a NaN there names no rank
+    merger.merge([(0, _stats("a"), torch.tensor([0.0, math.nan, 0.0, 0.0, 0.0]))])
+    assert merger.bad_ranks == [0]
+    merger.merge([(1, ["loss/opt"], torch.tensor([math.nan]))])
+    assert merger.bad_ranks == [0]
+
+
+def test_the_merge_reads_no_private_name_of_the_recorder():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(distributed))
+    private = sorted({ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                      and ast.unparse(n.value) in ("recorder", "rec", "self.recorder")
+                      and n.attr.startswith("_")})
+    private += sorted({ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                       and ast.unparse(n.func) == "getattr" and len(n.args) > 1
+                       and isinstance(n.args[1], ast.Constant) and str(n.args[1].value).startswith("_")})
+    assert private == []
