@@ -57,8 +57,6 @@ from torch.utils._pytree import tree_leaves
 
 from .record import QUANTITIES, quantity_of, split_key
 from .torch_compat import dtensor_type, has_fsdp, local_tensors, unwrap
-# re-export for recorder.py until the recorder package lands
-from .torch_compat import dtensor_type_if_loaded, module_kind  # noqa: F401
 
 log = logging.getLogger("gradvitals")
 

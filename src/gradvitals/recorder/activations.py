@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import distributed as torch_compat  # MERGE: torch_compat
+from .. import torch_compat
 from .. import distributed
 from ..probes import activations as act_probe
 from ..probes import init_audit

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from .. import distributed as torch_compat  # MERGE: torch_compat
+from .. import torch_compat
 from ..probes.nonfinite import replay_backward, replay_forward
 from ..probes.norms import fused_norms
 from ..record import Record, split_key

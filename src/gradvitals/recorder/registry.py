@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import distributed as torch_compat  # MERGE: torch_compat
+from .. import torch_compat
 from ..probes import init_audit
 from ..record import LayerInfo, ParamInfo, Record, Series, series_key, split_key
 from ..taxonomy import WEIGHT_LAYERS

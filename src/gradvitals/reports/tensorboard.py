@@ -37,8 +37,8 @@ class TensorBoardSink:
             s = record.series.get(key)
             if s is not None and s.last_step is not None and math.isfinite(s.last_value):
                 add(f"gradvitals/{key}", s.last_value, s.last_step)
+        layers: dict[int, set[str]] = {}  # step -> the layers whose gradient norms this flush fetched
         for step, keys, _ in pending:
-            layers: dict[str, float] = {}
             for k in keys:
                 q, name = split_key(k)
                 if q in ("grad_norm", "update_ratio"):
@@ -46,11 +46,11 @@ class TensorBoardSink:
                     if math.isfinite(v):
                         add(f"gradvitals/{k}", v, step)
                     if q == "grad_norm" and name is not None:
-                        layer = record.layer_of(name)
-                        layers[layer] = layers.get(layer, 0.0) + v * v
-            for layer, sq in layers.items():  # a layer's norm: sqrt of its parameters' squared norms
-                if math.isfinite(sq):
-                    add(f"gradvitals/layer_grad_norm/{layer}", math.sqrt(sq), step)
+                        layers.setdefault(step, set()).add(record.layer_of(name))
+        for step, names in layers.items():
+            for layer, (_, values) in record.layer_grad_norms(step).items():
+                if layer in names and values and math.isfinite(values[0]):
+                    add(f"gradvitals/layer_grad_norm/{layer}", values[0], step)
 
     def finish(self, findings: Iterable[Any]) -> None:
         """One text entry per finding, then close the file."""
