@@ -452,6 +452,8 @@ class WandbWatch(Method):
 
 
 def _available(method: type[Method]) -> bool:
+    if issubclass(method, BaselineDefault) and method.package is None:
+        return False  # only with --baseline
     try:
         if method is WandbWatch:
             import wandb  # noqa: F401
@@ -462,8 +464,49 @@ def _available(method: type[Method]) -> bool:
     return True
 
 
+class BaselineDefault(GradvitalsMethod):
+    """The default watch of another revision of gradvitals (``--baseline REV``), loaded
+    beside this one as the package ``gradvitals_base``: a before/after comparison of a
+    change in one process, each against the same plain blocks."""
+
+    name = "gv_default_base"
+    label = "gradvitals watch (default) of the --baseline revision"
+    package: Any = None
+
+    def setup(self) -> None:
+        self.watch = self.package.watch(self.model, self.opt, **self.options)
+        self.watch.pause()
+
+
+class BaselineFull(BaselineDefault):
+    name = "gv_full_base"
+    label = "gradvitals full=True of the --baseline revision"
+    options = {"full": True}
+    warmup = None
+
+
+def load_baseline(rev: str) -> Any:
+    """``src/gradvitals`` at git revision ``rev``, importable as ``gradvitals_base``
+    (the package imports itself relatively, so a renamed copy is self-contained)."""
+    import importlib
+    import io
+    import subprocess
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    data = subprocess.run(["git", "-C", str(root), "archive", rev, "src/gradvitals"],
+                          check=True, capture_output=True).stdout
+    where = Path(tempfile.mkdtemp(prefix="gv-baseline-"))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(where, filter="data")
+    (where / "src" / "gradvitals").rename(where / "gradvitals_base")
+    sys.path.insert(0, str(where))
+    return importlib.import_module("gradvitals_base")
+
+
 METHODS: list[type[Method]] = [Method, PlainTwin, GradvitalsMethod, GradvitalsEarly, GradvitalsNoOrigin, GradvitalsFull,
-                               GradvitalsAutosave, GradvitalsAutosave1s, NormFloor, NormFetch, NaiveItem, ClipTotal, DetectAnomaly, ActHooks, TensorBoardHist, WandbWatch]
+                               GradvitalsAutosave, GradvitalsAutosave1s, NormFloor, NormFetch, NaiveItem, ClipTotal, DetectAnomaly, ActHooks, TensorBoardHist, WandbWatch,
+                               BaselineDefault, BaselineFull]
 
 
 # ------------------------------------------------------------------ timing
@@ -562,6 +605,12 @@ def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps
             saves = next((getattr(m, "saves", None) for m in insts if m.name == name), None)
             out[f"_{name}_vs_default"] = {"ratio": statistics.median(rel), "ratio_q1": lo, "ratio_q3": hi,
                                           "saves": saves}
+    for new, old in (("gv_default", "gv_default_base"), ("gv_full", "gv_full_base")):
+        if new in block and old in block:
+            # This revision against the --baseline one, per round (same plain blocks).
+            rel = [a / b for a, b in zip(ratios[new], ratios[old])]
+            lo, hi = _quantiles(rel)
+            out[f"_{new}_vs_base"] = {"ratio": statistics.median(rel), "ratio_q1": lo, "ratio_q3": hi}
     if "gv_default" in block and "norm_fetch" in block:
         # What gradvitals adds beyond the least any per-step norm recorder must do.
         rel = [a / b for a, b in zip(ratios["gv_default"], ratios["norm_fetch"])]
@@ -714,6 +763,13 @@ def render(results: dict[str, Any], method_names: list[str]) -> str:
         lines.append("")
         lines.append("default watch / norm_fetch (gradvitals beyond the fetched-norm floor, same run): "
                      + ", ".join(f"{w} {c['ratio']:.3f}x" for w, c in ctx))
+    for name in ("gv_default", "gv_full"):
+        ctx = [(w, r["methods"][f"_{name}_vs_base"]) for w, r in results["workloads"].items()
+               if f"_{name}_vs_base" in r["methods"]]
+        if ctx:
+            lines.append(f"{name} / {name}_base (this revision / --baseline, same run): "
+                         + ", ".join(f"{w} {c['ratio']:.3f}x ({c['ratio_q1']:.3f}-{c['ratio_q3']:.3f})"
+                                     for w, c in ctx))
     for name in ("gv_autosave", "gv_autosave_1s"):
         ctx = [(w, r["methods"][f"_{name}_vs_default"]) for w, r in results["workloads"].items()
                if f"_{name}_vs_default" in r["methods"]]
@@ -780,6 +836,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=THREADS,
                    help=f"torch threads (default {THREADS}; 1 on a machine whose cores are busy: two "
                         "threads there measured a 0.2 ms step at 10 ms, spinning)")
+    p.add_argument("--baseline", metavar="REV", default=None,
+                   help="also time gradvitals at git revision REV (methods gv_default_base, gv_full_base) "
+                        "and print this revision / that one per round")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.malloc == "pinned" and any(os.environ.get(k) != v for k, v in MALLOC_PINNED.items()):
@@ -797,11 +856,18 @@ def main(argv: list[str] | None = None) -> int:
     rounds, steps, rec_steps = (2, 5, 20_000) if a.quick else (a.rounds, a.steps, RECORD_STEPS)
     if a.gv_warmup < 0:
         p.error("--gv-warmup must be a non-negative integer")
-    for m in (GradvitalsMethod, GradvitalsNoOrigin, GradvitalsAutosave, GradvitalsAutosave1s):
+    if a.baseline:
+        try:
+            BaselineDefault.package = load_baseline(a.baseline)
+        except Exception as exc:
+            p.error(f"--baseline {a.baseline}: cannot load gradvitals at that revision ({exc})")
+    for m in (GradvitalsMethod, GradvitalsNoOrigin, GradvitalsAutosave, GradvitalsAutosave1s, BaselineDefault):
         m.warmup = 5 if a.quick else a.gv_warmup
     methods = [m for m in METHODS if _available(m)]
     if a.methods:
         want = {x.strip() for x in a.methods.split(",")} | {"plain"}
+        if a.baseline:  # each chosen gradvitals method beside its --baseline twin
+            want |= {f"{n}_base" for n in want if n in ("gv_default", "gv_full")}
         unknown = want - {m.name for m in METHODS}
         if unknown:
             p.error(f"--methods: unknown {', '.join(sorted(unknown))}; allowed: "
