@@ -32,6 +32,7 @@ CAUSAL_ORDER: tuple[str, ...] = (
     "no_gradient",
     "not_updated",
     "update_ratio_low",
+    "adam_epsilon_too_large",
     "nonfinite",
     "loss_spike",
     "loss_plateau",
