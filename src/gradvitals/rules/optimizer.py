@@ -69,7 +69,9 @@ def _eps_divides(entry: dict[str, Any]) -> float | None:
     eps, betas, kind = entry.get("eps"), entry.get("betas"), entry.get("kind")
     if not isinstance(eps, (int, float)) or not eps > 0 or not isinstance(betas, list):
         return None
-    if kind in EPS_NOT_DENOMINATOR:
+    if kind in EPS_NOT_DENOMINATOR or eps <= EPS_DEFAULT:
+        # At the default or below, gradients that small are the vanishing-gradient
+        # rules' business (a GAN generator at 1e-10 under eps 1e-8 learns with no eps).
         return None
     return float(eps)
 
@@ -81,7 +83,8 @@ def _clip_scale(record: Record) -> dict[int, float]:
 
 
 def adam_epsilon_too_large(record: Record) -> list[Finding]:
-    """Layers whose gradient RMS stays within EPS_RMS_FACTOR x their group's Adam eps.
+    """Layers whose gradient RMS stays within EPS_RMS_FACTOR x their group's Adam eps,
+    where that eps is above EPS_DEFAULT (raised by the user).
 
     For each parameter an Adam-family group steps: RMS = grad_norm / sqrt(numel) at each
     step (after clipping, when clip_grad_norm_ ran), over the last EPS_WINDOW_FRACTION
@@ -146,17 +149,13 @@ def _advice(hits: list[dict[str, Any]], worst: dict[str, Any]) -> str:
     if kind not in ADAM_FAMILY:
         kind = "AdamW"
     largest = max(h["eps"] for h in hits)
-    new = EPS_DEFAULT if largest > EPS_DEFAULT else 1e-15
+    new = EPS_DEFAULT
     lines = [f"Lower eps so it sits well below the gradients' scale (Adam's update is m / (sqrt(v) + eps)):",
              f"    optimizer = torch.optim.{kind}(model.parameters(), lr=..., eps={new:g})"
              f"  # was eps={largest:g}"]
     groups = sorted({(h["optimizer"], h["group"]) for h in hits if h.get("group") is not None})
     if len(groups) == 1 and groups[0][1] not in (0, None):
         lines.append(f"    # or only that param group:  optimizer.param_groups[{groups[0][1]}]['eps'] = {new:g}")
-    if new < EPS_DEFAULT:
-        lines.append("eps is already at the default: these gradients are smaller still. eps=1e-15 (Wortsman et "
-                     "al. 2023) keeps the update's scale; or find why the layer's gradient is that small (a "
-                     "loss term weighted 1e-6, a branch scaled down).")
     dtypes = {h["dtype"] for h in hits}
     if "float16" in dtypes:
         lines.append(f"These parameters are float16: an eps below {FP16_SMALLEST:.1e} rounds to 0 in fp16 optimizer "
