@@ -215,6 +215,18 @@ def _shows_poor_init(r: dict) -> bool:
     return len(std0) >= 2 and (std0[-1] / std0[0] > 1e2 or std0[-1] / std0[0] < 1e-2)
 
 
+def _shows_adam_eps(r: dict) -> bool:
+    """Some parameter's gradient RMS (norm / sqrt(numel)) over the run's second half is
+    below its Adam group's eps itself (the rule fires from a few times eps)."""
+    eps = {p: g["eps"] for g in r["run"].get("optimizer_groups", []) if "eps" in g for p in g["params"]}
+    for p in _params(r):
+        g = _finite(_values(r, "grad_norm/" + p["name"]))
+        if p["name"] in eps and len(g) >= 20:
+            if statistics.median(g[len(g) // 2:]) / math.sqrt(p["numel"]) < eps[p["name"]]:
+                return True
+    return False
+
+
 SHOWS = {
     "vanishing_gradients": _shows_vanishing,
     "exploding_gradients": _shows_exploding,
@@ -231,6 +243,7 @@ SHOWS = {
     "not_updated": _shows_not_updated,
     "grad_not_zeroed": _shows_grad_not_zeroed,
     "poor_initialization": _shows_poor_init,
+    "adam_epsilon_too_large": _shows_adam_eps,
     # symmetric_weights: the script prints torch's own check ("... identical: True").
     # architecture_risk: structural, visible in the script itself.
 }

@@ -38,6 +38,7 @@ CAUSAL_ORDER: tuple[str, ...] = (
     "no_gradient",
     "not_updated",
     "update_ratio_low",
+    "adam_epsilon_too_large",
     "nonfinite",
     "loss_spike",
     "loss_plateau",

@@ -29,6 +29,7 @@ CODES: tuple[str, ...] = (
     "grad_not_zeroed",  # added to the first table: gradients never cleared between steps
     "eval_mode_training",  # added to the first table: trained in eval mode after train mode
     "loss_on_probabilities",  # added to the first table: a softmax fed to cross_entropy & co
+    "adam_epsilon_too_large",  # added: Adam's eps as large as a layer's gradients (it stops learning)
 )
 
 

@@ -134,3 +134,71 @@ def test_loss_on_probabilities_from_the_recorders_event(loss_fn, made_by, classe
     b2 = Build().mlp(3).loss(falling_loss(100))
     b2.event("loss_on_probabilities", step=0, loss="mse_loss", input_from="SoftmaxBackward0", steps=100)
     assert L.loss_on_probabilities(b2.record) == []  # a pair it does not know: nothing
+
+
+# --------------------------------------------------------- spikes at scale
+def _noise(n: int, d: float = 0.05) -> list[float]:
+    return [d * math.sin(1.7 * i + 0.3) for i in range(n)]
+
+
+def _robust_sd(logs: list[float]) -> tuple[float, float]:
+    """The window's median and 1.4826 x MAD, computed here as the oracle."""
+    import statistics
+    m = statistics.median(logs)
+    return m, 1.4826 * statistics.median(abs(x - m) for x in logs)
+
+
+def _scale_record(jump_z: float, n_before: int = 30):
+    """Log-loss noise around log 2, then one step jump_z robust deviations above the
+    previous points' median, then the noise again."""
+    logs = _noise(n_before)
+    m, sd = _robust_sd(logs[-L.SCALE_WINDOW:])
+    logs = logs + [m + jump_z * sd] + _noise(10)
+    return Build().loss([2.0 * math.exp(x) for x in logs]).record, n_before
+
+
+def test_scale_spike_at_six_robust_deviations_and_not_below():
+    r, at = _scale_record(L.SCALE_Z + 0.01)
+    scale = L.scale_spikes(r)
+    assert [e["step"] for e in scale["events"]] == [at] and scale["loss_spikes"] == 1
+    assert scale["events"][0]["recovered"] is True and scale["events"][0]["recovered_step"] == at + 1
+    r, _ = _scale_record(L.SCALE_Z - 0.01)
+    assert L.scale_spikes(r)["events"] == []
+
+
+def test_scale_needs_min_samples_before_judging():
+    r, at = _scale_record(20.0, n_before=L.SCALE_MIN_SAMPLES - 1)
+    assert L.scale_spikes(r)["events"] == []
+    r, at = _scale_record(20.0, n_before=L.SCALE_MIN_SAMPLES)
+    assert [e["step"] for e in L.scale_spikes(r)["events"]] == [at]
+
+
+def test_scale_co_spike_and_the_layer_that_jumped_first():
+    b = Build().layer("a", "Linear", params={"weight": [4, 4]}).layer("b", "Linear", params={"weight": [4, 4]})
+    n = 40
+    wiggle = [math.exp(x) for x in _noise(n)]
+    loss = [2.0 * w for w in wiggle]
+    loss[31] = 8.0
+    ga = list(wiggle)
+    gb = [w * 1.1 for w in reversed(wiggle)]
+    gb[30] = 20.0  # b jumps one step before a and the loss
+    ga[31] = 50.0  # a jumps more, but later
+    b.loss(loss).series("grad_norm/a.weight", ga).series("grad_norm/b.weight", gb)
+    b.series("grad_norm_global", [math.hypot(x, y) for x, y in zip(ga, gb)])
+    scale = L.scale_spikes(b.record)
+    ev = scale["events"][0]
+    assert len(scale["events"]) == 1
+    assert ev["co_spike"] and ev["loss_z"] >= L.SCALE_Z and ev["grad_norm_z"] >= L.SCALE_Z
+    assert (ev["first_layer"], ev["first_layer_step"]) == ("b", 30)
+    assert [j["layer"] for j in ev["layers_jumped"]] == ["b", "a"]
+    f = L.loss_spike(b.record)[0]
+    assert f.layers == ("b",) and "b jumped first" in f.summary
+
+
+def test_a_loss_that_stays_up_is_not_recovered_and_a_short_tail_is_unknown():
+    start = [2.0 * math.exp(x) for x in _noise(30)]
+    # the spike steps go on until the window fills with the new level; then 100 more
+    ev = L.scale_spikes(Build().loss(start + [10.0] * (L.SCALE_RECOVERY_STEPS + 60)).record)["events"][0]
+    assert ev["step"] == 30 and ev["recovered"] is False
+    ev = L.scale_spikes(Build().loss(start + [10.0] * 5).record)["events"][0]
+    assert ev["step"] == 30 and ev["recovered"] is None

@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import distributed
 from ..probes.norms import foreach_norm, fused_norms
 from ..record import Record, Series, series_key
+from .hyperparams import GroupFacts
 from .losses import LossTracker
 from .options import Options, scheduled
 from .registry import Registry, WatchedOptimizer
@@ -43,6 +44,7 @@ class GradientMeter:
         self.losses = losses
         self.record = record
         self.manual_before: tuple[list[str], list[Tensor], list[Tensor], Tensor] | None = None
+        self.groups = GroupFacts(registry, record)
 
     # ------------------------------------------------------------ norms
     def grad_norms(self, o: WatchedOptimizer | None) -> tuple[list[str], Any] | None:
@@ -89,6 +91,8 @@ class GradientMeter:
             groups = opt.param_groups
             if len(o.lr_keys) != len(groups):
                 o.lr_keys = [series_key("lr", f"{o.label}.{i}") for i in range(len(groups))]
+            if self.groups.due(o, scheduled(self.options, step)):
+                self.groups.note(o, opt, step)  # host values only: no sync
             if FAST_PATH and self.steady(o, step, groups) and self._one_read(o, step, groups):
                 return
             measured = o.preclip or self.grad_norms(o)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from ..findings import Finding
 from ..record import Record
@@ -183,6 +184,154 @@ def spike_severity(record: Record, spikes: list[Spike]) -> str:
     return "warning" if severe or not recovered else "info"
 
 
+# ------------------------------------------------------- spikes at scale
+#: The detector large runs use: OLMo-core's SkipStepOptimizer judges each step's loss
+#: and gradient norm against a rolling window of the previous 128 steps, skipping the
+#: step when either is more than 6 standard deviations above the window's mean, once
+#: max(20, window // 2) samples are in (olmo_core/optim/skip_step_optimizer.py:
+#: rolling_interval_length=128, sigma_factor=6). Here on the logs, with the median
+#: and the MAD (robust: a spike does not widen its own window), from 20 samples on
+#: (OLMo-core's floor: our runs are shorter than theirs).
+SCALE_WINDOW = 128
+SCALE_Z = 6.0
+SCALE_MIN_SAMPLES = 20
+#: Robust spread floor, in log units (a flat window has MAD 0): 1% of the level.
+SCALE_LOG_FLOOR = 0.01
+#: A loss spike and a gradient-norm spike this many steps apart or less are one
+#: co-spike (the update of step t shows in the loss and the gradient of step t + 1).
+CO_SPIKE_STEPS = 2
+#: Spike steps closer than this belong to one event.
+SCALE_EVENT_GAP = 5
+#: Recovered: the loss back at or below the pre-spike median + this many robust
+#: deviations within SCALE_RECOVERY_STEPS steps of the event's end (None: the run
+#: ended before that many steps and had not come back).
+SCALE_RECOVERED_Z = 3.0
+SCALE_RECOVERY_STEPS = 100
+#: A layer "jumped" when its own gradient norm's robust z-score (same window, logs)
+#: reaches this; looked for from this many steps before the event to its end. Lower
+#: than SCALE_Z: it only orders the layers around a spike the 6-deviation test found,
+#: and one layer's norm is noisier than the global one (a tiny GPT's layers read z 2-4.4
+#: on the step after a x100 learning rate, the loss z 8).
+LAYER_JUMP_Z = 3.0
+LAYER_LOOKBACK = 10
+#: Events kept in the evidence.
+SCALE_EVENTS_SHOWN = 10
+
+
+def _log_points(series: Any) -> tuple[list[int], list[float]]:
+    steps, values = points(series)
+    kept = [(s, math.log(v)) for s, v in zip(steps, values) if v > 0]
+    return [s for s, _ in kept], [v for _, v in kept]
+
+
+def robust_z(values: list[float], i: int) -> tuple[float, float, float] | None:
+    """(z, median, robust sd) of ``values[i]`` against the SCALE_WINDOW values before it,
+    or None with fewer than SCALE_MIN_SAMPLES of them."""
+    window = values[max(0, i - SCALE_WINDOW): i]
+    if len(window) < SCALE_MIN_SAMPLES:
+        return None
+    m = median(window)
+    sd = max(mad(window, m), SCALE_LOG_FLOOR)
+    return (values[i] - m) / sd, m, sd
+
+
+def _z_spikes(steps: list[int], logs: list[float]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for i in range(len(logs)):
+        r = robust_z(logs, i)
+        if r is not None and r[0] >= SCALE_Z:
+            out[steps[i]] = r[0]
+    return out
+
+
+def _layer_log_norms(record: Record) -> dict[str, tuple[list[int], list[float]]]:
+    """Per-layer gradient norms (2-norm of its parameters' norms at each step), as logs.
+    Computed here from the per-parameter series; Record.layer_grad_norms() is the one
+    place for it once the record has it."""
+    squares: dict[str, dict[int, float]] = {}
+    for name, series in record.per_name("grad_norm").items():
+        acc = squares.setdefault(record.layer_of(name), {})
+        for st, v in zip(*points(series)):
+            acc[st] = acc.get(st, 0.0) + v * v
+    out = {}
+    for layer, by_step in squares.items():
+        steps = sorted(st for st, v in by_step.items() if v > 0)
+        out[layer] = (steps, [0.5 * math.log(by_step[st]) for st in steps])
+    return out
+
+
+def _first_jump(layers: dict[str, tuple[list[int], list[float]]], start: int, end: int) -> list[dict[str, Any]]:
+    """The layers whose gradient norm jumped (z >= LAYER_JUMP_Z) between
+    ``start - LAYER_LOOKBACK`` and ``end``, earliest first (ties: the larger jump)."""
+    jumps = []
+    for layer, (steps, logs) in layers.items():
+        for i, st in enumerate(steps):
+            if st < start - LAYER_LOOKBACK:
+                continue
+            if st > end:
+                break
+            r = robust_z(logs, i)
+            if r is not None and r[0] >= LAYER_JUMP_Z:
+                jumps.append({"layer": layer, "step": st, "z": r[0], "factor": math.exp(logs[i] - r[1])})
+                break
+    jumps.sort(key=lambda j: (j["step"], -j["z"]))
+    return jumps
+
+
+def scale_spikes(record: Record) -> dict[str, Any] | None:
+    """Spikes as large runs detect them: robust z-scores (median/MAD over SCALE_WINDOW
+    previous points) of log loss and log global gradient norm; events of nearby spike
+    steps, whether loss and gradient norm spiked together, whether the loss recovered,
+    and the layer whose gradient norm jumped first. None when the run is too short."""
+    lsteps, llogs = _log_points(record.get("loss"))
+    gsteps, glogs = _log_points(record.get("grad_norm_global"))
+    if len(llogs) <= SCALE_MIN_SAMPLES and len(glogs) <= SCALE_MIN_SAMPLES:
+        return None
+    loss_z = _z_spikes(lsteps, llogs)
+    grad_z = _z_spikes(gsteps, glogs)
+    spike_steps = sorted(set(loss_z) | set(grad_z))
+    groups: list[list[int]] = []
+    for st in spike_steps:
+        if groups and st - groups[-1][-1] <= SCALE_EVENT_GAP:
+            groups[-1].append(st)
+        else:
+            groups.append([st])
+    layers = _layer_log_norms(record) if groups else {}
+    events = []
+    for g in groups:
+        start, end = g[0], g[-1]
+        lz = [loss_z[s] for s in g if s in loss_z]
+        gz = [grad_z[s] for s in g if s in grad_z]
+        co = any(abs(a - b) <= CO_SPIKE_STEPS for a in g if a in loss_z for b in g if b in grad_z)
+        ev: dict[str, Any] = {"step": start, "end_step": end, "loss_z": max(lz) if lz else None,
+                              "grad_norm_z": max(gz) if gz else None, "co_spike": co,
+                              "recovered": None, "recovered_step": None}
+        if lz:
+            ev["recovered"], ev["recovered_step"] = _recovered(lsteps, llogs, start, end)
+        jumps = _first_jump(layers, start, end)
+        ev["first_layer"] = jumps[0]["layer"] if jumps else None
+        ev["first_layer_step"] = jumps[0]["step"] if jumps else None
+        ev["layers_jumped"] = jumps[:5]
+        events.append(ev)
+    return {"window": SCALE_WINDOW, "z_threshold": SCALE_Z, "min_samples": SCALE_MIN_SAMPLES,
+            "spikes": len(events), "loss_spikes": sum(1 for e in events if e["loss_z"] is not None),
+            "grad_norm_spikes": sum(1 for e in events if e["grad_norm_z"] is not None),
+            "co_spikes": sum(1 for e in events if e["co_spike"]), "events": events[:SCALE_EVENTS_SHOWN]}
+
+
+def _recovered(steps: list[int], logs: list[float], start: int, end: int) -> tuple[bool | None, int | None]:
+    i0 = steps.index(start)
+    r = robust_z(logs, i0)
+    if r is None:
+        return None, None
+    _, m, sd = r
+    bound = m + SCALE_RECOVERED_Z * sd
+    for st, v in zip(steps, logs):
+        if st > end and v <= bound:
+            return (st - end <= SCALE_RECOVERY_STEPS), st
+    return (False if steps[-1] - end >= SCALE_RECOVERY_STEPS else None), None
+
+
 def _adversarial(record: Record) -> bool:
     """Several optimizers with their own loss (GAN-style): losses need not fall."""
     return any(k.startswith("loss/") for k in record.series)
@@ -201,8 +350,9 @@ def loss_spike(record: Record) -> list[Finding]:
     did not recover (see RECOVERED_*); info for a spike it shrugged off.
     """
     spikes = find_spikes(record)
+    scale = scale_spikes(record)
     if not spikes:
-        return []
+        return _scale_only(scale)
     first = spikes[0]
     worst = max(spikes, key=lambda s: s.factor)
     nan_step = first_nonfinite_step(record)
@@ -221,8 +371,65 @@ def loss_spike(record: Record) -> list[Finding]:
               "    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 500))\n"
               "    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)  # before optimizer.step()\n"
               "If a single batch causes it, check that batch for outliers or bad labels.")
-    return [Finding(code="loss_spike", severity=severity, step=first.step, layers=(), summary=summary,
+    layers: tuple[str, ...] = ()
+    if scale is not None:
+        evidence["scale"] = scale
+        lead = _leading_layer(scale)
+        if lead is not None:
+            summary += f" {_lead_text(lead)}."
+            layers = (lead["first_layer"],)
+            advice += "\n" + _SCALE_ADVICE
+    return [Finding(code="loss_spike", severity=severity, step=first.step, layers=layers, summary=summary,
                     evidence=evidence, advice=advice)]
+
+
+_SCALE_ADVICE = (
+    "At scale, an isolated spike the run recovers from is skipped, not fought: skip the step when the loss or "
+    "the gradient norm is > 6 robust deviations above its last 128 steps (OLMo-core's SkipStepOptimizer), or "
+    "roll back ~100 steps before the spike and skip the next few hundred batches (PaLM). Spikes that recur: "
+    "lower the learning rate or lengthen warmup, clip at max_norm=1.0, and in attention add QK-layernorm "
+    "(q, k = self.q_norm(q), self.k_norm(k) before q @ k.transpose(-2, -1)).")
+
+
+def _leading_layer(scale: dict[str, Any]) -> dict[str, Any] | None:
+    """The first loss-spike event with a first-jumping layer (else any event with one)."""
+    events = [e for e in scale["events"] if e.get("first_layer")]
+    loss_events = [e for e in events if e["loss_z"] is not None]
+    return (loss_events or events or [None])[0]
+
+
+def _lead_text(ev: dict[str, Any]) -> str:
+    jump = ev["layers_jumped"][0]
+    co = "loss and gradient norm spiked together" if ev["co_spike"] else "a one-sided spike"
+    return (f"The gradient norm of {ev['first_layer']} jumped first (x{jump['factor']:.3g} its recent level at "
+            f"step {ev['first_layer_step']}; {co})")
+
+
+def _scale_only(scale: dict[str, Any] | None) -> list[Finding]:
+    """Loss spikes only the rolling robust z-score sees (a jump small next to the loss's
+    level, as at scale): info when each recovered, warning when one did not."""
+    if scale is None:
+        return []
+    events = [e for e in scale["events"] if e["loss_z"] is not None]
+    if not events:
+        return []
+    first = events[0]
+    stuck = [e for e in events if e["recovered"] is False]
+    severity = "warning" if stuck else "info"
+    n = len(events)
+    summary = (f"Loss spiked {n} time{'s' if n > 1 else ''} beyond {SCALE_Z:g} robust deviations of its last "
+               f"{SCALE_WINDOW} steps, first at step {first['step']} (z = {first['loss_z']:.3g}"
+               + (", with the gradient norm" if first["co_spike"] else "") + ")"
+               + (f"; {len(stuck)} did not recover" if stuck else "") + ".")
+    lead = _leading_layer(scale)
+    layers: tuple[str, ...] = ()
+    if lead is not None:
+        summary += f" {_lead_text(lead)}."
+        layers = (lead["first_layer"],)
+    evidence = {"spikes": n, "first_step": first["step"], "spike_steps": [e["step"] for e in events[:20]],
+                "diverged": False, "scale": scale}
+    return [Finding(code="loss_spike", severity=severity, step=first["step"], layers=layers, summary=summary,
+                    evidence=evidence, advice=_SCALE_ADVICE)]
 
 
 # ----------------------------------------------------- the loss's input
