@@ -245,18 +245,12 @@ def _z_spikes(steps: list[int], logs: list[float]) -> dict[int, float]:
 
 
 def _layer_log_norms(record: Record) -> dict[str, tuple[list[int], list[float]]]:
-    """Per-layer gradient norms (2-norm of its parameters' norms at each step), as logs.
-    Computed here from the per-parameter series; Record.layer_grad_norms() is the one
-    place for it once the record has it."""
-    squares: dict[str, dict[int, float]] = {}
-    for name, series in record.per_name("grad_norm").items():
-        acc = squares.setdefault(record.layer_of(name), {})
-        for st, v in zip(*points(series)):
-            acc[st] = acc.get(st, 0.0) + v * v
+    """Per-layer gradient norms (Record.layer_grad_norms), as logs; zero and NaN
+    points left out."""
     out = {}
-    for layer, by_step in squares.items():
-        steps = sorted(st for st, v in by_step.items() if v > 0)
-        out[layer] = (steps, [0.5 * math.log(by_step[st]) for st in steps])
+    for layer, (steps, norms) in record.layer_grad_norms().items():
+        kept = [(st, v) for st, v in zip(steps, norms) if v > 0]
+        out[layer] = ([st for st, _ in kept], [math.log(v) for _, v in kept])
     return out
 
 
