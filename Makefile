@@ -25,8 +25,10 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
 		|| echo "warning: could not install chromium; the HTML report's browser test will be skipped"
 
+# worksteal: a worker that runs out of tests takes some of the other's (the suite's long
+# real-program tests otherwise leave one core idle at the end).
 test: $(STAMP) chromium
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal $(PYTEST_ARGS)
 	tools/wheel_check.sh $(PY)
 
 # The wheel in a clean venv with runtime dependencies only: demo --quick, run, report.
