@@ -730,6 +730,11 @@ def _row(cells: list[str], widths: list[int]) -> str:
     return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
 
+def _paired(results: dict[str, Any], key: str) -> list[tuple[str, dict[str, Any]]]:
+    """(workload, its paired-ratio entry ``key``) for the workloads that have one."""
+    return [(w, r["methods"][key]) for w, r in results["workloads"].items() if key in r["methods"]]
+
+
 def render(results: dict[str, Any], method_names: list[str]) -> str:
     lines = []
     widths = [16] + [13] * len(results["workloads"])
@@ -757,22 +762,19 @@ def render(results: dict[str, Any], method_names: list[str]) -> str:
             r = results["workloads"][w]["methods"].get(n)
             cells.append("-" if r is None else f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}")
         lines.append(_row(cells, widths))
-    ctx = [(w, r["methods"]["_default_vs_norm_fetch"]) for w, r in results["workloads"].items()
-           if "_default_vs_norm_fetch" in r["methods"]]
+    ctx = _paired(results, "_default_vs_norm_fetch")
     if ctx:
         lines.append("")
         lines.append("default watch / norm_fetch (gradvitals beyond the fetched-norm floor, same run): "
                      + ", ".join(f"{w} {c['ratio']:.3f}x" for w, c in ctx))
     for name in ("gv_default", "gv_full"):
-        ctx = [(w, r["methods"][f"_{name}_vs_base"]) for w, r in results["workloads"].items()
-               if f"_{name}_vs_base" in r["methods"]]
+        ctx = _paired(results, f"_{name}_vs_base")
         if ctx:
             lines.append(f"{name} / {name}_base (this revision / --baseline, same run): "
                          + ", ".join(f"{w} {c['ratio']:.3f}x ({c['ratio_q1']:.3f}-{c['ratio_q3']:.3f})"
                                      for w, c in ctx))
     for name in ("gv_autosave", "gv_autosave_1s"):
-        ctx = [(w, r["methods"][f"_{name}_vs_default"]) for w, r in results["workloads"].items()
-               if f"_{name}_vs_default" in r["methods"]]
+        ctx = _paired(results, f"_{name}_vs_default")
         if ctx:
             lines.append(f"{name} / default watch (what the autosave adds, same run): "
                          + ", ".join(f"{w} {c['ratio']:.3f}x ({c['ratio_q1']:.3f}-{c['ratio_q3']:.3f}, "
