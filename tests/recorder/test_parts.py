@@ -139,3 +139,22 @@ def test_step_loss_sums_terms_of_one_forward_and_averages_micro_batches():
     assert step_loss([c, d]).item() == 2.0  # two micro-batches: their mean
     c._gv_div = d._gv_div = 2.0
     assert step_loss([c, d]).item() == 4.0  # each divided by their number: their sum
+
+
+def test_isolated_forward_leaves_rng_and_buffers_as_they_were():
+    from gradvitals.probes.isolated import isolated
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5))
+    x = torch.randn(16, 4)
+    before = [b.clone() for b in model.buffers()]
+    torch.manual_seed(3)
+    expected = torch.rand(5)
+    torch.manual_seed(3)
+    with pytest.raises(RuntimeError, match="boom"):
+        with isolated(model) as buffers:
+            model(x)  # dropout draws, BatchNorm updates its running statistics
+            assert not torch.equal(buffers[0], before[0])
+            raise RuntimeError("boom")
+    assert torch.equal(torch.rand(5), expected)
+    for b, s in zip(model.buffers(), before):
+        assert torch.equal(b, s)

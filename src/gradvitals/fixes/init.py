@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from ..probes.init_audit import fans
+from ..probes.isolated import isolated
 from ..probes.topology import ActivationCalls, activation_after, split_batch
 from ..taxonomy import HE_FAMILIES, WEIGHT_LAYERS, activation_family
 
@@ -125,20 +126,13 @@ def trace_activations(model: nn.Module, example_batch: Any) -> dict[str, str]:
         if next(mod.children(), None) is None:
             events.append(("module", names.get(id(mod), ""), type(mod).__name__))
 
-    buffers = list(model.buffers())
-    saved = [b.detach().clone() for b in buffers]
-    devices = sorted({t.device.index for t in list(model.parameters()) + buffers
-                      if t.device.type == "cuda" and t.device.index is not None})
     handles = [m.register_forward_hook(leaf_done) for m in model.modules()]
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), ActivationCalls(events):
+        with isolated(model), torch.no_grad(), ActivationCalls(events):
             model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
     return activation_after(events)
 
 

@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from . import patches
+from .isolated import isolated
 
 
 def _tensors(obj: Any) -> list[Tensor]:
@@ -194,13 +195,13 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
                  "op": None, "value": inputs_bad}
     if inputs_bad is not None and not collective:
         return the_input
-    with _replay_frame(model, names) as (stack, devices, buffers):
+    with _replay_frame(model, names) as (stack, buffers):
         tracer = _Tracer(stack)
         for t in [*masks, *(b for b in buffers if _additive_mask(b))]:
             tracer.design(t)
         # Its warnings are ours, not the user's (a checkpointed block run under no_grad
         # warns that no input requires grad).
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), torch.no_grad(), tracer:
+        with warnings.catch_warnings(), torch.no_grad(), tracer:
             warnings.simplefilter("ignore")
             result = model(*args, **kwargs)
             # The first candidate whose NaN/Inf reaches the output; with none of them
@@ -265,8 +266,8 @@ MAX_BACKWARD_NODES = 200_000
 def _replay_frame(model: nn.Module, names: dict[int, str]) -> Any:
     """What both replays share: the stack of module names the replayed forward is in
     (pre/post hooks on every module but scripted ones, which take no Python hooks: their
-    ops count as their caller's), the CUDA devices whose RNG the replay forks, and the
-    model's buffers, restored afterwards (BatchNorm statistics the replay updated)."""
+    ops count as their caller's), run :func:`isolated` (RNG forked, buffers restored);
+    yields the stack and the model's buffers."""
     stack: list[str] = []
     handles = []
 
@@ -277,21 +278,16 @@ def _replay_frame(model: nn.Module, names: dict[int, str]) -> Any:
         if stack:
             stack.pop()
 
-    buffers = list(model.buffers())
-    saved = [b.detach().clone() for b in buffers]
-    devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda"} - {None})
-    try:
-        for m in model.modules():
-            if not isinstance(m, torch.jit.ScriptModule):
-                handles.append(m.register_forward_pre_hook(pre))
-                handles.append(m.register_forward_hook(post, always_call=True))
-        yield stack, devices, buffers
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
+    with isolated(model) as buffers:
+        try:
+            for m in model.modules():
+                if not isinstance(m, torch.jit.ScriptModule):
+                    handles.append(m.register_forward_pre_hook(pre))
+                    handles.append(m.register_forward_hook(post, always_call=True))
+            yield stack, buffers
+        finally:
+            for h in handles:
+                h.remove()
 
 def _surrogate_seeds(outputs: list[Tensor]) -> list[Tensor]:
     """The gradient of the sum of each output's mean: 1/numel everywhere. The real seed
@@ -335,9 +331,9 @@ def replay_backward(model: nn.Module, names: dict[int, str], args: tuple, kwargs
     """
     handles: list[Any] = []
     origin: dict[str, Any] = {}
-    with _replay_frame(model, names) as (stack, devices, _buffers), contextlib.ExitStack() as node_hooks:
+    with _replay_frame(model, names) as (stack, _buffers), contextlib.ExitStack() as node_hooks:
         node_hooks.callback(lambda: [h.remove() for h in handles])
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
             with _Tagger(stack):
                 out = model(*args, **kwargs)
