@@ -337,7 +337,7 @@ def test_one_pass_steady_state_equals_the_general_path(digits, monkeypatch):
 
     def counted(self, *args):
         took = real(self, *args)
-        calls.append(took)
+        calls.append(took is not None)
         return took
 
     monkeypatch.setattr(GradientMeter, "steady", counted)

@@ -11,7 +11,7 @@ its few scalars are read in one go and appended straight to their series.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,6 +32,12 @@ FAST_PATH = True
 #: models, and every accelerator (its caching allocator reuses blocks), allocate per
 #: scheduled step.
 SNAPSHOT_KEEP_BYTES = 64 * 2**20
+
+
+class Steady(NamedTuple):
+    """The series a steady step's values go to: its norms' row and its loss's (if any)."""
+    norms: list[Series]
+    loss: list[Series] | None
 
 
 class GradientMeter:
@@ -85,15 +91,17 @@ class GradientMeter:
         st = self.staging
         step = self.owner.step
         lrs: list[tuple[str, Any]] = []
+        due = scheduled(self.options, step)
         if o is not None:
             opt = o.ref()
             self.registry.opt_params(o, opt)
             groups = opt.param_groups
             if len(o.lr_keys) != len(groups):
                 o.lr_keys = [series_key("lr", f"{o.label}.{i}") for i in range(len(groups))]
-            if self.groups.due(o, scheduled(self.options, step)):
+            if self.groups.due(o, due):
                 self.groups.note(o, opt, step)  # host values only: no sync
-            if FAST_PATH and self.steady(o, step, groups) and self._one_read(o, step, groups):
+            rows = self.steady(o, due, groups) if FAST_PATH else None
+            if rows is not None and self._one_read(o, step, groups, rows):
                 return
             measured = o.preclip or self.grad_norms(o)
             o.preclip = None
@@ -115,7 +123,7 @@ class GradientMeter:
                 lkeys = ["loss"]
             st.pending.append((step, lkeys, [loss]))
         self._learning_rates(o, step, lrs)
-        if o is not None and scheduled(self.options, step) and o.params:
+        if o is not None and due and o.params:
             with torch.no_grad():
                 weights = [p.detach() for p in o.params]
                 wnorm = torch.stack(foreach_norm(weights)) if o.fast else fused_norms(weights)
@@ -151,34 +159,41 @@ class GradientMeter:
             o.lr_series = [self.staging.series(k) for k in o.lr_keys]
             o.lr_series_of = series
 
-    def steady(self, o: WatchedOptimizer, step: int, groups: list[dict[str, Any]]) -> bool:
-        """Whether this step is the steady state of a run: unscheduled, every parameter
-        with a dense gradient on one device (``o.fast``), Python-float learning rates, at
-        most one loss, nothing else pending, no TensorBoard, no process group, and the
-        series rows already built (a parameter set's first step goes the general way).
-        Changes nothing."""
+    def steady(self, o: WatchedOptimizer, due: bool, groups: list[dict[str, Any]]) -> Steady | None:
+        """The series rows to append to when this step is the steady state of a run:
+        unscheduled (``due`` false), every parameter with a dense gradient on one device
+        (``o.fast``), Python-float learning rates, at most one loss, nothing else pending,
+        no TensorBoard, no process group, and the series rows already built (a parameter
+        set's first step goes the general way). None otherwise. Changes nothing."""
         st = self.staging
         losses = self.losses.pending
-        if (not st.idle() or o.preclip is not None or self.registry.unseen_grads or len(losses) > 1
-                or not o.fast or scheduled(self.options, step) or st.steady_row(o.tkeys) is None):
-            return False
+        if (due or not st.idle() or o.preclip is not None or self.registry.unseen_grads or len(losses) > 1
+                or not o.fast):
+            return None
+        norm_row = st.steady_row(o.tkeys)
+        if norm_row is None:
+            return None
         if len(o.lr_series) != len(groups) or o.lr_series_of is not self.record.series:
-            return False
+            return None
         for g in groups:
             lr = g.get("lr")
             if type(lr) is not float and type(lr) is not int:
-                return False
+                return None
         for p in o.params:
             if p.grad is None:
-                return False
+                return None
+        loss_row = None
         if losses:
             loss = losses[0]
             if (loss.dtype != torch.float32 or loss.device != o.params[0].grad.device
-                    or o.loss_keys[0] != o.loss_key or st.steady_row(tuple(o.loss_keys)) is None):
-                return False
-        return not distributed.initialized()
+                    or o.loss_keys[0] != o.loss_key):
+                return None
+            loss_row = st.steady_row(tuple(o.loss_keys))
+            if loss_row is None:
+                return None
+        return None if distributed.initialized() else Steady(norm_row, loss_row)
 
-    def _one_read(self, o: WatchedOptimizer, step: int, groups: list[dict[str, Any]]) -> bool:
+    def _one_read(self, o: WatchedOptimizer, step: int, groups: list[dict[str, Any]], rows: Steady) -> bool:
         """A steady step, measured: its norms and loss read in one go and appended to
         their series (a NaN/Inf goes the general flush's way, with the values read).
         False, having changed nothing, when the fused norm refuses the gradients."""
@@ -211,9 +226,9 @@ class GradientMeter:
             st.flush()
             return True
         st.add_global_norm(step, vals, [], total)
-        st.ring_push(o.tkeys, st.steady_row(o.tkeys), step, vals)
+        st.ring_push(o.tkeys, rows.norms, step, vals)
         if loss is not None:
-            for s in st.steady_row(tuple(o.loss_keys)):
+            for s in rows.loss or ():
                 s.append(step, lossv)
         if st.progress is not None:
             st.progress.update(self.record)  # reads the values just fetched; never raises
