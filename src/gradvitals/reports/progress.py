@@ -18,6 +18,8 @@ import sys
 import time
 from typing import IO, Any, Callable
 
+from .html_format import fmt
+
 #: Redraw interval on a terminal: 4 updates/s reads as live and costs nothing.
 TTY_INTERVAL_S = 0.25
 #: Interval between plain lines when stderr is not a terminal: a log gets a line
@@ -134,10 +136,4 @@ def _summarize(findings: list[Any]) -> str:
 
 
 def _fmt(v: float) -> str:
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "Inf" if v > 0 else "-Inf"
-    if v == 0 or 1e-3 <= abs(v) < 1e4:
-        return f"{v:.4g}"
-    return f"{v:.2e}"
+    return fmt(v, sci=2)

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from ..report import partial_note
 from ..taxonomy import ZEROING_FAMILIES, activation_family
+from .html_format import fmt
 
 SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
 #: Layers shown in the table before it is elided in the middle (first and last
@@ -202,11 +203,7 @@ def _bar(v: float, lo: float, hi: float, width: int = BAR_WIDTH) -> Text:
 
 
 def _fmt(v: float) -> str:
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "Inf" if v > 0 else "-Inf"
-    return f"{v:.2e}"
+    return fmt(v, sci=2, plain=False)
 
 
 def _pct(v: float) -> str:
