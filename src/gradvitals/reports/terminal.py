@@ -100,23 +100,6 @@ def _last(series: Any) -> float:
     return series.last_value if series is not None and series.count else math.nan
 
 
-def _last_finite(series: Any) -> tuple[int, float] | None:
-    """The latest finite kept point (the bar of a layer whose gradient went NaN)."""
-    if series is None:
-        return None
-    for step, value in zip(reversed(series.steps), reversed(series.values)):
-        if math.isfinite(value):
-            return step, value
-    return None
-
-
-def _layer_norm(values: list[float]) -> float:
-    """L2 norm of a layer from its parameters' norms (NaN wins, then Inf)."""
-    if any(math.isnan(v) for v in values):
-        return math.nan
-    return math.sqrt(sum(v * v for v in values)) if values else math.nan
-
-
 def layer_table(record: Any, max_layers: int = MAX_TABLE_LAYERS) -> Table | None:
     """Compact per-layer table in forward order: grad norm (+bar), update ratio, dead, saturated."""
     layers = [l for l in record.layers_in_order()
@@ -133,15 +116,16 @@ def layer_table(record: Any, max_layers: int = MAX_TABLE_LAYERS) -> Table | None
     norms: dict[str, float] = {}
     bars: dict[str, float] = {}
     first_bad: dict[str, int] = {}
+    per_layer = record.layer_grad_norms()
     for l in layers:
-        series = [record.series.get(f"grad_norm/{p}") for p in l.params]
-        series = [s for s in series if s is not None]
-        norms[l.name] = _layer_norm([_last(s) for s in series])
+        values = per_layer.get(l.name, ([], []))[1]
+        norms[l.name] = values[-1] if values else math.nan
+        # The bar of a layer whose gradient went NaN shows its latest finite norm.
+        bars[l.name] = next((v for v in reversed(values) if math.isfinite(v)), math.nan)
+        series = [s for p in l.params if (s := record.series.get(f"grad_norm/{p}")) is not None]
         bad = [s.first_nonfinite_step for s in series if s.first_nonfinite_step is not None]
         if bad:
             first_bad[l.name] = min(bad)
-        finite = [lf[1] for s in series if (lf := _last_finite(s)) is not None]
-        bars[l.name] = _layer_norm(finite) if finite else math.nan
     order = record.layers_in_order()
     positive = [v for v in bars.values() if math.isfinite(v) and v > 0]
     lo, hi = (math.log10(min(positive)), math.log10(max(positive))) if positive else (0.0, 1.0)
