@@ -244,3 +244,31 @@ def test_a_surrogate_seed_does_not_invent_an_origin_the_run_did_not_have():
     sum(o.sum() for o in model(x)).backward()
     seed, found = replay_backward(model, _names(model), (x,), {})
     assert seed == "surrogate" and found is not None and found["op"] == "sqrt", found
+
+
+def test_a_model_whose_backward_replay_fails_does_not_hide_the_next_ones_origin(monkeypatch):
+    """Two watched models (a GAN's generator and critic): the first one's replay raises,
+    the second's backward makes the NaN: its origin is still found, the error noted."""
+    from types import SimpleNamespace
+
+    from gradvitals.record import Record
+    from gradvitals.recorder import origin as origin_mod
+
+    torch.manual_seed(0)
+    first, second = nn.Linear(4, 2), SqrtModel()
+    x, y = torch.randn(8, 4), torch.randn(8)
+    models = [SimpleNamespace(module=m, names=_names(m), last_inputs=(a, {}))
+              for m, a in ((first, (x,)), (second, (x, y)))]
+    real = origin_mod.replay_backward
+
+    def replay(module, *args):
+        if module is first:
+            raise RuntimeError("out of memory")
+        return real(module, *args)
+
+    monkeypatch.setattr(origin_mod, "replay_backward", replay)
+    locator = origin_mod.OriginLocator(None, SimpleNamespace(models=models), Record(), enabled=True)
+    event: dict = {}
+    found = locator.replay_backward(event)
+    assert found is not None and found["op"] == "sqrt", found
+    assert event["backward_replay_error"] == "RuntimeError" and event["source"] == "replay"

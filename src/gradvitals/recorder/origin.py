@@ -124,9 +124,9 @@ class OriginLocator:
             self.replaying = True
             try:
                 seed, res = replay_backward(model.module, model.names, args, kwargs)
-            except Exception as exc:  # e.g. out of memory for a second graph: the series decide
-                event["backward_replay_error"] = type(exc).__name__
-                return None
+            except Exception as exc:  # e.g. out of memory for a second graph: the next model may still tell
+                event.setdefault("backward_replay_error", type(exc).__name__)
+                continue
             finally:
                 self.replaying = False
             event["backward_checked"] = event.get("backward_checked", False) or seed is not None
