@@ -202,3 +202,20 @@ def test_a_loss_that_stays_up_is_not_recovered_and_a_short_tail_is_unknown():
     assert ev["step"] == 30 and ev["recovered"] is False
     ev = L.scale_spikes(Build().loss(start + [10.0] * 5).record)["events"][0]
     assert ev["step"] == 30 and ev["recovered"] is None
+
+
+def test_scale_a_converged_loss_wiggling_in_its_last_digit_is_not_a_spike():
+    """A loss near zero, logged rounded (the HF Trainer rounds to 4 decimals): 1e-4 ->
+    3e-4 is x3 against a flat window (z in the hundreds) but undoes nothing of the
+    2.3 the run removed; an LLM-like 10 -> 2.5 run whose loss jumps 2.5 -> 2.7 (2.7% of
+    its progress) still spikes."""
+    falling = [round(2.3 * math.exp(-0.25 * i), 4) for i in range(40)]
+    tail = [0.0001] * 60
+    tail[30], tail[45] = 0.0003, 0.0002
+    scale = L.scale_spikes(Build().loss(falling + tail).record)
+    assert scale is not None and [e for e in scale["events"] if e["loss_z"] is not None] == []
+    assert L.loss_spike(Build().loss(falling + tail).record) == []
+    llm = [2.5 + 7.5 * math.exp(-0.1 * i) + 0.005 * math.sin(1.7 * i) for i in range(260)]
+    llm[250] = 2.7
+    events = [e for e in L.scale_spikes(Build().loss(llm).record)["events"] if e["loss_z"] is not None]
+    assert [e["step"] for e in events] == [250]

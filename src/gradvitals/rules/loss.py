@@ -197,6 +197,12 @@ SCALE_Z = 6.0
 SCALE_MIN_SAMPLES = 20
 #: Robust spread floor, in log units (a flat window has MAD 0): 1% of the level.
 SCALE_LOG_FLOOR = 0.01
+#: A loss spike must also undo this fraction of the progress made before it (from the
+#: median of the first SCALE_MIN_SAMPLES losses down to the window's median): in log
+#: units a converged loss near zero, or one logged rounded, jumps x3 (1e-4 -> 3e-4)
+#: against a flat window while losing nothing. An LLM's 2.5 -> 2.6 after 10 -> 2.5
+#: undoes 1.3%; the floor sits well below that.
+SCALE_MIN_UNDO = 0.005
 #: A loss spike and a gradient-norm spike this many steps apart or less are one
 #: co-spike (the update of step t shows in the loss and the gradient of step t + 1).
 CO_SPIKE_STEPS = 2
@@ -235,12 +241,19 @@ def robust_z(values: list[float], i: int) -> tuple[float, float, float] | None:
     return (values[i] - m) / sd, m, sd
 
 
-def _z_spikes(steps: list[int], logs: list[float]) -> dict[int, float]:
+def _z_spikes(steps: list[int], logs: list[float], start: float | None = None) -> dict[int, float]:
+    """{step: z} of the points SCALE_Z robust deviations above their window; with
+    ``start`` (the loss's starting level) only those that also undo SCALE_MIN_UNDO of
+    the progress made."""
     out: dict[int, float] = {}
     for i in range(len(logs)):
         r = robust_z(logs, i)
-        if r is not None and r[0] >= SCALE_Z:
-            out[steps[i]] = r[0]
+        if r is None or r[0] < SCALE_Z:
+            continue
+        level = math.exp(r[1])
+        if start is not None and start > level and math.exp(logs[i]) - level < SCALE_MIN_UNDO * (start - level):
+            continue
+        out[steps[i]] = r[0]
     return out
 
 
@@ -281,7 +294,7 @@ def scale_spikes(record: Record) -> dict[str, Any] | None:
     gsteps, glogs = _log_points(record.get("grad_norm_global"))
     if len(llogs) <= SCALE_MIN_SAMPLES and len(glogs) <= SCALE_MIN_SAMPLES:
         return None
-    loss_z = _z_spikes(lsteps, llogs)
+    loss_z = _z_spikes(lsteps, llogs, math.exp(median(llogs[:SCALE_MIN_SAMPLES])) if llogs else None)
     grad_z = _z_spikes(gsteps, glogs)
     spike_steps = sorted(set(loss_z) | set(grad_z))
     groups: list[list[int]] = []
