@@ -108,7 +108,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("record", "findings", "taxonomy", "torch_compat"),
     ("rules", "probes"),
     ("diagnose", "fixes"),
-    ("report",),
+    ("report", "compare"),
     ("reports",),
     ("distributed", "recorder", "preflight", "watcher", "runner", "autosave", "_autosave_writer",
      "integrations", "prescribe", "demo", "cli"),

@@ -1,4 +1,4 @@
-"""Command line: ``gradvitals run | report`` (and ``checkup``, ``demo``).
+"""Command line: ``gradvitals run | report`` (and ``checkup``, ``compare``, ``demo``).
 
 Exit codes: the script's own status for ``run``; 2 for bad usage (click's
 convention), with one line naming the bad argument and no traceback.
@@ -198,6 +198,64 @@ def report_cmd(report_json: str, html_path: str | None, rediagnose: bool, quiet:
         write_atomic(html_path, render_html(report.to_json()))
     if not quiet:
         _summary(report, [html_path] if html_path else [])
+
+
+@main.command("compare")
+@click.argument("paths", nargs=-1, metavar="A B [C]...")
+@click.option("--html", "html_path", metavar="PATH", help="Write the self-contained HTML comparison here.")
+@click.option("--json", "json_path", metavar="PATH", help="Write the comparison as JSON here.")
+@click.option("--quiet", "-q", is_flag=True)
+def compare_cmd(paths: tuple[str, ...], html_path: str | None, json_path: str | None, quiet: bool) -> None:
+    """Compare runs' reports: A is the baseline, each other run is compared with it
+    (findings gone, new or changed; loss and gradient norm at a common step; the
+    per-layer gradient-norm ratio)."""
+    from .compare import Run, compare, labels_for, load_run
+    from .report import check_writable, write_atomic
+
+    if len(paths) < 2:
+        _fail(f"compare needs at least two runs (A B [C]...), got {len(paths)}; the first is the baseline")
+    for flag, out in (("--html", html_path), ("--json", json_path)):
+        if out and (why := check_writable(out)):
+            _fail(f"{flag} {out}: {why}")
+    runs = []
+    for label, path in zip(labels_for(list(paths)), paths):
+        try:
+            runs.append(Run(label, path, load_run(path)))
+        except FileNotFoundError:
+            _fail(f"{path}: no such file")
+        except IsADirectoryError:
+            _fail(f"{path}: is a folder, expected a gradvitals JSON report")
+        except OSError as exc:
+            _fail(f"{path}: cannot read it ({exc.strerror or exc})")
+        except UnicodeDecodeError:
+            _fail(f"{path}: not a text file, expected a gradvitals JSON report")
+        except (ValueError, KeyError, TypeError) as exc:
+            why = " ".join(str(exc).split())
+            _fail(why if why.startswith(path) else f"{path}: {why}")
+    result = compare(runs)
+    texts = []  # rendered in full before anything is written
+    if json_path:
+        texts.append((json_path, json.dumps(result.to_json(), allow_nan=False, indent=1)))
+    if html_path:
+        from .reports.compare_html import render_compare_html
+
+        texts.append((html_path, render_compare_html(result)))
+    for out, text in texts:
+        try:
+            write_atomic(out, text)
+        except OSError as exc:
+            _fail(f"could not write {out}: {exc}", code=1)
+    if not quiet:
+        from .reports.compare_terminal import render_compare
+        from .reports.terminal import make_console
+
+        from rich.text import Text
+
+        console = make_console(stderr=False)
+        for part in render_compare(result):
+            console.print(part, soft_wrap=isinstance(part, Text))  # a verdict line stays one line
+        for out, _ in texts:
+            console.print(f"written to {out}", markup=False)
 
 
 @main.command("demo")
