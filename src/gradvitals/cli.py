@@ -204,11 +204,15 @@ def report_cmd(report_json: str, html_path: str | None, rediagnose: bool, quiet:
 @click.argument("paths", nargs=-1, metavar="A B [C]...")
 @click.option("--html", "html_path", metavar="PATH", help="Write the self-contained HTML comparison here.")
 @click.option("--json", "json_path", metavar="PATH", help="Write the comparison as JSON here.")
+@click.option("--map", "maps", multiple=True, metavar="LOG_KEY=QUANTITY",
+              help="Read this log key as this gradvitals quantity (as for diagnose; repeatable).")
 @click.option("--quiet", "-q", is_flag=True)
-def compare_cmd(paths: tuple[str, ...], html_path: str | None, json_path: str | None, quiet: bool) -> None:
-    """Compare runs' reports: A is the baseline, each other run is compared with it
-    (findings gone, new or changed; loss and gradient norm at a common step; the
-    per-layer gradient-norm ratio)."""
+def compare_cmd(paths: tuple[str, ...], html_path: str | None, json_path: str | None, maps: tuple[str, ...],
+                quiet: bool) -> None:
+    """Compare runs: A is the baseline, each other run is compared with it (findings
+    gone, new or changed; loss and gradient norm at a common step; the per-layer
+    gradient-norm ratio). Each run is a gradvitals JSON report or any log `diagnose`
+    reads."""
     from .compare import Run, compare, labels_for, load_run
     from .report import check_writable, write_atomic
 
@@ -217,21 +221,12 @@ def compare_cmd(paths: tuple[str, ...], html_path: str | None, json_path: str | 
     for flag, out in (("--html", html_path), ("--json", json_path)):
         if out and (why := check_writable(out)):
             _fail(f"{flag} {out}: {why}")
-    runs = []
-    for label, path in zip(labels_for(list(paths)), paths):
-        try:
-            runs.append(Run(label, path, load_run(path)))
-        except FileNotFoundError:
-            _fail(f"{path}: no such file")
-        except IsADirectoryError:
-            _fail(f"{path}: is a folder, expected a gradvitals JSON report")
-        except OSError as exc:
-            _fail(f"{path}: cannot read it ({exc.strerror or exc})")
-        except UnicodeDecodeError:
-            _fail(f"{path}: not a text file, expected a gradvitals JSON report")
-        except (ValueError, KeyError, TypeError) as exc:
-            why = " ".join(str(exc).split())
-            _fail(why if why.startswith(path) else f"{path}: {why}")
+    from .importers import LogError
+
+    try:
+        runs = [Run(label, path, load_run(path, list(maps) or None)) for label, path in zip(labels_for(list(paths)), paths)]
+    except LogError as exc:  # one line naming the file and what is wrong with it
+        _fail(str(exc))
     result = compare(runs)
     texts = []  # rendered in full before anything is written
     if json_path:

@@ -9,7 +9,6 @@ from those numbers. The renderers are ``reports/compare_terminal.py`` and
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .findings import Finding
-from .record import SCHEMA, Record, json_safe
+from .record import Record, json_safe
 from .report import Report
 
 #: The JSON that ``gradvitals compare --json`` writes (its own contract, additions only).
@@ -30,17 +29,19 @@ _RANK = {"info": 0, "warning": 1, "critical": 2}
 RATIO_BINS = 40
 
 
-def load_run(path: str | os.PathLike[str]) -> Report:
-    """The one place a compared input is read: a gradvitals JSON report (a record
-    saved without its ``findings`` is diagnosed here). Raises OSError or ValueError
-    with a message naming what is wrong. Other log formats plug in here: whatever
-    turns a path into a Report."""
-    with open(path, encoding="utf-8") as fh:
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not JSON ({exc}); expected a {SCHEMA} report") from None
-    return Report.from_json(data, rediagnose=isinstance(data, dict) and "findings" not in data)
+def load_run(path: str | os.PathLike[str], mapping: Any = None) -> Report:
+    """The one place a compared input is read: anything ``gradvitals diagnose`` reads
+    (a gradvitals JSON report, trainer_state.json, TensorBoard, metrics.csv, CSV/JSONL;
+    ``mapping``: log key -> quantity, as ``--map``). A saved report keeps the findings
+    its run made; a log, or a record saved without findings, is diagnosed here.
+    Raises ``importers.LogError`` (one line naming the file)."""
+    from .importers import load_any
+
+    imported = load_any(path, mapping)
+    report = imported.report
+    if report is not None and report.findings:
+        return report
+    return Report.from_record(imported.record)
 
 
 @dataclass(frozen=True)

@@ -112,12 +112,28 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
     cut.write_text((FIXTURES / "healthy_he6.json").read_text()[:500])
     other = tmp_path / "other.json"
     other.write_text('{"schema": "something/2"}')
-    for bad, why in ((junk, "not a text file"), (cut, "is not JSON"), (other, "not a gradvitals.report/1"),
-                     (tmp_path / "missing.json", "no such file"), (tmp_path, "is a folder")):
+    for bad, why in ((junk, "not a text file"), (cut, "JSON"), (other, "gradvitals report"),
+                     (tmp_path / "missing.json", "no such file"), (tmp_path, "no log found")):
         line = _one_line_error(runner.invoke(main, ["compare", good, str(bad), "--html", str(out), "--json",
                                                     str(tmp_path / "out.json")]))
         assert line.startswith(f"gradvitals: error: {bad}") and why in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.json", "junk.json", "other.json"]
+
+
+def test_cli_compares_logs_that_are_not_reports(tmp_path):
+    """Any log diagnose reads: two CSV logs (loss and global norm per step), one renamed with --map."""
+    (tmp_path / "before.csv").write_text("step,loss,grad_norm\n" + "".join(
+        f"{s},{2.3 - 0.001 * s},{0.5}\n" for s in range(0, 200, 10)))
+    (tmp_path / "after.csv").write_text("step,objective,grad_norm\n" + "".join(
+        f"{s},{2.3 * 0.98 ** s},{0.5}\n" for s in range(0, 150, 10)))
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "before.csv"), str(tmp_path / "after.csv"),
+                                       "--map", "objective=loss", "--json", str(tmp_path / "c.json")])
+    assert result.exit_code == 0, result.output
+    (pair,) = json.loads((tmp_path / "c.json").read_text())["pairs"]
+    loss = pair["at_step"][0]
+    assert loss["quantity"] == "loss" and loss["step"] == 140
+    assert loss["a"] == pytest.approx(2.3 - 0.14) and loss["b"] == pytest.approx(2.3 * 0.98 ** 140)
+    assert pair["grad_ratio"] is None  # no per-layer norms in a loss/global-norm log
 
 
 def test_cli_on_saved_records_rediagnoses_those_without_findings(tmp_path):
