@@ -127,13 +127,17 @@ def test_cli_compares_logs_that_are_not_reports(tmp_path):
     (tmp_path / "after.csv").write_text("step,objective,grad_norm\n" + "".join(
         f"{s},{2.3 * 0.98 ** s},{0.5}\n" for s in range(0, 150, 10)))
     result = CliRunner().invoke(main, ["compare", str(tmp_path / "before.csv"), str(tmp_path / "after.csv"),
-                                       "--map", "objective=loss", "--json", str(tmp_path / "c.json")])
+                                       "--map", "objective=loss", "--json", str(tmp_path / "c.json"),
+                                       "--html", str(tmp_path / "c.html")])
     assert result.exit_code == 0, result.output
     (pair,) = json.loads((tmp_path / "c.json").read_text())["pairs"]
     loss = pair["at_step"][0]
     assert loss["quantity"] == "loss" and loss["step"] == 140
     assert loss["a"] == pytest.approx(2.3 - 0.14) and loss["b"] == pytest.approx(2.3 * 0.98 ** 140)
     assert pair["grad_ratio"] is None  # no per-layer norms in a loss/global-norm log
+    page = (tmp_path / "c.html").read_text()
+    assert "No per-layer gradient norms in both runs" in page and 'class="gv-ratio"' not in page
+    assert page.count("<polyline") == 4  # loss and global norm of both logs
 
 
 def test_cli_on_saved_records_rediagnoses_those_without_findings(tmp_path):
@@ -198,6 +202,8 @@ def test_compare_of_a_real_run_and_its_fix_shows_the_removed_findings(broken_and
     assert pair["verdict"].startswith("zero_grad fixed grad_not_zeroed")
     assert re.search(rf"loss at step {STEPS - 1} \S+ → \S+$", pair["verdict"])
     assert pair["verdict"] in output.splitlines()
+    rows = [l.split() for l in output.splitlines()]
+    assert {r[0] for r in rows if len(r) > 1 and r[1] == "gone"} == removed  # the terminal's table
     ratio = pair["grad_ratio"]
     assert ratio["layers"] == ["0", "2", "4"] and len(ratio["bins"]) == 40
     # the accumulated gradient grows with the run: the fixed run's is far smaller late
