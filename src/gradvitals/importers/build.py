@@ -7,7 +7,7 @@ import re
 from typing import Iterable
 
 from ..record import ParamInfo, Record, series_key, split_key
-from .names import Mapping_, series_for
+from .names import KeyMap, series_for
 
 #: Layer names of normalisation and embedding modules, as the usual models spell them:
 #: their weights are vectors/tables whose gradient scale differs for good reasons, and
@@ -25,7 +25,7 @@ def natural_key(name: str) -> list[object]:
 class Builder:
     """Collects (log key, step, value) and turns them into one Record."""
 
-    def __init__(self, mapping: Mapping_) -> None:
+    def __init__(self, mapping: KeyMap) -> None:
         self.mapping = mapping
         self.points: dict[str, dict[int, float]] = {}
         self.sources: dict[str, str] = {}
