@@ -69,6 +69,14 @@ def test_vanishing_from_lightning_gradient_norm_columns_alone(tmp_path):
     assert found["vanishing_gradients"].evidence["gap_orders"] > 2
 
 
+def test_live_record_without_weight_norms_keeps_its_silence(tmp_path):
+    # A live run with no optimizer has no weight norms: its depth profile is not
+    # switched to absolute norms (only an imported log's is).
+    record = load_any(lightning_csv(tmp_path / "metrics.csv", VANISHING)).record
+    del record.run["imported"]
+    assert "vanishing_gradients" not in [f.code for f in diagnose(record)]
+
+
 def test_healthy_twin_same_columns_no_warning(tmp_path):
     imported = load_any(lightning_csv(tmp_path / "metrics.csv", HEALTHY))
     assert [f.code for f in diagnose(imported.record) if f.severity != "info"] == []

@@ -320,13 +320,14 @@ def relative_grads(record: Record, wps: Sequence[WeightParam]) -> dict[int, list
     SGD), so a wide first layer and a narrow head compare fairly. Weight norms are
     recorded on scheduled steps only; those are the steps returned.
 
-    A record without any weight norm (an imported log that kept only gradient norms,
-    e.g. Lightning's ``grad_norm()`` columns) gives |grad| itself at every logged step:
-    the chapter's per-layer health check compares gradient norms directly.
+    An imported log without any weight norm (one that kept only gradient norms, e.g.
+    Lightning's ``grad_norm()`` columns) gives |grad| itself at every logged step: the
+    chapter's per-layer health check compares gradient norms directly. (A live run
+    without an optimizer has no weight norms either; it keeps the silence it had.)
     """
     grads = record.per_name("grad_norm")
     weights = record.per_name("weight_norm")
-    if not weights:
+    if not weights and record.run.get("imported"):
         return _absolute_grads(grads, wps)
     by_param = []
     steps: set[int] = set()
