@@ -46,7 +46,7 @@ def available(record: Record) -> dict[str, bool]:
     have = {t: t in quantities for n in REQUIRES.values() for t in (*n.all, *n.any, *n.better_with)}
     live = record.run.get("imported") is None
     have.update({
-        "model": bool(record.layers),
+        "model": any(l.kind for l in record.layers.values()),  # an imported log's layers have no kind
         "init_audit": bool(record.events_of("init_audit")),
         "optimizer": bool(record.run.get("optimizer_groups") or record.run.get("optimizers")),
         "hooks": live,

@@ -157,8 +157,11 @@ def test_diagnose_cli_writes_coverage_in_the_json(tmp_path):
     assert data["coverage"]["checks"]["dead_relu"]["ran"] is False
     assert "Checked (5 of" in result.stderr and "vanishing_gradients" in result.stderr
     from gradvitals.report import Report
+    from gradvitals.reports.html import heatmap_data
 
     assert Report.load(out).record.steps == 40  # the report contract still reads
+    # The renderers read it unchanged: one heatmap row per layer, in the stack's order.
+    assert [l["name"] for l in heatmap_data(data)["layers"]][:3] == ["layers.0", "layers.1", "layers.2"]
 
 
 def _random_bytes(n, seed=1):
