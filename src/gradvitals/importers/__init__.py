@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from ..record import Record
 from .errors import LogError
-from .names import parse_mapping
+from .names import KeyMap, parse_mapping
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Imported:
     report: Any = None
 
 
-def load_any(path: str | os.PathLike[str], mapping: Mapping[str, str] | None = None) -> Imported:
+def load_any(path: str | os.PathLike[str], mapping: Mapping[str, str] | KeyMap | None = None) -> Imported:
     """Read the log at ``path`` (a file or a folder) into a Record.
 
     ``mapping``: log key -> gradvitals quantity (``{"objective": "loss",
@@ -50,8 +50,8 @@ def load_any(path: str | os.PathLike[str], mapping: Mapping[str, str] | None = N
     """
     from . import detect
 
-    rules = parse_mapping(mapping or {})
-    return detect.read(Path(path), rules)
+    keys = mapping if isinstance(mapping, KeyMap) else parse_mapping(mapping or {})
+    return detect.read(Path(path), keys)
 
 
 __all__ = ["Imported", "LogError", "load_any"]

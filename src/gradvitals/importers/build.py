@@ -6,8 +6,8 @@ import math
 import re
 from typing import Iterable
 
-from ..record import ParamInfo, Record, series_key, split_key
-from .names import Mapping_, series_for
+from ..record import LayerInfo, ParamInfo, Record, series_key, split_key
+from .names import KeyMap, series_for
 
 #: Layer names of normalisation and embedding modules, as the usual models spell them:
 #: their weights are vectors/tables whose gradient scale differs for good reasons, and
@@ -25,7 +25,7 @@ def natural_key(name: str) -> list[object]:
 class Builder:
     """Collects (log key, step, value) and turns them into one Record."""
 
-    def __init__(self, mapping: Mapping_) -> None:
+    def __init__(self, mapping: KeyMap) -> None:
         self.mapping = mapping
         self.points: dict[str, dict[int, float]] = {}
         self.sources: dict[str, str] = {}
@@ -59,8 +59,15 @@ class Builder:
             # the depth-profile rules see it; numel 0 means unknown to the rules that
             # need sizes (they skip it).
             matrix = leaf == "weight" and not _NORM.search(layer) and not _EMBED.search(layer)
+            # grad_seen: a log that omits a parameter's gradient says nothing about it.
             rec.params[name] = ParamInfo(name=name, layer=layer, shape=[0, 0] if matrix else [0], numel=0,
-                                         grad_seen=series_key("grad_norm", name) in rec.series)
+                                         grad_seen=True)
+            info = rec.layers.get(layer)
+            if info is None:
+                # Kind unknown (""); depth: the name order, the forward order of a stack
+                # (layers.2 before layers.10). The per-layer table and heatmap read these.
+                info = rec.layers[layer] = LayerInfo(name=layer, kind="", depth=len(rec.layers))
+            info.params.append(name)
         if "grad_norm_global" not in rec.series:
             _derive_global(rec, params)
         steps = [s.last_step for s in rec.series.values() if s.last_step is not None]

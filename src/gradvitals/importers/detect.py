@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 from .build import Builder, natural_key
 from .errors import LogError
-from .names import Mapping_
+from .names import KeyMap
 
 #: Columns (or JSON keys) that number the rows, by preference. ``_step``: Weights &
 #: Biases exports; ``trainer/global_step``: Lightning's WandbLogger.
@@ -20,7 +20,7 @@ STEP_KEYS = ("step", "global_step", "trainer/global_step", "_step", "iteration",
 _TB_MARK = "tfevents"
 
 
-def read(path: Path, mapping: Mapping_) -> Any:
+def read(path: Path, mapping: KeyMap) -> Any:
     if not path.exists():
         raise LogError(path, "no such file or folder")
     if path.is_dir():
@@ -76,13 +76,14 @@ def _read_text(path: Path) -> str:
                              "of log") from None
 
 
-def _read_json(path: Path, text: str, mapping: Mapping_) -> Any:
+def _read_json(path: Path, text: str, mapping: KeyMap) -> Any:
     from . import Imported
 
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        cut = " (cut off: the file ends mid-value)" if exc.pos >= len(text.rstrip()) else ""
+        ended = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+        cut = " (cut off: the file ends mid-value)" if ended and text.strip() else ""
         raise LogError(path, f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}{cut}") from None
     if isinstance(data, dict) and isinstance(data.get("schema"), str) and data["schema"].startswith("gradvitals."):
         from ..report import Report
@@ -98,7 +99,7 @@ def _read_json(path: Path, text: str, mapping: Mapping_) -> Any:
                          "Hugging Face trainer_state.json (\"log_history\")")
 
 
-def _read_trainer_state(path: Path, data: dict[str, Any], mapping: Mapping_) -> Any:
+def _read_trainer_state(path: Path, data: dict[str, Any], mapping: KeyMap) -> Any:
     """HF Trainer: ``log_history`` holds one entry per logging step (``loss``,
     ``grad_norm``, ``learning_rate``, ``step``: optimizer steps done, from 1), eval
     entries (``eval_*``) and a closing summary (``train_runtime``, ``train_loss``: the
@@ -161,7 +162,7 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[dict[str, Any]]:
         yield row
 
 
-def _read_rows(path: Path, rows: Iterator[dict[str, Any]], mapping: Mapping_, fmt: str) -> Any:
+def _read_rows(path: Path, rows: Iterator[dict[str, Any]], mapping: KeyMap, fmt: str) -> Any:
     """One row per step (Lightning's CSVLogger writes one row per log call: a step's
     metrics can be spread over several rows, each with the cells it logged)."""
     b = Builder(mapping)

@@ -57,7 +57,7 @@ _NOT_TRAINING = re.compile(r"^(eval|val|valid|validation|test)[_/]|_epoch$|/(eva
 
 
 @dataclass(frozen=True)
-class Mapping_:
+class KeyMap:
     """The user's ``--map``: exact keys and ``prefix*`` keys -> series key / quantity."""
 
     exact: dict[str, str]
@@ -78,7 +78,7 @@ def _target(key: str, target: str) -> str:
     return target
 
 
-def parse_mapping(mapping: Mapping[str, str] | list[str] | tuple[str, ...]) -> Mapping_:
+def parse_mapping(mapping: Mapping[str, str] | list[str] | tuple[str, ...]) -> KeyMap:
     """``{"objective": "loss"}`` or ``["objective=loss", ...]`` (the CLI's ``--map``)."""
     if not isinstance(mapping, Mapping):
         pairs = {}
@@ -96,7 +96,7 @@ def parse_mapping(mapping: Mapping[str, str] | list[str] | tuple[str, ...]) -> M
             prefixes.append((key[:-1], target))
         else:
             exact[key] = target
-    return Mapping_(exact, tuple(sorted(prefixes, key=lambda p: -len(p[0]))))
+    return KeyMap(exact, tuple(sorted(prefixes, key=lambda p: -len(p[0]))))
 
 
 def _normalise(key: str) -> str:
@@ -116,7 +116,7 @@ def _normalise(key: str) -> str:
     return k
 
 
-def series_for(key: str, mapping: Mapping_) -> str | None:
+def series_for(key: str, mapping: KeyMap) -> str | None:
     """The series key a log key holds, or None when it holds no vital sign."""
     if key in mapping.exact:
         return mapping.exact[key]

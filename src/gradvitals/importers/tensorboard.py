@@ -15,7 +15,7 @@ from typing import Any
 
 from .build import Builder, natural_key
 from .errors import LogError
-from .names import Mapping_
+from .names import KeyMap
 
 
 def _scalar(value: Any) -> float | None:
@@ -35,7 +35,7 @@ def _scalar(value: Any) -> float | None:
     return None
 
 
-def read_tensorboard(path: Path, mapping: Mapping_) -> Any:
+def read_tensorboard(path: Path, mapping: KeyMap) -> Any:
     try:
         from tensorboard.compat.proto import event_pb2
         from tensorboard.compat.tensorflow_stub import errors, pywrap_tensorflow
