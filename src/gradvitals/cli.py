@@ -349,11 +349,16 @@ def compare_cmd(paths: tuple[str, ...], html_path: str | None, json_path: str | 
         if out and (why := check_writable(out)):
             _fail(f"{flag} {out}: {why}")
     from .importers import LogError
+    from .importers.names import parse_mapping
 
     try:
-        runs = [Run(label, path, load_run(path, list(maps) or None)) for label, path in zip(labels_for(list(paths)), paths)]
-    except LogError as exc:  # one line naming the file and what is wrong with it
+        mapping = parse_mapping(list(maps))
+    except LogError as exc:
         _fail(str(exc))
+    try:
+        runs = [Run(label, path, load_run(path, mapping)) for label, path in zip(labels_for(list(paths)), paths)]
+    except LogError as exc:  # one line naming the file and what is wrong with it; diagnose's exit status
+        _fail(str(exc), code=1)
     result = compare(runs)
     texts = []  # rendered in full before anything is written
     if json_path:

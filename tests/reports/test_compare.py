@@ -95,9 +95,9 @@ def test_grad_ratio_bins_steps_and_keeps_a_nan_or_a_missing_run():
 
 
 # ------------------------------------------------------------------------ the CLI
-def _one_line_error(result) -> str:
+def _one_line_error(result, status: int = 1) -> str:
     lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert result.exit_code == status and len(lines) == 1 and "Traceback" not in result.output, result.output
     return lines[0]
 
 
@@ -105,7 +105,8 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
     runner = CliRunner()
     out = tmp_path / "out.html"
     good = str(FIXTURES / "healthy_he6.json")
-    assert "at least two runs" in _one_line_error(runner.invoke(main, ["compare", good, "--html", str(out)]))
+    assert "at least two runs" in _one_line_error(runner.invoke(main, ["compare", good, "--html", str(out)]), 2)
+    assert "--map objective" in _one_line_error(runner.invoke(main, ["compare", good, good, "--map", "objective"]), 2)
     junk = tmp_path / "junk.json"
     junk.write_bytes(bytes(range(256)) * 4)
     cut = tmp_path / "cut.json"
