@@ -13,10 +13,6 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 STEPS = 40
 
@@ -41,6 +37,9 @@ print(gv.__file__)""",
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
     tmp = tmp_path_factory.mktemp("nb")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
     old = os.environ.get("PYTHONPATH")
@@ -84,3 +83,20 @@ def test_a_report_as_a_cells_value_renders_the_html_report_inline(executed, cell
     assert text.startswith("<gradvitals ") and len(text.splitlines()) == 1, text
     if cell in (2, 3):  # the watched run: the deep sigmoid stack, diagnosed
         assert "architecture_risk" in text and 'data-code="architecture_risk"' in page, text
+
+
+@pytest.mark.parametrize("status", [None, True, False])
+def test_outside_a_notebook_the_status_line_is_off_unless_asked_for(status, capsys):
+    import torch
+
+    import gradvitals as gv
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gv.watch(model, opt, status=status):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    err = capsys.readouterr().err
+    assert ("gradvitals  step " in err) == (status is True), err
