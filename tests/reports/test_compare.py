@@ -137,7 +137,7 @@ def test_cli_compares_logs_that_are_not_reports(tmp_path):
     assert loss["a"] == pytest.approx(2.3 - 0.14) and loss["b"] == pytest.approx(2.3 * 0.98 ** 140)
     assert pair["grad_ratio"] is None  # no per-layer norms in a loss/global-norm log
     page = (tmp_path / "c.html").read_text()
-    assert "No per-layer gradient norms in both runs" in page and 'class="gv-ratio"' not in page
+    assert "No layer has gradient norms recorded in both runs" in page and 'class="gv-ratio"' not in page
     assert page.count("<polyline") == 4  # loss and global norm of both logs
 
 

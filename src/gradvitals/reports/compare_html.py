@@ -108,7 +108,7 @@ def render_compare_html(cmp: Any) -> str:
         nums = "".join(f"<tr><td>{'loss' if x.quantity == 'loss' else 'global grad norm'}</td>"
                        f"<td>{x.step}</td><td>{fmt(x.a)}</td><td>{fmt(x.b)}</td></tr>" for x in p.at_step)
         ratio = (ratio_svg(p.ratio, p.a.label, p.b.label) if p.ratio else
-                 '<p class="hint">No per-layer gradient norms in both runs: no ratio heatmap.</p>')
+                 '<p class="hint">No layer has gradient norms recorded in both runs: no ratio heatmap.</p>')
         pairs.append(
             f'<section class="pair" data-a="{html.escape(p.a.label)}" data-b="{html.escape(p.b.label)}">'
             f"<h2>{html.escape(p.b.label)} against {html.escape(p.a.label)}</h2>"

@@ -83,4 +83,4 @@ def render_compare(cmp: Any) -> Iterator[Any]:
                     table.add_row(Text(f"… {len(layers) - MAX_RATIO_LAYERS} more"), Text(""), Text(""))
             yield table
         else:
-            yield Text("No per-layer gradient norms in both runs: no ratio heatmap.", style="dim")
+            yield Text("No layer has gradient norms recorded in both runs: no ratio heatmap.", style="dim")
