@@ -107,8 +107,8 @@ def test_lower_layers_do_not_import_higher_ones(code, absent):
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("record", "findings", "taxonomy", "torch_compat"),
     ("rules", "probes"),
-    ("diagnose", "fixes"),
-    ("report",),
+    ("diagnose", "fixes", "coverage"),
+    ("report", "importers", "compare"),
     ("reports",),
     ("distributed", "recorder", "preflight", "watcher", "runner", "autosave", "_autosave_writer",
      "integrations", "prescribe", "demo", "cli"),

@@ -22,7 +22,14 @@ def _render_terminal(report: Report):  # the facade may reach up the layers; rep
     return render(report)
 
 
+def _render_html(report: dict):
+    from .reports.html import render_html
+
+    return render_html(report)
+
+
 _report.rich_renderer = _render_terminal
+_report.html_renderer = _render_html
 
 
 def __getattr__(name: str):  # torch-dependent parts load lazily: rules/reports stay torch-free

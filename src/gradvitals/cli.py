@@ -1,4 +1,4 @@
-"""Command line: ``gradvitals run | report`` (and ``checkup``, ``demo``).
+"""Command line: ``gradvitals run | report`` (and ``checkup``, ``diagnose``, ``compare``, ``demo``).
 
 Exit codes: the script's own status for ``run``; 2 for bad usage (click's
 convention), with one line naming the bad argument and no traceback.
@@ -198,6 +198,191 @@ def report_cmd(report_json: str, html_path: str | None, rediagnose: bool, quiet:
         write_atomic(html_path, render_html(report.to_json()))
     if not quiet:
         _summary(report, [html_path] if html_path else [])
+
+
+@main.command("diagnose")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--json", "json_path", metavar="OUT", help="Write the JSON report (with its coverage) here.")
+@click.option("--html", "html_path", metavar="OUT", help="Write the self-contained HTML report here.")
+@click.option("--map", "maps", multiple=True, metavar="LOG_KEY=QUANTITY",
+              help="Read LOG_KEY as QUANTITY (e.g. --map objective=loss --map gnorm=grad_norm_global; "
+                   "'grads/*=grad_norm': every key under grads/ is a parameter's gradient norm). Repeatable.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+def diagnose_cmd(paths: tuple[str, ...], json_path: str | None, html_path: str | None, maps: tuple[str, ...],
+                 quiet: bool) -> None:
+    """Diagnose the logs a run already wrote: a gradvitals JSON, a TensorBoard log dir or
+    event file, an HF trainer_state.json (or the output/checkpoint dir holding it), a
+    Lightning log dir / metrics.csv, or a CSV/JSONL file with one row per step.
+
+    Several PATHs are diagnosed one after another, each on its own (--json/--html need
+    a single PATH). Exits 1 if a PATH could not be read (one line each), else 0.
+    """
+    from .importers import LogError
+    from .importers.names import parse_mapping
+    from .report import check_writable
+
+    if len(paths) > 1 and (json_path or html_path):
+        _fail("--json/--html write one report: give a single PATH (diagnose the others one at a time)")
+    try:
+        mapping = parse_mapping(list(maps))
+    except LogError as exc:
+        _fail(str(exc))
+    for flag, out in (("--json", json_path), ("--html", html_path)):
+        if out and (why := check_writable(out)):
+            _fail(f"{flag} {out}: {why}")
+    failed = False
+    for path in paths:
+        try:
+            report = _diagnose_log(path, mapping)
+        except LogError as exc:
+            click.echo(f"gradvitals: error: {exc}", err=True)
+            failed = True
+            continue
+        written = _write_diagnosis(report, json_path, html_path)
+        if not quiet:
+            if len(paths) > 1:
+                click.echo(f"\n{path}", err=True)
+            _summary(report, written)
+            _coverage_summary(report.extra["coverage"])
+    sys.exit(1 if failed else 0)
+
+
+def _diagnose_log(path: str, mapping: Any) -> Any:
+    from .coverage import coverage
+    from .importers import load_any
+    from .report import Report
+
+    imported = load_any(path, mapping)
+    record = imported.record
+    # The saved diagnosis's failed rules go with its findings: this one is made anew.
+    record.events = [e for e in record.events if not (isinstance(e, dict) and e.get("type") == "rule_error")]
+    report = Report.from_record(record)
+    if imported.report is not None:  # a gradvitals report: keep what it carried besides the diagnosis
+        report.extra.update({k: v for k, v in imported.report.extra.items() if k != "coverage"})
+    source = {"format": imported.format, "path": imported.path, "read": _compact_sources(imported.sources),
+              "ignored": imported.ignored[:50]}
+    report.extra["coverage"] = coverage(record, source)
+    return report
+
+
+def _compact_sources(sources: dict[str, str]) -> dict[str, str]:
+    """series key -> log key, with per-parameter series shown once per quantity (``grad_norm/*``)."""
+    out: dict[str, str] = {}
+    for key, log_key in sources.items():
+        q, _, name = key.partition("/")
+        if name and log_key.endswith(name):
+            out.setdefault(f"{q}/*", log_key[: len(log_key) - len(name)] + "*")
+        else:
+            out[key] = log_key
+    return out
+
+
+def _write_diagnosis(report: Any, json_path: str | None, html_path: str | None) -> list[str]:
+    """Both outputs rendered first, then written atomically: a failure leaves no half file."""
+    from .report import write_atomic
+
+    texts = []
+    if json_path:
+        texts.append((json_path, json.dumps(report.to_json(), allow_nan=False, separators=(",", ":"))))
+    if html_path:
+        from .reports.html import render_html
+
+        texts.append((html_path, render_html(report.to_json())))
+    try:
+        return [str(write_atomic(path, text)) for path, text in texts]
+    except OSError as exc:
+        _fail(f"could not write the report: {exc}", code=1)
+        return []
+
+
+def _coverage_summary(cov: dict[str, Any]) -> None:
+    """Coverage, briefly: what ran, what the log lacks for the others (one line per
+    missing input), and the checks only a live run can make, on one line."""
+    from .coverage import describe
+    from .rules.requirements import LIVE_FACTS
+
+    ran, checks = cov["ran"], cov["checks"]
+    click.echo(f"Checked ({len(ran)} of {len(checks)}): {', '.join(ran) or 'nothing'}", err=True)
+    lacking: dict[str, list[str]] = {}
+    live: list[str] = []
+    for code, c in checks.items():
+        if c["ran"]:
+            continue
+        logged = [t for t in c.get("missing", ()) if t not in LIVE_FACTS]
+        if logged:
+            lacking.setdefault("; ".join(f"no {describe(t)}" for t in logged), []).append(code)
+        else:
+            live.append(code)
+    for why, codes in lacking.items():
+        click.echo(f"  not checked, {why} in the log: {', '.join(codes)}", err=True)
+    if live:
+        click.echo(f"  only a live run (gradvitals run, gv.watch) records what these need: {', '.join(live)}",
+                   err=True)
+    notes: dict[str, list[str]] = {}
+    for code, c in checks.items():
+        for note in c.get("notes", ()) if c["ran"] else ():
+            if not note.startswith("without "):
+                notes.setdefault(note, []).append(code)
+    for note, codes in notes.items():
+        click.echo(f"  {', '.join(codes)}: {note}", err=True)
+
+
+@main.command("compare")
+@click.argument("paths", nargs=-1, metavar="A B [C]...")
+@click.option("--html", "html_path", metavar="PATH", help="Write the self-contained HTML comparison here.")
+@click.option("--json", "json_path", metavar="PATH", help="Write the comparison as JSON here.")
+@click.option("--map", "maps", multiple=True, metavar="LOG_KEY=QUANTITY",
+              help="Read this log key as this gradvitals quantity (as for diagnose; repeatable).")
+@click.option("--quiet", "-q", is_flag=True)
+def compare_cmd(paths: tuple[str, ...], html_path: str | None, json_path: str | None, maps: tuple[str, ...],
+                quiet: bool) -> None:
+    """Compare runs: A is the baseline, each other run is compared with it (findings
+    gone, new or changed; loss and gradient norm at a common step; the per-layer
+    gradient-norm ratio). Each run is a gradvitals JSON report or any log `diagnose`
+    reads."""
+    from .compare import Run, compare, labels_for, load_run
+    from .report import check_writable, write_atomic
+
+    if len(paths) < 2:
+        _fail(f"compare needs at least two runs (A B [C]...), got {len(paths)}; the first is the baseline")
+    for flag, out in (("--html", html_path), ("--json", json_path)):
+        if out and (why := check_writable(out)):
+            _fail(f"{flag} {out}: {why}")
+    from .importers import LogError
+    from .importers.names import parse_mapping
+
+    try:
+        mapping = parse_mapping(list(maps))
+    except LogError as exc:
+        _fail(str(exc))
+    try:
+        runs = [Run(label, path, load_run(path, mapping)) for label, path in zip(labels_for(list(paths)), paths)]
+    except LogError as exc:  # one line naming the file and what is wrong with it; diagnose's exit status
+        _fail(str(exc), code=1)
+    result = compare(runs)
+    texts = []  # rendered in full before anything is written
+    if json_path:
+        texts.append((json_path, json.dumps(result.to_json(), allow_nan=False, indent=1)))
+    if html_path:
+        from .reports.compare_html import render_compare_html
+
+        texts.append((html_path, render_compare_html(result)))
+    for out, text in texts:
+        try:
+            write_atomic(out, text)
+        except OSError as exc:
+            _fail(f"could not write {out}: {exc}", code=1)
+    if not quiet:
+        from .reports.compare_terminal import render_compare
+        from .reports.terminal import make_console
+
+        from rich.text import Text
+
+        console = make_console(stderr=False)
+        for part in render_compare(result):
+            console.print(part, soft_wrap=isinstance(part, Text))  # a verdict line stays one line
+        for out, _ in texts:
+            console.print(f"written to {out}", markup=False)
 
 
 @main.command("demo")

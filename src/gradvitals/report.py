@@ -19,6 +19,36 @@ from .record import SCHEMA, Record, json_safe
 #: Report. Installed by the package facade (``gradvitals/__init__.py`` wires in the
 #: terminal renderer), so this data layer imports no renderer.
 rich_renderer: Callable[[Report], Iterable[Any]] | None = None
+#: How a notebook shows a report (``_repr_html_``): the HTML page of a report dict.
+#: Installed by the package facade (the HTML renderer), like ``rich_renderer``.
+html_renderer: Callable[[dict[str, Any]], str] | None = None
+#: Height of the inline report in a notebook; the frame scrolls inside it.
+NOTEBOOK_FRAME_PX = 900
+
+
+def notebook_html(data: dict[str, Any]) -> str:
+    """The report page for a notebook cell's output: the whole self-contained page in an
+    iframe's ``srcdoc``, sandboxed to scripts only, so its CSS and script cannot touch
+    the notebook (nor the notebook's the report) and nothing is fetched."""
+    import html
+
+    if html_renderer is None:  # pragma: no cover - the package facade installs one
+        raise TypeError("no HTML renderer installed for Report")
+    page = html_renderer(data)
+    return (f'<iframe class="gradvitals-report" sandbox="allow-scripts" srcdoc="{html.escape(page, quote=True)}" '
+            f'style="width:100%;height:{NOTEBOOK_FRAME_PX}px;border:1px solid #ddd"></iframe>')
+
+
+class ReportDict(dict):  # type: ignore[type-arg]
+    """The JSON report as a plain ``dict`` (``watch.report()``) that a notebook shows
+    as the HTML report instead of a screen of nested numbers."""
+
+    def _repr_html_(self) -> str:
+        return notebook_html(self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        run = self.get("run") or {}
+        p.text(f"<gradvitals report dict: {run.get('verdict', '')} ({len(self.get('series') or {})} series)>")
 
 
 @dataclass
@@ -95,6 +125,13 @@ class Report:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         return write_atomic(path, json.dumps(self.to_json(), allow_nan=False, separators=(",", ":")))
+
+    def _repr_html_(self) -> str:
+        """A notebook cell whose value is a Report shows the HTML report inline."""
+        return notebook_html(self.to_json())
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # the notebook's text/plain: the verdict, not the record
+        p.text(f"<gradvitals Report: {self.verdict}>")
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
         if rich_renderer is None:  # pragma: no cover - the package facade installs one

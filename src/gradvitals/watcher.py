@@ -15,7 +15,7 @@ from .record import Record
 from . import autosave, distributed
 from .autosave import mark_complete
 from .recorder import Options, Recorder
-from .report import Report, check_writable, write_atomic
+from .report import Report, ReportDict, check_writable, write_atomic
 from .reports import tensorboard
 
 log = logging.getLogger("gradvitals")
@@ -35,7 +35,8 @@ class Watch:
 
     def __init__(self, model: nn.Module | Iterable[nn.Module], optimizer: Any = None, *,
                  drive: str = "hooks", path: str | os.PathLike[str] | None = None,
-                 html: str | os.PathLike[str] | None = None, **options: Any) -> None:
+                 html: str | os.PathLike[str] | None = None, status: bool | None = None,
+                 **options: Any) -> None:
         if drive not in DRIVES:
             raise ValueError(f"drive must be one of {', '.join(map(repr, DRIVES))}, got {drive!r}")
         self.drive = drive
@@ -63,6 +64,7 @@ class Watch:
             raise
         if distributed.writes_report():
             autosave.attach(self._recorder, path, html, self.options.autosave_s)
+            _attach_status(self._recorder, status)
 
     # -- the record --------------------------------------------------------
     @property
@@ -95,8 +97,9 @@ class Watch:
         self._recorder.step_end(optimizer)
 
     def report(self) -> dict[str, Any]:
-        """The JSON report (schema gradvitals.report/1) as a dict."""
-        return self.diagnosis().to_json()
+        """The JSON report (schema gradvitals.report/1) as a dict (shown as the HTML
+        report when it is a notebook cell's value)."""
+        return ReportDict(self.diagnosis().to_json())
 
     def diagnosis(self) -> Report:
         self._recorder.finish()
@@ -145,6 +148,11 @@ class Watch:
             return
         self._recorder.close()  # stops the autosave first
         tensorboard.close_for(self._recorder)
+        progress = self._recorder.progress
+        if progress is not None:
+            if hasattr(progress, "finish"):
+                progress.finish(self._recorder.record)
+            progress.close()
         if (self.path is None and self.html is None) or not distributed.writes_report():
             return
         mark_complete(self._recorder.record, ended)
@@ -172,13 +180,25 @@ class Watch:
 
 def watch(model: nn.Module | Iterable[nn.Module], optimizer: Any = None, *, drive: str = "hooks",
           path: str | os.PathLike[str] | None = None, html: str | os.PathLike[str] | None = None,
-          **options: Any) -> Watch:
+          status: bool | None = None, **options: Any) -> Watch:
     """Watch ``model`` (one module or several). ``optimizer``: one, several, or None
     (then each ``backward()`` counts as a step). ``path`` / ``html``: the JSON / HTML
     report is written there when the watch closes and autosaved every ``autosave_s``
-    seconds (default 60) until then. Options: see :class:`gradvitals.recorder.Options`.
+    seconds (default 60) until then. ``status``: a live status line (step, loss,
+    gradient norm, findings so far); None: only in a Jupyter notebook, where it is one
+    output updated in place. Options: see :class:`gradvitals.recorder.Options`.
     """
-    return Watch(model, optimizer, drive=drive, path=path, html=html, **options)
+    return Watch(model, optimizer, drive=drive, path=path, html=html, status=status, **options)
+
+
+def _attach_status(recorder: Recorder, status: bool | None) -> None:
+    from .reports.progress import NotebookProgress, Progress, in_notebook
+
+    notebook = in_notebook()
+    if status is None:
+        status = notebook
+    if status:
+        recorder.progress = NotebookProgress() if notebook else Progress()
 
 
 def _as_list(obj: Any, kind: type, what: str) -> list[Any]:

@@ -14,37 +14,48 @@ from .html_format import fmt, num
 _TRIAL_COLOURS = ("#888888", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
 
 
-def _trial_curves_svg(trials: list[dict[str, Any]], width: int = 640, height: int = 240) -> str:
-    """Loss curves of all trials overlaid (log scale), as inline SVG: no JS needed."""
-    lines = []
-    for t in trials:
-        curve = t.get("loss_curve") or {}
-        pts = [(int(s), num(v)) for s, v in zip(curve.get("steps", []), curve.get("values", []))]
-        pts = [(s, v) for s, v in pts if math.isfinite(v) and v > 0]
-        lines.append(pts)
+def _log_points(curve: dict[str, Any]) -> list[tuple[int, float]]:
+    """A curve's (step, value) points that a log scale can draw."""
+    pts = [(int(s), num(v)) for s, v in zip(curve.get("steps", []), curve.get("values", []))]
+    return [(s, v) for s, v in pts if math.isfinite(v) and v > 0]
+
+
+def overlaid_curves_svg(curves: list[tuple[str, dict[str, Any], bool]], *, quantity: str = "loss",
+                        css_class: str = "trial-curves", what: str = "the trials",
+                        width: int = 640, height: int = 240) -> str:
+    """Curves overlaid by step (log scale), as inline SVG: no JS needed. ``curves``:
+    (label, {"steps", "values"}, drawn wide); colours by position (``_TRIAL_COLOURS``)."""
+    lines = [_log_points(curve) for _, curve, _ in curves]
     allp = [p for pts in lines for p in pts]
     if not allp:
-        return '<p class="hint">No finite loss was recorded in any trial.</p>'
+        return f'<p class="hint">No finite {quantity} was recorded in any of {what}.</p>'
     smax = max(s for s, _ in allp) or 1
     lo, hi = math.log10(min(v for _, v in allp)), math.log10(max(v for _, v in allp))
     hi = hi if hi > lo else lo + 1
     pad = 30
-    out = [f'<svg class="trial-curves" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-           f'role="img" aria-label="loss curves of the trials">',
-           f'<text x="4" y="14" font-size="11">loss (log) 10^{hi:.1f}</text>'
+    out = [f'<svg class="{css_class}" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           f'role="img" aria-label="{quantity} curves of {what}">',
+           f'<text x="4" y="14" font-size="11">{quantity} (log) 10^{hi:.1f}</text>'
            f'<text x="4" y="{height - 4}" font-size="11">10^{lo:.1f}; step 0 .. {smax}</text>']
-    for i, (t, pts) in enumerate(zip(trials, lines)):
+    for i, ((label, _, wide), pts) in enumerate(zip(curves, lines)):
         if not pts:
             continue
         colour = _TRIAL_COLOURS[i % len(_TRIAL_COLOURS)]
         coords = " ".join(
             f"{pad + (width - 2 * pad) * s / smax:.1f},{pad + (height - 2 * pad) * (hi - math.log10(v)) / (hi - lo):.1f}"
             for s, v in pts)
-        wide = 3 if t.get("winner") else 1.5
-        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{wide}" points="{coords}">'
-                   f'<title>{html.escape(str(t.get("label") or t.get("remedy")))}</title></polyline>')
+        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="{3 if wide else 1.5}" points="{coords}">'
+                   f'<title>{html.escape(label)}</title></polyline>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _trial_curves_svg(trials: list[dict[str, Any]]) -> str:
+    """Loss curves of all trials overlaid, the winner's drawn wide."""
+    if not any(_log_points(t.get("loss_curve") or {}) for t in trials):
+        return '<p class="hint">No finite loss was recorded in any trial.</p>'
+    return overlaid_curves_svg([(str(t.get("label") or t.get("remedy")), t.get("loss_curve") or {},
+                                 bool(t.get("winner"))) for t in trials])
 
 
 def trials_html(trials: list[dict[str, Any]]) -> str:

@@ -137,3 +137,52 @@ def _summarize(findings: list[Any]) -> str:
 
 def _fmt(v: float) -> str:
     return fmt(v, sci=2)
+
+
+#: Redraw interval in a notebook: each redraw is a message to the browser; twice a
+#: second reads as live.
+NOTEBOOK_INTERVAL_S = 0.5
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (IPython's ZMQ shell), where stderr is no terminal."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:
+        return False
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class NotebookProgress(Progress):
+    """The status line as one output of the cell, replaced in place on each redraw
+    (IPython's ``display(..., display_id=True)`` then ``update``), not a line per
+    redraw. :meth:`finish` draws the last step and the final findings."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("interval_s", NOTEBOOK_INTERVAL_S)
+        super().__init__(stream=None, interactive=False, **kwargs)
+        self._handle: Any = None
+
+    def _write(self, line: str) -> None:
+        from IPython.display import display
+
+        bundle = {"text/plain": line}
+        if self._handle is None:
+            self._handle = display(bundle, raw=True, display_id=True)
+        else:
+            self._handle.update(bundle, raw=True)
+        self._drawn = True
+        self.updates += 1
+
+    def finish(self, record: Any) -> None:
+        """Draw the line once more now, with the rules run on the whole record."""
+        if self._failed:
+            return
+        self._next_draw = self._next_rules = -math.inf
+        self.update(record)
+
+    def close(self) -> None:  # the last line stays in the cell's output
+        self._drawn = False

@@ -319,9 +319,16 @@ def relative_grads(record: Record, wps: Sequence[WeightParam]) -> dict[int, list
     The ratio is scale-free (it is the update ratio per unit learning rate of plain
     SGD), so a wide first layer and a narrow head compare fairly. Weight norms are
     recorded on scheduled steps only; those are the steps returned.
+
+    An imported log without any weight norm (one that kept only gradient norms, e.g.
+    Lightning's ``grad_norm()`` columns) gives |grad| itself at every logged step: the
+    chapter's per-layer health check compares gradient norms directly. (A live run
+    without an optimizer has no weight norms either; it keeps the silence it had.)
     """
     grads = record.per_name("grad_norm")
     weights = record.per_name("weight_norm")
+    if not weights and record.run.get("imported"):
+        return _absolute_grads(grads, wps)
     by_param = []
     steps: set[int] = set()
     for wp in wps:
@@ -337,3 +344,9 @@ def relative_grads(record: Record, wps: Sequence[WeightParam]) -> dict[int, list
             row.append(gv / wv if math.isfinite(gv) and math.isfinite(wv) and wv > TINY_NORM else math.nan)
         out[step] = row
     return out
+
+
+def _absolute_grads(grads: dict[str, Series], wps: Sequence[WeightParam]) -> dict[int, list[float]]:
+    by_param = [as_dict(grads.get(wp.param)) for wp in wps]
+    steps = sorted(set().union(*by_param)) if by_param else []
+    return {step: [g.get(step, math.nan) for g in by_param] for step in steps}

@@ -194,7 +194,7 @@ def _vanishing_in(record: Record, wps: list[WeightParam]) -> list[Finding]:
 
 def _vanishing_advice(record: Record, early: list[str], acts: list[str], act_names: list[str]) -> str:
     where = names(early)
-    kind = record.layers[early[0]].kind if early and early[0] in record.layers else "Linear"
+    kind = (record.layers[early[0]].kind if early and early[0] in record.layers else "") or "Linear"
     if acts and acts[0] in ("sigmoid", "tanh"):
         act = nn_class(record, act_names[0] if act_names else acts[0])
         return (f"`nn.{act}` after {where} multiplies the gradient by at most "
@@ -455,7 +455,7 @@ def _exploding_advice(record: Record, at_init: bool, layers: list[str]) -> str:
     acts = activation_names(record, [w.layer for w in wps])
     act = f"nn.{nn_class(record, acts[0])}" if acts else None
     if at_init:
-        kind = wps[0].kind if wps else "Linear"
+        kind = (wps[0].kind if wps else "") or "Linear"  # an imported log's layers have no kind
         fam = activation_families(record, [w.layer for w in wps])
         init = ("nn.init.xavier_normal_(m.weight)" if fam and fam[0] in ("sigmoid", "tanh")
                 else "nn.init.kaiming_normal_(m.weight, nonlinearity='relu')")
