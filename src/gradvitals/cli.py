@@ -259,7 +259,8 @@ def _diagnose_log(path: str, mapping: Any) -> Any:
     report = Report.from_record(record)
     if imported.report is not None:  # a gradvitals report: keep what it carried besides the diagnosis
         report.extra.update({k: v for k, v in imported.report.extra.items() if k != "coverage"})
-    source = {"format": imported.format, "path": imported.path, "read": _compact_sources(imported.sources),
+    source = {**(record.run.get("imported") or {}),  # e.g. a TensorBoard file whose last record was cut off
+              "format": imported.format, "path": imported.path, "read": _compact_sources(imported.sources),
               "ignored": imported.ignored[:50]}
     report.extra["coverage"] = coverage(record, source)
     return report
@@ -302,6 +303,8 @@ def _coverage_summary(cov: dict[str, Any]) -> None:
     from .rules.requirements import LIVE_FACTS
 
     ran, checks = cov["ran"], cov["checks"]
+    for path in cov.get("source", {}).get("truncated") or ():
+        click.echo(f"{path}: its last record was cut off (written when the run stopped); read up to it", err=True)
     click.echo(f"Checked ({len(ran)} of {len(checks)}): {', '.join(ran) or 'nothing'}", err=True)
     lacking: dict[str, list[str]] = {}
     live: list[str] = []

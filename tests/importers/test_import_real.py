@@ -201,6 +201,20 @@ def test_summarywriter_logs_show_the_explosion(tensorboard_logs, tmp_path):
     assert data["coverage"]["checks"]["vanishing_gradients"]["ran"] is False
 
 
+def test_event_file_cut_mid_record_is_read_up_to_the_cut(tensorboard_logs, tmp_path):
+    (src,) = (tensorboard_logs["healthy"] / "runs" / "exp1").iterdir()
+    cut = tmp_path / src.name
+    cut.write_bytes(src.read_bytes()[:-9])  # a run killed while writing its last scalar
+    out = tmp_path / "cut.json"
+    result = CliRunner().invoke(main, ["diagnose", str(cut), "--json", str(out)])
+    assert result.exit_code == 0
+    data = json.loads(out.read_text())
+    assert data["coverage"]["source"]["truncated"] == [str(cut)]
+    assert "last record was cut off" in result.stderr
+    # the cut record was the last step's val/accuracy: every loss and norm before it is there
+    assert data["series"]["grad_norm_global"]["count"] == data["series"]["loss"]["count"] == 20
+
+
 def test_summarywriter_healthy_twin_no_warning(tensorboard_logs, tmp_path):
     data, _ = diagnose_cli(tensorboard_logs["healthy"], tmp_path)
     assert problems(data) == {}

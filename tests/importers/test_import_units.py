@@ -124,6 +124,18 @@ def test_map_overrides_and_errors(tmp_path):
         load_any(p, {"gnorm": "gradnorm"})
 
 
+def test_resumed_log_later_values_win_and_long_logs_stay_bounded(tmp_path):
+    p = tmp_path / "log.jsonl"
+    rows = [{"step": s, "loss": 1.0} for s in range(10)] + [{"step": s, "loss": 2.0} for s in range(5, 8)]
+    p.write_text("\n".join(map(json.dumps, rows)))
+    steps, values = load_any(p).record.get("loss").points()
+    assert steps == list(range(10)) and values == [1.0] * 5 + [2.0] * 3 + [1.0] * 2
+    long = tmp_path / "long.csv"
+    long.write_text("step,loss\n" + "".join(f"{s},{1 + (s % 7) / 10}\n" for s in range(20000)))
+    s = load_any(long).record.get("loss")
+    assert s.count == 20000 and len(s.steps) < 1000 and s.max == pytest.approx(1.6)
+
+
 def test_coverage_comes_from_the_rules_inputs_not_the_format(tmp_path):
     assert set(REQUIRES) == set(CODES)
     hf = load_any(hf_state(tmp_path / "trainer_state.json", [2.0 - 0.01 * i for i in range(30)],

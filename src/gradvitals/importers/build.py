@@ -6,7 +6,7 @@ import math
 import re
 from typing import Iterable
 
-from ..record import LayerInfo, ParamInfo, Record, series_key, split_key
+from ..record import DEFAULT_CAP, LayerInfo, ParamInfo, Record, Series, series_key, split_key
 from .names import KeyMap, series_for
 
 #: Layer names of normalisation and embedding modules, as the usual models spell them:
@@ -27,12 +27,19 @@ class Builder:
 
     def __init__(self, mapping: KeyMap) -> None:
         self.mapping = mapping
-        self.points: dict[str, dict[int, float]] = {}
+        # Appended as they come (bounded: a long log decimates like a live run's series);
+        # a point before its series' last step (a resumed run's log) waits in ``late``.
+        self.series: dict[str, Series] = {}
+        self.late: dict[str, dict[int, float]] = {}
         self.sources: dict[str, str] = {}
         self.ignored: dict[str, None] = {}
+        self._targets: dict[str, str | None] = {}
 
     def add(self, key: str, step: int, value: object) -> None:
-        target = series_for(key, self.mapping)
+        try:
+            target = self._targets[key]
+        except KeyError:
+            target = self._targets[key] = series_for(key, self.mapping)
         if target is None:
             self.ignored.setdefault(key, None)
             return
@@ -40,14 +47,27 @@ class Builder:
             v = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return  # an empty cell, a string: nothing logged here
+        step = int(step)
         self.sources.setdefault(target, key)
-        self.points.setdefault(target, {})[int(step)] = v  # a later value for a step replaces it
+        s = self.series.get(target)
+        if s is None:
+            s = self.series[target] = Series(DEFAULT_CAP)
+        if s.last_step is None or step >= s.last_step:
+            s.append(step, v)  # the same step again: the later value replaces it
+        else:
+            self.late.setdefault(target, {})[step] = v
 
     def record(self, run: dict[str, object]) -> Record:
         rec = Record(run=dict(run))
-        for key in sorted(self.points, key=natural_key):
-            for step, v in sorted(self.points[key].items()):
-                rec.add(key, step, v)
+        for key in sorted(self.series, key=natural_key):
+            s = self.series[key]
+            if key in self.late:  # out of order: merged by step, a later value winning
+                merged = dict(zip(*s.points()))
+                merged.update(self.late[key])
+                s = Series(DEFAULT_CAP)
+                for step in sorted(merged):
+                    s.append(step, merged[step])
+            rec.series[key] = s
         params = sorted({n for k in rec.series for q, n in [split_key(k)] if q in ("grad_norm", "weight_norm",
                                                                               "update_ratio") and n},
                         key=natural_key)

@@ -124,7 +124,7 @@ def _read_trainer_state(path: Path, data: dict[str, Any], mapping: KeyMap) -> An
 def _finish(path: Path, b: Builder, run: dict[str, Any], fmt: str) -> Any:
     from . import Imported
 
-    if not b.points:
+    if not b.series:
         seen = ", ".join(list(b.ignored)[:8]) or "none"
         raise LogError(path, f"no training loss or gradient norm in it (keys: {seen}); name them with "
                              "--map LOG_KEY=QUANTITY")
