@@ -3,6 +3,8 @@ Adam's eps as large as a layer's gradients, and loss spikes judged at scale."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,6 +139,13 @@ def test_the_same_tiny_gpt_without_the_lr_spike_has_none():
     report = train_tiny_gpt(lr_spike=False)
     assert [f"{f.code}:{f.severity}" for f in report.findings if f.severity in PROBLEMS] == []
     assert "loss_spike" not in {f.code for f in report.findings}
+    # log Z read inside HF's own loss (labels given to the model, ForCausalLMLoss): on the
+    # scheduled steps; at step 0 the logits are ~0 (init std 0.02), so log Z ~ ln(vocabulary)
+    steps, values = report.record.series["log_z_mean"].points()
+    assert steps == list(range(0, STEPS, 25))
+    vocab = report.record.params["transformer.wte.weight"].shape[0]
+    assert abs(values[0] - math.log(vocab)) < 0.05
+    assert "output_logit_divergence" not in {f.code for f in report.findings}
 
 
 # --------------------------------------------------- output logit divergence
