@@ -249,6 +249,14 @@ SHOWS = {
 }
 
 
+#: Codes no case can prove on every machine, and the real-run test that proves them.
+PROVEN_ELSEWHERE = {
+    # a warning once the loss stops falling while log Z grows; a tiny run's late loss at
+    # the learning rate that makes log Z drift is chaotic (tests/realworld/logit_drift_gpt.py)
+    "output_logit_divergence": "tests/test_transformer_rules_real.py",
+}
+
+
 # ------------------------------------------------------------------- tests
 def test_library_is_complete():
     """>= 20 cases, every finding code proven by at least one case, healthy cases present."""
@@ -256,7 +264,7 @@ def test_library_is_complete():
 
     labels = {p.name: parse_labels(p) for p in CASES}
     assert len(labels) >= MIN_CASES, sorted(labels)
-    expected = {c for l in labels.values() for c in l.expect}
+    expected = {c for l in labels.values() for c in l.expect} | set(PROVEN_ELSEWHERE)
     assert set(CODES) <= expected, f"codes no case proves: {sorted(set(CODES) - expected)}"
     for name, l in labels.items():
         assert set(l.expect) | set(l.forbid) <= set(CODES), name

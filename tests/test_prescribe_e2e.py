@@ -57,3 +57,18 @@ def test_healthy_run_tries_nothing(tmp_path):
     rep, stderr = try_fixes(CASES / "healthy_he_relu20_digits.py", tmp_path)
     assert rep["trials"] == []
     assert "nothing to try" in stderr
+
+
+def test_adam_eps_remedy_removes_adam_epsilon_too_large():
+    """Baseline + the eps remedy only (trials=1): the cheapest proof that the remedy
+    applies in-process (no script edit) and that the finding goes with it."""
+    from gradvitals.prescribe import try_fixes as run_trials
+
+    diagnosed = {"findings": [{"code": "adam_epsilon_too_large", "severity": "warning", "step": 0}]}
+    base, eps = run_trials(str(CASES / "adam_eps_large.py"), [], diagnosed, budget=60, trials=1,
+                           echo=lambda line: None)
+    assert eps.remedy == "adam_eps" and eps.applicable and "eps=1e-08" in eps.reason
+    assert "adam_epsilon_too_large" in base.remaining_codes  # the real baseline run still has it
+    assert "adam_epsilon_too_large" not in eps.remaining_codes
+    assert eps.final_loss < base.final_loss
+    assert "eps=1e-08" in eps.snippet

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradvitals.prescribe import (HEALTHY_NORM_CEILING, Remedy, RemedyApplier, Trial, _judge,
+from gradvitals.prescribe import (HEALTHY_NORM_CEILING, Remedy, RemedyApplier, Trial, _judge, code_changes,
                                   observed_max_norm, select_remedies)
 
 
@@ -168,3 +168,45 @@ def test_trial_soundness_is_read_from_its_report():
     assert crit == ["nonfinite"] and why == "every gradient exactly 0 for its last 10 steps"
     assert _soundness(report([1.0] * 11 + [0.0] * 9, [0.5] * 20))[1] == ""  # 9 steps: converging, not dead
     assert _soundness(report([1.0] * 20, [0.5] * 19 + ["nan"]))[1] == "non-finite values"
+
+
+# --------------------------------------------------- transformer-era remedies
+def test_adam_eps_is_tried_first_for_adam_epsilon_too_large():
+    names = [r.name for r in select_remedies(report("adam_epsilon_too_large"), 200, 5)]
+    assert names[0] == "adam_eps"
+    assert code_changes(report("adam_epsilon_too_large")) == []
+
+
+def test_transformer_codes_try_beta2_lower_lr_and_warmup_and_list_the_code_changes():
+    for code in ("output_logit_divergence", "attention_logit_growth"):
+        assert [r.name for r in select_remedies(report(code), 200, 5)] == ["beta2", "lr_x0.3", "warmup"]
+    (z,) = code_changes(report("output_logit_divergence"))
+    assert z["snippet"] == "loss = loss + 1e-4 * torch.logsumexp(logits, dim=-1).pow(2).mean()"
+    (qk,) = code_changes({"findings": [{"code": "attention_logit_growth", "severity": "warning"},
+                                       {"code": "attention_entropy_collapse", "severity": "warning"}]})
+    assert "q_norm" in qk["snippet"] and "QK-layernorm" in qk["remedy"]  # one entry for both codes
+    assert code_changes({"findings": [{"code": "output_logit_divergence", "severity": "info"}]}) == []
+    # a loss spike under Adam at beta2 0.999 tries beta2 too; under SGD (no betas) not
+    adam = {**report("loss_spike"), "run": {"optimizer_groups": [{"betas": [0.9, 0.999]}]}}
+    assert "beta2" in [r.name for r in select_remedies(adam, 200, 10)]
+    assert "beta2" not in [r.name for r in select_remedies(report("loss_spike"), 200, 10)]
+
+
+def test_adam_eps_and_beta2_set_the_groups_that_have_them():
+    from torch import nn
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW([{"params": [model.weight], "eps": 1e-4}, {"params": [model.bias], "eps": 1e-10}],
+                            betas=(0.9, 0.999))
+    a = RemedyApplier(Remedy("adam_eps", {"eps": 1e-8}), None)
+    a.on_optimizer(opt)
+    assert [g["eps"] for g in opt.param_groups] == [1e-8, 1e-10]  # never raised
+    assert a.status()["applicable"] and "1 param group" in a.status()["reason"]
+    b = RemedyApplier(Remedy("beta2", {"beta2": 0.95}), None)
+    b.on_optimizer(opt)
+    assert [g["betas"] for g in opt.param_groups] == [(0.9, 0.95), (0.9, 0.95)]
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    c = RemedyApplier(Remedy("adam_eps", {"eps": 1e-8}), None)
+    c.on_optimizer(sgd)
+    assert not c.status()["applicable"] and "SGD" in c.status()["reason"]
+    assert Remedy.from_json({"name": "beta2", "params": {"beta2": 0.95}}).label() == "Adam beta2 = 0.95"

@@ -3,6 +3,9 @@ Adam's eps as large as a layer's gradients, and loss spikes judged at scale."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,3 +139,48 @@ def test_the_same_tiny_gpt_without_the_lr_spike_has_none():
     report = train_tiny_gpt(lr_spike=False)
     assert [f"{f.code}:{f.severity}" for f in report.findings if f.severity in PROBLEMS] == []
     assert "loss_spike" not in {f.code for f in report.findings}
+    # log Z read inside HF's own loss (labels given to the model, ForCausalLMLoss): on the
+    # scheduled steps; at step 0 the logits are ~0 (init std 0.02), so log Z ~ ln(vocabulary)
+    steps, values = report.record.series["log_z_mean"].points()
+    assert steps == list(range(0, STEPS, 25))
+    vocab = report.record.params["transformer.wte.weight"].shape[0]
+    assert abs(values[0] - math.log(vocab)) < 0.05
+    assert "output_logit_divergence" not in {f.code for f in report.findings}
+
+
+# --------------------------------------------------- output logit divergence
+def _logit_drift_run(z_loss: float):
+    """tests/realworld/logit_drift_gpt.py in-process: its tiny GPT, 200 steps."""
+    import runpy
+    from pathlib import Path
+
+    case = runpy.run_path(str(Path(__file__).resolve().parent / "realworld" / "logit_drift_gpt.py"),
+                          run_name="case")
+    model, opt, data, vocab = case["setup"]()
+    with gv.watch(model, opt, autosave_s=None) as watch:
+        case["train"](model, opt, data, vocab, steps=200, z_loss=z_loss)
+        return watch.diagnosis()
+
+
+
+@pytest.mark.slow
+def test_a_tiny_gpt_whose_logits_keep_growing_has_output_logit_divergence_and_z_loss_removes_it():
+    report = _logit_drift_run(z_loss=0.0)
+    found = {f.code: f for f in report.findings}
+    assert "output_logit_divergence" in found, [f.code for f in report.findings]
+    f = found["output_logit_divergence"]
+    # growing while the loss still falls is info, once it no longer falls a warning; which
+    # one this tiny run ends in is chance (see the script), the rule's edges are in
+    # tests/rules/test_logits.py
+    assert f.severity == ("info" if f.evidence["loss_still_falling"] else "warning")
+    # the evidence is the record's log Z (torch's logsumexp of the logits, tests/recorder/test_log_z.py)
+    steps, values = report.record.series["log_z_mean"].points()
+    assert f.evidence["first"] == values[0] and f.evidence["last"] == values[-1]
+    assert values[-1] - values[0] > 5 and f.step == next(s for s, v in zip(steps, values) if v >= 8.0)
+    assert "torch.logsumexp(logits, dim=-1).pow(2).mean()" in f.advice
+    # the twin: the same run with the z-loss term holds log Z near 0
+    twin = _logit_drift_run(z_loss=1e-2)
+    assert "output_logit_divergence" not in {g.code for g in twin.findings}
+    assert [f"{g.code}:{g.severity}" for g in twin.findings if g.severity in PROBLEMS] == []
+    _, twin_z = twin.record.series["log_z_mean"].points()
+    assert abs(twin_z[-1]) < 3 < values[-1] - 5

@@ -121,7 +121,7 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
     if runner.progress is not None:
         runner.progress.close()
     if try_fixes:
-        from .prescribe import DEFAULT_BUDGET_STEPS, render_table, try_fixes as _try
+        from .prescribe import DEFAULT_BUDGET_STEPS, code_changes, render_table, try_fixes as _try
 
         def say(line: str) -> None:
             if not quiet:
@@ -130,6 +130,9 @@ def run_cmd(json_path: str | None, html_path: str | None, tensorboard: str | Non
         found = _try(script, list(args), result.report.to_json(), budget=budget_steps or DEFAULT_BUDGET_STEPS,
                      trials=trials, echo=say)
         result.report.extra["trials"] = [t.to_json() for t in found]
+        changes = code_changes(result.report.to_json())
+        if changes:
+            result.report.extra["code_changes"] = changes  # listed, not trialled
         if found and not quiet:
             from rich.console import Console
 

@@ -39,6 +39,9 @@ CAUSAL_ORDER: tuple[str, ...] = (
     "not_updated",
     "update_ratio_low",
     "adam_epsilon_too_large",
+    "attention_logit_growth",  # transformer chain: logit growth -> entropy collapse -> spikes
+    "attention_entropy_collapse",
+    "output_logit_divergence",
     "nonfinite",
     "loss_spike",
     "loss_plateau",
@@ -49,21 +52,24 @@ CAUSAL_ORDER: tuple[str, ...] = (
 #: ``caused_by``: nonfinite <- exploding_gradients <- update_ratio_high;
 #: loss_plateau <- vanishing_gradients <- saturated_activations.
 CAUSES: dict[str, tuple[str, ...]] = {
-    "nonfinite": ("exploding_gradients", "update_ratio_high", "loss_spike", "grad_not_zeroed",
-                  "batchnorm_small_batch"),
+    "nonfinite": ("exploding_gradients", "update_ratio_high", "attention_logit_growth", "output_logit_divergence",
+                  "loss_spike", "grad_not_zeroed", "batchnorm_small_batch"),
     "exploding_gradients": ("grad_not_zeroed", "poor_initialization", "architecture_risk", "update_ratio_high",
                             "batchnorm_small_batch"),
     "update_ratio_high": ("grad_not_zeroed", "exploding_gradients", "batchnorm_small_batch"),
-    "loss_spike": ("grad_not_zeroed", "exploding_gradients", "update_ratio_high", "batchnorm_small_batch"),
+    "loss_spike": ("grad_not_zeroed", "attention_logit_growth", "output_logit_divergence", "exploding_gradients",
+                   "update_ratio_high", "batchnorm_small_batch"),
+    # Attention logits grown large make the softmax one-hot (Zhai et al. 2023, arXiv 2303.06296).
+    "attention_entropy_collapse": ("attention_logit_growth",),
     "dead_relu": ("update_ratio_high", "exploding_gradients", "poor_initialization", "batchnorm_small_batch"),
     "vanishing_gradients": ("saturated_activations", "poor_initialization", "symmetric_weights",
                             "architecture_risk", "batchnorm_small_batch"),
     "saturated_activations": ("poor_initialization", "update_ratio_high"),
-    "update_ratio_low": ("clipping_always_active", "loss_on_probabilities"),
-    "not_updated": ("clipping_always_active",),
+    "update_ratio_low": ("clipping_always_active", "loss_on_probabilities", "adam_epsilon_too_large"),
+    "not_updated": ("clipping_always_active", "adam_epsilon_too_large"),
     "loss_plateau": ("grad_not_zeroed", "loss_on_probabilities", "eval_mode_training", "vanishing_gradients", "dead_relu", "saturated_activations", "clipping_always_active",
                      "update_ratio_low", "update_ratio_high", "no_gradient", "not_updated",
-                     "symmetric_weights", "batchnorm_small_batch", "poor_initialization",
+                     "adam_epsilon_too_large", "symmetric_weights", "batchnorm_small_batch", "poor_initialization",
                      "architecture_risk", "exploding_gradients"),
 }
 
@@ -137,6 +143,10 @@ def _explains(cause: Finding, effect: Finding) -> bool:
         return bool(cause.evidence.get("at_init"))
     if cause.code == "update_ratio_high" and effect.code == "exploding_gradients":
         return not effect.evidence.get("at_init")
+    if cause.code == "adam_epsilon_too_large" and effect.code in ("update_ratio_low", "not_updated"):
+        # eps damps the updates of its own layers only: it explains a layer that stops
+        # learning where the two name the same layers
+        return bool(set(cause.layers) & set(effect.layers)) or not effect.layers
     if effect.code in _WHOLE_RUN or cause.step is None or effect.step is None:
         return True
     return cause.step <= effect.step

@@ -14,6 +14,11 @@ Remedies (``Remedy.name``):
     warmup        linear learning-rate warmup over the first steps
     swap_relu     nn.ReLU modules -> nn.LeakyReLU(0.01)     (dead units)
     swap_saturating  nn.Sigmoid/nn.Tanh modules -> nn.ReLU, then He init (vanishing)
+    adam_eps      Adam-family groups' eps set to 1e-8 (PyTorch's default)
+    beta2         Adam-family groups' beta2 set to 0.95 (Wortsman et al. 2023's default)
+
+Remedies that need a code change (QK-layernorm, z-loss) are listed with their snippet
+by :func:`code_changes`, not trialled.
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ class Remedy:
         return {"init": "gv.init_ (He/Xavier by activation)", "agc": "adaptive gradient clipping (AGC 0.01)",
                 "swap_relu": "ReLU -> LeakyReLU(0.01)",
                 "swap_saturating": "Sigmoid/Tanh -> ReLU with He init",
-                "zero_grad": "optimizer.zero_grad() after each step"}.get(self.name, self.name)
+                "zero_grad": "optimizer.zero_grad() after each step",
+                "adam_eps": f"Adam eps = {self.params.get('eps', ADAM_EPS):g}",
+                "beta2": f"Adam beta2 = {self.params.get('beta2', BETA2):g}"}.get(self.name, self.name)
 
     def snippet(self) -> str:
         """The code change that makes the remedy permanent in the user's script."""
@@ -72,6 +79,8 @@ class Remedy:
             "swap_relu": "nn.LeakyReLU(0.01)  # instead of nn.ReLU()",
             "swap_saturating": "nn.ReLU()  # instead of nn.Sigmoid()/nn.Tanh(), then gv.init_(model, example_batch)",
             "zero_grad": "optimizer.zero_grad()  # once per step: before loss.backward(), or right after optimizer.step()",
+            "adam_eps": f"optimizer = torch.optim.AdamW(model.parameters(), lr=..., eps={p.get('eps', ADAM_EPS):g})",
+            "beta2": f"optimizer = torch.optim.AdamW(model.parameters(), lr=..., betas=(0.9, {p.get('beta2', BETA2):g}))",
         }.get(self.name, f"lr = {p.get('factor', 1):g} * lr  # in the optimizer's constructor")
 
     def to_json(self) -> dict[str, Any]:
@@ -86,9 +95,44 @@ class Remedy:
 
 
 _KNOWN = {"init", "clip", "agc", "lr_x0.1", "lr_x0.3", "lr_x3", "lr_x10", "warmup", "swap_relu",
-          "swap_saturating", "zero_grad"}
+          "swap_saturating", "zero_grad", "adam_eps", "beta2"}
 
 _EXPLOSIVE = {"nonfinite", "exploding_gradients", "loss_spike", "update_ratio_high"}
+
+#: Transformer instabilities (loss spikes at scale, growing attention or output logits):
+#: beta2 0.95, a lower learning rate, a longer warmup (Wortsman et al. 2023, arXiv 2309.14322).
+_TRANSFORMER = {"attention_logit_growth", "attention_entropy_collapse", "output_logit_divergence"}
+
+#: Adam's eps the adam_eps remedy sets: PyTorch's default (rules/optimizer.py EPS_DEFAULT).
+ADAM_EPS = 1e-8
+#: beta2 the beta2 remedy sets: Wortsman et al. 2023's default (arXiv 2309.14322, §2), as in
+#: PaLM, LLaMA and OLMo; 0.999 averages the second moment over ~1000 steps, too slow to
+#: follow a gradient that grows suddenly, so the update spikes.
+BETA2 = 0.95
+
+#: Remedies that need a code change (not trialled): code -> (what, snippet).
+CODE_CHANGES: dict[str, tuple[str, str]] = {
+    "output_logit_divergence": (
+        "z-loss (PaLM): holds the output logits' log Z near 0",
+        "loss = loss + 1e-4 * torch.logsumexp(logits, dim=-1).pow(2).mean()"),
+    "attention_logit_growth": (
+        "QK-layernorm (Dehghani et al. 2023): normalise queries and keys before q @ k^T",
+        "self.q_norm, self.k_norm = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)  # in __init__\n"
+        "q, k = self.q_norm(q), self.k_norm(k)  # in forward, before the attention scores"),
+}
+CODE_CHANGES["attention_entropy_collapse"] = CODE_CHANGES["attention_logit_growth"]
+
+
+def code_changes(report: dict[str, Any]) -> list[dict[str, str]]:
+    """The remedies the findings point to that need an edit of the script (listed, not
+    trialled): ``[{"code", "remedy", "snippet"}]``, one per remedy."""
+    out: list[dict[str, str]] = []
+    for f in report.get("findings", []):
+        change = CODE_CHANGES.get(f.get("code", ""))
+        if (change is not None and f.get("severity") in ("critical", "warning")
+                and change[1] not in {c["snippet"] for c in out}):
+            out.append({"code": f["code"], "remedy": change[0], "snippet": change[1]})
+    return out
 
 
 def select_remedies(report: dict[str, Any], budget: int, limit: int) -> list[Remedy]:
@@ -103,6 +147,13 @@ def select_remedies(report: dict[str, Any], budget: int, limit: int) -> list[Rem
 
     if "grad_not_zeroed" in codes:  # a bug in the loop: first, whatever else it caused
         add(Remedy("zero_grad", why="backward() adds every new gradient to the ones earlier steps used"))
+    if "adam_epsilon_too_large" in codes:
+        add(Remedy("adam_eps", {"eps": ADAM_EPS}, why="Adam's eps as large as the layer's gradients damps its update"))
+    if codes & _TRANSFORMER:
+        add(Remedy("beta2", {"beta2": BETA2}, why="a second-moment average that follows growing gradients"))
+        add(Remedy("lr_x0.3", {"factor": 0.3}, why="logits grow faster at a high learning rate"))
+        add(Remedy("warmup", {"steps": max(5, int(budget * WARMUP_FRACTION))},
+                   why="a longer warmup keeps the early updates small"))
     if codes & {"symmetric_weights", "poor_initialization"}:
         add(Remedy("init", why="initialisation does not match the activations"))
     if codes & {"vanishing_gradients", "saturated_activations"}:
@@ -122,10 +173,22 @@ def select_remedies(report: dict[str, Any], budget: int, limit: int) -> list[Rem
                    why="small steps while the early gradients are large"))
         add(Remedy("lr_x0.3", {"factor": 0.3}, why="a milder learning-rate cut"))
         add(Remedy("agc", why="unit-wise clipping relative to the weights"))
+        if "loss_spike" in codes and _adam_betas(report):
+            add(Remedy("beta2", {"beta2": BETA2}, why="a second-moment average that follows growing gradients"))
     if "update_ratio_low" in codes or ("loss_plateau" in codes and not codes & {"vanishing_gradients"}):
         add(Remedy("lr_x10", {"factor": 10.0}, why="updates far below ~1e-3 of the weights"))
         add(Remedy("lr_x3", {"factor": 3.0}, why="a milder learning-rate increase"))
     return out[:limit]
+
+
+def _adam_betas(report: dict[str, Any]) -> bool:
+    """Some optimizer group of the run has Adam's betas with beta2 above BETA2."""
+    for g in report.get("run", {}).get("optimizer_groups", []) or []:
+        betas = g.get("betas")
+        if isinstance(betas, (list, tuple)) and len(betas) == 2 and isinstance(betas[1], (int, float)) \
+                and betas[1] > BETA2:
+            return True
+    return False
 
 
 def observed_max_norm(report: dict[str, Any]) -> float:
@@ -167,6 +230,31 @@ class RemedyApplier:
                 if "initial_lr" in g:
                     g["initial_lr"] = g["initial_lr"] * f
             self.applied.append(f"learning rate x{f:g} in {type(opt).__name__}")
+        elif self.remedy.name in ("adam_eps", "beta2"):
+            self._adam_groups(opt)
+
+    def _adam_groups(self, opt: Any) -> None:
+        """eps or beta2 of each param group that has Adam's (``eps`` and ``betas``)."""
+        eps = self.remedy.name == "adam_eps"
+        value = float(self.remedy.params.get("eps" if eps else "beta2", ADAM_EPS if eps else BETA2))
+        changed = 0
+        for g in opt.param_groups:
+            betas = g.get("betas")
+            if not isinstance(g.get("eps"), float) or not (isinstance(betas, tuple) and len(betas) == 2):
+                continue
+            if eps and g["eps"] > value:
+                g["eps"] = value
+                changed += 1
+            elif not eps and isinstance(betas[1], float) and betas[1] > value:
+                g["betas"] = (betas[0], value)
+                changed += 1
+        if changed:
+            self.not_applicable = None  # another optimizer of the script had none
+            what = f"eps={value:g}" if eps else f"betas[1]={value:g}"
+            self.applied.append(f"{what} in {changed} param group(s) of {type(opt).__name__}")
+        elif not self.applied:
+            self.not_applicable = (f"no param group of {type(opt).__name__} with Adam's eps/betas "
+                                   f"{'above' if eps else 'with beta2 above'} {value:g}")
 
     def on_new_model(self, model: Any, args: tuple) -> None:
         if self._busy:
@@ -351,6 +439,9 @@ def try_fixes(script: str, args: list[str], diagnosed: dict[str, Any], budget: i
     """Run the baseline and each selected remedy; pick the winner. Returns the trials
     (baseline first, remedy "none")."""
     remedies = select_remedies(diagnosed, budget, trials)
+    for c in code_changes(diagnosed):
+        snippet = c["snippet"].replace("\n", "\n    ")
+        echo(f"try-fixes: not trialled (needs a code change) for {c['code']}: {c['remedy']}:\n    {snippet}")
     if not remedies:
         echo("try-fixes: no warning or critical findings point to a remedy; nothing to try.")
         return []

@@ -84,6 +84,11 @@ QUANTITIES: dict[str, Quantity] = _q(
      "clip"),
     ("clip_max_norm", "max_norm passed to clip_grad_norm_", "run", "mean", False, "clip"),
     ("clip_clipped", "1 when clip_grad_norm_ scaled the gradients down, else 0", "run", "mean", False, "clip"),
+    # mean over ranks under a process group (each rank's tokens are its own)
+    ("log_z_mean", "mean over tokens of log Z = logsumexp of the logits entering cross_entropy", "run", "mean",
+     False, "scheduled", True),
+    ("log_z_max", "max over tokens of log Z = logsumexp of the logits entering cross_entropy", "run", "mean",
+     False, "scheduled", True),
 )
 
 #: Quantities recorded per layer or per parameter (``<quantity>/<name>``); the others

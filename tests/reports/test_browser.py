@@ -125,6 +125,9 @@ def test_vanishing_run_heatmap_is_dark_in_early_layers(chromium, tmp_path):
     for chart in ("loss", "grad_norm"):
         (svg,) = dom.find("svg", **{"data-chart": chart})
         assert int(svg["data-points"]) == steps and svg["data-nonfinite"] == "0"
+    # the output logits' log Z (cross_entropy on the model's logits), on the scheduled steps
+    (svg,) = dom.find("svg", **{"data-chart": "log_z"})
+    assert int(svg["data-points"]) == 2 * len(report["series"]["log_z_mean"]["steps"])  # mean and max
     for quantity in ("update_ratio", "act_sat_frac", "act_std"):
         (svg,) = dom.find("svg", **{"data-quantity": quantity})
         assert int(svg["data-points"]) >= 12, (quantity, svg)

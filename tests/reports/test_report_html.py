@@ -237,3 +237,19 @@ def test_any_record_renders_to_a_page_with_valid_embedded_json(values, step, evi
                 assert got == 0.0
             else:
                 assert math.isclose(got, v, rel_tol=0.05) or v < 1e-300
+
+
+def test_log_z_curve_when_recorded_and_nothing_when_not():
+    rec = mlp_record(depth=3, steps=6)
+    plain = render_html(report_of(rec))
+    div = '<div class="chart" data-role="log_z"></div>'
+    assert div not in plain and "log_z" not in _payload(plain)["curves"]
+    for s, v in ((0, 2.3), (2, 5.0), (4, math.nan)):
+        rec.add("log_z_mean", s, v)
+        rec.add("log_z_max", s, v + 1)
+    page = render_html(report_of(rec))
+    assert page.count(div) == 1
+    curves = _payload(page)["curves"]["log_z"]
+    assert set(curves) == {"log_z_mean", "log_z_max"}
+    assert curves["log_z_mean"]["steps"] == [0, 2, 4] and curves["log_z_mean"]["values"][:2] == [2.3, 5.0]
+    assert curves["log_z_max"]["values"][1] == 6.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import subprocess
 import sys
@@ -87,3 +88,51 @@ def test_rules_and_diagnose_do_not_import_torch():
     code = ("import sys, gradvitals.rules, gradvitals.diagnose, gradvitals.report; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------ the transformer chain
+ATTENTION = ("attention_logit_growth", "attention_entropy_collapse")
+
+
+def A(code: str, severity: str = "warning", step: int | None = 0) -> Finding:
+    return F(code, severity, step)
+
+
+def test_attention_logit_growth_explains_the_entropy_collapse_and_the_spike_it_precedes(monkeypatch):
+    import gradvitals.findings as findings
+
+    # the attention codes come with the attention probes (another part of the same
+    # issue); the chain is in place before they land
+    monkeypatch.setattr(findings, "CODES", tuple(dict.fromkeys(findings.CODES + ATTENTION)))
+    out = order(link([A("loss_spike", "warning", 300), A("attention_entropy_collapse", "warning", 120),
+                      A("attention_logit_growth", "warning", 80)]))
+    assert codes(out) == [("attention_logit_growth", None), ("attention_entropy_collapse", "attention_logit_growth"),
+                          ("loss_spike", "attention_logit_growth")]
+    # growth that shows after the spike does not explain it
+    later = dict(codes(link([A("loss_spike", "warning", 300), A("attention_logit_growth", "warning", 400)])))
+    assert later["loss_spike"] is None
+
+
+def test_output_logit_divergence_explains_a_later_spike_or_nan_not_an_earlier_one():
+    out = dict(codes(link([F("output_logit_divergence", "warning", 500), F("loss_spike", "warning", 800),
+                           F("nonfinite", "critical", 900)])))
+    assert out["loss_spike"] == "output_logit_divergence"
+    assert out["nonfinite"] in ("output_logit_divergence", "loss_spike")
+    out = dict(codes(link([F("output_logit_divergence", "warning", 500), F("loss_spike", "warning", 200)])))
+    assert out["loss_spike"] is None
+    # rising with the model's confidence (info) explains nothing
+    out = dict(codes(link([F("output_logit_divergence", "info", 100), F("loss_spike", "warning", 800)])))
+    assert out["loss_spike"] is None
+
+
+def test_adam_eps_explains_a_layer_that_stops_learning_when_they_name_the_same_layer():
+    eps = replace(F("adam_epsilon_too_large", "warning", 0), layers=("side",))
+    low_same = replace(F("update_ratio_low", "warning", 0), layers=("side",))
+    low_other = replace(F("update_ratio_low", "warning", 0), layers=("trunk",))
+    assert dict(codes(link([eps, low_same])))["update_ratio_low"] == "adam_epsilon_too_large"
+    assert dict(codes(link([eps, low_other])))["update_ratio_low"] is None
+    frozen = replace(F("not_updated", "warning", 0), layers=("side",))
+    assert dict(codes(link([eps, frozen])))["not_updated"] == "adam_epsilon_too_large"
+    # a run that stopped learning for eps: the plateau's root is eps
+    out = order(link([F("loss_plateau", "warning", 0), eps]))
+    assert codes(out) == [("adam_epsilon_too_large", None), ("loss_plateau", "adam_epsilon_too_large")]

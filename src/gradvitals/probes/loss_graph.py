@@ -74,3 +74,45 @@ def wrong_loss_inputs(root: Any) -> set[tuple[str, str, int | None]]:
             continue
         todo.extend(n for n, _ in node.next_functions)
     return found
+
+
+def cross_entropy_input(root: Any) -> tuple[Any, int, Any, int] | None:
+    """What the first ``cross_entropy`` in the graph of ``root`` was given: (the node
+    that made its logits, past views and copies; the number of classes; the target
+    tensor the loss saved; its ignore_index), or None. Node types and saved tensors only
+    (no value is read); the walk is bounded as :func:`wrong_loss_inputs`'s."""
+    todo = [getattr(root, "grad_fn", None)]
+    seen: set[int] = set()
+    while todo and len(seen) < MAX_NODES:
+        node = todo.pop(0)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ in _NLL:
+            inp = _made_by(node)
+            classes = _classes(node)
+            if _name(inp) != "LogSoftmaxBackward0" or classes is None:
+                return None
+            made = _made_by(inp)
+            if made is None or _name(made) == "SoftmaxBackward0":
+                return None
+            try:
+                target, ignore = node._saved_target, int(node._saved_ignore_index)
+            except Exception:
+                target, ignore = None, -100
+            if ignore >= 2 ** 63:  # saved as an unsigned 64-bit integer: -100 reads 2**64 - 100
+                ignore -= 2 ** 64
+            return made, classes, target, ignore
+        todo.extend(n for n, _ in node.next_functions)
+    return None
+
+
+def made_by(t: Any) -> Any:
+    """The autograd node that made ``t``, past views and copies (None for a leaf)."""
+    node = getattr(t, "grad_fn", None)
+    for _ in range(8):
+        if node is None or type(node).__name__ not in PASS_THROUGH:
+            return node
+        nxt = node.next_functions
+        node = nxt[0][0] if nxt else None
+    return None

@@ -37,6 +37,7 @@ from .checks import EvalModeCheck, LossInputCheck, Segments, ZeroGradCheck
 from .clock import StepClock
 from .gradients import GradientMeter
 from .hooks import LocalHooks
+from .logits import LogZProbe
 from .losses import LossTracker
 from .options import Options, scheduled
 from .origin import OriginLocator
@@ -79,6 +80,7 @@ class Recorder:
         self.zero_grad = ZeroGradCheck(record)
         self.eval_mode = EvalModeCheck(record)
         self.loss_inputs = LossInputCheck(record, self.fail)
+        self.log_z = LogZProbe(self.staging, self.fail)
         self.segments = Segments(record, self.registry)
         self.hooks = LocalHooks(self, self.registry)
         self._patched = patches.install(self)
@@ -234,6 +236,8 @@ class Recorder:
                     # Kept (references only) so a NaN can be traced back by replaying this forward.
                     model.last_inputs = (args, kwargs)
                     self.losses.forward_seen()
+                    if training:
+                        self.log_z.forward_ends(output, self.clock.step, scheduled(self.options, self.clock.step))
             self.tracer.end(model, args, output, raised)
         except Exception as exc:
             self.fail("activations", exc)
@@ -242,6 +246,7 @@ class Recorder:
         self.losses.before_backward(tensor)
         step = self.clock.step
         self.loss_inputs.backward_starts(tensor, step, scheduled(self.options, step))
+        self.log_z.backward_starts(tensor, step)
         self.zero_grad.backward_starts(self.registry.opts.values())
 
     def backward_end(self, tensor: Any, seed: Any = None) -> None:
@@ -324,6 +329,7 @@ class Recorder:
             self.loss_inputs.step_begins(clock.step, self.segments.count)
             clock.took(id(opt))
             self.losses.step_begins()
+            self.log_z.clear()
             rest = args[1:] if args and args[0] is opt else args  # global hooks get (opt, *args)
             if (rest and callable(rest[0])) or callable(kwargs.get("closure")):
                 clock.closure_step = o  # measured at the closure's first backward

@@ -234,6 +234,8 @@ def curves_data(report: dict[str, Any]) -> dict[str, Any]:
         out["grad_norm"]["grad_norm_global"] = _curve(series["grad_norm_global"])
     if "clip_max_norm" in series:
         out["grad_norm"]["clip_max_norm"] = _curve(series["clip_max_norm"])
+    if "log_z_mean" in series:  # the output logits' log Z (z-loss holds it near 0)
+        out["log_z"] = {k: _curve(series[k]) for k in ("log_z_mean", "log_z_max") if k in series}
     return out
 
 
@@ -515,6 +517,7 @@ def render_html(report: dict[str, Any]) -> str:
     verdict = _verdict(report)
     name = run.get("script") or run.get("command") or "training run"
     data = _script_json(payload(report))
+    log_z = '<div class="chart" data-role="log_z"></div>' if "log_z_mean" in report.get("series", {}) else ""
     body = f"""
 <header class="{_severity_class(findings)}"><div class="brand">gradvitals</div>
 <h1 id="verdict">{_inline(verdict)}</h1><div class="sub">{html.escape(str(name))}</div></header>
@@ -526,7 +529,7 @@ cells = explosion and NaN. Hover a cell for its value.</p>
 <div class="gv-report" data-payload="gv-data-0">
 <div class="heatmap" data-role="heatmap"></div>
 <section id="curves-section"><h2>Loss and gradient norm</h2>
-<div class="charts"><div class="chart" data-role="loss"></div><div class="chart" data-role="grad_norm"></div></div>
+<div class="charts"><div class="chart" data-role="loss"></div><div class="chart" data-role="grad_norm"></div>{log_z}</div>
 </section>
 <section id="panels-section"><h2>Per layer, by depth</h2>
 <p class="hint">Each point is a layer in forward order; grey: first recorded step, orange: last.</p>

@@ -435,6 +435,8 @@
     if (loss) lineChart(loss, "Loss", data.curves.loss, { log: "auto", markers: data.markers, x0: 0, x1: x1, id: "loss" });
     var gn = report.querySelector('[data-role="grad_norm"]');
     if (gn) lineChart(gn, "Global gradient norm (log)", data.curves.grad_norm, { log: true, markers: data.markers, x0: 0, x1: x1, id: "grad_norm" });
+    var lz = report.querySelector('[data-role="log_z"]');
+    if (lz && data.curves.log_z) lineChart(lz, "Output logits: log Z = logsumexp (mean, max over tokens)", data.curves.log_z, { log: false, markers: data.markers, x0: 0, x1: x1, id: "log_z" });
     var panels = report.querySelector('[data-role="panels"]');
     if (panels) data.panels.forEach(function (p) { depthPanel(panels, p); });
   }
