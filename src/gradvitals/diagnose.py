@@ -34,6 +34,7 @@ CAUSAL_ORDER: tuple[str, ...] = (
     "dead_relu",
     "exploding_gradients",
     "vanishing_gradients",
+    "grad_norm_misreported",  # a wrong clip threshold: what clipping does follows from it
     "clipping_always_active",
     "no_gradient",
     "not_updated",

@@ -15,6 +15,7 @@ grad / weight norm        sharded DTensor (FSDP2): ``sqrt(sum over ranks of |loc
                           identical per-rank value exactly
 grad_norm_global          recomputed from the merged per-parameter norms
 update ratio              sharded: ``|dW| / |W|`` from merged |dW| and |W|; else mean
+clip_rank_norm            each rank's own value, kept as ``clip_rank_norm/<rank>``
 loss, lr, clip values     mean over ranks (each rank's loss is its micro-batch's mean;
                           with equal micro-batches that is the global batch's loss)
 activation mean/std/      weighted by each rank's share of the elements (the numel of
@@ -25,7 +26,7 @@ dead_frac                 units never positive on ANY rank over the window (per-
 ========================  ===========================================================
 
 Cost per recorded step: 8 bytes x (1 + world_size + #gradient tensors + #losses +
-#param groups whose lr is a tensor), plus on scheduled steps 8 bytes x (2 x #parameter tensors + 6 x
+#param groups whose lr is a tensor), plus on a step that clips 8 bytes x (2 + world_size), plus on scheduled steps 8 bytes x (2 x #parameter tensors + 6 x
 #recorded modules + #output units of the ReLU/weight/BatchNorm layers). That is
 O(#tensors + #units), never O(#parameters): see :func:`allreduce_bytes`.
 
@@ -180,15 +181,17 @@ def strategy(module: nn.Module) -> str:
 
 # ------------------------------------------------------------ the merge
 def allreduce_bytes(world_size: int, grad_tensors: int, losses: int = 1, lr_groups: int = 1,
-                    weight_tensors: int = 0, modules: int = 0, units: int = 0) -> int:
+                    weight_tensors: int = 0, modules: int = 0, units: int = 0, clips: int = 0) -> int:
     """Bytes each rank sends into the one fused all-reduce of a recorded step.
 
     ``weight_tensors``, ``modules`` and ``units`` are non-zero on scheduled steps only:
     weight norms + update ratios (2 per tensor), 6 numbers per recorded module
     (element weight, mean, second moment, 3 fractions), one "ever active" flag per
-    output unit of a dead-unit-tracked layer.
+    output unit of a dead-unit-tracked layer. ``clips``: clip calls of the step (its
+    total norm and whether it clipped, as means, and every rank's own total norm).
     """
-    elements = 1 + world_size + grad_tensors + losses + lr_groups + 2 * weight_tensors + 6 * modules + units
+    elements = (1 + world_size + grad_tensors + losses + lr_groups + 2 * weight_tensors + 6 * modules + units
+                + clips * (2 + world_size))
     return 8 * elements
 
 
@@ -302,6 +305,10 @@ class Merger:
                 d = v * torch.tensor(local_w, dtype=torch.float64)
                 send = torch.where(sh, d * d * torch.tensor(share, dtype=torch.float64), v / W)
                 extra = (sh, [(step, n) for n in names])
+            elif kind == "rank":  # every rank's own value, in its slot: O(world) values
+                send = torch.zeros(self.world * len(keys), dtype=torch.float64)
+                send[self.rank::self.world] = v
+                keys = [split_key(k)[0] for k in keys]  # the layout names the quantity, not the rank
             elif kind == "act":
                 if numel is None:
                     numel = self._input_numel()
@@ -341,6 +348,9 @@ class Merger:
                 gw = torch.tensor([max(self._global_w.pop(w, 1.0), _W_FLOOR) for w in where],
                                   dtype=torch.float64)
                 g = torch.where(sh, s.sqrt() / gw, s)
+            elif kind == "rank":
+                keys = [f"{split_key(k)[0]}/{r}" for k in keys for r in range(self.world)]
+                g = s
             elif kind == "act":
                 g = _act_values(s, extra)
             else:

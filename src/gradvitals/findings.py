@@ -30,6 +30,7 @@ CODES: tuple[str, ...] = (
     "eval_mode_training",  # added to the first table: trained in eval mode after train mode
     "loss_on_probabilities",  # added to the first table: a softmax fed to cross_entropy & co
     "adam_epsilon_too_large",  # added: Adam's eps as large as a layer's gradients (it stops learning)
+    "grad_norm_misreported",  # added: a clip call's norm is not the true global norm (a rank's shard only, ...)
 )
 
 

@@ -42,7 +42,8 @@ class Quantity:
     #: How ranks combine it (gradvitals.distributed): "norm" (sqrt of the summed
     #: squared shards), "global" (recomputed from the merged norms), "ratio"
     #: (|dW|/|W| from merged norms), "moment" (weighted mean/second moment), "dead"
-    #: (ever-active masks summed), "mean" (over ranks), "local" (each rank's own).
+    #: (ever-active masks summed), "mean" (over ranks), "local" (each rank's own),
+    #: "rank" (every rank's own value kept, under ``<quantity>/<rank>``).
     merge: str
     #: A NaN/Inf in it starts the NaN-origin search (the recorder's flush).
     watched: bool
@@ -84,6 +85,8 @@ QUANTITIES: dict[str, Quantity] = _q(
      "clip"),
     ("clip_max_norm", "max_norm passed to clip_grad_norm_", "run", "mean", False, "clip"),
     ("clip_clipped", "1 when clip_grad_norm_ scaled the gradients down, else 0", "run", "mean", False, "clip"),
+    ("clip_rank_norm", "total norm a clip call returned on one rank (suffix: the rank), when it clipped every "
+     "recorded gradient", "run", "rank", False, "clip"),
 )
 
 #: Quantities recorded per layer or per parameter (``<quantity>/<name>``); the others

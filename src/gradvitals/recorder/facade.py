@@ -277,8 +277,8 @@ class Recorder:
         losses = self.losses
         return losses.forward_since_flush or not losses.saw_forward or len(patches.active()) < 2
 
-    def clip_start(self, parameters: list, max_norm: float) -> None:
-        self.gradients.clip_start(parameters)
+    def clip_start(self, parameters: list, max_norm: float, norm_type: Any = 2.0) -> None:
+        self.gradients.clip_start(parameters, norm_type)
 
     def clip_end(self, total: Any, max_norm: float) -> None:
         self.gradients.clip_end(total, max_norm)

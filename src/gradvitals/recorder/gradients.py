@@ -45,6 +45,7 @@ class GradientMeter:
         self.record = record
         self.manual_before: tuple[list[str], list[Tensor], list[Tensor], Tensor] | None = None
         self.groups = GroupFacts(registry, record)
+        self.clip_covers_all = False  # set by clip_start, read by clip_end
 
     # ------------------------------------------------------------ norms
     def grad_norms(self, o: WatchedOptimizer | None) -> tuple[list[str], Any] | None:
@@ -270,9 +271,20 @@ class GradientMeter:
                                       fused_norms([p.detach() for p in params]))
 
     # ------------------------------------------------------- clipping
-    def clip_start(self, parameters: list) -> None:
+    def clip_start(self, parameters: list, norm_type: Any = 2.0) -> None:
         """Norms before clipping, for the optimizer whose parameters are clipped."""
         ids = {id(p) for p in parameters[:4]}
+        # Whether this call clips every gradient gradvitals measures: then the norm it
+        # returns must equal grad_norm_global (rules/distributed.grad_norm_misreported).
+        self.clip_covers_all = False
+        try:
+            l2 = float(norm_type) == 2.0
+        except (TypeError, ValueError):
+            l2 = False
+        if l2:
+            clipped = {id(p) for p in parameters if getattr(p, "grad", None) is not None}
+            self.clip_covers_all = bool(clipped) and clipped == {
+                id(p) for _, p in self.registry.trainable() if p.grad is not None}
         for o in self.registry.opts.values():
             opt = o.ref()
             if opt is None:
@@ -290,4 +302,8 @@ class GradientMeter:
         clipped = (t > float(max_norm)).float()
         step = self.owner.step
         self.staging.pending.append((step, ["clip_total_norm", "clip_clipped"], torch.cat([t, clipped])))
+        if self.clip_covers_all:
+            self.clip_covers_all = False
+            rank = distributed.rank_and_world()[0]
+            self.staging.pending.append((step, [series_key("clip_rank_norm", str(rank))], t))
         self.record.add("clip_max_norm", step, float(max_norm))

@@ -1,0 +1,119 @@
+"""Silent distributed bugs, as real 2-process programs under torchrun (gloo, CPU), each
+with its correct twin: a clip norm computed on the local shard (grad_norm_misreported).
+Every scenario is one torchrun launch shared by its tests (module-scoped)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradvitals as gv
+from gradvitals import distributed
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "silent_bugs.py"
+RUN_TIMEOUT_S = 180
+#: float32 norms of the same gradients summed in another order (gradvitals: float64 on the host).
+REL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
+    """bug -> (rank 0's report, each rank's printed numbers): every program of
+    ``silent_bugs.py`` in ONE torchrun launch (the start-up is most of its time)."""
+    out = tmp_path_factory.mktemp("silent_bugs")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(SCRIPT), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {RUN_TIMEOUT_S}s:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    printed = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {p["bug"]: (json.loads((out / f"{p['bug']}.json").read_text()), p["ranks"]) for p in printed}
+
+
+def codes(report: dict) -> list[str]:
+    return [f["code"] for f in report["findings"] if f["severity"] in ("warning", "critical")]
+
+
+@pytest.mark.slow
+def test_a_clip_norm_of_the_local_shard_is_found_with_its_factor_and_ranks(runs):
+    rep, printed = runs["clip_local"]
+    f = next(f for f in rep["findings"] if f["code"] == "grad_norm_misreported")
+    ev = f["evidence"]
+    assert ev["cause"] == "local_shard" and ev["ranks"] == [0, 1] and ev["world_size"] == 2
+    # Each rank's series holds what the script clipped with on that rank; the true norm
+    # is what the script computed from the full DTensor gradients.
+    for r, numbers in enumerate(printed):
+        assert rep["series"][f"clip_rank_norm/{r}"]["values"] == pytest.approx(numbers["clip_norms"], rel=REL)
+    true = printed[0]["true_norms"]
+    assert rep["series"]["grad_norm_global"]["values"] == pytest.approx(true, rel=REL)
+    want = [math.hypot(a, b) / t for a, b, t in zip(printed[0]["clip_norms"], printed[1]["clip_norms"], true)]
+    assert want == pytest.approx([1.0] * len(true), rel=REL)  # the bug as the script has it
+    by_rank = [statistics.median(c / t for c, t in zip(n["clip_norms"], true)) for n in printed]
+    assert ev["factor"] == pytest.approx(statistics.median(by_rank), rel=REL)
+    wrong = sum(any((n["clip_norms"][s] > 1.0) != (true[s] > 1.0) for n in printed) for s in range(len(true)))
+    assert wrong > 0 and ev["clip_decisions_wrong"] == wrong
+    assert f"clips at a true norm of {ev['effective_max_norm']:.3g}"[:34] in f["summary"]
+
+
+@pytest.mark.slow
+def test_its_twin_clipping_the_dtensor_gradients_has_no_warning(runs):
+    rep, printed = runs["clip_ok"]
+    assert codes(rep) == []
+    true = rep["series"]["grad_norm_global"]["values"]
+    for r in range(2):  # both ranks got the global norm, equal to the one gradvitals merged
+        assert rep["series"][f"clip_rank_norm/{r}"]["values"] == pytest.approx(true, rel=REL)
+    assert printed[0]["clip_norms"] == pytest.approx(true, rel=REL)
+    # A clip call adds its total and decision (means) and one slot per rank to the all-reduce.
+    plain = runs["opt_after_shard"][0]["run"]["distributed"]  # the same model and optimizer, no clipping
+    extra = rep["run"]["distributed"]["allreduce_bytes_max"] - plain["allreduce_bytes_max"]
+    assert extra == distributed.allreduce_bytes(2, 0, 0, 0, clips=1) - distributed.allreduce_bytes(2, 0, 0, 0)
+
+
+def _train(clip_params, steps=4):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    with gv.watch(model, opt) as w:
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(clip_params(model), 0.5)
+            opt.step()
+    return w.report()  # the report's JSON dict
+
+
+def test_one_process_clip_of_every_gradient_agrees_and_a_subset_is_not_compared():
+    rep = _train(lambda m: m.parameters())
+    got = rep["series"]["clip_rank_norm/0"]["values"]
+    assert got == pytest.approx(rep["series"]["grad_norm_global"]["values"], rel=REL)
+    assert "grad_norm_misreported" not in [f["code"] for f in rep["findings"]]
+    # Clipping only the head's parameters returns a smaller norm: not a bug, and not compared.
+    sub = _train(lambda m: m[2].parameters())
+    assert "clip_rank_norm/0" not in sub["series"] and "clip_total_norm" in sub["series"]
+    assert "grad_norm_misreported" not in [f["code"] for f in sub["findings"]]
