@@ -43,7 +43,8 @@ class Quantity:
     #: squared shards), "global" (recomputed from the merged norms), "ratio"
     #: (|dW|/|W| from merged norms), "moment" (weighted mean/second moment), "dead"
     #: (ever-active masks summed), "mean" (over ranks), "local" (each rank's own),
-    #: "rank" (every rank's own value kept, under ``<quantity>/<rank>``).
+    #: "rank" (every rank's own value kept, under ``<quantity>/<rank>``), "merged"
+    #: (computed by the merge itself from the ranks' values; never pending).
     merge: str
     #: A NaN/Inf in it starts the NaN-origin search (the recorder's flush).
     watched: bool
@@ -87,6 +88,10 @@ QUANTITIES: dict[str, Quantity] = _q(
     ("clip_clipped", "1 when clip_grad_norm_ scaled the gradients down, else 0", "run", "mean", False, "clip"),
     ("clip_rank_norm", "total norm a clip call returned on one rank (suffix: the rank), when it clipped every "
      "recorded gradient", "run", "rank", False, "clip"),
+    ("replica_spread", "relative spread across ranks of the norm of a parameter every rank should hold "
+     "identically (written only where it is not ~0)", "param", "merged", False, "scheduled"),
+    ("replica_rank_off", "1 when a rank's replicated parameters differ from those most ranks hold (suffix: "
+     "the rank), at a step where some differ", "run", "merged", False, "scheduled"),
 )
 
 #: Quantities recorded per layer or per parameter (``<quantity>/<name>``); the others

@@ -117,3 +117,34 @@ def test_one_process_clip_of_every_gradient_agrees_and_a_subset_is_not_compared(
     sub = _train(lambda m: m[2].parameters())
     assert "clip_rank_norm/0" not in sub["series"] and "clip_total_norm" in sub["series"]
     assert "grad_norm_misreported" not in [f["code"] for f in sub["findings"]]
+
+
+@pytest.mark.slow
+def test_a_replica_changed_on_one_rank_is_found_with_its_parameter_ranks_and_since_when(runs):
+    rep, printed = runs["replica_drift"]
+    f = next(f for f in rep["findings"] if f["code"] == "replica_divergence")
+    ev = f["evidence"]
+    # Rank 1 rescales the LayerNorm weight after step 0; weights are checked on steps 0, 2, 4.
+    assert ev["params"] == ["1.weight"] and f["layers"] == ["1"]
+    assert (ev["first_step"], ev["last_equal_step"]) == (2, 0)
+    assert ev["ranks"] == [0, 1]  # two ranks: no majority says which one is right
+    assert f["severity"] == "critical"
+    # The spread is that of the two ranks' norms: about |w| and 1.01^k |w| after k = 2, 4
+    # rescales (the SGD updates between them are the same on both ranks, not rescaled).
+    spread = rep["series"]["replica_spread/1.weight"]
+    assert spread["steps"] == [2, 4]
+    assert spread["values"] == pytest.approx([(1.01 ** k - 1) / (1.01 ** k + 1) for k in (2, 4)], rel=1e-2)
+    assert printed[0]["losses"] != printed[1]["losses"]
+
+
+@pytest.mark.slow
+def test_its_twin_changing_every_replica_alike_is_clean_and_the_check_costs_a_slot_per_tensor(runs):
+    rep, _ = runs["replica_ok"]
+    assert codes(rep) == []
+    assert not [k for k in rep["series"] if k.startswith("replica_")]
+    info = rep["run"]["distributed"]
+    assert (info["replica_checks"], info["replica_tensors"], info["replica_last_equal_step"]) == (3, 6, 4)
+    # The same model under FSDP2 (sharded: no replica to check) sends 6 + 2 values fewer.
+    fsdp = runs["opt_after_shard"][0]["run"]["distributed"]
+    assert info["allreduce_bytes_max"] - fsdp["allreduce_bytes_max"] == 8 * (6 + 2)
+    assert fsdp["replica_tensors"] == 0

@@ -93,3 +93,42 @@ def test_without_a_global_norm_or_clip_series_nothing_is_said():
         rec.add("clip_rank_norm/0", s, 3.0)
     assert find(rec) is None
     assert find(built({})) is None
+
+
+# ------------------------------------------------------------ replica_divergence
+def replicas(spreads, off=(), world=2, last_equal=0):
+    """``spreads``: param -> {step: relative spread}; ``off``: ranks flagged."""
+    rec = Record()
+    for name, pts in spreads.items():
+        for s, v in pts.items():
+            rec.add(f"replica_spread/{name}", s, v)
+            for r in range(world):
+                rec.add(f"replica_rank_off/{r}", s, 1.0 if r in off else 0.0)
+    rec.run["distributed"] = {"world_size": world, "replica_checks": 5, "replica_tensors": 4,
+                              "replica_last_equal_step": last_equal}
+    return rec
+
+
+def test_replicas_apart_name_the_parameters_worst_first_the_ranks_and_since_when():
+    rec = replicas({"ln.weight": {4: 0.01, 6: 0.02}, "fc.bias": {6: 2e-3}}, off=(3,), world=4, last_equal=2)
+    (f,) = D.replica_divergence(rec)
+    assert f.evidence["params"] == ["ln.weight", "fc.bias"] and f.layers == ("ln", "fc")
+    assert f.evidence["ranks"] == [3] and "rank 3 holds other values" in f.summary
+    assert (f.step, f.evidence["first_step"], f.evidence["last_equal_step"]) == (4, 4, 2)
+    assert f.severity == "critical"
+
+
+def test_a_small_drift_is_a_warning_and_no_spread_is_no_finding():
+    below = D.REPLICA_CRITICAL_SPREAD * 0.5
+    (f,) = D.replica_divergence(replicas({"w": {2: below}}))
+    assert f.severity == "warning"
+    (f,) = D.replica_divergence(replicas({"w": {2: D.REPLICA_CRITICAL_SPREAD}}))
+    assert f.severity == "critical"
+    assert D.replica_divergence(replicas({})) == []
+    assert D.replica_divergence(replicas({"w": {2: 0.0}})) == []
+
+
+def test_a_nonfinite_spread_counts_as_apart_and_a_stale_equal_step_is_dropped():
+    (f,) = D.replica_divergence(replicas({"w": {3: math.inf}}, last_equal=8))
+    assert f.evidence["params"] == ["w"] and f.evidence["last_equal_step"] is None
+    assert f.severity == "critical"

@@ -34,6 +34,7 @@ RULES: list[Rule] = [
     normalization.eval_mode_training,
     clipping.clipping_always_active,
     distributed.grad_norm_misreported,
+    distributed.replica_divergence,
     params.no_gradient,
     params.not_updated,
     params.grad_not_zeroed,

@@ -5,6 +5,9 @@ whole run's.
 (``clip_rank_norm/<rank>``, recorded only when the call clipped every gradient gradvitals
 measures) against the true global norm gradvitals merged across ranks
 (``grad_norm_global``, taken before clipping from the same gradients).
+
+``replica_divergence``: parameters every rank should hold identically whose norms the
+merge found spread across ranks (``replica_spread/<param>``, ``replica_rank_off/<rank>``).
 """
 
 from __future__ import annotations
@@ -139,3 +142,68 @@ def _wrong_decisions(reported: dict[str, dict[int, float]], true: dict[int, floa
         if any(s in d and (d[s] > m) != (true[s] > m) for d in reported.values()):
             wrong += 1
     return wrong
+
+
+#: Relative spread of a replica's norm across ranks from which the replicas train
+#: different models in earnest (0.1%: a LayerNorm weight a rank rescales by 1.01 is 10x
+#: over it); below it, down to the merge's floor (distributed.REPLICA_SPREAD_FLOOR, float
+#: rounding), the drift is real but small (kernels that differ per device).
+REPLICA_CRITICAL_SPREAD = 1e-3
+
+
+def replica_divergence(record: Record) -> list[Finding]:
+    """Parameters every rank should hold identically (DDP replicas, DTensors replicated on
+    every mesh dimension) whose norms differ across ranks on a scheduled step: which, by
+    how much, on which ranks, since when (the merge writes ``replica_spread/<param>``
+    only where the spread is above float rounding)."""
+    spreads: dict[str, tuple[list[int], list[float]]] = {}
+    for name, series in record.per_name("replica_spread").items():
+        steps, values = points(series, finite_only=False)
+        kept = [(s, v) for s, v in zip(steps, values) if not (v <= 0)]  # NaN/Inf kept: differ
+        if kept:
+            spreads[name] = ([s for s, _ in kept], [v for _, v in kept])
+    if not spreads:
+        return []
+    first = min(s[0] for s, _ in spreads.values())
+    worst = {n: max((v for v in vals if math.isfinite(v)), default=math.inf) for n, (_, vals) in spreads.items()}
+    params = sorted(spreads, key=lambda n: (-worst[n], n))
+    off = []
+    for rank, series in record.per_name("replica_rank_off").items():
+        if any(v > 0 for v in points(series)[1]):
+            off.append(rank)
+    off.sort(key=lambda r: (not r.isdigit(), int(r) if r.isdigit() else 0, r))
+    info = record.run.get("distributed")
+    info = info if isinstance(info, dict) else {}
+    last_equal = info.get("replica_last_equal_step")
+    last_equal = last_equal if isinstance(last_equal, int) and last_equal < first else None
+    layers = []
+    for n in params:
+        p = record.params.get(n)
+        layer = p.layer if p is not None else n.rsplit(".", 1)[0]
+        if layer not in layers:
+            layers.append(layer)
+    top = params[0]
+    world = info.get("world_size")
+    if off and isinstance(world, int) and len(off) < world:
+        where = f"rank{'s' if len(off) > 1 else ''} {', '.join(off)} hold{'s' if len(off) == 1 else ''} other values than the rest"
+    elif off:
+        where = f"ranks {', '.join(off)} hold different values (no majority says which is right)"
+    else:
+        where = "the ranks hold different values"
+    since = f"from step {first}" + (f" (equal at step {last_equal})" if last_equal is not None else "")
+    summary = (f"Parameters every rank should hold identically differ across ranks {since}: "
+               f"{len(params)} tensor{'s' if len(params) != 1 else ''}, the most apart {top} (its norm spreads "
+               f"{worst[top]:.2g} relative across ranks); {where}. The ranks now train different models "
+               f"on averaged gradients, and the checkpoint of one rank is not the others'.")
+    evidence = {"params": params, "ranks": [int(r) if r.isdigit() else r for r in off], "first_step": first,
+                "last_equal_step": last_equal, "spread": {n: worst[n] for n in params[:32]},
+                "checks": info.get("replica_checks"), "replicated_tensors": info.get("replica_tensors")}
+    advice = ("Change replicated parameters only through the optimizer, identically on every rank: look for an "
+              f"in-place write to {top} (`.data`, `mul_`/`copy_` under `torch.no_grad()`) that depends on the "
+              "rank or its data, a rank-dependent seed in an initialisation done after wrapping, or a load of a "
+              "checkpoint on some ranks only. To bring the replicas back together, broadcast from rank 0:\n"
+              "    for p in model.parameters(): dist.broadcast(p.data, src=0)\n"
+              "(Local SGD / DiLoCo keep replicas apart on purpose between averagings: there this is expected.)")
+    severity = "critical" if max(worst.values()) >= REPLICA_CRITICAL_SPREAD else "warning"
+    return [Finding(code="replica_divergence", severity=severity, step=first, layers=tuple(layers),
+                    summary=summary, evidence=evidence, advice=advice)]
