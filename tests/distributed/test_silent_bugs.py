@@ -148,3 +148,38 @@ def test_its_twin_changing_every_replica_alike_is_clean_and_the_check_costs_a_sl
     fsdp = runs["opt_after_shard"][0]["run"]["distributed"]
     assert info["allreduce_bytes_max"] - fsdp["allreduce_bytes_max"] == 8 * (6 + 2)
     assert fsdp["replica_tensors"] == 0
+
+
+@pytest.mark.slow
+def test_an_optimizer_built_before_fully_shard_is_found_and_says_why(runs):
+    rep, printed = runs["opt_before_shard"]
+    f = next(f for f in rep["findings"] if f["code"] == "not_updated")
+    ev = f["evidence"]
+    assert f["severity"] == "critical" and ev["cause"] == "optimizer_before_fully_shard"
+    assert sorted(ev["not_in_optimizer"]) == sorted(f"{i}.{w}" for i in (0, 1, 3) for w in ("weight", "bias"))
+    assert (ev["optimizer_tensors"], ev["optimizer_tensors_of_model"]) == (6, 0)
+    assert "built before fully_shard" in f["summary"]
+    # The model it trains never changed: the loss of each rank's first batch comes back
+    # (the twin's loss falls instead).
+    twin = runs["opt_after_shard"]
+    assert codes(twin[0]) == []
+    for r in range(2):
+        assert printed[r]["losses"][0] > twin[1][r]["losses"][-1] + 0.3
+
+
+def test_an_optimizer_of_a_replaced_model_is_found_with_one_scheduled_step():
+    """Only step 0 is scheduled (every=25, 3 steps): which parameters no optimizer
+    holds is known once the step is measured, and that is when the gradients are noted."""
+    torch.manual_seed(0)
+    old = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(old.parameters(), lr=0.1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))  # built again
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    with gv.watch(model, opt) as w:
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    f = next(f for f in w.report()["findings"] if f["code"] == "not_updated")
+    assert f["evidence"]["cause"] == "model_rebuilt_after_optimizer" and f["severity"] == "critical"

@@ -331,9 +331,10 @@ class Recorder:
                 return
             self.zero_grad.step_begins(o, clock.step)
             self.eval_mode.step_begins(opt, registry, clock.step)
+            self.gradients.measure(o)
+            # After measure: it decided which parameters no optimizer holds (in_optimizer).
             if registry.unseen_grads and scheduled(self.options, clock.step):
                 registry.note_unstepped_grads()
-            self.gradients.measure(o)
         except Exception as exc:
             self.fail("gradients", exc)
 
