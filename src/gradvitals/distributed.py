@@ -167,14 +167,19 @@ def square_share(t: Any, world: int) -> float:
 
 
 def replicated(p: Any, module: nn.Module) -> bool:
-    """Whether every rank should hold ``p`` identically: a parameter of a DDP model, or
-    a DTensor replicated on every mesh dimension (tensor-parallel norms and biases).
-    A plain model under a process group is not assumed to be a replica (each rank may
-    train its own on purpose)."""
+    """Whether every rank should hold ``p`` identically: a parameter DDP synchronises
+    (not one of its ``parameters_to_ignore``), or a DTensor replicated on every mesh
+    dimension (tensor-parallel norms and biases). A plain model under a process group
+    is not assumed to be a replica (each rank may train its own on purpose)."""
     dt = dtensor_type()
     if dt is not None and isinstance(p, dt):
         return all(placement.is_replicate() for placement in p.placements)
-    return isinstance(module, nn.parallel.DistributedDataParallel)
+    if not isinstance(module, nn.parallel.DistributedDataParallel):
+        return False
+    ignored = getattr(module, "parameters_to_ignore", None)
+    if ignored:
+        return not any(q is p for n, q in module.module.named_parameters() if n in ignored)
+    return True
 
 
 def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, bool]:

@@ -183,3 +183,20 @@ def test_an_optimizer_of_a_replaced_model_is_found_with_one_scheduled_step():
             opt.step()
     f = next(f for f in w.report()["findings"] if f["code"] == "not_updated")
     assert f["evidence"]["cause"] == "model_rebuilt_after_optimizer" and f["severity"] == "critical"
+
+
+def test_replicas_are_the_parameters_ddp_synchronises(tmp_path):
+    """DDP's parameters, less those it was told to ignore (each rank keeps its own);
+    a plain model under a process group is no replica. One-rank gloo group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        model._ddp_params_and_buffers_to_ignore = ["1.weight"]
+        ddp = nn.parallel.DistributedDataParallel(model)
+        got = {n: distributed.replicated(p, ddp) for n, p in model.named_parameters()}
+        assert got == {"0.weight": True, "0.bias": True, "1.weight": False, "1.bias": True}
+        assert not distributed.replicated(model[0].weight, model)
+    finally:
+        dist.destroy_process_group()
