@@ -203,6 +203,9 @@ def strategy(module: nn.Module) -> str:
         return "ddp"
     if has_fsdp(module):
         return "fsdp2"
+    dt = dtensor_type()
+    if dt is not None and any(isinstance(p, dt) for p in module.parameters()):
+        return "tensor_parallel"
     return "replicated" if initialized() else "none"
 
 

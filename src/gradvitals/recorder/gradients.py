@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import distributed
 from ..probes.norms import foreach_norm, fused_norms
 from ..record import Record, Series, series_key
+from ..torch_compat import dtensor_type_if_loaded, local_tensors
 from .hyperparams import GroupFacts
 from .losses import LossTracker
 from .options import Options, scheduled
@@ -32,6 +33,11 @@ FAST_PATH = True
 #: models, and every accelerator (its caching allocator reuses blocks), allocate per
 #: scheduled step.
 SNAPSHOT_KEEP_BYTES = 64 * 2**20
+
+
+def _locals(tensors: list[Tensor]) -> list[Tensor]:
+    """Each DTensor's local part (no communication); no DTensor import on plain runs."""
+    return local_tensors(tensors) if dtensor_type_if_loaded() is not None else tensors
 
 
 class GradientMeter:
@@ -232,7 +238,9 @@ class GradientMeter:
             if buf is not None:
                 torch._foreach_copy_(buf, weights)
                 return buf
-        return torch._foreach_mul(weights, 1.0)
+        # DTensors (FSDP2, tensor parallel): their local parts, so that a mix with plain
+        # tensors (a model tensor-parallel in some layers only) is one foreach call.
+        return torch._foreach_mul(_locals(weights), 1.0)
 
     def update_ratio(self, o: WatchedOptimizer) -> None:
         """``o`` has stepped: |W_after - W_before| / |W_before| of a scheduled step (pending)."""
@@ -243,7 +251,7 @@ class GradientMeter:
         with torch.no_grad():
             # In place into the snapshot (ours): before - after has the same norm
             # as after - before, without allocating a second copy.
-            torch._foreach_sub_(before, [p.detach() for p in o.params])
+            torch._foreach_sub_(before, _locals([p.detach() for p in o.params]))
             dnorm = torch.stack(foreach_norm(before)) if o.fast else fused_norms(before)
             ratio = dnorm / wnorm.clamp_min(1e-12)
         self.staging.pending.append((self.owner.step, keys, ratio))

@@ -14,6 +14,9 @@
 - ``opt_before_shard``: FSDP2; the optimizer is built before ``fully_shard``, from the
   plain tensors ``fully_shard`` then replaces with DTensors: nothing it steps is trained.
 - ``opt_after_shard``: the optimizer built after ``fully_shard``.
+- ``tp``: not a bug: dist_common.TPBlock with fc1 column- and fc2 row-parallel
+  (``parallelize_module``), SGD, every rank on the same batch (the one-process run
+  is the oracle).
 
 Each program knows gradvitals only through ``gv.watch``. Rank 0 prints one JSON line per
 program: its ranks' losses and the clip norms they used.
@@ -28,9 +31,9 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import digits, global_batch, rank_slice  # noqa: E402
+from dist_common import TPBlock, digits, global_batch, rank_slice, tp_batch  # noqa: E402
 
-BUGS = ["clip_local", "clip_ok", "replica_drift", "replica_ok", "opt_before_shard", "opt_after_shard"]
+BUGS = ["clip_local", "clip_ok", "replica_drift", "replica_ok", "opt_before_shard", "opt_after_shard", "tp"]
 p = argparse.ArgumentParser()
 p.add_argument("--bugs", default=",".join(BUGS))
 p.add_argument("--steps", type=int, default=6)
@@ -54,7 +57,33 @@ def shard(m: nn.Module) -> nn.Module:
     return fully_shard(m, mesh=mesh)
 
 
+def tensor_parallel() -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import gradvitals as gv
+
+    torch.manual_seed(0)
+    model = TPBlock()
+    parallelize_module(model, init_device_mesh("cpu", (world,)), {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = gv.watch(model, opt, every=1)
+    losses = []
+    for step in range(3):
+        x, t = tp_batch(step)
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, TPBlock.VOCAB), t.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    watch.save(os.path.join(a.out, "tp.json"))
+    watch.close()
+    return {"bug": "tp", "ranks": [{"losses": losses}]}
+
+
 def program(bug: str) -> dict:
+    if bug == "tp":
+        return tensor_parallel()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 33), nn.LayerNorm(33), nn.ReLU(), nn.Linear(33, 10))
     if bug.startswith("replica"):
