@@ -244,5 +244,8 @@ def test_tensor_parallel_norms_update_ratios_and_sharded_outputs_equal_one_proce
     assert rep["run"]["distributed"]["strategy"] == "tensor_parallel"
     # A row-parallel layer's output is a partial sum until its all-reduce: no statistics.
     assert "act_mean/fc2" not in rep["series"]
-    assert [e["probe"] for e in rep["run"]["events"] if e["type"] == "probe_error"] in ([], ["init_audit"])
+    assert [e for e in rep["run"]["events"] if e["type"] == "probe_error"] == []
+    audit = next(e for e in rep["run"]["events"] if e["type"] == "init_audit")
+    assert (audit["weight_layers"], audit["residual_bypassed_layers"]) == (3, 2)  # fc1, fc2, head
+    assert rep["layers"][1]["extra"]["fan_in"] == 32 and rep["layers"][2]["extra"]["fan_in"] == 64  # global
     assert codes(rep) == []
