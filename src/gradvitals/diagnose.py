@@ -23,6 +23,7 @@ _SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 #: activation x init x gradient behaviour).
 CAUSAL_ORDER: tuple[str, ...] = (
     "grad_not_zeroed",  # a bug in the loop: whatever else shows follows from it
+    "replica_divergence",  # the ranks train different models: every merged number mixes them
     "eval_mode_training",
     "loss_on_probabilities",
     "symmetric_weights",
@@ -34,6 +35,7 @@ CAUSAL_ORDER: tuple[str, ...] = (
     "dead_relu",
     "exploding_gradients",
     "vanishing_gradients",
+    "grad_norm_misreported",  # a wrong clip threshold: what clipping does follows from it
     "clipping_always_active",
     "no_gradient",
     "not_updated",

@@ -15,6 +15,11 @@ grad / weight norm        sharded DTensor (FSDP2): ``sqrt(sum over ranks of |loc
                           identical per-rank value exactly
 grad_norm_global          recomputed from the merged per-parameter norms
 update ratio              sharded: ``|dW| / |W|`` from merged |dW| and |W|; else mean
+clip_rank_norm            each rank's own value, kept as ``clip_rank_norm/<rank>``
+replicas (DDP, Replicate  on scheduled steps, each replicated parameter's norm / world
+DTensors)                 beside its square: their spread across ranks; a per-rank
+                          digest names the ranks that differ (``replica_spread/<param>``,
+                          ``replica_rank_off/<rank>``, written only when some differ)
 loss, lr, clip values     mean over ranks (each rank's loss is its micro-batch's mean;
                           with equal micro-batches that is the global batch's loss)
 activation mean/std/      weighted by each rank's share of the elements (the numel of
@@ -25,7 +30,8 @@ dead_frac                 units never positive on ANY rank over the window (per-
 ========================  ===========================================================
 
 Cost per recorded step: 8 bytes x (1 + world_size + #gradient tensors + #losses +
-#param groups whose lr is a tensor), plus on scheduled steps 8 bytes x (2 x #parameter tensors + 6 x
+#param groups whose lr is a tensor), plus on a step that clips 8 bytes x (2 + world_size), plus
+on scheduled steps 8 bytes x (#replicated parameter tensors + world_size) for the replicas, plus on scheduled steps 8 bytes x (2 x #parameter tensors + 6 x
 #recorded modules + #output units of the ReLU/weight/BatchNorm layers). That is
 O(#tensors + #units), never O(#parameters): see :func:`allreduce_bytes`.
 
@@ -72,6 +78,12 @@ MERGE_ENV = "GRADVITALS_DIST_MERGE"
 #: |W| below this is treated as this (the recorder clamps the same way) so a ratio
 #: of an all-zero shard can be turned back into |dW|.
 _W_FLOOR = 1e-12
+
+#: Relative spread across ranks of a replicated parameter's norm above which the replicas
+#: differ. Identical bytes give bit-identical float32 norms on every rank; the spread is
+#: taken in float64 as sqrt(E[v^2] - E[v]^2), whose rounding (~1e-16 relative inside the
+#: sqrt) leaves at most ~1e-8: 1e-6 is 100x that.
+REPLICA_SPREAD_FLOOR = 1e-6
 
 #: A module's activation statistics as the recorder pends them, in this order: the
 #: quantity table's "moment" rows (mean, std, then the fractions). Merged as one
@@ -154,6 +166,22 @@ def square_share(t: Any, world: int) -> float:
     return shards / world
 
 
+def replicated(p: Any, module: nn.Module) -> bool:
+    """Whether every rank should hold ``p`` identically: a parameter DDP synchronises
+    (not one of its ``parameters_to_ignore``), or a DTensor replicated on every mesh
+    dimension (tensor-parallel norms and biases). A plain model under a process group
+    is not assumed to be a replica (each rank may train its own on purpose)."""
+    dt = dtensor_type()
+    if dt is not None and isinstance(p, dt):
+        return all(placement.is_replicate() for placement in p.placements)
+    if not isinstance(module, nn.parallel.DistributedDataParallel):
+        return False
+    ignored = getattr(module, "parameters_to_ignore", None)
+    if ignored:
+        return not any(q is p for n, q in module.module.named_parameters() if n in ignored)
+    return True
+
+
 def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, bool]:
     """(what a NaN-origin replay runs, whether every rank must replay it too).
 
@@ -175,20 +203,27 @@ def strategy(module: nn.Module) -> str:
         return "ddp"
     if has_fsdp(module):
         return "fsdp2"
+    dt = dtensor_type()
+    if dt is not None and any(isinstance(p, dt) for p in module.parameters()):
+        return "tensor_parallel"
     return "replicated" if initialized() else "none"
 
 
 # ------------------------------------------------------------ the merge
 def allreduce_bytes(world_size: int, grad_tensors: int, losses: int = 1, lr_groups: int = 1,
-                    weight_tensors: int = 0, modules: int = 0, units: int = 0) -> int:
+                    weight_tensors: int = 0, modules: int = 0, units: int = 0, clips: int = 0,
+                    replicas: int = 0) -> int:
     """Bytes each rank sends into the one fused all-reduce of a recorded step.
 
     ``weight_tensors``, ``modules`` and ``units`` are non-zero on scheduled steps only:
     weight norms + update ratios (2 per tensor), 6 numbers per recorded module
     (element weight, mean, second moment, 3 fractions), one "ever active" flag per
-    output unit of a dead-unit-tracked layer.
+    output unit of a dead-unit-tracked layer; ``replicas``: replicated parameter tensors
+    (their norms' mean and a digest per rank, scheduled steps). ``clips``: clip calls of the step (its
+    total norm and whether it clipped, as means, and every rank's own total norm).
     """
-    elements = 1 + world_size + grad_tensors + losses + lr_groups + 2 * weight_tensors + 6 * modules + units
+    elements = (1 + world_size + grad_tensors + losses + lr_groups + 2 * weight_tensors + 6 * modules + units
+                + clips * (2 + world_size) + (replicas + world_size if replicas else 0))
     return 8 * elements
 
 
@@ -223,6 +258,8 @@ class Merger:
         self._local_w: dict[tuple[int, str], float] = {}
         self._global_w: dict[tuple[int, str], float] = {}
         self._share: dict[str, float] = {}
+        self._replicas: set[str] = set()  # parameters every rank should hold identically
+        self._e2: dict[tuple[int, str], float] = {}  # merged mean of a replica's squared norm
         self._share_version = -1
         self.group = _side_group(self.timeout)
         self.info: dict[str, Any] = {
@@ -231,6 +268,7 @@ class Merger:
             "merge": "one fused float64 all-reduce (SUM) per recorded step on a gloo group",
             "allreduce_calls": 0, "allreduce_bytes_last": 0, "allreduce_bytes_max": 0,
             "timeout_s": self.timeout.total_seconds(),
+            "replica_checks": 0, "replica_tensors": 0, "replica_last_equal_step": None,
         }
         recorder.record.run["distributed"] = self.info
 
@@ -240,6 +278,8 @@ class Merger:
         rec = self.recorder
         if self._share_version != rec.version:
             self._share = {name: square_share(p, self.world) for m in rec.models for name, p in m.params}
+            self._replicas = {name for m in rec.models for name, p in m.params if replicated(p, m.module)}
+            self.info["replica_tensors"] = len(self._replicas)
             self._share_version = rec.version
         return self._share
 
@@ -276,6 +316,9 @@ class Merger:
         sends: list[Tensor] = []
         extras: list[Any] = []
         layout: list[str] = []
+        replicas = self._replicas
+        rep_at: list[tuple[int, str]] = []  # (step, parameter) of each replica's weight norm
+        rep_v: list[float] = []
         bad_here = False
         for j, ((step, keys, _), v, (kind, parts)) in enumerate(zip(pending, values, plans)):
             names = [split_key(k)[1] or k for k in keys]
@@ -289,6 +332,9 @@ class Merger:
                 if split_key(keys[0])[0] == "weight_norm":  # the update ratios' denominators
                     for n, x in zip(names, v.tolist()):
                         self._local_w[(step, n)] = x
+                        if n in replicas:
+                            rep_at.append((step, n))
+                            rep_v.append(x)
             elif kind == "global":
                 send = v[:0]
             elif kind == "ratio":
@@ -302,6 +348,10 @@ class Merger:
                 d = v * torch.tensor(local_w, dtype=torch.float64)
                 send = torch.where(sh, d * d * torch.tensor(share, dtype=torch.float64), v / W)
                 extra = (sh, [(step, n) for n in names])
+            elif kind == "rank":  # every rank's own value, in its slot: O(world) values
+                send = torch.zeros(self.world * len(keys), dtype=torch.float64)
+                send[self.rank::self.world] = v
+                keys = [split_key(k)[0] for k in keys]  # the layout names the quantity, not the rank
             elif kind == "act":
                 if numel is None:
                     numel = self._input_numel()
@@ -313,8 +363,10 @@ class Merger:
             layout.append(f"{'|'.join(keys)}:{kind}:{send.numel()}")
         flags = torch.zeros(self.world, dtype=torch.float64)
         flags[self.rank] = 1.0 if bad_here else 0.0
+        tail = _replica_sends(rep_v, self.rank, self.world)
+        layout.append(f"replicas:{len(rep_v)}")
         signature = float(zlib.crc32("\n".join(layout).encode()))
-        buf = torch.cat([torch.tensor([signature], dtype=torch.float64), flags, *sends])
+        buf = torch.cat([torch.tensor([signature], dtype=torch.float64), flags, *sends, tail])
         self._allreduce(buf)
         if buf[0].item() != signature * W:
             raise _LayoutMismatch("ranks recorded different values at this step "
@@ -329,8 +381,11 @@ class Merger:
             if kind == "norm":
                 g = s.sqrt()
                 if split_key(keys[0])[0] == "weight_norm":
-                    for k, x in zip(keys, g.tolist()):
-                        self._global_w[(step, split_key(k)[1] or k)] = x
+                    for k, x, e2 in zip(keys, g.tolist(), s.tolist()):
+                        n = split_key(k)[1] or k
+                        self._global_w[(step, n)] = x
+                        if n in replicas:
+                            self._e2[(step, n)] = e2
                 else:
                     last_grad = g
             elif kind == "global":
@@ -341,6 +396,9 @@ class Merger:
                 gw = torch.tensor([max(self._global_w.pop(w, 1.0), _W_FLOOR) for w in where],
                                   dtype=torch.float64)
                 g = torch.where(sh, s.sqrt() / gw, s)
+            elif kind == "rank":
+                keys = [f"{split_key(k)[0]}/{r}" for k in keys for r in range(self.world)]
+                g = s
             elif kind == "act":
                 g = _act_values(s, extra)
             else:
@@ -348,7 +406,41 @@ class Merger:
             if g.numel() != len(keys):  # a value shifted would misname every later one
                 raise _LayoutMismatch(f"{len(keys)} keys but {g.numel()} merged values for {keys[0]}")
             out.append((step, keys, g.float()))
+        if rep_at:
+            out += self._replica_items(rep_at, buf[i:])
         self._prune()
+        return out
+
+    def _replica_items(self, at: list[tuple[int, str]], tail: Tensor) -> list[tuple[int, list[str], Tensor]]:
+        """Items for the replicas that differ across ranks at this flush: their relative
+        spread (``replica_spread/<param>``) and which ranks hold other values than the
+        most ranks do (``replica_rank_off/<rank>``); none when every replica agrees."""
+        self.info["replica_checks"] += 1
+        means = tail[:len(at)].tolist()
+        digests = tail[len(at):].tolist()
+        spread: dict[int, list[tuple[str, float]]] = {}
+        for (step, n), m in zip(at, means):
+            e2 = self._e2.pop((step, n), m * m)
+            sd = math.sqrt(max(e2 - m * m, 0.0))
+            rel = sd / abs(m) if m != 0 else (math.inf if sd > 0 else 0.0)
+            if rel > REPLICA_SPREAD_FLOOR:
+                spread.setdefault(step, []).append((n, rel))
+        if not spread:
+            self.info["replica_last_equal_step"] = at[-1][0]
+            return []
+        # Ranks whose digest differs from the one most ranks share (every rank on a tie).
+        counts: dict[float, int] = {}
+        for d in digests:
+            counts[d] = counts.get(d, 0) + 1
+        top = max(counts.values())
+        common = [d for d, c in counts.items() if c == top]
+        off = [0.0 if len(common) == 1 and d == common[0] else 1.0 for d in digests]
+        out = []
+        for step, items in spread.items():
+            out.append((step, [f"replica_spread/{n}" for n, _ in items],
+                        torch.tensor([r for _, r in items], dtype=torch.float32)))
+            out.append((step, [f"replica_rank_off/{r}" for r in range(self.world)],
+                        torch.tensor(off, dtype=torch.float32)))
         return out
 
     def _allreduce(self, buf: Tensor) -> None:
@@ -363,7 +455,7 @@ class Merger:
 
     def _prune(self) -> None:
         step = self.recorder.step
-        for d in (self._local_w, self._global_w):
+        for d in (self._local_w, self._global_w, self._e2):
             for key in [k for k in d if k[0] < step - 1]:
                 del d[key]
 
@@ -449,6 +541,20 @@ def _plan(keys: list[str]) -> tuple[str, list[tuple[str, str]]]:
         parts.append(("mask" if merges[i] == "dead" and alone else "mean", name))
         i += 1
     return "act", parts
+
+
+def _replica_sends(values: list[float], rank: int, world: int) -> Tensor:
+    """What the replicas' check adds to the SUM: each replica's norm / world (the mean
+    over ranks; the norm item already sums its square / world), then one slot per rank
+    holding this rank's digest of its replicas' norms (a weighted sum: identical
+    replicas give the identical float64 value). 8 x (#replicated tensors + world) bytes
+    on a scheduled step, nothing on the others."""
+    if not values:
+        return torch.zeros(0, dtype=torch.float64)
+    v = torch.tensor(values, dtype=torch.float64)
+    digest = torch.zeros(world, dtype=torch.float64)
+    digest[rank] = float((v * torch.arange(1, len(values) + 1, dtype=torch.float64)).sum())
+    return torch.cat([v / world, digest])
 
 
 def _act_sends(v: Tensor, parts: list[tuple[str, str]], numel: dict[str, float], mask: Tensor | None,

@@ -31,6 +31,8 @@ CODES: tuple[str, ...] = (
     "loss_on_probabilities",  # added to the first table: a softmax fed to cross_entropy & co
     "adam_epsilon_too_large",  # added: Adam's eps as large as a layer's gradients (it stops learning)
     "output_logit_divergence",  # added: the output logits' log Z drifting away from 0 (z-loss)
+    "grad_norm_misreported",  # added: a clip call's norm is not the true global norm (a rank's shard only, ...)
+    "replica_divergence",  # added: parameters every rank should hold identically differ across ranks
 )
 
 

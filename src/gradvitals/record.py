@@ -42,7 +42,9 @@ class Quantity:
     #: How ranks combine it (gradvitals.distributed): "norm" (sqrt of the summed
     #: squared shards), "global" (recomputed from the merged norms), "ratio"
     #: (|dW|/|W| from merged norms), "moment" (weighted mean/second moment), "dead"
-    #: (ever-active masks summed), "mean" (over ranks), "local" (each rank's own).
+    #: (ever-active masks summed), "mean" (over ranks), "local" (each rank's own),
+    #: "rank" (every rank's own value kept, under ``<quantity>/<rank>``), "merged"
+    #: (computed by the merge itself from the ranks' values; never pending).
     merge: str
     #: A NaN/Inf in it starts the NaN-origin search (the recorder's flush).
     watched: bool
@@ -89,6 +91,12 @@ QUANTITIES: dict[str, Quantity] = _q(
      False, "scheduled", True),
     ("log_z_max", "max over tokens of log Z = logsumexp of the logits entering cross_entropy", "run", "mean",
      False, "scheduled", True),
+    ("clip_rank_norm", "total norm a clip call returned on one rank (suffix: the rank), when it clipped every "
+     "recorded gradient", "run", "rank", False, "clip"),
+    ("replica_spread", "relative spread across ranks of the norm of a parameter every rank should hold "
+     "identically (written only where it is not ~0)", "param", "merged", False, "scheduled"),
+    ("replica_rank_off", "1 when a rank's replicated parameters differ from those most ranks hold (suffix: "
+     "the rank), at a step where some differ", "run", "merged", False, "scheduled"),
 )
 
 #: Quantities recorded per layer or per parameter (``<quantity>/<name>``); the others

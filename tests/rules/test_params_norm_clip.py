@@ -167,6 +167,21 @@ def test_not_updated_model_built_again_after_its_optimizer_is_critical():
     assert f[0].severity == "warning" and "not in the optimizer" in f[0].summary
 
 
+def test_not_updated_under_fsdp2_says_the_optimizer_was_built_before_fully_shard():
+    b = rebuilt(False)
+    b.record.run["distributed"] = {"world_size": 2, "strategy": "fsdp2"}
+    (f,) = p.not_updated(b.record)
+    assert f.severity == "critical" and "built before fully_shard" in f.summary
+    ev = f.evidence
+    assert (ev["cause"], ev["optimizer_tensors"], ev["optimizer_tensors_of_model"]) == (
+        "optimizer_before_fully_shard", 6, 0)
+    assert "fully_shard(model)" in f.advice
+    # the same record under DDP: the model was rebuilt, not sharded
+    b.record.run["distributed"]["strategy"] = "ddp"
+    (f,) = p.not_updated(b.record)
+    assert f.evidence["cause"] == "model_rebuilt_after_optimizer" and "built again" in f.summary
+
+
 # ------------------------------------------------------------------ BatchNorm
 def bn_run(samples: list[float], batch: int | None, kind: str = "BatchNorm1d") -> Build:
     b = Build()

@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..taxonomy import WEIGHT_LAYERS
+from ..torch_compat import local_tensors
 
 #: Recurrent matrices larger than this are skipped: an eigen-decomposition of an
 #: n x n matrix costs O(n^3) on the CPU (2048: well under a second).
@@ -107,11 +108,14 @@ def write_weight_facts(module: nn.Module, names: dict[int, str], layers: dict[st
         if layer is None:
             continue
         w = plain_weight(mod)
-        if kind in WEIGHT_LAYERS and w is not None and w.dim() >= 2 and w.numel() > 0:
+        # A DTensor (tensor parallel, FSDP2) is judged on this rank's shard (a reduction
+        # over the whole of it would be a collective); its fans are the global shape's.
+        mine = local_tensors([w])[0] if w is not None else None
+        if kind in WEIGHT_LAYERS and mine is not None and w.dim() >= 2 and mine.numel() > 0:
             fan_in, fan_out = fans(w)
             layer.extra["fan_in"] = fan_in
             layer.extra["fan_out"] = fan_out
-            rows.append((name, _weight_stats(w)))
+            rows.append((name, _weight_stats(mine)))
         elif isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):
             _recurrent_facts(mod, layer.extra)
     if rows:

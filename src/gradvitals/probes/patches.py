@@ -98,7 +98,8 @@ def _clip_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
             parameters = [parameters]
         else:
             parameters = list(parameters)  # the original does the same: a generator is read once
-        _each("clip_start", parameters, max_norm)
+        norm_type = kwargs.get("norm_type", args[0] if args else 2.0)
+        _each("clip_start", parameters, max_norm, norm_type)
         _depth.clip = True
         try:
             total = orig(parameters, max_norm, *args, **kwargs)

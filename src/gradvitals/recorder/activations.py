@@ -195,6 +195,11 @@ class ActivationTracer:
             x = act_probe.first_tensor(output)
             if x is None or not x.is_floating_point() or x.numel() == 0:
                 return
+            dt = torch_compat.dtensor_type_if_loaded()
+            if dt is not None and isinstance(x, dt):  # a tensor-parallel layer's output
+                if any(p.is_partial() for p in x.placements):
+                    return  # partial sums before their all-reduce: not this layer's values
+                x = x.to_local()  # a shard (merged by element weights) or a replica
             dim = act_probe.unit_dim(x, self.unit_hint) if info.wants_dead and x.dim() else 0
             if meter.where and not info.wants_dead and meter.view_of(x, info):
                 return

@@ -40,8 +40,9 @@ class TrainingEvents(Protocol):
     def autograd_grad(self, outputs: Any, inputs: Any, seed: Any) -> None:
         """``torch.autograd.grad(outputs, inputs)`` ran (a loop setting ``p.grad`` itself)."""
 
-    def clip_start(self, parameters: list, max_norm: float) -> None:
-        """``clip_grad_norm_`` / ``clip_grads_with_norm_`` is about to scale ``parameters``."""
+    def clip_start(self, parameters: list, max_norm: float, norm_type: Any = 2.0) -> None:
+        """``clip_grad_norm_`` / ``clip_grads_with_norm_`` is about to scale ``parameters``
+        (``norm_type``: the norm ``clip_grad_norm_`` computes; the user's own for the other)."""
 
     def clip_end(self, total: Any, max_norm: float) -> None:
         """... and did: ``total`` is the norm it saw."""

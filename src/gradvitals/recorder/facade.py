@@ -282,8 +282,8 @@ class Recorder:
         losses = self.losses
         return losses.forward_since_flush or not losses.saw_forward or len(patches.active()) < 2
 
-    def clip_start(self, parameters: list, max_norm: float) -> None:
-        self.gradients.clip_start(parameters)
+    def clip_start(self, parameters: list, max_norm: float, norm_type: Any = 2.0) -> None:
+        self.gradients.clip_start(parameters, norm_type)
 
     def clip_end(self, total: Any, max_norm: float) -> None:
         self.gradients.clip_end(total, max_norm)
@@ -337,9 +337,10 @@ class Recorder:
                 return
             self.zero_grad.step_begins(o, clock.step)
             self.eval_mode.step_begins(opt, registry, clock.step)
+            self.gradients.measure(o)
+            # After measure: it decided which parameters no optimizer holds (in_optimizer).
             if registry.unseen_grads and scheduled(self.options, clock.step):
                 registry.note_unstepped_grads()
-            self.gradients.measure(o)
         except Exception as exc:
             self.fail("gradients", exc)
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import distributed
 from ..probes.norms import foreach_norm, fused_norms
 from ..record import Record, Series, series_key
+from ..torch_compat import dtensor_type_if_loaded, local_tensors
 from .hyperparams import GroupFacts
 from .losses import LossTracker
 from .options import Options, scheduled
@@ -40,6 +41,11 @@ class Steady(NamedTuple):
     loss: list[Series] | None
 
 
+def _locals(tensors: list[Tensor]) -> list[Tensor]:
+    """Each DTensor's local part (no communication); no DTensor import on plain runs."""
+    return local_tensors(tensors) if dtensor_type_if_loaded() is not None else tensors
+
+
 class GradientMeter:
     def __init__(self, owner: Any, options: Options, registry: Registry, staging: Staging,
                  losses: LossTracker, record: Record) -> None:
@@ -51,6 +57,7 @@ class GradientMeter:
         self.record = record
         self.manual_before: tuple[list[str], list[Tensor], list[Tensor], Tensor] | None = None
         self.groups = GroupFacts(registry, record)
+        self.clip_covers_all = False  # set by clip_start, read by clip_end
 
     # ------------------------------------------------------------ norms
     def grad_norms(self, o: WatchedOptimizer | None) -> tuple[list[str], Any] | None:
@@ -246,7 +253,9 @@ class GradientMeter:
             if buf is not None:
                 torch._foreach_copy_(buf, weights)
                 return buf
-        return torch._foreach_mul(weights, 1.0)
+        # DTensors (FSDP2, tensor parallel): their local parts, so that a mix with plain
+        # tensors (a model tensor-parallel in some layers only) is one foreach call.
+        return torch._foreach_mul(_locals(weights), 1.0)
 
     def update_ratio(self, o: WatchedOptimizer) -> None:
         """``o`` has stepped: |W_after - W_before| / |W_before| of a scheduled step (pending)."""
@@ -257,7 +266,7 @@ class GradientMeter:
         with torch.no_grad():
             # In place into the snapshot (ours): before - after has the same norm
             # as after - before, without allocating a second copy.
-            torch._foreach_sub_(before, [p.detach() for p in o.params])
+            torch._foreach_sub_(before, _locals([p.detach() for p in o.params]))
             dnorm = torch.stack(foreach_norm(before)) if o.fast else fused_norms(before)
             ratio = dnorm / wnorm.clamp_min(1e-12)
         self.staging.pending.append((self.owner.step, keys, ratio))
@@ -285,9 +294,20 @@ class GradientMeter:
                                       fused_norms([p.detach() for p in params]))
 
     # ------------------------------------------------------- clipping
-    def clip_start(self, parameters: list) -> None:
+    def clip_start(self, parameters: list, norm_type: Any = 2.0) -> None:
         """Norms before clipping, for the optimizer whose parameters are clipped."""
         ids = {id(p) for p in parameters[:4]}
+        # Whether this call clips every gradient gradvitals measures: then the norm it
+        # returns must equal grad_norm_global (rules/distributed.grad_norm_misreported).
+        self.clip_covers_all = False
+        try:
+            l2 = float(norm_type) == 2.0
+        except (TypeError, ValueError):
+            l2 = False
+        if l2:
+            clipped = {id(p) for p in parameters if getattr(p, "grad", None) is not None}
+            self.clip_covers_all = bool(clipped) and clipped == {
+                id(p) for _, p in self.registry.trainable() if p.grad is not None}
         for o in self.registry.opts.values():
             opt = o.ref()
             if opt is None:
@@ -305,4 +325,8 @@ class GradientMeter:
         clipped = (t > float(max_norm)).float()
         step = self.owner.step
         self.staging.pending.append((step, ["clip_total_norm", "clip_clipped"], torch.cat([t, clipped])))
+        if self.clip_covers_all:
+            self.clip_covers_all = False
+            rank = distributed.rank_and_world()[0]
+            self.staging.pending.append((step, [series_key("clip_rank_norm", str(rank))], t))
         self.record.add("clip_max_norm", step, float(max_norm))

@@ -231,7 +231,8 @@ class Staging:
 
     def drop_clip(self) -> None:
         """A skipped step (GradScaler overflow): its clip values are not the run's."""
-        self.pending = [item for item in self.pending if item[1][0] != "clip_total_norm"]
+        self.pending = [item for item in self.pending
+                        if split_key(item[1][0])[0] not in ("clip_total_norm", "clip_rank_norm")]
 
 
 def _device(t: Any) -> torch.device:

@@ -4,7 +4,7 @@ Every rule is listed in :data:`RULES`; :func:`gradvitals.diagnose.diagnose` runs
 Families: ``nonfinite``, ``gradients`` (vanishing/exploding), ``activations`` (dead ReLU,
 saturation), ``loss`` (plateau, spikes, a loss given probabilities), ``updates`` (update/weight ratios: learning rate),
 ``params`` (no gradient, not updated, gradients never cleared), ``normalization`` (BatchNorm batch size, training in eval mode),
-``clipping``, ``optimizer`` (Adam's eps against the gradients' scale), ``logits`` (the output logits' log Z). The checkup's lint (``init``, ``architecture``) registers itself here too.
+``clipping``, ``distributed`` (a rank's numbers against the whole run's), ``optimizer`` (Adam's eps against the gradients' scale), ``logits`` (the output logits' log Z). The checkup's lint (``init``, ``architecture``) registers itself here too.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Callable
 
 from ..findings import Finding
 from ..record import Record
-from . import (activations, architecture, clipping, gradients, init, logits, loss, nonfinite, normalization, optimizer,
-               params, updates)
+from . import (activations, architecture, clipping, distributed, gradients, init, logits, loss, nonfinite, normalization,
+               optimizer, params, updates)
 
 Rule = Callable[[Record], "list[Finding]"]
 
@@ -34,6 +34,8 @@ RULES: list[Rule] = [
     normalization.batchnorm_small_batch,
     normalization.eval_mode_training,
     clipping.clipping_always_active,
+    distributed.grad_norm_misreported,
+    distributed.replica_divergence,
     params.no_gradient,
     params.not_updated,
     params.grad_not_zeroed,

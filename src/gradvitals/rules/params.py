@@ -184,7 +184,17 @@ def not_updated(record: Record) -> list[Finding]:
     kinds = [str(k) for k in record.run.get("optimizers") or []]
     kind = kinds[0] if len(kinds) == 1 else "AdamW"
     severity = "warning"
-    if stale:
+    dist_info = record.run.get("distributed")
+    sharded = stale and isinstance(dist_info, dict) and "fsdp2" in str(dist_info.get("strategy", ""))
+    if sharded:
+        # fully_shard replaces a module's parameters with new DTensor ones: an optimizer
+        # built before it holds the old plain tensors (huggingface/accelerate#2665).
+        severity = "critical"
+        why = (f"the optimizer holds {len(stale)} tensor{'s' if len(stale) != 1 else ''}, none of them the "
+               f"{len(outside)} parameter{'s' if len(outside) != 1 else ''} the model trains: it was built "
+               f"before fully_shard, which replaced the model's parameters with sharded DTensors, so it steps "
+               f"the old plain tensors (torch raises no error)")
+    elif stale:
         # The optimizer steps parameters that never get a gradient, the parameters that do
         # are in no optimizer: nothing in the run learns (a model built again after its
         # optimizer was created from the first one's parameters).
@@ -203,8 +213,18 @@ def not_updated(record: Record) -> list[Finding]:
                 "zero_update_ratio": [p.name for p in frozen_by_ratio], "numel": numel}
     if stale:
         evidence["stale_optimizer_params"] = len(stale)
+        # Why: how many tensors the optimizer steps, and how many of them the model's.
+        evidence["optimizer_tensors"] = len(stale)
+        evidence["optimizer_tensors_of_model"] = sum(1 for p in record.params.values() if p.in_optimizer)
+        evidence["cause"] = "optimizer_before_fully_shard" if sharded else "model_rebuilt_after_optimizer"
     first = next(iter(layers))
-    if stale:
+    if sharded:
+        advice = (f"Build the optimizer after fully_shard, from the sharded model's parameters:\n"
+                  f"    fully_shard(model)  # every fully_shard call first\n"
+                  f"    optimizer = torch.optim.{kind}(model.parameters(), lr=...)\n"
+                  f"(with accelerate: prepare the model before creating the optimizer, or pass both to one "
+                  f"`prepare` call).")
+    elif stale:
         advice = (f"Create the optimizer after the last line that builds or replaces the model (`model = ...`), "
                   f"from that model's parameters:\n    model = ...\n"
                   f"    optimizer = torch.optim.{kind}(model.parameters(), lr=...)\n"

@@ -60,4 +60,7 @@ REQUIRES: dict[str, Needs] = {
     "eval_mode_training": Needs(all=("hooks",)),
     "loss_on_probabilities": Needs(all=("hooks",)),
     "adam_epsilon_too_large": Needs(all=("grad_norm/*", "optimizer")),
+    "output_logit_divergence": Needs(all=("log_z_mean",), better_with=("loss",)),
+    "grad_norm_misreported": Needs(all=("clip_rank_norm/*", "grad_norm_global")),
+    "replica_divergence": Needs(all=("replica_spread/*",)),
 }

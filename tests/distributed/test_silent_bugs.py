@@ -1,0 +1,251 @@
+"""Silent distributed bugs, as real 2-process programs under torchrun (gloo, CPU), each
+with its correct twin: a clip norm computed on the local shard (grad_norm_misreported).
+Every scenario is one torchrun launch shared by its tests (module-scoped)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradvitals as gv
+from gradvitals import distributed
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "silent_bugs.py"
+RUN_TIMEOUT_S = 180
+#: float32 norms of the same gradients summed in another order (gradvitals: float64 on the host).
+REL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
+    """bug -> (rank 0's report, each rank's printed numbers): every program of
+    ``silent_bugs.py`` in ONE torchrun launch (the start-up is most of its time)."""
+    out = tmp_path_factory.mktemp("silent_bugs")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(SCRIPT), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {RUN_TIMEOUT_S}s:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    printed = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {p["bug"]: (json.loads((out / f"{p['bug']}.json").read_text()), p["ranks"]) for p in printed}
+
+
+def codes(report: dict) -> list[str]:
+    return [f["code"] for f in report["findings"] if f["severity"] in ("warning", "critical")]
+
+
+@pytest.mark.slow
+def test_a_clip_norm_of_the_local_shard_is_found_with_its_factor_and_ranks(runs):
+    rep, printed = runs["clip_local"]
+    f = next(f for f in rep["findings"] if f["code"] == "grad_norm_misreported")
+    ev = f["evidence"]
+    assert ev["cause"] == "local_shard" and ev["ranks"] == [0, 1] and ev["world_size"] == 2
+    # Each rank's series holds what the script clipped with on that rank; the true norm
+    # is what the script computed from the full DTensor gradients.
+    for r, numbers in enumerate(printed):
+        assert rep["series"][f"clip_rank_norm/{r}"]["values"] == pytest.approx(numbers["clip_norms"], rel=REL)
+    true = printed[0]["true_norms"]
+    assert rep["series"]["grad_norm_global"]["values"] == pytest.approx(true, rel=REL)
+    want = [math.hypot(a, b) / t for a, b, t in zip(printed[0]["clip_norms"], printed[1]["clip_norms"], true)]
+    assert want == pytest.approx([1.0] * len(true), rel=REL)  # the bug as the script has it
+    by_rank = [statistics.median(c / t for c, t in zip(n["clip_norms"], true)) for n in printed]
+    assert ev["factor"] == pytest.approx(statistics.median(by_rank), rel=REL)
+    wrong = sum(any((n["clip_norms"][s] > 1.0) != (true[s] > 1.0) for n in printed) for s in range(len(true)))
+    assert wrong > 0 and ev["clip_decisions_wrong"] == wrong
+    assert f"clips at a true norm of {ev['effective_max_norm']:.3g}"[:34] in f["summary"]
+
+
+@pytest.mark.slow
+def test_its_twin_clipping_the_dtensor_gradients_has_no_warning(runs):
+    rep, printed = runs["clip_ok"]
+    assert codes(rep) == []
+    true = rep["series"]["grad_norm_global"]["values"]
+    for r in range(2):  # both ranks got the global norm, equal to the one gradvitals merged
+        assert rep["series"][f"clip_rank_norm/{r}"]["values"] == pytest.approx(true, rel=REL)
+    assert printed[0]["clip_norms"] == pytest.approx(true, rel=REL)
+    # A clip call adds its total and decision (means) and one slot per rank to the all-reduce.
+    plain = runs["opt_after_shard"][0]["run"]["distributed"]  # the same model and optimizer, no clipping
+    extra = rep["run"]["distributed"]["allreduce_bytes_max"] - plain["allreduce_bytes_max"]
+    assert extra == distributed.allreduce_bytes(2, 0, 0, 0, clips=1) - distributed.allreduce_bytes(2, 0, 0, 0)
+
+
+def _train(clip_params, steps=4):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    with gv.watch(model, opt) as w:
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(clip_params(model), 0.5)
+            opt.step()
+    return w.report()  # the report's JSON dict
+
+
+def test_one_process_clip_of_every_gradient_agrees_and_a_subset_is_not_compared():
+    rep = _train(lambda m: m.parameters())
+    got = rep["series"]["clip_rank_norm/0"]["values"]
+    assert got == pytest.approx(rep["series"]["grad_norm_global"]["values"], rel=REL)
+    assert "grad_norm_misreported" not in [f["code"] for f in rep["findings"]]
+    # Clipping only the head's parameters returns a smaller norm: not a bug, and not compared.
+    sub = _train(lambda m: m[2].parameters())
+    assert "clip_rank_norm/0" not in sub["series"] and "clip_total_norm" in sub["series"]
+    assert "grad_norm_misreported" not in [f["code"] for f in sub["findings"]]
+
+
+@pytest.mark.slow
+def test_a_replica_changed_on_one_rank_is_found_with_its_parameter_ranks_and_since_when(runs):
+    rep, printed = runs["replica_drift"]
+    f = next(f for f in rep["findings"] if f["code"] == "replica_divergence")
+    ev = f["evidence"]
+    # Rank 1 rescales the LayerNorm weight after step 0; weights are checked on steps 0, 2, 4.
+    assert ev["params"] == ["1.weight"] and f["layers"] == ["1"]
+    assert (ev["first_step"], ev["last_equal_step"]) == (2, 0)
+    assert ev["ranks"] == [0, 1]  # two ranks: no majority says which one is right
+    assert f["severity"] == "critical"
+    # The spread is that of the two ranks' norms: about |w| and 1.01^k |w| after k = 2, 4
+    # rescales (the SGD updates between them are the same on both ranks, not rescaled).
+    spread = rep["series"]["replica_spread/1.weight"]
+    assert spread["steps"] == [2, 4]
+    assert spread["values"] == pytest.approx([(1.01 ** k - 1) / (1.01 ** k + 1) for k in (2, 4)], rel=1e-2)
+    assert printed[0]["losses"] != printed[1]["losses"]
+
+
+@pytest.mark.slow
+def test_its_twin_changing_every_replica_alike_is_clean_and_the_check_costs_a_slot_per_tensor(runs):
+    rep, _ = runs["replica_ok"]
+    assert codes(rep) == []
+    assert not [k for k in rep["series"] if k.startswith("replica_")]
+    info = rep["run"]["distributed"]
+    assert (info["replica_checks"], info["replica_tensors"], info["replica_last_equal_step"]) == (3, 6, 4)
+    # The same model under FSDP2 (sharded: no replica to check) sends 6 + 2 values fewer.
+    fsdp = runs["opt_after_shard"][0]["run"]["distributed"]
+    assert info["allreduce_bytes_max"] - fsdp["allreduce_bytes_max"] == 8 * (6 + 2)
+    assert fsdp["replica_tensors"] == 0
+
+
+@pytest.mark.slow
+def test_an_optimizer_built_before_fully_shard_is_found_and_says_why(runs):
+    rep, printed = runs["opt_before_shard"]
+    f = next(f for f in rep["findings"] if f["code"] == "not_updated")
+    ev = f["evidence"]
+    assert f["severity"] == "critical" and ev["cause"] == "optimizer_before_fully_shard"
+    assert sorted(ev["not_in_optimizer"]) == sorted(f"{i}.{w}" for i in (0, 1, 3) for w in ("weight", "bias"))
+    assert (ev["optimizer_tensors"], ev["optimizer_tensors_of_model"]) == (6, 0)
+    assert "built before fully_shard" in f["summary"]
+    # The model it trains never changed: the loss of each rank's first batch comes back
+    # (the twin's loss falls instead).
+    twin = runs["opt_after_shard"]
+    assert codes(twin[0]) == []
+    for r in range(2):
+        assert printed[r]["losses"][0] > twin[1][r]["losses"][-1] + 0.3
+
+
+def test_an_optimizer_of_a_replaced_model_is_found_with_one_scheduled_step():
+    """Only step 0 is scheduled (every=25, 3 steps): which parameters no optimizer
+    holds is known once the step is measured, and that is when the gradients are noted."""
+    torch.manual_seed(0)
+    old = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(old.parameters(), lr=0.1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))  # built again
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    with gv.watch(model, opt) as w:
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    f = next(f for f in w.report()["findings"] if f["code"] == "not_updated")
+    assert f["evidence"]["cause"] == "model_rebuilt_after_optimizer" and f["severity"] == "critical"
+
+
+def test_replicas_are_the_parameters_ddp_synchronises(tmp_path):
+    """DDP's parameters, less those it was told to ignore (each rank keeps its own);
+    a plain model under a process group is no replica. One-rank gloo group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        model._ddp_params_and_buffers_to_ignore = ["1.weight"]
+        ddp = nn.parallel.DistributedDataParallel(model)
+        got = {n: distributed.replicated(p, ddp) for n, p in model.named_parameters()}
+        assert got == {"0.weight": True, "0.bias": True, "1.weight": False, "1.bias": True}
+        assert not distributed.replicated(model[0].weight, model)
+    finally:
+        dist.destroy_process_group()
+
+
+def _tp_oracle(steps: int = 3) -> dict[str, list[float]]:
+    """What torch computes in one process on the same batches: per-parameter gradient
+    and weight norms, update ratios, fc1's output mean and std."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from dist_common import TPBlock, tp_batch
+
+    torch.manual_seed(0)
+    model = TPBlock()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out: dict[str, list[float]] = {}
+    for step in range(steps):
+        x, t = tp_batch(step)
+        h = model.fc1(model.embed(x))
+        std, mean = torch.std_mean(h.detach(), correction=0)
+        out.setdefault("act_mean/fc1", []).append(mean.item())
+        out.setdefault("act_std/fc1", []).append(std.item())
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, TPBlock.VOCAB), t.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            out.setdefault(f"grad_norm/{n}", []).append(p.grad.norm().item())
+            out.setdefault(f"weight_norm/{n}", []).append(p.detach().norm().item())
+        opt.step()
+        for n, p in model.named_parameters():
+            out.setdefault(f"update_ratio/{n}", []).append(((p.detach() - before[n]).norm() / before[n].norm()).item())
+    return out
+
+
+@pytest.mark.slow
+def test_tensor_parallel_norms_update_ratios_and_sharded_outputs_equal_one_process(runs):
+    rep, _ = runs["tp"]
+    want = _tp_oracle()
+    for key, values in want.items():
+        got = rep["series"][key]["values"]
+        n = min(len(got), len(values))
+        assert n >= len(values) - 1, key  # the last update ratio stays pending
+        rel = 1e-3 if key.startswith("update_ratio/") else REL
+        assert got[:n] == pytest.approx(values[:n], rel=rel), key
+    assert rep["run"]["distributed"]["strategy"] == "tensor_parallel"
+    # A row-parallel layer's output is a partial sum until its all-reduce: no statistics.
+    assert "act_mean/fc2" not in rep["series"]
+    assert [e for e in rep["run"]["events"] if e["type"] == "probe_error"] == []
+    audit = next(e for e in rep["run"]["events"] if e["type"] == "init_audit")
+    assert (audit["weight_layers"], audit["residual_bypassed_layers"]) == (3, 2)  # fc1, fc2, head
+    assert rep["layers"][1]["extra"]["fan_in"] == 32 and rep["layers"][2]["extra"]["fan_in"] == 64  # global
+    assert codes(rep) == []
