@@ -84,6 +84,11 @@ QUANTITIES: dict[str, Quantity] = _q(
      "clip"),
     ("clip_max_norm", "max_norm passed to clip_grad_norm_", "run", "mean", False, "clip"),
     ("clip_clipped", "1 when clip_grad_norm_ scaled the gradients down, else 0", "run", "mean", False, "clip"),
+    ("attn_max_logit", "largest pre-softmax attention score q.k^T*scale (+ additive mask) of a module, masked "
+     "positions excluded", "layer", "mean", False, "scheduled", True),
+    ("attn_entropy", "mean entropy (nats) of a module's attention rows", "layer", "mean", False, "scheduled", True),
+    ("attn_entropy_uniform", "mean entropy (nats) a uniform row over the same unmasked keys would have "
+     "(the ceiling of attn_entropy)", "layer", "mean", False, "scheduled", True),
 )
 
 #: Quantities recorded per layer or per parameter (``<quantity>/<name>``); the others
