@@ -30,6 +30,8 @@ CODES: tuple[str, ...] = (
     "eval_mode_training",  # added to the first table: trained in eval mode after train mode
     "loss_on_probabilities",  # added to the first table: a softmax fed to cross_entropy & co
     "adam_epsilon_too_large",  # added: Adam's eps as large as a layer's gradients (it stops learning)
+    "attention_logit_growth",  # added: an attention layer's max q.k logit grows until its softmax is one-hot
+    "attention_entropy_collapse",  # added: an attention layer's mean entropy falls to ~one key's worth
 )
 
 

@@ -4,7 +4,7 @@ Every rule is listed in :data:`RULES`; :func:`gradvitals.diagnose.diagnose` runs
 Families: ``nonfinite``, ``gradients`` (vanishing/exploding), ``activations`` (dead ReLU,
 saturation), ``loss`` (plateau, spikes, a loss given probabilities), ``updates`` (update/weight ratios: learning rate),
 ``params`` (no gradient, not updated, gradients never cleared), ``normalization`` (BatchNorm batch size, training in eval mode),
-``clipping``, ``optimizer`` (Adam's eps against the gradients' scale). The checkup's lint (``init``, ``architecture``) registers itself here too.
+``clipping``, ``optimizer`` (Adam's eps against the gradients' scale), ``attention`` (logit growth, entropy collapse). The checkup's lint (``init``, ``architecture``) registers itself here too.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..findings import Finding
 from ..record import Record
-from . import (activations, architecture, clipping, gradients, init, loss, nonfinite, normalization, optimizer, params,
+from . import (activations, architecture, attention, clipping, gradients, init, loss, nonfinite, normalization, optimizer, params,
                updates)
 
 Rule = Callable[[Record], "list[Finding]"]
@@ -30,6 +30,8 @@ RULES: list[Rule] = [
     updates.update_ratio_high,
     updates.update_ratio_low,
     optimizer.adam_epsilon_too_large,
+    attention.attention_logit_growth,
+    attention.attention_entropy_collapse,
     normalization.batchnorm_small_batch,
     normalization.eval_mode_training,
     clipping.clipping_always_active,
