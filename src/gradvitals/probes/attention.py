@@ -43,22 +43,28 @@ class Stats:
         return torch.stack([self.max_logit, self.entropy_sum / rows, self.uniform_sum / rows])
 
 
-def _rows(scores: Tensor, keep: Tensor | None) -> Stats:
-    """Stats of score rows (last dim = keys); ``keep``: the unmasked positions (None: all
-    whose score is finite and above half the dtype's lowest value: an additive mask of
-    ``finfo.min``, as Hugging Face builds them, counts as masked)."""
-    s = scores.float()
-    if keep is None:
-        keep = s > torch.finfo(scores.dtype).min / 2
-    s = s.masked_fill(~keep, -math.inf)
-    logp = torch.log_softmax(s, -1)
-    ent = -torch.special.xlogy(logp.exp(), logp.exp()).sum(-1)  # 0·log 0 = 0
-    n = keep.sum(-1)
-    valid = n > 0
-    ent = torch.where(valid, ent, 0.0)
-    uniform = torch.where(valid, n.clamp(min=1).float().log(), 0.0)
-    return Stats(s.amax() if s.numel() else torch.tensor(-math.inf, device=s.device),
-                 ent.sum(), valid.sum().float(), uniform.sum())
+def _rows(s: Tensor, keep: Tensor | None) -> Stats:
+    """Stats of float32 score rows ``s`` (last dim = keys); ``keep``: the unmasked
+    positions, broadcastable to ``s`` (None: all). Masked scores become float32's lowest
+    value, not -inf: their weight is exactly 0 and 0 x score stays 0 (no 0 x -inf in the
+    entropy); a row without keys is left out."""
+    low = torch.finfo(torch.float32).min
+    if keep is not None:
+        if keep.shape[-1] != s.shape[-1]:  # a mask broadcast over the keys
+            keep = keep.expand_as(s)
+        s = s.masked_fill(~keep, low)
+        n = keep.sum(-1)
+    else:
+        n = torch.full((1,), s.shape[-1], device=s.device)
+    row_max = s.amax(-1, keepdim=True)
+    d = s - row_max
+    e = d.exp()
+    z = e.sum(-1)
+    ent = z.log() - torch.linalg.vecdot(e, d) / z  # = logsumexp(s) - sum(softmax(s) * s)
+    valid = (n > 0).expand(ent.shape)
+    mx = row_max.amax()
+    return Stats(torch.where(mx > low / 2, mx, -math.inf), torch.where(valid, ent, 0.0).sum(),
+                 valid.sum().float(), torch.where(n > 0, n.clamp(min=1).float().log(), 0.0).expand(ent.shape).sum())
 
 
 def from_softmax(x: Tensor, p: Tensor) -> Stats:
@@ -133,17 +139,13 @@ def from_sdpa(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, is_causal: 
                     if mm.dim() >= 2 and mm.shape[-2] > 1:
                         mm = mm[..., r0:r1, :]
                     if mm.dtype == torch.bool:
-                        keep = mm.expand_as(s)
+                        keep = mm
                     else:  # additive: -inf or the dtype's lowest value (Hugging Face) masks
-                        keep = (mm > torch.finfo(mm.dtype).min / 2).expand_as(s)
+                        keep = mm > torch.finfo(mm.dtype).min / 2
                         s = s + mm.float()
                 if causal is not None:
-                    c = causal[r0:r1].expand_as(s)
+                    c = causal[r0:r1]
                     keep = c if keep is None else keep & c
-                if keep is None:
-                    keep = s > -math.inf
-                else:
-                    keep = keep & (s > -math.inf)
                 st = _rows(s, keep)
                 out = st if out is None else out.add(st)
         return out

@@ -95,7 +95,7 @@ class ActivationTracer:
         self.handles.append(torch.nn.modules.module.register_module_forward_hook(self._global_hook))
         if self.attention is not None:
             try:
-                self.attention.begin(model, model.module)
+                self.attention.begin(model)
             except Exception as exc:
                 self.fail("attention", exc)
 

@@ -55,16 +55,15 @@ class AttentionMeter:
         self.step = step
         self.fail = fail
         self.model: WatchedModel | None = None
-        self.root: Any = None
         self.busy = False
         self.acc: dict[str, probe.Stats] = {}
         self.saved: list[tuple[Any, str, Any, bool]] = []  # (owner, attribute, original, own attr)
 
     # ------------------------------------------------------------ patching
-    def begin(self, model: WatchedModel, root: nn.Module) -> None:
+    def begin(self, model: WatchedModel) -> None:
         if self.saved:
             self.end_patches()
-        self.model, self.root, self.acc, self.busy = model, root, {}, False
+        self.model, self.acc, self.busy = model, {}, False
         sdpa = getattr(F, "scaled_dot_product_attention", None)
         if sdpa is not None:
             self._patch(F, "scaled_dot_product_attention", self._wrap_sdpa(sdpa))
@@ -94,7 +93,7 @@ class AttentionMeter:
         if self.model is not model:
             return
         self.end_patches()
-        acc, self.acc, self.model, self.root = self.acc, {}, None, None
+        acc, self.acc, self.model = self.acc, {}, None
         if raised:
             return
         step = self.step()
@@ -103,7 +102,7 @@ class AttentionMeter:
 
     def abort(self) -> None:
         self.end_patches()
-        self.acc, self.model, self.root = {}, None, None
+        self.acc, self.model = {}, None
 
     # ------------------------------------------------------------ wrappers
     def _wrap_sdpa(self, orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -188,7 +187,8 @@ class AttentionMeter:
 
     def _owner(self) -> tuple[str, nn.Module] | None:
         """(name, module) of the innermost module of the traced model whose method is on
-        the stack, or None when the call is not this model's."""
+        the caller's stack (the root's forward at least), or None when the call is not
+        this model's."""
         model = self.model
         modules = self.registry.modules
         f = sys._getframe(3)
@@ -201,11 +201,7 @@ class AttentionMeter:
                 if entry is not None and entry[0] is model:
                     return entry[1], obj
             f = f.f_back
-        root = self.root
-        entry = modules.get(id(root)) if root is not None else None
-        if entry is not None and entry[0] is model:
-            return entry[1], root
-        return None
+        return None  # not under this model's forward (another thread, another model)
 
 
 def _says_attention(name: str, module: nn.Module) -> bool:
