@@ -244,3 +244,32 @@ def test_unscheduled_steps_record_no_attention():
             if _ == 0:  # between traced forwards torch's own functions are in place
                 assert not hasattr(F.scaled_dot_product_attention, "__wrapped__")
     assert w.record.series["attn_max_logit/sdpa"].points()[0] == [0, 2]
+
+
+def test_hugging_face_gpt2_sdpa_and_eager_record_the_same_numbers_per_attention_block():
+    """HF GPT-2 from its config (no download), padded batch: ``sdpa`` goes through
+    scaled_dot_product_attention with HF's mask, ``eager`` through its own softmax."""
+    transformers = pytest.importorskip("transformers")
+    got = {}
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=50, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0, attn_implementation=impl)
+        model = transformers.GPT2LMHeadModel(cfg)
+        assert model.config._attn_implementation == impl
+        opt = torch.optim.AdamW(model.parameters(), 1e-3)
+        x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(2, 16, dtype=torch.long)
+        mask[1, 10:] = 0
+        with gv.watch(model, opt, every=1, autosave_s=None) as w:
+            opt.zero_grad()
+            model(x, attention_mask=mask, labels=x).loss.backward()
+            opt.step()
+        got[impl] = {k: s.points()[1][0] for k, s in w.record.series.items() if k.startswith("attn_")}
+    assert sorted({k.split("/")[1] for k in got["sdpa"]}) == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert got["sdpa"].keys() == got["eager"].keys()
+    for k, v in got["sdpa"].items():
+        assert v == pytest.approx(got["eager"][k], rel=1e-4, abs=1e-5), k
+    # padding: the second sequence's 6 padded keys are masked, so the ceiling is below the causal one
+    causal = sum(math.log(i) for i in range(1, 17)) / 16
+    assert got["sdpa"]["attn_entropy_uniform/transformer.h.0.attn"] < causal - 0.01
