@@ -273,3 +273,28 @@ def test_hugging_face_gpt2_sdpa_and_eager_record_the_same_numbers_per_attention_
     # padding: the second sequence's 6 padded keys are masked, so the ceiling is below the causal one
     causal = sum(math.log(i) for i in range(1, 17)) / 16
     assert got["sdpa"]["attn_entropy_uniform/transformer.h.0.attn"] < causal - 0.01
+
+
+def test_the_probes_add_no_host_sync():
+    """Every step traced (every=1): all three attention styles measured, still <= 1 sync
+    per step (+1 at step 0: the init audit), counted by the benchmark's counter."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from overhead import count_host_syncs
+
+    torch.manual_seed(0)
+    net = Net(True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(3, T, D)
+    per_step = []
+    with gv.watch(net, opt, every=1, autosave_s=None) as w, count_host_syncs() as counter:
+        for _ in range(3):
+            before = counter["n"]
+            opt.zero_grad()
+            net(x).sum().backward()
+            opt.step()
+            per_step.append(counter["n"] - before)
+    assert per_step[0] <= 2 and max(per_step[1:]) <= 1, per_step
+    assert len(w.record.series["attn_entropy/mha"].points()[0]) == 3
