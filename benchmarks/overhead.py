@@ -301,6 +301,21 @@ class GradvitalsFull(GradvitalsMethod):
     warmup = None  # one rate throughout
 
 
+class GradvitalsFullNoAttention(GradvitalsMethod):
+    """``gv_full`` without the attention probes: every step of full=True is a scheduled
+    (traced) step, so gv_full / this, per round, is what the attention probes add to a
+    scheduled step (_attention_on_scheduled_step)."""
+
+    name = "gv_full_no_attn"
+    label = "gradvitals full=True, attention probes off"
+    options = {"full": True}
+    warmup = None
+
+    def setup(self) -> None:
+        super().setup()
+        self.watch._recorder.tracer.attention = None
+
+
 class GradvitalsAutosave(GradvitalsMethod):
     """The default watch given a report path: it autosaves every ``autosave_s`` (default
     60 s; the record is snapshotted on the training thread, diagnosed and written by a
@@ -505,6 +520,7 @@ def load_baseline(rev: str) -> Any:
 
 
 METHODS: list[type[Method]] = [Method, PlainTwin, GradvitalsMethod, GradvitalsEarly, GradvitalsNoOrigin, GradvitalsFull,
+                               GradvitalsFullNoAttention,
                                GradvitalsAutosave, GradvitalsAutosave1s, NormFloor, NormFetch, NaiveItem, ClipTotal, DetectAnomaly, ActHooks, TensorBoardHist, WandbWatch,
                                BaselineDefault, BaselineFull]
 
@@ -611,6 +627,11 @@ def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps
             rel = [a / b for a, b in zip(ratios[new], ratios[old])]
             lo, hi = _quantiles(rel)
             out[f"_{new}_vs_base"] = {"ratio": statistics.median(rel), "ratio_q1": lo, "ratio_q3": hi}
+    if "gv_full" in block and "gv_full_no_attn" in block:
+        # The attention probes' share of a scheduled step (full=True: every step is one).
+        rel = [a / b for a, b in zip(ratios["gv_full"], ratios["gv_full_no_attn"])]
+        lo, hi = _quantiles(rel)
+        out["_attention_on_scheduled_step"] = {"ratio": statistics.median(rel), "ratio_q1": lo, "ratio_q3": hi}
     if "gv_default" in block and "norm_fetch" in block:
         # What gradvitals adds beyond the least any per-step norm recorder must do.
         rel = [a / b for a, b in zip(ratios["gv_default"], ratios["norm_fetch"])]
@@ -773,6 +794,10 @@ def render(results: dict[str, Any], method_names: list[str]) -> str:
             lines.append(f"{name} / {name}_base (this revision / --baseline, same run): "
                          + ", ".join(f"{w} {c['ratio']:.3f}x ({c['ratio_q1']:.3f}-{c['ratio_q3']:.3f})"
                                      for w, c in ctx))
+    ctx = _paired(results, "_attention_on_scheduled_step")
+    if ctx:
+        lines.append("gv_full / gv_full_no_attn (the attention probes on a scheduled step, same run): "
+                     + ", ".join(f"{w} {c['ratio']:.3f}x ({c['ratio_q1']:.3f}-{c['ratio_q3']:.3f})" for w, c in ctx))
     for name in ("gv_autosave", "gv_autosave_1s"):
         ctx = _paired(results, f"_{name}_vs_default")
         if ctx:

@@ -227,6 +227,21 @@ def _shows_adam_eps(r: dict) -> bool:
     return False
 
 
+def _attention_series(r: dict, quantity: str) -> list[list[float]]:
+    return [_finite(_values(r, k)) for k in r["series"] if k.startswith(quantity + "/")]
+
+
+def _shows_attention_logit_growth(r: dict) -> bool:
+    """Some layer's largest attention score grew 100x to over 1000: one-hot attention."""
+    return any(len(v) >= 2 and v[0] > 0 and v[-1] > 1000 and v[-1] > 100 * v[0]
+               for v in _attention_series(r, "attn_max_logit"))
+
+
+def _shows_attention_entropy_collapse(r: dict) -> bool:
+    """Some layer's mean attention entropy went from over 1 nat to under 0.1 (one key)."""
+    return any(len(v) >= 2 and v[0] > 1 and v[-1] < 0.1 for v in _attention_series(r, "attn_entropy"))
+
+
 SHOWS = {
     "vanishing_gradients": _shows_vanishing,
     "exploding_gradients": _shows_exploding,
@@ -244,6 +259,8 @@ SHOWS = {
     "grad_not_zeroed": _shows_grad_not_zeroed,
     "poor_initialization": _shows_poor_init,
     "adam_epsilon_too_large": _shows_adam_eps,
+    "attention_logit_growth": _shows_attention_logit_growth,
+    "attention_entropy_collapse": _shows_attention_entropy_collapse,
     # symmetric_weights: the script prints torch's own check ("... identical: True").
     # architecture_risk: structural, visible in the script itself.
 }

@@ -33,6 +33,8 @@ CODES: tuple[str, ...] = (
     "output_logit_divergence",  # added: the output logits' log Z drifting away from 0 (z-loss)
     "grad_norm_misreported",  # added: a clip call's norm is not the true global norm (a rank's shard only, ...)
     "replica_divergence",  # added: parameters every rank should hold identically differ across ranks
+    "attention_logit_growth",  # added: an attention layer's max q.k logit grows until its softmax is one-hot
+    "attention_entropy_collapse",  # added: an attention layer's mean entropy falls to ~one key's worth
 )
 
 

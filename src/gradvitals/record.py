@@ -97,6 +97,11 @@ QUANTITIES: dict[str, Quantity] = _q(
      "identically (written only where it is not ~0)", "param", "merged", False, "scheduled"),
     ("replica_rank_off", "1 when a rank's replicated parameters differ from those most ranks hold (suffix: "
      "the rank), at a step where some differ", "run", "merged", False, "scheduled"),
+    ("attn_max_logit", "largest pre-softmax attention score q.k^T*scale (+ additive mask) of a module, masked "
+     "positions excluded", "layer", "mean", False, "scheduled", True),
+    ("attn_entropy", "mean entropy (nats) of a module's attention rows", "layer", "mean", False, "scheduled", True),
+    ("attn_entropy_uniform", "mean entropy (nats) a uniform row over the same unmasked keys would have "
+     "(the ceiling of attn_entropy)", "layer", "mean", False, "scheduled", True),
 )
 
 #: Quantities recorded per layer or per parameter (``<quantity>/<name>``); the others

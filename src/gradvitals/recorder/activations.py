@@ -44,6 +44,7 @@ class ActivationTracer:
         self.batch = True
         self.unit_hint: int | None = None
         self.next_depth = 0
+        self.attention: Any = None  # recorder.attention.AttentionMeter: wraps attention in traced forwards
 
     def remove_hooks(self) -> None:
         for h in self.handles + self.stale:
@@ -52,6 +53,8 @@ class ActivationTracer:
         self.model = None
         self.root = None
         self.meter.reset()
+        if self.attention is not None:
+            self.attention.abort()
         if self.mode is not None:
             try:
                 self.mode.__exit__(None, None, None)
@@ -90,6 +93,11 @@ class ActivationTracer:
         # registrations and removals per scheduled step on a 20-layer MLP). Not for
         # the root itself: its output is measured from end().
         self.handles.append(torch.nn.modules.module.register_module_forward_hook(self._global_hook))
+        if self.attention is not None:
+            try:
+                self.attention.begin(model)
+            except Exception as exc:
+                self.fail("attention", exc)
 
     def end(self, model: WatchedModel, args: tuple, output: Any, raised: bool) -> None:
         """The traced root returned ``output`` (``raised``: it raised instead, and torch
@@ -97,6 +105,8 @@ class ActivationTracer:
         be removed from under that loop now, only made inert and removed later)."""
         if self.model is not model:
             return
+        if self.attention is not None:
+            self.attention.finish(model, raised)
         if raised:
             self.stale.extend(self.handles)
             # The statistics of a forward that never finished (a batch the script

@@ -33,6 +33,7 @@ from .. import __version__, distributed
 from ..probes import patches
 from ..record import Record
 from .activations import ActivationTracer
+from .attention import AttentionMeter
 from .checks import EvalModeCheck, LossInputCheck, Segments, ZeroGradCheck
 from .clock import StepClock
 from .gradients import GradientMeter
@@ -74,6 +75,7 @@ class Recorder:
         self.losses = LossTracker()
         self.outputs = OutputMeter(self.staging, lambda: self.clock.step, self.fail)
         self.tracer = ActivationTracer(self, self.registry, record, self.outputs, self.fail)
+        self.tracer.attention = AttentionMeter(self.registry, self.staging, lambda: self.clock.step, self.fail)
         self.gradients = GradientMeter(self, options, self.registry, self.staging, self.losses, record)
         self.origin = OriginLocator(self, self.registry, record, options.nonfinite_origin)
         self.staging.on_nonfinite = self.origin.seen

@@ -26,6 +26,7 @@ from ..record import QUANTITIES, SCHEMA, Record, split_key
 from ..report import partial_note
 from .html_format import fmt as _fmt
 from .html_format import num as _num
+from .html_attention import attention_html
 from .html_trials import trials_html
 
 #: Columns of the heatmap at most: a screen shows ~1,000 pixel columns; the record's
@@ -538,6 +539,7 @@ cells = explosion and NaN. Hover a cell for its value.</p>
 <noscript><p class="hint">Charts need JavaScript; the findings below do not.</p></noscript>
 </section>
 <section id="findings-section"><h2>Findings <small>(root cause first)</small></h2>{_findings_html(findings)}</section>
+{attention_html(report)}
 {trials_html([t for t in report.get("trials", []) if isinstance(t, dict)])}
 <section id="run-section"><h2>Run</h2>{_run_html(run)}</section>
 </main>

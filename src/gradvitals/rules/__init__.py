@@ -4,7 +4,7 @@ Every rule is listed in :data:`RULES`; :func:`gradvitals.diagnose.diagnose` runs
 Families: ``nonfinite``, ``gradients`` (vanishing/exploding), ``activations`` (dead ReLU,
 saturation), ``loss`` (plateau, spikes, a loss given probabilities), ``updates`` (update/weight ratios: learning rate),
 ``params`` (no gradient, not updated, gradients never cleared), ``normalization`` (BatchNorm batch size, training in eval mode),
-``clipping``, ``distributed`` (a rank's numbers against the whole run's), ``optimizer`` (Adam's eps against the gradients' scale), ``logits`` (the output logits' log Z). The checkup's lint (``init``, ``architecture``) registers itself here too.
+``clipping``, ``distributed`` (a rank's numbers against the whole run's), ``optimizer`` (Adam's eps against the gradients' scale), ``logits`` (the output logits' log Z), ``attention`` (logit growth, entropy collapse). The checkup's lint (``init``, ``architecture``) registers itself here too.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Callable
 
 from ..findings import Finding
 from ..record import Record
-from . import (activations, architecture, clipping, distributed, gradients, init, logits, loss, nonfinite, normalization,
-               optimizer, params, updates)
+from . import (activations, architecture, attention, clipping, distributed, gradients, init, logits, loss, nonfinite,
+               normalization, optimizer, params, updates)
 
 Rule = Callable[[Record], "list[Finding]"]
 
@@ -30,6 +30,8 @@ RULES: list[Rule] = [
     updates.update_ratio_high,
     updates.update_ratio_low,
     optimizer.adam_epsilon_too_large,
+    attention.attention_logit_growth,
+    attention.attention_entropy_collapse,
     logits.output_logit_divergence,
     normalization.batchnorm_small_batch,
     normalization.eval_mode_training,

@@ -60,6 +60,8 @@ REQUIRES: dict[str, Needs] = {
     "eval_mode_training": Needs(all=("hooks",)),
     "loss_on_probabilities": Needs(all=("hooks",)),
     "adam_epsilon_too_large": Needs(all=("grad_norm/*", "optimizer")),
+    "attention_logit_growth": Needs(all=("attn_max_logit/*",)),
+    "attention_entropy_collapse": Needs(all=("attn_entropy/*", "attn_entropy_uniform/*"), better_with=("attn_max_logit/*",)),
     "output_logit_divergence": Needs(all=("log_z_mean",), better_with=("loss",)),
     "grad_norm_misreported": Needs(all=("clip_rank_norm/*", "grad_norm_global")),
     "replica_divergence": Needs(all=("replica_spread/*",)),
