@@ -35,8 +35,7 @@ values = st.one_of(
 
 KINDS = ["Linear", "ReLU", "Sigmoid", "Tanh", "Conv2d", "BatchNorm2d", "LayerNorm", "Embedding", "GELU",
          "LSTM", "Dropout", "MultiheadAttention"]
-PER_LAYER = [q for q in QUANTITIES if q not in ("loss", "grad_norm_global", "lr", "clip_total_norm",
-                                                "clip_max_norm", "clip_clipped")]
+PER_LAYER = [name for name, q in QUANTITIES.items() if q.per != "run"]  # per layer or per parameter
 
 
 @st.composite
