@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from html import escape as html_escape
 import subprocess
 import sys
 
@@ -253,3 +254,20 @@ def test_log_z_curve_when_recorded_and_nothing_when_not():
     assert set(curves) == {"log_z_mean", "log_z_max"}
     assert curves["log_z_mean"]["steps"] == [0, 2, 4] and curves["log_z_mean"]["values"][:2] == [2.3, 5.0]
     assert curves["log_z_max"]["values"][1] == 6.0
+
+
+def test_an_imported_logs_page_says_what_was_checked_and_why_not(tmp_path):
+    """`gradvitals diagnose` on a CSV of loss and global grad norm: the page lists the checks
+    that ran and the coverage's reasons for the rest; a live run's page has no such section."""
+    from gradvitals.cli import _diagnose_log
+
+    log = tmp_path / "history.csv"
+    log.write_text("step,loss,grad_norm\n" + "".join(f"{i},{2.3 - 0.01 * i},{1.0 + 0.01 * i}\n"
+                                                        for i in range(0, 300, 10)))
+    report = _diagnose_log(str(log), None).to_json()
+    cov = report["coverage"]
+    page = render_html(report)
+    section = re.search(r'<section id="coverage-section">(.*?)</section>', page, re.S).group(1)
+    assert f"{len(cov['ran'])} of {len(cov['checks'])} checks ran" in section and "loss_spike" in section
+    assert cov["summary"] and all(html_escape(line) in section for line in cov["summary"])
+    assert 'id="coverage-section"' not in render_html(report_of(mlp_record()))

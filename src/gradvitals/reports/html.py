@@ -511,6 +511,19 @@ def _page(title: str, body: str) -> str:
         f"<script>{_asset('report.js')}</script></body></html>\n")
 
 
+def _coverage_html(cov: Any) -> str:
+    """What an imported log let ``gradvitals diagnose`` check, and why the rest was not
+    (the report's ``coverage``; absent for a live run, which checks everything)."""
+    if not isinstance(cov, dict):
+        return ""
+    ran = [str(c) for c in cov.get("ran", [])]
+    checks = cov.get("checks") if isinstance(cov.get("checks"), dict) else {}
+    items = "".join(f"<li>{html.escape(str(line))}</li>" for line in cov.get("summary", []))
+    return (f'<section id="coverage-section"><h2>Coverage <small>({len(ran)} of {len(checks)} checks ran on '
+            f'this log)</small></h2><p>Checked: {html.escape(", ".join(ran)) or "nothing"}</p>'
+            f'{f"<ul>{items}</ul>" if items else ""}</section>')
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The whole report as one HTML page (a ``gradvitals.report/1`` dict in, text out)."""
     run = report.get("run", {})
@@ -539,6 +552,7 @@ cells = explosion and NaN. Hover a cell for its value.</p>
 <noscript><p class="hint">Charts need JavaScript; the findings below do not.</p></noscript>
 </section>
 <section id="findings-section"><h2>Findings <small>(root cause first)</small></h2>{_findings_html(findings)}</section>
+{_coverage_html(report.get("coverage"))}
 {attention_html(report)}
 {trials_html([t for t in report.get("trials", []) if isinstance(t, dict)])}
 <section id="run-section"><h2>Run</h2>{_run_html(run)}</section>
