@@ -212,7 +212,7 @@ def strategy(module: nn.Module) -> str:
 # ------------------------------------------------------------ the merge
 def allreduce_bytes(world_size: int, grad_tensors: int, losses: int = 1, lr_groups: int = 1,
                     weight_tensors: int = 0, modules: int = 0, units: int = 0, clips: int = 0,
-                    replicas: int = 0) -> int:
+                    replicas: int = 0, scalars: int = 0) -> int:
     """Bytes each rank sends into the one fused all-reduce of a recorded step.
 
     ``weight_tensors``, ``modules`` and ``units`` are non-zero on scheduled steps only:
@@ -221,9 +221,11 @@ def allreduce_bytes(world_size: int, grad_tensors: int, losses: int = 1, lr_grou
     output unit of a dead-unit-tracked layer; ``replicas``: replicated parameter tensors
     (their norms' mean and a digest per rank, scheduled steps). ``clips``: clip calls of the step (its
     total norm and whether it clipped, as means, and every rank's own total norm).
+    ``scalars``: the other scheduled statistics merged as means (log Z's mean and max when
+    the loss is a cross-entropy, 3 per attention module).
     """
     elements = (1 + world_size + grad_tensors + losses + lr_groups + 2 * weight_tensors + 6 * modules + units
-                + clips * (2 + world_size) + (replicas + world_size if replicas else 0))
+                + clips * (2 + world_size) + (replicas + world_size if replicas else 0) + scalars)
     return 8 * elements
 
 
