@@ -31,10 +31,11 @@ CRITICAL = {"nonfinite", "exploding_gradients", "vanishing_gradients", "dead_rel
             "grad_not_zeroed"}
 
 
+# dead_relu_bias's winner (init, or swap_relu) is relu_normal_init's remedy or one the unit
+# tests apply (tests/test_prescribe_unit.py): one subprocess trial set fewer in the suite.
 @pytest.mark.parametrize("case,winner", [
     ("relu_normal_init", {"init"}),
     ("lr_too_high", {"lr_x0.1", "clip", "warmup", "lr_x0.3"}),
-    ("dead_relu_bias", {"init", "swap_relu"}),
     ("sigmoid20_digits", {"swap_saturating", "init"}),
     ("forgot_zero_grad", {"zero_grad"}),
 ])
