@@ -27,10 +27,11 @@ chromium:
 
 # worksteal: a worker that runs out of tests takes some of the other's (the suite's long
 # real-program tests otherwise leave one core idle at the end). The wheel check runs beside
-# the suite (its install waits on the disk and the registry while the tests compute); its
-# log is printed after the tests, and either failing fails the target.
+# the suite at the lowest priority (mostly unpacking an install: it takes the cores' idle
+# moments, not the tests' time); its log is printed after the tests, and either failing
+# fails the target.
 test: $(STAMP) chromium
-	@log=$$(mktemp); tools/wheel_check.sh $(PY) > "$$log" 2>&1 & wheel=$$!; \
+	@log=$$(mktemp); nice -n 19 tools/wheel_check.sh $(PY) > "$$log" 2>&1 & wheel=$$!; \
 	$(PY) -m pytest -q -n 2 --dist worksteal $(PYTEST_ARGS); tests=$$?; \
 	wait $$wheel; checked=$$?; cat "$$log"; rm -f "$$log"; \
 	test $$tests -eq 0 && test $$checked -eq 0
