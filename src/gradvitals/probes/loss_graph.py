@@ -27,7 +27,11 @@ _NLL = frozenset({"NllLossBackward0", "NllLoss2DBackward0"})
 def _made_by(node: Any) -> Any:
     """The first node under ``node``'s first input that is not a pass-through."""
     nxt = node.next_functions
-    node = nxt[0][0] if nxt else None
+    return _past_views(nxt[0][0] if nxt else None)
+
+
+def _past_views(node: Any) -> Any:
+    """``node``, or the first node under it (first inputs) that is not a pass-through."""
     for _ in range(8):
         if node is None or type(node).__name__ not in PASS_THROUGH:
             return node
@@ -109,10 +113,4 @@ def cross_entropy_input(root: Any) -> tuple[Any, int, Any, int] | None:
 
 def made_by(t: Any) -> Any:
     """The autograd node that made ``t``, past views and copies (None for a leaf)."""
-    node = getattr(t, "grad_fn", None)
-    for _ in range(8):
-        if node is None or type(node).__name__ not in PASS_THROUGH:
-            return node
-        nxt = node.next_functions
-        node = nxt[0][0] if nxt else None
-    return None
+    return _past_views(getattr(t, "grad_fn", None))

@@ -66,10 +66,10 @@ class AttentionMeter:
         self.model, self.acc, self.busy = model, {}, False
         sdpa = getattr(F, "scaled_dot_product_attention", None)
         if sdpa is not None:
-            self._patch(F, "scaled_dot_product_attention", self._wrap_sdpa(sdpa))
-        self._patch(F, "softmax", self._wrap_softmax(F.softmax))
-        self._patch(torch, "softmax", self._wrap_softmax(torch.softmax))
-        self._patch(torch.Tensor, "softmax", self._wrap_softmax(torch.Tensor.softmax))
+            self._patch(F, "scaled_dot_product_attention", self._wrap(sdpa, self._sdpa))
+        self._patch(F, "softmax", self._wrap(F.softmax, self._softmax))
+        self._patch(torch, "softmax", self._wrap(torch.softmax, self._softmax))
+        self._patch(torch.Tensor, "softmax", self._wrap(torch.Tensor.softmax, self._softmax))
 
     def _patch(self, owner: Any, attr: str, wrapper: Any) -> None:
         own = attr in vars(owner)
@@ -105,48 +105,32 @@ class AttentionMeter:
         self.acc, self.model = {}, None
 
     # ------------------------------------------------------------ wrappers
-    def _wrap_sdpa(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap(self, orig: Callable[..., Any], measure: Callable[[tuple, dict, Any], None]) -> Callable[..., Any]:
+        """``orig`` as it was, then ``measure(args, kwargs, out)`` (its errors are ours, not
+        the run's); not re-entered from inside a measurement. ``measure`` is a bound
+        method: :meth:`_owner` counts the frames above it."""
         meter = self
 
-        def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             if meter.busy:
                 return orig(*args, **kwargs)
             meter.busy = True
             try:
                 out = orig(*args, **kwargs)
                 try:
-                    meter._sdpa(args, kwargs)
+                    measure(args, kwargs, out)
                 except Exception as exc:
                     meter.fail("attention", exc)
                 return out
             finally:
                 meter.busy = False
 
-        scaled_dot_product_attention.__wrapped__ = orig  # type: ignore[attr-defined]
-        return scaled_dot_product_attention
-
-    def _wrap_softmax(self, orig: Callable[..., Any]) -> Callable[..., Any]:
-        meter = self
-
-        def softmax(*args: Any, **kwargs: Any) -> Any:
-            if meter.busy:
-                return orig(*args, **kwargs)
-            meter.busy = True
-            try:
-                out = orig(*args, **kwargs)
-                try:
-                    meter._softmax(args, kwargs, out)
-                except Exception as exc:
-                    meter.fail("attention", exc)
-                return out
-            finally:
-                meter.busy = False
-
-        softmax.__wrapped__ = orig  # type: ignore[attr-defined]
-        return softmax
+        wrapper.__name__ = wrapper.__qualname__ = getattr(orig, "__name__", "wrapper")
+        wrapper.__wrapped__ = orig  # type: ignore[attr-defined]
+        return wrapper
 
     # ------------------------------------------------------------ measuring
-    def _sdpa(self, args: tuple, kwargs: dict) -> None:
+    def _sdpa(self, args: tuple, kwargs: dict, _out: Any = None) -> None:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         a = dict(zip(names, args))
         a.update(kwargs)

@@ -114,7 +114,7 @@ def attention_logit_growth(record: Record) -> list[Finding]:
                      "values": _thin([s for s, _ in h.values], [v for _, v in h.values])})
     worst = rows[0]
     n = len(rows)
-    names = ", ".join(r["layer"] or "(model)" for r in rows[:4]) + (", ..." if n > 4 else "")
+    names = _names(rows)
     summary = (f"Attention logits grow without bound in {n} attention layer{'s' if n > 1 else ''} ({names}): "
                f"the largest q.k score of {worst['layer'] or 'the model'} went from {worst['first'][1]:.3g} "
                f"(step {worst['first'][0]}) to {worst['last'][1]:.4g} (step {worst['last'][0]}), "
@@ -125,6 +125,11 @@ def attention_logit_growth(record: Record) -> list[Finding]:
     return [Finding(code="attention_logit_growth", severity="warning", step=min(r["since_step"] for r in rows),
                     layers=tuple(r["layer"] for r in rows), summary=summary, evidence=evidence,
                     advice=ADVICE)]
+
+
+def _names(rows: list[dict[str, Any]]) -> str:
+    """The first layers of a finding's rows, for its summary."""
+    return ", ".join(r["layer"] or "(model)" for r in rows[:4]) + (", ..." if len(rows) > 4 else "")
 
 
 def attention_entropy_collapse(record: Record) -> list[Finding]:
@@ -150,7 +155,7 @@ def attention_entropy_collapse(record: Record) -> list[Finding]:
     rows.sort(key=lambda r: r["last"][1])
     worst = rows[0]
     n = len(rows)
-    names = ", ".join(r["layer"] or "(model)" for r in rows[:4]) + (", ..." if n > 4 else "")
+    names = _names(rows)
     growth = {h.layer for h in reading(logit_growth, record)}
     caused = "attention_logit_growth" if any(r["layer"] in growth for r in rows) else None
     summary = (f"Attention entropy collapsed in {n} attention layer{'s' if n > 1 else ''} ({names}): "
