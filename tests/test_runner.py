@@ -177,7 +177,7 @@ def test_report_command_rerenders_and_rejects_bad_input(tmp_path):
     junk = tmp_path / "junk.json"
     junk.write_text("{not json")
     p = run(["report", str(junk)])
-    assert p.returncode == 2 and "not JSON" in p.stderr
+    assert p.returncode == 1 and "not JSON" in p.stderr  # unreadable input: 1, as for diagnose
 
 
 def test_loss_event_findings_are_counted_per_fold(tmp_path):

@@ -186,12 +186,13 @@ def report_cmd(report_json: str, html_path: str | None, rediagnose: bool, quiet:
         with open(report_json, encoding="utf-8") as fh:
             data = json.load(fh)
         report = Report.from_json(data, rediagnose=rediagnose)
+    # A file that cannot be read exits 1, as for diagnose and compare (2 is a usage error).
     except FileNotFoundError:
-        _fail(f"RUN.json: no such file: {report_json}")
+        _fail(f"RUN.json: no such file: {report_json}", code=1)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        _fail(f"RUN.json: {report_json} is not JSON ({exc})")
+        _fail(f"RUN.json: {report_json} is not JSON ({exc})", code=1)
     except (ValueError, KeyError, TypeError) as exc:
-        _fail(f"RUN.json: {report_json} is not a gradvitals report ({exc})")
+        _fail(f"RUN.json: {report_json} is not a gradvitals report ({exc})", code=1)
     if html_path:
         why = check_writable(html_path)
         if why:
