@@ -22,6 +22,8 @@ DTensors)                 beside its square: their spread across ranks; a per-ra
                           ``replica_rank_off/<rank>``, written only when some differ)
 loss, lr, clip values     mean over ranks (each rank's loss is its micro-batch's mean;
                           with equal micro-batches that is the global batch's loss)
+maxima (log Z's max,      the largest over ranks: each rank's value in its own slot
+attention max logit)      (O(world) values each)
 activation mean/std/      weighted by each rank's share of the elements (the numel of
 zero/sat/NaN fractions    the model's input on that rank): mean and second moment are
                           combined, then std = sqrt(E[x^2] - mean^2)
@@ -31,9 +33,10 @@ dead_frac                 units never positive on ANY rank over the window (per-
 
 Cost per recorded step: 8 bytes x (1 + world_size + #gradient tensors + #losses +
 #param groups whose lr is a tensor), plus on a step that clips 8 bytes x (2 + world_size), plus
-on scheduled steps 8 bytes x (#replicated parameter tensors + world_size) for the replicas, plus on scheduled steps 8 bytes x (2 x #parameter tensors + 6 x
-#recorded modules + #output units of the ReLU/weight/BatchNorm layers). That is
-O(#tensors + #units), never O(#parameters): see :func:`allreduce_bytes`.
+on scheduled steps 8 bytes x (2 x #parameter tensors + 6 x #recorded modules + #output units
+of the ReLU/weight/BatchNorm layers), 8 bytes x (#replicated parameter tensors + world_size)
+for the replicas, and for log Z and attention 8 bytes per mean and 8 x world_size per max.
+That is O(#tensors + #units), never O(#parameters): see :func:`allreduce_bytes`.
 
 Crash safety: every collective added here waits at most ``GRADVITALS_DIST_TIMEOUT_S``
 seconds (default :data:`DEFAULT_TIMEOUT_S`); none runs on an exit path (the values
@@ -212,7 +215,7 @@ def strategy(module: nn.Module) -> str:
 # ------------------------------------------------------------ the merge
 def allreduce_bytes(world_size: int, grad_tensors: int, losses: int = 1, lr_groups: int = 1,
                     weight_tensors: int = 0, modules: int = 0, units: int = 0, clips: int = 0,
-                    replicas: int = 0, scalars: int = 0) -> int:
+                    replicas: int = 0, scalars: int = 0, maxima: int = 0) -> int:
     """Bytes each rank sends into the one fused all-reduce of a recorded step.
 
     ``weight_tensors``, ``modules`` and ``units`` are non-zero on scheduled steps only:
@@ -221,11 +224,14 @@ def allreduce_bytes(world_size: int, grad_tensors: int, losses: int = 1, lr_grou
     output unit of a dead-unit-tracked layer; ``replicas``: replicated parameter tensors
     (their norms' mean and a digest per rank, scheduled steps). ``clips``: clip calls of the step (its
     total norm and whether it clipped, as means, and every rank's own total norm).
-    ``scalars``: the other scheduled statistics merged as means (log Z's mean and max when
-    the loss is a cross-entropy, 3 per attention module).
+    ``scalars``: the other scheduled statistics merged as means (log Z's mean when the loss
+    is a cross-entropy, the two entropies of each attention module); ``maxima``: those merged
+    as the max over ranks, one slot per rank each (log Z's max, each attention module's max
+    logit).
     """
     elements = (1 + world_size + grad_tensors + losses + lr_groups + 2 * weight_tensors + 6 * modules + units
-                + clips * (2 + world_size) + (replicas + world_size if replicas else 0) + scalars)
+                + clips * (2 + world_size) + (replicas + world_size if replicas else 0) + scalars
+                + maxima * world_size)
     return 8 * elements
 
 
@@ -358,6 +364,8 @@ class Merger:
                 if numel is None:
                     numel = self._input_numel()
                 send, extra = _act_sends(v, parts, numel, masks.get(j), W)
+            elif kind == "max":
+                send, extra = _max_sends(v, [part == "max" for part, _ in parts], self.rank, self.world)
             else:  # loss, lr, clip values and anything a newer probe adds: the mean
                 send = v / W
             sends.append(send)
@@ -403,6 +411,8 @@ class Merger:
                 g = s
             elif kind == "act":
                 g = _act_values(s, extra)
+            elif kind == "max":
+                g = _max_values(s, extra, self.world)
             else:
                 g = s
             if g.numel() != len(keys):  # a value shifted would misname every later one
@@ -524,6 +534,9 @@ def _plan(keys: list[str]) -> tuple[str, list[tuple[str, str]]]:
     :data:`_MOMENT_BLOCK` keys, ("mask", layer) for the dead fraction measured with
     that block, ("mean", layer) for any other value."""
     merges = [q.merge if (q := quantity_of(k)) is not None else "mean" for k in keys]
+    if "max" in merges and not any(m in ("moment", "dead") for m in merges):
+        # e.g. an attention module's max logit beside its mean entropies
+        return "max", [("max" if m == "max" else "mean", split_key(k)[1] or "") for m, k in zip(merges, keys)]
     if not any(m in ("moment", "dead") for m in merges):
         return ("mean" if merges[0] == "local" else merges[0]), []
     parts: list[tuple[str, str]] = []
@@ -557,6 +570,39 @@ def _replica_sends(values: list[float], rank: int, world: int) -> Tensor:
     digest = torch.zeros(world, dtype=torch.float64)
     digest[rank] = float((v * torch.arange(1, len(values) + 1, dtype=torch.float64)).sum())
     return torch.cat([v / world, digest])
+
+
+def _max_sends(v: Tensor, is_max: list[bool], rank: int, world: int) -> tuple[Tensor, list[bool]]:
+    """What a "max" item sends into the SUM: a value merged as the max takes one slot per
+    rank (this rank's value in its own slot, zeros in the others', so a NaN on one rank
+    stays in its slot), any other value its mean's share (value / world)."""
+    chunks = []
+    for x, m in zip(v.reshape(-1, 1), is_max):
+        if m:
+            slots = torch.zeros(world, dtype=torch.float64)
+            slots[rank] = x
+            chunks.append(slots)
+        else:
+            chunks.append(x / world)
+    return torch.cat(chunks), is_max
+
+
+def _max_values(s: Tensor, is_max: list[bool], world: int) -> Tensor:
+    """The merged values from the summed :func:`_max_sends`: the largest finite-or-inf
+    value over ranks (NaN = "none here" on a rank, e.g. no attention in its batch;
+    NaN only when every rank has none), the means as they are."""
+    out = []
+    at = 0
+    for m in is_max:
+        if m:
+            slots = s[at:at + world]
+            seen = slots[~slots.isnan()]
+            out.append(seen.max().reshape(1) if seen.numel() else slots[:1])
+            at += world
+        else:
+            out.append(s[at:at + 1])
+            at += 1
+    return torch.cat(out)
 
 
 def _act_sends(v: Tensor, parts: list[tuple[str, str]], numel: dict[str, float], mask: Tensor | None,

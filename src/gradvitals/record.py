@@ -43,6 +43,7 @@ class Quantity:
     #: squared shards), "global" (recomputed from the merged norms), "ratio"
     #: (|dW|/|W| from merged norms), "moment" (weighted mean/second moment), "dead"
     #: (ever-active masks summed), "mean" (over ranks), "local" (each rank's own),
+    #: "max" (the largest over ranks: each rank's value in its own slot),
     #: "rank" (every rank's own value kept, under ``<quantity>/<rank>``), "merged"
     #: (computed by the merge itself from the ranks' values; never pending).
     merge: str
@@ -86,10 +87,10 @@ QUANTITIES: dict[str, Quantity] = _q(
      "clip"),
     ("clip_max_norm", "max_norm passed to clip_grad_norm_", "run", "mean", False, "clip"),
     ("clip_clipped", "1 when clip_grad_norm_ scaled the gradients down, else 0", "run", "mean", False, "clip"),
-    # mean over ranks under a process group (each rank's tokens are its own)
+    # over ranks: the mean of the means (each rank's tokens are its own), the max of the maxima
     ("log_z_mean", "mean over tokens of log Z = logsumexp of the logits entering cross_entropy", "run", "mean",
      False, "scheduled", True),
-    ("log_z_max", "max over tokens of log Z = logsumexp of the logits entering cross_entropy", "run", "mean",
+    ("log_z_max", "max over tokens of log Z = logsumexp of the logits entering cross_entropy", "run", "max",
      False, "scheduled", True),
     ("clip_rank_norm", "total norm a clip call returned on one rank (suffix: the rank), when it clipped every "
      "recorded gradient", "run", "rank", False, "clip"),
@@ -98,7 +99,7 @@ QUANTITIES: dict[str, Quantity] = _q(
     ("replica_rank_off", "1 when a rank's replicated parameters differ from those most ranks hold (suffix: "
      "the rank), at a step where some differ", "run", "merged", False, "scheduled"),
     ("attn_max_logit", "largest pre-softmax attention score q.k^T*scale (+ additive mask) of a module, masked "
-     "positions excluded", "layer", "mean", False, "scheduled", True),
+     "positions excluded", "layer", "max", False, "scheduled", True),
     ("attn_entropy", "mean entropy (nats) of a module's attention rows", "layer", "mean", False, "scheduled", True),
     ("attn_entropy_uniform", "mean entropy (nats) a uniform row over the same unmasked keys would have "
      "(the ceiling of attn_entropy)", "layer", "mean", False, "scheduled", True),

@@ -110,3 +110,34 @@ def test_the_merge_reads_no_private_name_of_the_recorder():
                        and ast.unparse(n.func) == "getattr" and len(n.args) > 1
                        and isinstance(n.args[1], ast.Constant) and str(n.args[1].value).startswith("_")})
     assert private == []
+
+
+def test_maxima_merge_as_the_largest_over_ranks_beside_means(one_rank_group, monkeypatch):
+    """Two ranks' attention and log Z values: a max logit and log Z's max come back as
+    the larger of the two (a NaN on one rank, "no attention in its batch", is skipped),
+    the entropies and log Z's mean as the mean; the maxima cost one slot per rank."""
+    keys = ["attn_max_logit/blk", "attn_entropy/blk", "attn_entropy_uniform/blk"]
+    per_rank = {0: [(3, keys, torch.tensor([12.0, 1.0, 2.0])), (3, ["log_z_mean", "log_z_max"], torch.tensor([4.0, 9.0])),
+                    (3, ["attn_max_logit/b2", "attn_entropy/b2", "attn_entropy_uniform/b2"],
+                     torch.tensor([math.nan, math.nan, math.nan]))],
+                1: [(3, keys, torch.tensor([30.0, 3.0, 2.0])), (3, ["log_z_mean", "log_z_max"], torch.tensor([6.0, 7.0])),
+                    (3, ["attn_max_logit/b2", "attn_entropy/b2", "attn_entropy_uniform/b2"],
+                     torch.tensor([5.0, 0.5, 1.0]))]}
+    other: list[torch.Tensor] = []
+    mergers = {}
+    for rank in (1, 0):
+        merger = mergers[rank] = distributed.Merger(_Recorder({}))
+        merger.world, merger.rank = 2, rank
+        if rank == 1:  # its buffer is kept; it then merges with an identical peer (its own result is unused)
+            monkeypatch.setattr(merger, "_allreduce", lambda buf: (other.append(buf.clone()), buf.mul_(2)))
+        else:
+            monkeypatch.setattr(merger, "_allreduce", lambda buf: (buf.add_(other[0]), None))
+        out = merger.merge(per_rank[rank])
+    got = {k: v for _, ks, vals in out for k, v in zip(ks, vals.tolist())}
+    assert got["attn_max_logit/blk"] == 30.0 and got["log_z_max"] == 9.0
+    assert got["attn_entropy/blk"] == pytest.approx(2.0) and got["log_z_mean"] == pytest.approx(5.0)
+    assert got["attn_max_logit/b2"] == 5.0  # rank 0 saw no attention there: rank 1's value
+    assert math.isnan(got["attn_entropy/b2"])  # a mean with a NaN part is NaN, as before
+    # layout check + 2 flags, then per item: 2 maxima x 2 slots + 2 means, 1 mean + 2 slots, as the first
+    assert other[0].numel() == 1 + 2 + (2 + 2) + (1 + 2) + (2 + 2)
+    assert not mergers[0].recorder.failed
