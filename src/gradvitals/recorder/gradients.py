@@ -58,6 +58,9 @@ class GradientMeter:
         self.manual_before: tuple[list[str], list[Tensor], list[Tensor], Tensor] | None = None
         self.groups = GroupFacts(registry, record)
         self.clip_covers_all = False  # set by clip_start, read by clip_end
+        # (registry version, ids of a clip call's parameters) -> whether they are exactly the
+        # trainable parameters: a loop clips the same list every step
+        self._clip_same: tuple[tuple[int, tuple[int, ...]], bool] | None = None
 
     # ------------------------------------------------------------ norms
     def grad_norms(self, o: WatchedOptimizer | None) -> tuple[list[str], Any] | None:
@@ -305,9 +308,7 @@ class GradientMeter:
         except (TypeError, ValueError):
             l2 = False
         if l2:
-            clipped = {id(p) for p in parameters if getattr(p, "grad", None) is not None}
-            self.clip_covers_all = bool(clipped) and clipped == {
-                id(p) for _, p in self.registry.trainable() if p.grad is not None}
+            self.clip_covers_all = self._clips_every_gradient(parameters)
         for o in self.registry.opts.values():
             opt = o.ref()
             if opt is None:
@@ -315,6 +316,19 @@ class GradientMeter:
             self.registry.opt_params(o, opt)
             if any(id(p) in ids for p in o.params):
                 o.preclip = self.grad_norms(o)
+
+    def _clips_every_gradient(self, parameters: list) -> bool:
+        """Whether the gradients among ``parameters`` are exactly those of the trainable
+        parameters. When the call's parameters are the trainable ones (cached per list:
+        a loop clips the same list every step), that is "some gradient exists";
+        otherwise the two sets of gradients are compared."""
+        key = (self.registry.version, tuple(map(id, parameters)))
+        if self._clip_same is None or self._clip_same[0] != key:
+            self._clip_same = (key, set(key[1]) == {id(p) for _, p in self.registry.trainable()})
+        if self._clip_same[1]:
+            return any(getattr(p, "grad", None) is not None for p in parameters)
+        clipped = {id(p) for p in parameters if getattr(p, "grad", None) is not None}
+        return bool(clipped) and clipped == {id(p) for _, p in self.registry.trainable() if p.grad is not None}
 
     def clip_end(self, total: Any, max_norm: float) -> None:
         if not isinstance(total, Tensor):
