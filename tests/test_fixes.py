@@ -241,7 +241,9 @@ def test_init_turns_the_exploding_digit_mlp_into_a_training_one(digits):
     gv.init_(fixed, X[:32])
     clean = gv.checkup(fixed, (X[:64], y[:64]))
     assert clean.problems() == [], [f.summary for f in clean.problems()]
-    losses, _ = _train(fixed, X, y, lr=0.02, steps=150)
+    # lr 0.01: the loss falls steadily (2.3 -> 0.6-1.0 over init seeds 0-5); at 0.02 this 20-layer
+    # net sits on a plateau near 2.0 for a CPU-dependent number of steps before it falls.
+    losses, _ = _train(fixed, X, y, lr=0.01, steps=150)
     assert all(math.isfinite(v) for v in losses)
     start, end = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert end < start - 0.5, (start, end)
