@@ -575,18 +575,34 @@ class Merger:
 
     # -- the first NaN, per rank -------------------------------------------
     def merge_origin(self, event: dict[str, Any]) -> dict[str, Any]:
-        """Every rank's local origin, gathered; the report keeps the first bad rank's.
-        Runs on every rank at the same flush (the merged values are identical)."""
+        """Every rank's local origin, gathered; the report keeps the bad rank's whose
+        origin comes first in the forward (the first bad rank's on a tie), with the bad
+        ranks whose origin is that same module. Under tensor parallelism a NaN one rank
+        makes reaches every rank at the next collective: every rank is bad, and the
+        others' replays meet it only after that collective. Runs on every rank at the
+        same flush (the merged values are identical)."""
         if str(event.get("replay", "")).startswith("skipped") and self.rank in self.bad_ranks:
             event = {**event, **self._input_origin()}
         gathered: list[Any] = [None] * self.world
         _dist().all_gather_object(gathered, event, group=self.group)
-        pick = self.bad_ranks[0] if self.bad_ranks else None
+        bad = self.bad_ranks
+        pick = min(bad, key=lambda r: (self._forward_order(gathered[r]), r)) if bad else None
         chosen = dict(gathered[pick if pick is not None else 0] or event)
         chosen["rank"] = pick
-        chosen["ranks"] = list(self.bad_ranks)
+        chosen["ranks"] = [r for r in bad if (gathered[r] or {}).get("module") == chosen.get("module")]
         chosen["world_size"] = self.world
         return chosen
+
+    def _forward_order(self, event: dict[str, Any] | None) -> float:
+        """Where a rank's origin lies in the forward: its layer's depth; the input
+        first, no module (the loss) or an unknown one last."""
+        if not event or event.get("module") is None:
+            return math.inf
+        if event.get("kind") == "input":
+            return -1.0
+        rec = self.recorder.record
+        layer = rec.layers.get(rec.layer_of(event["module"]))
+        return float(layer.depth) if layer is not None and layer.depth is not None else math.inf
 
 
     def _input_origin(self) -> dict[str, Any]:

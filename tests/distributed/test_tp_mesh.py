@@ -119,3 +119,35 @@ def test_norms_and_update_ratios_equal_one_process(runs, oracle, program):
     assert _off(rep, oracle) == {}
     assert [e for e in rep["run"]["events"] if e["type"] == "probe_error"] == []
     assert codes(rep) == []
+
+
+@pytest.mark.slow
+def test_the_strategy_and_the_all_reduce_bytes_say_what_ran(runs):
+    info = {p: runs[p][0]["run"]["distributed"] for p in ("tp", "tp_sp", "fsdp_tp", "hsdp")}
+    assert {p: i["strategy"] for p, i in info.items()} == {
+        "tp": "tensor_parallel", "tp_sp": "tensor_parallel", "fsdp_tp": "fsdp2+tensor_parallel", "hsdp": "hsdp"}
+    # Sequence parallel adds the six LayerNorm gradients' partial sums (32 values each,
+    # sent whole) and six replicas (the LayerNorms become Replicate DTensors) to the
+    # same one all-reduce per step.
+    assert {p: i["allreduce_calls"] for p, i in info.items()} == dict.fromkeys(info, 3)
+    extra = info["tp_sp"]["allreduce_bytes_max"] - info["tp"]["allreduce_bytes_max"]
+    assert extra == (distributed.allreduce_bytes(4, 0, 0, 0, replicas=8, partial_elements=6 * 32)
+                     - distributed.allreduce_bytes(4, 0, 0, 0, replicas=2))
+    assert (info["tp"]["replica_tensors"], info["tp_sp"]["replica_tensors"]) == (2, 8)
+
+
+@pytest.mark.slow
+def test_a_nan_one_rank_makes_in_a_tensor_parallel_module_names_the_module_and_the_rank(runs):
+    """Rank 1's fc1 (column-parallel) makes NaN at step 1; fc2's all-reduce takes it to
+    every rank. Every rank replays its forward (one alone would wait in fc2's
+    all-reduce): rank 1 meets it in fc1, the others only after fc2's all-reduce."""
+    rep, printed = runs["tp_nan"]
+    f = next(f for f in rep["findings"] if f["code"] == "nonfinite")
+    ev = f["evidence"]
+    assert (f["layers"][0], f["step"], ev["kind"], ev["op"]) == ("fc1", 1, "activation", "log")
+    assert (ev["rank"], ev["ranks"], ev["world_size"]) == (1, [1], 4)
+    assert ev["replay"] == "every rank (tensor parallel)"
+    assert "on rank 1 only (of 4 ranks)" in f["summary"]
+    for numbers in printed:  # every rank's loss went NaN at step 1
+        losses = numbers["losses"]
+        assert losses[0] == pytest.approx(runs["tp"][1][0]["losses"][0]) and all(x != x for x in losses[1:])
