@@ -54,9 +54,9 @@ def runs(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
     return {p["program"]: (json.loads((out / f"{p['program']}.json").read_text()), p["ranks"]) for p in printed}
 
 
-def _oracle(steps: int = 3) -> dict[str, list[float]]:
+def _oracle(clip: float | None, steps: int = 3) -> dict[str, list[float]]:
     """What torch computes in one process on the global batches: per-parameter gradient
-    and weight norms and update ratios."""
+    norms (before clipping at ``clip``), weight norms and update ratios."""
     sys.path.insert(0, str(SCRIPT.parent))
     from dist_common import TPTransformer, transformer_batch
 
@@ -76,6 +76,8 @@ def _oracle(steps: int = 3) -> dict[str, list[float]]:
         out.setdefault("grad_norm_global", []).append(
             torch.stack([p.grad.norm() for p in model.parameters()]).norm().item())
         out.setdefault("loss", []).append(loss.item())
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         for n, p in model.named_parameters():
             out.setdefault(f"update_ratio/{n}", []).append(((p.detach() - before[n]).norm() / before[n].norm()).item())
@@ -83,8 +85,12 @@ def _oracle(steps: int = 3) -> dict[str, list[float]]:
 
 
 @pytest.fixture(scope="module")
-def oracle() -> dict[str, list[float]]:
-    return _oracle()
+def oracles() -> dict[str, dict[str, list[float]]]:
+    """Per program: its one-process run (tp_sp clips)."""
+    plain = _oracle(None)  # puts the scripts' folder on sys.path
+    from dist_common import SP_CLIP
+
+    return {"tp": plain, "tp_sp": _oracle(SP_CLIP), "fsdp_tp": plain, "hsdp": plain}
 
 
 def codes(report: dict) -> list[str]:
@@ -114,9 +120,9 @@ def _off(rep: dict, want: dict[str, list[float]]) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("program", ["tp", "tp_sp", "fsdp_tp", "hsdp"])
-def test_norms_and_update_ratios_equal_one_process(runs, oracle, program):
+def test_norms_and_update_ratios_equal_one_process(runs, oracles, program):
     rep, _ = runs[program]
-    assert _off(rep, oracle) == {}
+    assert _off(rep, oracles[program]) == {}
     assert [e for e in rep["run"]["events"] if e["type"] == "probe_error"] == []
     assert codes(rep) == []
 
@@ -128,10 +134,10 @@ def test_the_strategy_and_the_all_reduce_bytes_say_what_ran(runs):
         "tp": "tensor_parallel", "tp_sp": "tensor_parallel", "fsdp_tp": "fsdp2+tensor_parallel", "hsdp": "hsdp"}
     # Sequence parallel adds the six LayerNorm gradients' partial sums (32 values each,
     # sent whole) and six replicas (the LayerNorms become Replicate DTensors) to the
-    # same one all-reduce per step.
     assert {p: i["allreduce_calls"] for p, i in info.items()} == dict.fromkeys(info, 3)
+    # same one all-reduce per step (and its clip call, its total and each rank's).
     extra = info["tp_sp"]["allreduce_bytes_max"] - info["tp"]["allreduce_bytes_max"]
-    assert extra == (distributed.allreduce_bytes(4, 0, 0, 0, replicas=8, partial_elements=6 * 32)
+    assert extra == (distributed.allreduce_bytes(4, 0, 0, 0, replicas=8, partial_elements=6 * 32, clips=1)
                      - distributed.allreduce_bytes(4, 0, 0, 0, replicas=2))
     assert (info["tp"]["replica_tensors"], info["tp_sp"]["replica_tensors"]) == (2, 8)
 

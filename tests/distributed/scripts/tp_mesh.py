@@ -9,7 +9,8 @@ global batches is the oracle (tests/distributed/test_tp_mesh.py).
   LayerNorms plain (every rank holds them whole). Every rank is fed the global batch.
 - ``tp_sp``: as ``tp``, with ``SequenceParallel`` LayerNorms: the residual stream is
   split along the sequence between the blocks (their weights' gradients are partial
-  sums on each rank).
+  sums on each rank), and ``clip_grad_norm_`` at ``SP_CLIP`` (it scales those partial
+  sums in place before the optimizer step).
 - ``fsdp_tp``: a 2 x 2 mesh ("dp", "tp"): the ``tp`` plan on "tp", ``fully_shard`` on
   "dp" (parameters sharded on both dimensions, nested: ``_StridedShard``); each "dp"
   rank is fed half the global batch.
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import TPTransformer, rank_slice, transformer_batch  # noqa: E402
+from dist_common import SP_CLIP, TPTransformer, rank_slice, transformer_batch  # noqa: E402
 
 PROGRAMS = ["tp", "tp_sp", "fsdp_tp", "hsdp", "tp_nan"]
 STEPS = 3
@@ -96,6 +97,8 @@ def program(name: str) -> dict:
         loss = nn.functional.cross_entropy(model(x).reshape(-1, TPTransformer.VOCAB), t.reshape(-1))
         opt.zero_grad()
         loss.backward()
+        if name == "tp_sp":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), SP_CLIP)
         if os.environ.get("TP_MESH_DEBUG") and step == 0:
             for n, q in model.named_parameters():
                 g = q.grad
