@@ -99,11 +99,6 @@ def program(name: str) -> dict:
         loss.backward()
         if name == "tp_sp":
             torch.nn.utils.clip_grad_norm_(model.parameters(), SP_CLIP)
-        if os.environ.get("TP_MESH_DEBUG") and step == 0:
-            for n, q in model.named_parameters():
-                g = q.grad
-                print(f"[{rank}] {name} {n} param={getattr(q, 'placements', None)} "
-                      f"grad={getattr(g, 'placements', None)}", file=sys.stderr, flush=True)
         opt.step()
         losses.append(loss.item())
     watch.save(os.path.join(a.out, f"{name}.json"))
