@@ -1,4 +1,5 @@
-"""torch.distributed runs (DDP, FSDP2 ``fully_shard``) under torchrun: one merged record.
+"""torch.distributed runs (DDP, FSDP2 ``fully_shard``, HSDP, tensor and sequence
+parallel DTensors, FSDP2 x TP on a 2-D mesh) under torchrun: one merged record.
 
 Every rank records; at each recorded step the recorder's pending values are merged
 across ranks with ONE fused all-reduce (a float64 SUM over a small CPU buffer, on a
@@ -8,11 +9,19 @@ global record and rank 0 alone writes the report. What each value becomes:
 ========================  ===========================================================
 value                     how it is merged
 ========================  ===========================================================
-grad / weight norm        sharded DTensor (FSDP2): ``sqrt(sum over ranks of |local
-                          shard|^2)`` (HSDP: divided by the replicas); replicated
-                          (DDP: gradients are already averaged by DDP's own
-                          all-reduce): ``sqrt(mean of squares)``, which returns the
-                          identical per-rank value exactly
+grad / weight norm        sharded DTensor (FSDP2, TP, both nested on a 2-D mesh):
+                          ``sqrt(sum over ranks of |local shard|^2)``, divided by
+                          the copies of each shard (HSDP replicas, TP ranks of one
+                          FSDP shard); replicated (DDP: gradients are already
+                          averaged by DDP's own all-reduce; TP Replicate):
+                          ``sqrt(mean of squares)``, which returns the identical
+                          per-rank value exactly. A gradient's own placements count,
+                          not its parameter's (a row-parallel embedding's gradient is
+                          whole on each rank)
+partial gradient          a DTensor gradient with a Partial placement (SequenceParallel
+                          LayerNorm weights: each rank's part of the sequence) is a
+                          sum still to be taken: its local values are summed in the
+                          buffer and the norm taken of the sum
 grad_norm_global          recomputed from the merged per-parameter norms
 update ratio              sharded: ``|dW| / |W|`` from merged |dW| and |W|; else mean
 clip_rank_norm            each rank's own value, kept as ``clip_rank_norm/<rank>``
@@ -32,20 +41,25 @@ dead_frac                 units never positive on ANY rank over the window (per-
 ========================  ===========================================================
 
 Cost per recorded step: 8 bytes x (1 + world_size + #gradient tensors + #losses +
-#param groups whose lr is a tensor), plus on a step that clips 8 bytes x (2 + world_size), plus
-on scheduled steps 8 bytes x (2 x #parameter tensors + 6 x #recorded modules + #output units
-of the ReLU/weight/BatchNorm layers), 8 bytes x (#replicated parameter tensors + world_size)
-for the replicas, and for log Z and attention 8 bytes per mean and 8 x world_size per max.
-That is O(#tensors + #units), never O(#parameters): see :func:`allreduce_bytes`.
+#param groups whose lr is a tensor + #elements of partial gradients), plus on a step
+that clips 8 bytes x (2 + world_size), plus on scheduled steps 8 bytes x (2 x #parameter
+tensors + 6 x #recorded modules + #output units of the ReLU/weight/BatchNorm layers),
+8 bytes x (#replicated parameter tensors + world_size) for the replicas, and for log Z and
+attention 8 bytes per mean and 8 x world_size per max. That is O(#tensors + #units), never
+O(#parameters) but for the partial gradients (SequenceParallel LayerNorm vectors,
+hidden-size each): see :func:`allreduce_bytes`.
 
 Crash safety: every collective added here waits at most ``GRADVITALS_DIST_TIMEOUT_S``
 seconds (default :data:`DEFAULT_TIMEOUT_S`); none runs on an exit path (the values
 still pending when the run ends stay local and are dropped); a time-out or a layout
 mismatch switches merging off for the rest of the run (the report says so).
 
-Not merged: the NaN-origin replay under FSDP2 (its forward all-gathers with every
-rank, so one rank cannot replay alone; the bad rank checks its own batch instead),
-``bn_batch`` (what each rank's BatchNorm really normalised over), per-rank events.
+The NaN-origin replay under FSDP2 and tensor parallelism is made by every rank at
+once (the forward's collectives need every rank, :func:`replay_plan`); the origin
+kept is the one met first in the forward, with its rank (:meth:`Merger.merge_origin`).
+Without the merge no such replay runs (the bad rank checks its own batch instead).
+
+Not merged: ``bn_batch`` (what each rank's BatchNorm really normalised over), per-rank events.
 """
 
 from __future__ import annotations
@@ -65,7 +79,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from .record import QUANTITIES, quantity_of, split_key
-from .torch_compat import dtensor_type, has_fsdp, local_tensors, unwrap
+from .torch_compat import dtensor_type, dtensor_type_if_loaded, has_fsdp, local_tensors, unwrap
 
 log = logging.getLogger("gradvitals")
 
@@ -164,9 +178,39 @@ def square_share(t: Any, world: int) -> float:
         return 1.0 / world
     shards = 1
     for dim, placement in enumerate(t.placements):
-        if placement.is_shard():
+        if _sharded(placement):
             shards *= t.device_mesh.size(dim)
     return shards / world
+
+
+def _sharded(placement: Any) -> bool:
+    """A Shard placement, the nested one FSDP2 puts over a tensor-parallel shard
+    included: ``_StridedShard`` (FSDP2 x TP) is no ``Shard`` and its ``is_shard()``
+    is False, yet each rank holds a disjoint part of the tensor."""
+    return placement.is_shard() or getattr(placement, "split_factor", None) is not None
+
+
+def partial_scale(t: Any, world: int) -> float | None:
+    """For a gradient that is a partial sum on each rank (a DTensor with a ``Partial``
+    placement: a SequenceParallel LayerNorm's weight, whose rank saw only its part of
+    the sequence; torch adds the parts only when the optimizer uses them): the factor
+    that turns the SUM over all ranks of the local tensors into the gradient (a mesh
+    of S ranks covering the world W in W/S replicas: S/W for a sum, 1/W for a mean).
+    None for any other tensor, and for a partial one the merge cannot sum (a mesh
+    smaller than the world, or sharded as well)."""
+    dt = dtensor_type()
+    if dt is None or not isinstance(t, dt):
+        return None
+    placements = t.placements
+    partial = [d for d, pl in enumerate(placements) if pl.is_partial()]
+    if len(partial) != 1 or t.device_mesh.size() != world:
+        return None
+    if any(not pl.is_replicate() for d, pl in enumerate(placements) if d != partial[0]):
+        return None
+    op = getattr(placements[partial[0]], "reduce_op", "sum")
+    if op == "sum":
+        return t.device_mesh.size(partial[0]) / world
+    return 1.0 / world if op == "avg" else None
 
 
 def replicated(p: Any, module: nn.Module) -> bool:
@@ -188,12 +232,17 @@ def replicated(p: Any, module: nn.Module) -> bool:
 def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, bool]:
     """(what a NaN-origin replay runs, whether every rank must replay it too).
 
-    Without FSDP: the module inside DDP (DDP's own forward may broadcast buffers), on
-    this rank alone. Under FSDP2 the forward all-gathers parameters with every rank:
-    the FSDP module itself, replayed by every rank at once — only while the merge is
-    on (every rank records, and every rank decided to look at this same flush, from
-    the same merged values); (None, False) otherwise: no replay."""
-    if not (initialized() and has_fsdp(module)):
+    Without FSDP or tensor parallelism: the module inside DDP (DDP's own forward may
+    broadcast buffers), on this rank alone. Under FSDP2 the forward all-gathers
+    parameters with every rank, under tensor parallelism (DTensor parameters) it
+    all-reduces and all-gathers activations: the module itself, replayed by every
+    rank at once — only while the merge is on (every rank records, and every rank
+    decided to look at this same flush, from the same merged values); (None, False)
+    otherwise: no replay."""
+    if not initialized():
+        return unwrap(module), False
+    dt = dtensor_type_if_loaded()
+    if not (has_fsdp(module) or (dt is not None and any(isinstance(p, dt) for p in module.parameters()))):
         return unwrap(module), False
     merger = getattr(recorder, "merger", None)
     if isinstance(merger, Merger) and merger.active:
@@ -202,12 +251,19 @@ def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, boo
 
 
 def strategy(module: nn.Module) -> str:
+    """"ddp", "fsdp2", "hsdp" (fully_shard on a (replicate, shard) mesh), either with
+    "+tensor_parallel" (a mesh dimension more: FSDP2 x TP), "tensor_parallel",
+    "replicated" (a plain model under a process group) or "none"."""
     if isinstance(module, nn.parallel.DistributedDataParallel):
         return "ddp"
-    if has_fsdp(module):
-        return "fsdp2"
     dt = dtensor_type()
-    if dt is not None and any(isinstance(p, dt) for p in module.parameters()):
+    placements = [p.placements for p in module.parameters() if dt is not None and isinstance(p, dt)]
+    if has_fsdp(module):
+        # fully_shard's own placements come first: (Shard,) or, for HSDP, (Replicate, Shard).
+        hsdp = any(len(pl) >= 2 and pl[0].is_replicate() for pl in placements)
+        tp = any(len(pl) > (2 if hsdp else 1) for pl in placements)
+        return ("hsdp" if hsdp else "fsdp2") + ("+tensor_parallel" if tp else "")
+    if placements:
         return "tensor_parallel"
     return "replicated" if initialized() else "none"
 
@@ -215,7 +271,7 @@ def strategy(module: nn.Module) -> str:
 # ------------------------------------------------------------ the merge
 def allreduce_bytes(world_size: int, grad_tensors: int, losses: int = 1, lr_groups: int = 1,
                     weight_tensors: int = 0, modules: int = 0, units: int = 0, clips: int = 0,
-                    replicas: int = 0, scalars: int = 0, maxima: int = 0) -> int:
+                    replicas: int = 0, scalars: int = 0, maxima: int = 0, partial_elements: int = 0) -> int:
     """Bytes each rank sends into the one fused all-reduce of a recorded step.
 
     ``weight_tensors``, ``modules`` and ``units`` are non-zero on scheduled steps only:
@@ -227,11 +283,14 @@ def allreduce_bytes(world_size: int, grad_tensors: int, losses: int = 1, lr_grou
     ``scalars``: the other scheduled statistics merged as means (log Z's mean when the loss
     is a cross-entropy, the two entropies of each attention module); ``maxima``: those merged
     as the max over ranks, one slot per rank each (log Z's max, each attention module's max
-    logit).
+    logit). ``partial_elements``: the elements of the gradients that are partial sums on each
+    rank (SequenceParallel LayerNorms' weights and biases, :func:`partial_scale`), sent whole
+    on every recorded step: the one part that is O(#parameters) of those tensors, which are
+    small vectors.
     """
     elements = (1 + world_size + grad_tensors + losses + lr_groups + 2 * weight_tensors + 6 * modules + units
                 + clips * (2 + world_size) + (replicas + world_size if replicas else 0) + scalars
-                + maxima * world_size)
+                + maxima * world_size + partial_elements)
     return 8 * elements
 
 
@@ -266,6 +325,8 @@ class Merger:
         self._local_w: dict[tuple[int, str], float] = {}
         self._global_w: dict[tuple[int, str], float] = {}
         self._share: dict[str, float] = {}
+        self._params: dict[str, Tensor] = {}
+        self._grad_share: dict[str, tuple[float, float | None]] = {}  # name -> (share, partial_scale)
         self._replicas: set[str] = set()  # parameters every rank should hold identically
         self._e2: dict[tuple[int, str], float] = {}  # merged mean of a replica's squared norm
         self._share_version = -1
@@ -285,11 +346,35 @@ class Merger:
         """Per parameter name: :func:`square_share` (cached until the models change)."""
         rec = self.recorder
         if self._share_version != rec.version:
-            self._share = {name: square_share(p, self.world) for m in rec.models for name, p in m.params}
+            self._params = {name: p for m in rec.models for name, p in m.params}
+            self._share = {name: square_share(p, self.world) for name, p in self._params.items()}
+            self._grad_share = {}
             self._replicas = {name for m in rec.models for name, p in m.params if replicated(p, m.module)}
             self.info["replica_tensors"] = len(self._replicas)
             self._share_version = rec.version
         return self._share
+
+    def _grad_parts(self, names: list[str]) -> tuple[list[float], list[tuple[int, float, Tensor]]]:
+        """Per gradient: its :func:`square_share` from the gradient's own placements
+        (a row-parallel embedding's gradient is whole on every rank while its weight is
+        sharded), and the partial sums among them (:func:`partial_scale`), as (index,
+        scale, the gradient): their vectors, not their norms, are summed."""
+        shares: list[float] = []
+        partial: list[tuple[int, float, Tensor]] = []
+        for i, n in enumerate(names):
+            p = self._params.get(n)
+            g = p.grad if p is not None else None
+            known = self._grad_share.get(n)
+            if known is None and g is not None:  # placements never change: looked at once
+                known = self._grad_share[n] = (square_share(g, self.world), partial_scale(g, self.world))
+            if known is None:
+                shares.append(self._share.get(n, 1.0 / self.world))
+            elif known[1] is not None and g is not None:
+                partial.append((i, known[1], g))
+                shares.append(0.0)
+            else:
+                shares.append(known[0])
+        return shares, partial
 
     def _input_numel(self) -> dict[str, float]:
         """Per module name: the element count of its model's last input on this rank."""
@@ -315,10 +400,16 @@ class Merger:
             for part, name in parts:
                 if part == "mask" and (mask := self.recorder.ever_active(name)) is not None:
                     masks[j] = mask
-        fetched = _fetch([t for _, _, t in pending] + list(masks.values()))  # THE host sync
-        values = fetched[:len(pending)]
-        masks = dict(zip(masks, fetched[len(pending):]))
         shares = self._shares()
+        grad_parts: dict[int, tuple[list[float], list[tuple[int, float, Tensor]]]] = {}
+        for j, ((_, keys, _), (kind, _)) in enumerate(zip(pending, plans)):
+            if kind == "norm" and split_key(keys[0])[0] == "grad_norm":
+                grad_parts[j] = self._grad_parts([split_key(k)[1] or k for k in keys])
+        partials = [g for _, part in grad_parts.values() for _, _, g in part]
+        fetched = _fetch([t for _, _, t in pending] + list(masks.values()) + partials)  # THE host sync
+        values = fetched[:len(pending)]
+        masks = dict(zip(masks, fetched[len(pending):len(pending) + len(masks)]))
+        vectors = iter(fetched[len(pending) + len(masks):])
         numel = None
         W = float(self.world)
         sends: list[Tensor] = []
@@ -335,8 +426,23 @@ class Merger:
                 bad_here = bad_here or not bool(torch.isfinite(v[own]).all())
             extra: Any = None
             if kind == "norm":
-                share = torch.tensor([shares.get(n, 1.0 / W) for n in names], dtype=torch.float64)
+                if j in grad_parts:
+                    gshare, partial = grad_parts[j]
+                    share = torch.tensor(gshare, dtype=torch.float64)
+                else:
+                    share, partial = torch.tensor([shares.get(n, 1.0 / W) for n in names], dtype=torch.float64), []
                 send = v * v * share
+                if partial:
+                    # A partial sum's local values, whole: its norm is that of their sum
+                    # over ranks. Rescaled to the norm measured (a clip between measuring
+                    # and this merge scaled every rank's part alike).
+                    vecs = []
+                    for i, _, _ in partial:
+                        vec = next(vectors)
+                        now = float(vec.norm())
+                        vecs.append(vec * (float(v[i]) / now) if now > 0 else vec)
+                    send = torch.cat([send, *vecs])
+                    extra = [(i, scale, vec.numel()) for (i, scale, _), vec in zip(partial, vecs)]
                 if split_key(keys[0])[0] == "weight_norm":  # the update ratios' denominators
                     for n, x in zip(names, v.tolist()):
                         self._local_w[(step, n)] = x
@@ -389,7 +495,11 @@ class Merger:
             s = buf[i:i + send.numel()]
             i += send.numel()
             if kind == "norm":
-                g = s.sqrt()
+                g = s[:len(keys)].sqrt()
+                at = len(keys)
+                for idx, scale, n in extra or ():
+                    g[idx] = s[at:at + n].norm() * scale
+                    at += n
                 if split_key(keys[0])[0] == "weight_norm":
                     for k, x, e2 in zip(keys, g.tolist(), s.tolist()):
                         n = split_key(k)[1] or k
@@ -473,18 +583,34 @@ class Merger:
 
     # -- the first NaN, per rank -------------------------------------------
     def merge_origin(self, event: dict[str, Any]) -> dict[str, Any]:
-        """Every rank's local origin, gathered; the report keeps the first bad rank's.
-        Runs on every rank at the same flush (the merged values are identical)."""
+        """Every rank's local origin, gathered; the report keeps the bad rank's whose
+        origin comes first in the forward (the first bad rank's on a tie), with the bad
+        ranks whose origin is that same module. Under tensor parallelism a NaN one rank
+        makes reaches every rank at the next collective: every rank is bad, and the
+        others' replays meet it only after that collective. Runs on every rank at the
+        same flush (the merged values are identical)."""
         if str(event.get("replay", "")).startswith("skipped") and self.rank in self.bad_ranks:
             event = {**event, **self._input_origin()}
         gathered: list[Any] = [None] * self.world
         _dist().all_gather_object(gathered, event, group=self.group)
-        pick = self.bad_ranks[0] if self.bad_ranks else None
+        bad = self.bad_ranks
+        pick = min(bad, key=lambda r: (self._forward_order(gathered[r]), r)) if bad else None
         chosen = dict(gathered[pick if pick is not None else 0] or event)
         chosen["rank"] = pick
-        chosen["ranks"] = list(self.bad_ranks)
+        chosen["ranks"] = [r for r in bad if (gathered[r] or {}).get("module") == chosen.get("module")]
         chosen["world_size"] = self.world
         return chosen
+
+    def _forward_order(self, event: dict[str, Any] | None) -> float:
+        """Where a rank's origin lies in the forward: its layer's depth; the input
+        first, no module (the loss) or an unknown one last."""
+        if not event or event.get("module") is None:
+            return math.inf
+        if event.get("kind") == "input":
+            return -1.0
+        rec = self.recorder.record
+        layer = rec.layers.get(rec.layer_of(event["module"]))
+        return float(layer.depth) if layer is not None and layer.depth is not None else math.inf
 
 
     def _input_origin(self) -> dict[str, Any]:

@@ -60,12 +60,14 @@ class OriginLocator:
                 args, kwargs = model.last_inputs
                 target, collective = distributed.replay_plan(self.owner, model.module)
                 if target is None:
-                    event["replay"] = "skipped: an FSDP forward needs every rank, and not every rank records"
+                    event["replay"] = ("skipped: an FSDP or tensor-parallel forward needs every rank, "
+                                       "and not every rank records")
                     continue
                 if found is not None and not collective:
-                    continue  # found already; an FSDP model is still replayed (the others do)
+                    continue  # found already; an FSDP/TP model is still replayed (the others do)
                 if collective:
-                    event["replay"] = "every rank (FSDP)"
+                    fsdp = torch_compat.has_fsdp(model.module)
+                    event["replay"] = "every rank (FSDP)" if fsdp else "every rank (tensor parallel)"
                 res = replay_forward(target, model.names, args, kwargs, collective=collective)
                 event["forward_checked"] = True
                 if found is None and res is not None:

@@ -185,7 +185,8 @@ def not_updated(record: Record) -> list[Finding]:
     kind = kinds[0] if len(kinds) == 1 else "AdamW"
     severity = "warning"
     dist_info = record.run.get("distributed")
-    sharded = stale and isinstance(dist_info, dict) and "fsdp2" in str(dist_info.get("strategy", ""))
+    sharded = stale and isinstance(dist_info, dict) and any(
+        s in str(dist_info.get("strategy", "")) for s in ("fsdp2", "hsdp"))
     if sharded:
         # fully_shard replaces a module's parameters with new DTensor ones: an optimizer
         # built before it holds the old plain tensors (huggingface/accelerate#2665).

@@ -1,0 +1,178 @@
+"""Tensor parallel, SequenceParallel, FSDP2 x TP on a 2 x 2 mesh and HSDP, as real
+4-process programs under torchrun (gloo, CPU): per-parameter gradient and weight norms
+and update ratios equal the one-process run's on the same global batches, and a NaN
+one rank's tensor-parallel module makes is traced to that module and rank. Every
+program is one torchrun launch shared by the tests (module-scoped): start-up is most
+of its time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradvitals import distributed
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "tp_mesh.py"
+RUN_TIMEOUT_S = 240
+#: float32 norms of the same gradients summed in another order (gradvitals: float64 on the host).
+REL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
+    """program -> (rank 0's report, each rank's printed numbers): every program of
+    ``tp_mesh.py`` in ONE torchrun launch of 4 processes."""
+    out = tmp_path_factory.mktemp("tp_mesh")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(SCRIPT), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {RUN_TIMEOUT_S}s:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    printed = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {p["program"]: (json.loads((out / f"{p['program']}.json").read_text()), p["ranks"]) for p in printed}
+
+
+def _oracle(clip: float | None, steps: int = 3) -> dict[str, list[float]]:
+    """What torch computes in one process on the global batches: per-parameter gradient
+    norms (before clipping at ``clip``), weight norms and update ratios, each leaf
+    module's output mean and std."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from dist_common import TPTransformer, transformer_batch
+
+    torch.manual_seed(0)
+    model = TPTransformer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out: dict[str, list[float]] = {}
+
+    def stats(name: str, output: torch.Tensor) -> None:
+        std, mean = torch.std_mean(output.detach(), correction=0)
+        out.setdefault(f"act_mean/{name}", []).append(mean.item())
+        out.setdefault(f"act_std/{name}", []).append(std.item())
+
+    for name, module in model.named_modules():
+        if name and not list(module.children()):
+            module.register_forward_hook(lambda m, args, output, name=name: stats(name, output))
+    for step in range(steps):
+        x, t = transformer_batch(step)
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, TPTransformer.VOCAB), t.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            out.setdefault(f"grad_norm/{n}", []).append(p.grad.norm().item())
+            out.setdefault(f"weight_norm/{n}", []).append(p.detach().norm().item())
+        out.setdefault("grad_norm_global", []).append(
+            torch.stack([p.grad.norm() for p in model.parameters()]).norm().item())
+        out.setdefault("loss", []).append(loss.item())
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        for n, p in model.named_parameters():
+            out.setdefault(f"update_ratio/{n}", []).append(((p.detach() - before[n]).norm() / before[n].norm()).item())
+    return out
+
+
+@pytest.fixture(scope="module")
+def oracles() -> dict[str, dict[str, list[float]]]:
+    """Per program: its one-process run (tp_sp clips)."""
+    plain = _oracle(None)  # puts the scripts' folder on sys.path
+    from dist_common import SP_CLIP
+
+    return {"tp": plain, "tp_sp": _oracle(SP_CLIP), "fsdp_tp": plain, "hsdp": plain}
+
+
+def codes(report: dict) -> list[str]:
+    return [f["code"] for f in report["findings"] if f["severity"] in ("warning", "critical")]
+
+
+#: The key bias's gradient is zero but for rounding (a softmax ignores what q.b_k adds to
+#: every key's score alike): ~1e-9, compared in absolute terms.
+ROUNDING = 1e-8
+
+
+#: Row-parallel layers (the embedding too): their outputs are partial sums until the
+#: all-reduce that follows them, so gradvitals records no statistics of them.
+ROW_PARALLEL = {f"{q}/{m}" for q in ("act_mean", "act_std") for m in ("embed", "attn.o", "fc2")}
+
+
+def _off(rep: dict, want: dict[str, list[float]]) -> dict[str, float]:
+    """Per series that differs from the oracle: the largest ratio got / want."""
+    off = {}
+    for key, values in want.items():
+        if key in ROW_PARALLEL and key not in rep["series"]:
+            continue
+        got = rep["series"][key]["values"]
+        n = min(len(got), len(values))
+        assert n >= len(values) - 1, key  # the last update ratio stays pending
+        steps = range(n)
+        if key.startswith("update_ratio/"):  # of a weight that was not zero (LayerNorm biases start at 0)
+            steps = [s for s in steps if want[f"weight_norm/{key.split('/', 1)[1]}"][s] > 0]
+        a, b = [got[s] for s in steps], [values[s] for s in steps]
+        if a != pytest.approx(b, rel=1e-3 if key.startswith("update_ratio/") else REL, abs=ROUNDING):
+            off[key] = max(g / w for g, w in zip(a, b))
+    return off
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program", ["tp", "tp_sp", "fsdp_tp", "hsdp"])
+def test_norms_update_ratios_and_outputs_equal_one_process(runs, oracles, program):
+    rep, _ = runs[program]
+    assert _off(rep, oracles[program]) == {}
+    skipped = ROW_PARALLEL - set(rep["series"])
+    assert skipped == (set() if program == "hsdp" else ROW_PARALLEL)
+    assert [e for e in rep["run"]["events"] if e["type"] == "probe_error"] == []
+    assert codes(rep) == []
+
+
+@pytest.mark.slow
+def test_the_strategy_and_the_all_reduce_bytes_say_what_ran(runs):
+    info = {p: runs[p][0]["run"]["distributed"] for p in ("tp", "tp_sp", "fsdp_tp", "hsdp")}
+    assert {p: i["strategy"] for p, i in info.items()} == {
+        "tp": "tensor_parallel", "tp_sp": "tensor_parallel", "fsdp_tp": "fsdp2+tensor_parallel", "hsdp": "hsdp"}
+    # Sequence parallel adds the six LayerNorm gradients' partial sums (32 values each,
+    # sent whole) and six replicas (the LayerNorms become Replicate DTensors) to the
+    assert {p: i["allreduce_calls"] for p, i in info.items()} == dict.fromkeys(info, 3)
+    # same one all-reduce per step (and its clip call, its total and each rank's).
+    extra = info["tp_sp"]["allreduce_bytes_max"] - info["tp"]["allreduce_bytes_max"]
+    assert extra == (distributed.allreduce_bytes(4, 0, 0, 0, replicas=8, partial_elements=6 * 32, clips=1)
+                     - distributed.allreduce_bytes(4, 0, 0, 0, replicas=2))
+    assert (info["tp"]["replica_tensors"], info["tp_sp"]["replica_tensors"]) == (2, 8)
+
+
+@pytest.mark.slow
+def test_a_nan_one_rank_makes_in_a_tensor_parallel_module_names_the_module_and_the_rank(runs):
+    """Rank 1's fc1 (column-parallel) makes NaN at step 1; fc2's all-reduce takes it to
+    every rank. Every rank replays its forward (one alone would wait in fc2's
+    all-reduce): rank 1 meets it in fc1, the others only after fc2's all-reduce."""
+    rep, printed = runs["tp_nan"]
+    f = next(f for f in rep["findings"] if f["code"] == "nonfinite")
+    ev = f["evidence"]
+    assert (f["layers"][0], f["step"], ev["kind"], ev["op"]) == ("fc1", 1, "activation", "log")
+    assert (ev["rank"], ev["ranks"], ev["world_size"]) == (1, [1], 4)
+    assert ev["replay"] == "every rank (tensor parallel)"
+    assert "on rank 1 only (of 4 ranks)" in f["summary"]
+    for numbers in printed:  # every rank's loss went NaN at step 1
+        losses = numbers["losses"]
+        assert losses[0] == pytest.approx(runs["tp"][1][0]["losses"][0]) and all(x != x for x in losses[1:])
