@@ -103,6 +103,27 @@ def oracles() -> dict[str, dict[str, list[float]]]:
     return {"tp": plain, "tp_sp": _oracle(SP_CLIP), "fsdp_tp": plain, "hsdp": plain}
 
 
+@pytest.fixture(scope="module")
+def watched_oracle(oracles) -> dict[str, list[float]]:
+    """The one-process run under gv.watch (every step scheduled): its attention and
+    log Z series, which only gradvitals' own probes compute."""
+    import gradvitals as gv
+    from dist_common import TPTransformer, transformer_batch
+
+    torch.manual_seed(0)
+    model = TPTransformer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gv.watch(model, opt, every=1) as w:
+        for step in range(3):
+            x, t = transformer_batch(step)
+            loss = nn.functional.cross_entropy(model(x).reshape(-1, TPTransformer.VOCAB), t.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        series = w.report()["series"]
+    return {k: v["values"] for k, v in series.items() if k.startswith(("attn_", "log_z_"))}
+
+
 def codes(report: dict) -> list[str]:
     return [f["code"] for f in report["findings"] if f["severity"] in ("warning", "critical")]
 
@@ -176,3 +197,16 @@ def test_a_nan_one_rank_makes_in_a_tensor_parallel_module_names_the_module_and_t
     for numbers in printed:  # every rank's loss went NaN at step 1
         losses = numbers["losses"]
         assert losses[0] == pytest.approx(runs["tp"][1][0]["losses"][0]) and all(x != x for x in losses[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program", ["tp", "fsdp_tp", "hsdp"])
+def test_attention_and_log_z_maxima_and_means_equal_one_process(runs, watched_oracle, program):
+    """Each rank sees other heads (TP) or other rows (HSDP): the largest attention logit
+    and log Z over the global batch are the largest over ranks, the entropies and log Z's
+    mean the mean of equal shares."""
+    rep, _ = runs[program]
+    assert {"attn_max_logit/attn", "log_z_max"} <= set(watched_oracle)
+    for key, want in watched_oracle.items():
+        got = rep["series"][key]["values"]
+        assert got[:len(want)] == pytest.approx(want, rel=1e-5), key
