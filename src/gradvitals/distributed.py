@@ -37,7 +37,9 @@ activation mean/std/      weighted by each rank's share of the elements (the num
 zero/sat/NaN fractions    the model's input on that rank): mean and second moment are
                           combined, then std = sqrt(E[x^2] - mean^2)
 dead_frac                 units never positive on ANY rank over the window (per-unit
-                          "ever active" masks are summed)
+                          "ever active" masks are summed); under tensor parallelism,
+                          where ranks hold different units, the ranks' counts of
+                          never-active units over their counts of units
 ========================  ===========================================================
 
 Cost per recorded step: 8 bytes x (1 + world_size + #gradient tensors + #losses +
@@ -340,6 +342,10 @@ class Merger:
             "replica_checks": 0, "replica_tensors": 0, "replica_last_equal_step": None,
         }
         recorder.record.run["distributed"] = self.info
+        # Under tensor parallelism a layer's output units may be split over the ranks (a
+        # column-parallel Linear): unit i of one rank is another unit than unit i of the
+        # next, so "ever active" flags cannot be added unit by unit.
+        self.units_split = "tensor_parallel" in self.info["strategy"]
 
     # -- what each parameter is --------------------------------------------
     def _shares(self) -> dict[str, float]:
@@ -469,7 +475,7 @@ class Merger:
             elif kind == "act":
                 if numel is None:
                     numel = self._input_numel()
-                send, extra = _act_sends(v, parts, numel, masks.get(j), W)
+                send, extra = _act_sends(v, parts, numel, masks.get(j), W, self.units_split)
             elif kind == "max":
                 send, extra = _max_sends(v, [part == "max" for part, _ in parts], self.rank, self.world)
             else:  # loss, lr, clip values and anything a newer probe adds: the mean
@@ -732,10 +738,16 @@ def _max_values(s: Tensor, is_max: list[bool], world: int) -> Tensor:
 
 
 def _act_sends(v: Tensor, parts: list[tuple[str, str]], numel: dict[str, float], mask: Tensor | None,
-               world: float) -> tuple[Tensor, list[tuple[str, int]]]:
+               world: float, units_split: bool = False) -> tuple[Tensor, list[tuple[str, int]]]:
     """What an "act" item sends into the SUM, and per part how many values: a moment
     block [n, n*mean, n*E[x^2], n*fractions...] for n = its input's elements on this
-    rank, the "ever active" flags of a mask, or the value / world (the mean)."""
+    rank, the "ever active" flags of a mask, or the value / world (the mean).
+
+    ``units_split`` (tensor parallelism): a mask is sent as [units never active here,
+    units here] instead, so that dead = the never-active units of all ranks over all
+    their units. Exact when every rank sees the same batch (TP's contract); with data
+    parallelism on another mesh dimension (FSDP2 x TP) a unit that fired only on
+    another data-parallel rank's rows is counted dead on this one."""
     chunks: list[Tensor] = []
     sizes: list[tuple[str, int]] = []
     at = 0
@@ -746,7 +758,11 @@ def _act_sends(v: Tensor, parts: list[tuple[str, str]], numel: dict[str, float],
             sizes.append(("moment", len(_MOMENT_BLOCK) + 1))
             at += len(_MOMENT_BLOCK)
             continue
-        if part == "mask" and mask is not None and mask.numel():
+        if part == "mask" and mask is not None and mask.numel() and units_split:
+            chunks.append(torch.stack([(mask == 0).sum().double(), torch.tensor(float(mask.numel()),
+                                                                                dtype=torch.float64)]))
+            sizes.append(("count", 2))
+        elif part == "mask" and mask is not None and mask.numel():
             chunks.append(mask)
             sizes.append(("mask", mask.numel()))
         else:
@@ -766,6 +782,8 @@ def _act_values(s: Tensor, sizes: list[tuple[str, int]]) -> Tensor:
             stats += [mean.reshape(1), std.reshape(1), s[at + 3:at + n] / s[at]]
         elif part == "mask":  # summed "ever active" flags: dead = never active on any rank
             stats.append((s[at:at + n] == 0).double().mean().reshape(1))
+        elif part == "count":  # summed [never-active units, units]
+            stats.append((s[at] / s[at + 1]).reshape(1))
         else:
             stats.append(s[at:at + 1])
         at += n

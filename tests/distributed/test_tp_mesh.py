@@ -121,7 +121,7 @@ def watched_oracle(oracles) -> dict[str, list[float]]:
             loss.backward()
             opt.step()
         series = w.report()["series"]
-    return {k: v["values"] for k, v in series.items() if k.startswith(("attn_", "log_z_"))}
+    return {k: v["values"] for k, v in series.items() if k.startswith(("attn_", "log_z_", "dead_frac/"))}
 
 
 def codes(report: dict) -> list[str]:
@@ -201,12 +201,19 @@ def test_a_nan_one_rank_makes_in_a_tensor_parallel_module_names_the_module_and_t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("program", ["tp", "fsdp_tp", "hsdp"])
-def test_attention_and_log_z_maxima_and_means_equal_one_process(runs, watched_oracle, program):
+def test_attention_log_z_and_dead_units_equal_one_process(runs, watched_oracle, program):
     """Each rank sees other heads (TP) or other rows (HSDP): the largest attention logit
     and log Z over the global batch are the largest over ranks, the entropies and log Z's
-    mean the mean of equal shares."""
+    mean the mean of equal shares. Dead fractions too: fc1's DEAD never-firing units are
+    all on the first rank's shard under TP (counted, not added unit by unit)."""
     rep, _ = runs[program]
     assert {"attn_max_logit/attn", "log_z_max"} <= set(watched_oracle)
+    from dist_common import TPTransformer
+
+    assert watched_oracle["dead_frac/fc1"][0] == TPTransformer.DEAD / (2 * TPTransformer.DIM)
     for key, want in watched_oracle.items():
+        if key.startswith("dead_frac/") and key.replace("dead_frac/", "act_mean/") in ROW_PARALLEL \
+                and key not in rep["series"]:
+            continue  # a partial sum: no statistics
         got = rep["series"][key]["values"]
         assert got[:len(want)] == pytest.approx(want, rel=1e-5), key

@@ -87,6 +87,7 @@ class TPTransformer(nn.Module):
     sequence-parallel, FSDP2 x TP and HSDP programs and their one-process oracle."""
 
     VOCAB, DIM, SEQ = 48, 32, 8
+    DEAD = 3
 
     def __init__(self) -> None:
         super().__init__()
@@ -98,6 +99,8 @@ class TPTransformer(nn.Module):
         self.fc2 = nn.Linear(2 * self.DIM, self.DIM)
         self.norm3 = nn.LayerNorm(self.DIM)
         self.head = nn.Linear(self.DIM, self.VOCAB)
+        with torch.no_grad():  # fc1's first DEAD units never fire: all on the first rank's shard
+            self.fc1.bias[:self.DEAD] = -10.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
