@@ -51,6 +51,11 @@ attention 8 bytes per mean and 8 x world_size per max. That is O(#tensors + #uni
 O(#parameters) but for the partial gradients (SequenceParallel LayerNorm vectors,
 hidden-size each): see :func:`allreduce_bytes`.
 
+Before the values of the first merge and of each scheduled step, a 16-byte all-reduce of
+[layout checksum, size] (:meth:`Merger._check_layout_first`): gloo aborts the process
+when ranks all-reduce buffers of different sizes, so a layout that may differ (pipeline
+stages, a module that ran on some ranks only) stops the merge on every rank instead.
+
 Crash safety: every collective added here waits at most ``GRADVITALS_DIST_TIMEOUT_S``
 seconds (default :data:`DEFAULT_TIMEOUT_S`); none runs on an exit path (the values
 still pending when the run ends stay local and are dropped); a time-out or a layout
@@ -81,6 +86,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from .record import QUANTITIES, quantity_of, split_key
+from .recorder.options import scheduled
 from .torch_compat import dtensor_type, dtensor_type_if_loaded, has_fsdp, local_tensors, unwrap
 
 log = logging.getLogger("gradvitals")
@@ -489,6 +495,13 @@ class Merger:
         layout.append(f"replicas:{len(rep_v)}")
         signature = float(zlib.crc32("\n".join(layout).encode()))
         buf = torch.cat([torch.tensor([signature], dtype=torch.float64), flags, *sends, tail])
+        if self._check_layout_first(pending):
+            head = torch.tensor([signature, float(buf.numel())], dtype=torch.float64)
+            self._allreduce(head, body=False)
+            if head.tolist() != [signature * W, buf.numel() * W]:
+                raise _LayoutMismatch(
+                    "ranks record different values (different modules per rank, e.g. pipeline stages, "
+                    "or a module that ran on some ranks only): each rank records its own from here")
         self._allreduce(buf)
         if buf[0].item() != signature * W:
             raise _LayoutMismatch("ranks recorded different values at this step "
@@ -571,10 +584,29 @@ class Merger:
                         torch.tensor(off, dtype=torch.float32)))
         return out
 
-    def _allreduce(self, buf: Tensor) -> None:
+    def _check_layout_first(self, pending: list[tuple[int, list[str], Tensor]]) -> bool:
+        """Whether this flush all-reduces [layout signature, size] before its values.
+
+        gloo aborts the process (not an exception) when ranks all-reduce buffers of
+        different sizes, so a layout that may differ across ranks is compared first, in a
+        buffer of fixed size: at the first merge (pipeline stages, different models per
+        rank) and at scheduled steps (activation statistics of a module that ran on some
+        ranks only, e.g. an expert no token of a rank's batch was routed to). Every rank
+        decides alike: the first merge and the schedule are the same on every rank."""
+        if self.calls == 0:
+            return True
+        options = getattr(self.recorder, "options", None)
+        if options is None:
+            return True
+        return any(scheduled(options, step) for step in {s for s, _, _ in pending})
+
+    def _allreduce(self, buf: Tensor, body: bool = True) -> None:
         dist = _dist()
         work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         work.wait(timeout=self.timeout)  # raises after the time-out: a rank is gone or stuck
+        if not body:
+            self.info["layout_checks"] = self.info.get("layout_checks", 0) + 1
+            return
         nbytes = buf.numel() * buf.element_size()
         self.calls += 1
         self.info["allreduce_calls"] = self.calls

@@ -66,8 +66,9 @@ def test_each_value_merges_by_its_quantity_and_comes_back_in_its_place(one_rank_
     merger.world = ranks
     sent = []
 
-    def allreduce(buf):  # the other ranks recorded the very same values
-        sent.append(buf.numel())
+    def allreduce(buf, body=True):  # the other ranks recorded the very same values
+        if body:
+            sent.append(buf.numel())
         buf.mul_(ranks)
 
     monkeypatch.setattr(merger, "_allreduce", allreduce)
@@ -89,7 +90,7 @@ def test_each_value_merges_by_its_quantity_and_comes_back_in_its_place(one_rank_
 def test_a_nan_in_a_value_of_the_ranks_own_batch_names_the_rank(one_rank_group, monkeypatch):
     rec = _Recorder({})
     merger = distributed.Merger(rec)
-    monkeypatch.setattr(merger, "_allreduce", lambda buf: None)
+    monkeypatch.setattr(merger, "_allreduce", lambda buf, body=True: None)
     merger.merge([(0, ["grad_norm/a.weight"], torch.tensor([math.inf]))])
     assert merger.bad_ranks == []  # gradients are shared: a NaN there names no rank
     merger.merge([(0, _stats("a"), torch.tensor([0.0, math.nan, 0.0, 0.0, 0.0]))])
@@ -128,10 +129,14 @@ def test_maxima_merge_as_the_largest_over_ranks_beside_means(one_rank_group, mon
     for rank in (1, 0):
         merger = mergers[rank] = distributed.Merger(_Recorder({}))
         merger.world, merger.rank = 2, rank
-        if rank == 1:  # its buffer is kept; it then merges with an identical peer (its own result is unused)
-            monkeypatch.setattr(merger, "_allreduce", lambda buf: (other.append(buf.clone()), buf.mul_(2)))
+        # The layout check (body=False) passes: the layouts agree. Rank 1's values are kept; it
+        # then merges with an identical peer (its own result is unused).
+        if rank == 1:
+            monkeypatch.setattr(merger, "_allreduce",
+                                lambda buf, body=True: (body and other.append(buf.clone()), buf.mul_(2)))
         else:
-            monkeypatch.setattr(merger, "_allreduce", lambda buf: (buf.add_(other[0]), None))
+            monkeypatch.setattr(merger, "_allreduce",
+                                lambda buf, body=True: buf.add_(other[0]) if body else buf.mul_(2))
         out = merger.merge(per_rank[rank])
     got = {k: v for _, ks, vals in out for k, v in zip(ks, vals.tolist())}
     assert got["attn_max_logit/blk"] == 30.0 and got["log_z_max"] == 9.0

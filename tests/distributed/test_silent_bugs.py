@@ -23,6 +23,8 @@ from gradvitals import distributed
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "silent_bugs.py"
 RUN_TIMEOUT_S = 180
+PROGRAMS = 10  # silent_bugs.BUGS
+TEARDOWN_ABORT = "terminate called without an active exception"
 #: float32 norms of the same gradients summed in another order (gradvitals: float64 on the host).
 REL = 1e-5
 
@@ -49,9 +51,17 @@ def runs(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun did not finish within {RUN_TIMEOUT_S}s:\n{stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
     printed = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return {p["bug"]: (json.loads((out / f"{p['bug']}.json").read_text()), p["ranks"]) for p in printed}
+    if proc.returncode != 0:
+        # torch 2.13's gloo can abort a rank while the processes tear down, after every
+        # program ended (README, known limits): only that is tolerated.
+        assert TEARDOWN_ABORT in stderr and len(printed) == PROGRAMS, stderr[-3000:]
+    saved = {p["bug"]: p["ranks"] for p in printed}
+    result: dict = {"_out": str(out)}
+    for bug, ranks in saved.items():
+        path = out / f"{bug}.json"
+        result[bug] = (json.loads(path.read_text()) if path.exists() else None, ranks)
+    return result
 
 
 def codes(report: dict) -> list[str]:
@@ -249,3 +259,35 @@ def test_tensor_parallel_norms_update_ratios_and_sharded_outputs_equal_one_proce
     assert (audit["weight_layers"], audit["residual_bypassed_layers"]) == (3, 2)  # fc1, fc2, head
     assert rep["layers"][1]["extra"]["fan_in"] == 32 and rep["layers"][2]["extra"]["fan_in"] == 64  # global
     assert codes(rep) == []
+
+
+@pytest.mark.slow
+def test_a_pipeline_is_not_broken_each_stage_records_its_own_and_nothing_is_made_up(runs, tmp_path_factory):
+    """Pipeline stages record different modules: the first merge's layout check (a fixed
+    size buffer: gloo aborts the process on buffers of different sizes) stops merging on
+    every rank; the run's numbers are the unwatched run's; each stage's own record has
+    its own layers, and the stage's shape inference on torch.empty tensors is no NaN."""
+    _, watched = runs["pipeline"]
+    _, plain = runs["pipeline_plain"]
+    assert watched == plain  # per rank: last stage's losses, each stage's parameter digest
+    out = Path(runs["_out"])
+    stages = [json.loads((out / f"pipeline_stage{r}.json").read_text()) for r in (0, 1)]
+    for rank, (rep, layers) in enumerate(zip(stages, (["0", "1"], ["2", "3", "4"]))):
+        info = rep["run"]["distributed"]
+        assert (info["merged"], info["rank"], info["allreduce_calls"], info["layout_checks"]) == (False, rank, 0, 1)
+        assert "different modules per rank, e.g. pipeline stages" in info["merge_stopped"]
+        assert [l["name"] for l in rep["layers"]] == layers
+        assert all(isinstance(v, float) for k, v in rep["series"].items() for v in v["values"]
+                   if k.startswith(("act_mean/", "act_std/"))), "a statistic of the shape inference"
+        assert codes(rep) == []
+
+
+@pytest.mark.slow
+def test_a_module_that_ran_on_one_rank_only_stops_the_merge_at_that_step_without_aborting(runs):
+    rep, printed = runs["expert_skipped"]
+    info = rep["run"]["distributed"]
+    assert info["merged"] is False and "ran on some ranks only" in info["merge_stopped"]
+    assert info["allreduce_calls"] == 2  # steps 0 and 1 merged; step 2 (scheduled) stopped it
+    err = next(e for e in rep["run"]["events"] if e["type"] == "probe_error")
+    assert err["step"] == 2
+    assert all(len(r["losses"]) == 6 for r in printed)  # the run went on to its end on both ranks

@@ -10,6 +10,10 @@ least one recorder is active and removed (restored exactly) when the last closes
 - ``torch.nn.utils.clip_grads_with_norm_`` (torch >= 2.6): the same, for code that takes
   the total norm itself and then scales (accelerate >= 1.x, hence the HF Trainer 5.x,
   clips this way, before the Trainer's ``on_pre_optimizer_step``).
+- ``torch.distributed.pipelining``'s stage metadata inference (when that module is
+  loaded): at its first step a pipeline stage runs its module forward (and backward) on
+  ``torch.empty`` tensors to learn the shapes it will send; those are not training
+  forwards, and their statistics would be of uninitialised memory (NaN, huge values).
 
 Each wrapper calls the original with the same arguments and returns its result
 unchanged; a listener that raises is reported by its recorder, never propagated.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 from typing import Any, Callable
 
@@ -43,6 +48,39 @@ def _each(method: str, *args: Any) -> None:
             fn(*args)
         except Exception as exc:  # never break the user's run
             rec.fail("patches." + method, exc)
+
+
+_bookkeeping = threading.local()  # inside a forward torch runs for itself (pipelining metadata)
+
+#: PipelineStage methods that run the stage's module for shapes only (torch >= 2.10 names;
+#: earlier releases: _shape_inference).
+_PIPELINE_INFERENCE = ("_forward_metadata_inference", "_backward_metadata_inference", "_shape_inference")
+
+
+def bookkeeping() -> bool:
+    """Whether the current forward is one torch runs for its own bookkeeping (a pipeline
+    stage's metadata inference): the recorders ignore it."""
+    return getattr(_bookkeeping, "n", 0) > 0
+
+
+def _bookkeeping_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def inference(*args: Any, **kwargs: Any) -> Any:
+        _bookkeeping.n = getattr(_bookkeeping, "n", 0) + 1
+        try:
+            with quiet():  # its backward on ones is not the user's either
+                return orig(*args, **kwargs)
+        finally:
+            _bookkeeping.n -= 1
+
+    return inference
+
+
+def _pipeline_classes() -> list[type]:
+    """The loaded pipeline stage classes (none unless the script imported pipelining)."""
+    mod = sys.modules.get("torch.distributed.pipelining.stage")
+    return [c for c in (getattr(mod, "PipelineStage", None), getattr(mod, "_PipelineStage", None))
+            if isinstance(c, type)] if mod is not None else []
 
 
 @contextlib.contextmanager
@@ -211,6 +249,11 @@ def install(recorder: Any) -> PatchHandle:
         _originals["scaler.step"] = _GradScaler.step
         _GradScaler.scale = _scale_wrapper(_GradScaler.scale)  # type: ignore[method-assign]
         _GradScaler.step = _scaler_step_wrapper(_GradScaler.step)  # type: ignore[method-assign]
+        for cls in _pipeline_classes():
+            for name in _PIPELINE_INFERENCE:
+                if name in vars(cls):
+                    _originals[f"pipeline:{cls.__name__}.{name}"] = vars(cls)[name]
+                    setattr(cls, name, _bookkeeping_wrapper(vars(cls)[name]))
     return handle
 
 
@@ -230,6 +273,11 @@ def uninstall(recorder: Any) -> None:
             torch.nn.utils.clip_grads_with_norm_ = _originals.pop("clip_with_norm")
         _GradScaler.scale = _originals.pop("scaler.scale")  # type: ignore[method-assign]
         _GradScaler.step = _originals.pop("scaler.step")  # type: ignore[method-assign]
+        for cls in _pipeline_classes():
+            for name in _PIPELINE_INFERENCE:
+                key = f"pipeline:{cls.__name__}.{name}"
+                if key in _originals:
+                    setattr(cls, name, _originals.pop(key))
 
 
 def active() -> list[Any]:

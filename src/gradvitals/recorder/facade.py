@@ -214,7 +214,7 @@ class Recorder:
 
     # ------------------------------------------------------------- events
     def forward_start(self, model: WatchedModel) -> None:
-        if self.origin.replaying:
+        if self.origin.replaying or patches.bookkeeping():
             return
         try:
             step = self.clock.step
@@ -224,7 +224,7 @@ class Recorder:
 
     def forward_end(self, model: WatchedModel, args: tuple, kwargs: dict, output: Any = None,
                     raised: bool = False) -> None:
-        if self.origin.replaying:
+        if self.origin.replaying or patches.bookkeeping():
             return
         try:
             training = model.module.training

@@ -14,6 +14,14 @@
 - ``opt_before_shard``: FSDP2; the optimizer is built before ``fully_shard``, from the
   plain tensors ``fully_shard`` then replaces with DTensors: nothing it steps is trained.
 - ``opt_after_shard``: the optimizer built after ``fully_shard``.
+- ``pipeline``: not supported, must not break: a 2-stage pipeline
+  (``torch.distributed.pipelining``, GPipe, 2 micro-batches), each rank watching its own
+  stage; ranks record different modules, so merging stops at the first step and each
+  rank records its own stage (rank 1 saves its own with ``diagnosis().save``).
+  ``pipeline_plain``: the same, unwatched (the numbers must be identical).
+- ``expert_skipped``: DDP (find_unused_parameters) with an "expert" branch that rank 1
+  skips at step 2 only (no token routed to it): at that scheduled step the ranks hold
+  different statistics; merging must stop there, not abort the run.
 - ``tp``: not a bug: dist_common.TPBlock with fc1 column- and fc2 row-parallel
   (``parallelize_module``), SGD, every rank on the same batch (the one-process run
   is the oracle).
@@ -33,7 +41,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_common import TPBlock, digits, global_batch, rank_slice, tp_batch  # noqa: E402
 
-BUGS = ["clip_local", "clip_ok", "replica_drift", "replica_ok", "opt_before_shard", "opt_after_shard", "tp"]
+BUGS = ["clip_local", "clip_ok", "replica_drift", "replica_ok", "opt_before_shard", "opt_after_shard", "tp",
+        "pipeline", "pipeline_plain", "expert_skipped"]
 p = argparse.ArgumentParser()
 p.add_argument("--bugs", default=",".join(BUGS))
 p.add_argument("--steps", type=int, default=6)
@@ -81,9 +90,86 @@ def tensor_parallel() -> dict:
     return {"bug": "tp", "ranks": [{"losses": losses}]}
 
 
+def pipeline(watched: bool) -> dict:
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    import gradvitals as gv
+
+    torch.manual_seed(0)
+    full = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    stage_module = [full[:2], full[2:]][rank]
+    schedule = ScheduleGPipe(PipelineStage(stage_module, stage_index=rank, num_stages=world,
+                                           device=torch.device("cpu")),
+                             n_microbatches=2, loss_fn=nn.functional.cross_entropy)
+    opt = torch.optim.SGD(stage_module.parameters(), lr=0.1)
+    watch = gv.watch(stage_module, opt, every=2) if watched else None
+    losses = []
+    for step in range(a.steps):
+        xb, yb = global_batch(X, y, step)
+        opt.zero_grad()
+        if rank == 0:
+            schedule.step(xb)
+        else:
+            micro: list = []
+            schedule.step(target=yb, losses=micro)
+            losses.append(float(sum(m.item() for m in micro) / len(micro)))
+        opt.step()
+    digest = float(sum(p.detach().double().sum() for p in stage_module.parameters()))
+    if watch is not None:
+        watch.diagnosis().save(os.path.join(a.out, f"pipeline_stage{rank}.json"))  # each stage its own
+        watch.close()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"losses": losses, "digest": digest})
+    return {"bug": "pipeline" if watched else "pipeline_plain", "ranks": gathered}
+
+
+class _Routed(nn.Module):
+    """An MLP with an "expert" branch run unless the batch routes nothing to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.expert, self.out = nn.Linear(64, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+        self.route = True
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        if self.route:
+            h = h + torch.relu(self.expert(h))
+        return self.out(h)
+
+
+def expert_skipped() -> dict:
+    import gradvitals as gv
+
+    torch.manual_seed(0)
+    model = _Routed()
+    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    watch = gv.watch(net, opt, every=2)
+    losses = []
+    for step in range(a.steps):
+        model.route = not (rank == 1 and step == 2)
+        xb, yb = global_batch(X, y, step)
+        xb, yb = rank_slice(xb, rank, world), rank_slice(yb, rank, world)
+        loss = nn.functional.cross_entropy(net(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    watch.save(os.path.join(a.out, "expert_skipped.json"))
+    watch.close()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"losses": losses})
+    return {"bug": "expert_skipped", "ranks": gathered}
+
+
 def program(bug: str) -> dict:
     if bug == "tp":
         return tensor_parallel()
+    if bug.startswith("pipeline"):
+        return pipeline(watched=bug == "pipeline")
+    if bug == "expert_skipped":
+        return expert_skipped()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 33), nn.LayerNorm(33), nn.ReLU(), nn.Linear(33, 10))
     if bug.startswith("replica"):
