@@ -100,7 +100,7 @@ def oracles() -> dict[str, dict[str, list[float]]]:
     plain = _oracle(None)  # puts the scripts' folder on sys.path
     from dist_common import SP_CLIP
 
-    return {"tp": plain, "tp_sp": _oracle(SP_CLIP), "fsdp_tp": plain, "hsdp": plain}
+    return {"tp": plain, "tp_sp": _oracle(SP_CLIP), "fsdp_tp": plain, "fsdp_tp_sp": plain, "hsdp": plain}
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def _off(rep: dict, want: dict[str, list[float]]) -> dict[str, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("program", ["tp", "tp_sp", "fsdp_tp", "hsdp"])
+@pytest.mark.parametrize("program", ["tp", "tp_sp", "fsdp_tp", "fsdp_tp_sp", "hsdp"])
 def test_norms_update_ratios_and_outputs_equal_one_process(runs, oracles, program):
     rep, _ = runs[program]
     assert _off(rep, oracles[program]) == {}

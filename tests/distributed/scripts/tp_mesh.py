@@ -14,6 +14,8 @@ global batches is the oracle (tests/distributed/test_tp_mesh.py).
 - ``fsdp_tp``: a 2 x 2 mesh ("dp", "tp"): the ``tp`` plan on "tp", ``fully_shard`` on
   "dp" (parameters sharded on both dimensions, nested: ``_StridedShard``); each "dp"
   rank is fed half the global batch.
+- ``fsdp_tp_sp``: ``fsdp_tp`` with the ``tp_sp`` plan (no clipping): a LayerNorm's gradient
+  is a partial sum over "tp" of a shard over "dp".
 - ``hsdp``: ``fully_shard`` on a 2 x 2 mesh ("replicate", "shard"); each rank is fed a
   quarter of the global batch.
 - ``tp_nan``: ``tp``, where a forward hook makes rank 1's fc1 output NaN from step 1 on.
@@ -32,7 +34,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_common import SP_CLIP, TPTransformer, rank_slice, transformer_batch  # noqa: E402
 
-PROGRAMS = ["tp", "tp_sp", "fsdp_tp", "hsdp", "tp_nan"]
+PROGRAMS = ["tp", "tp_sp", "fsdp_tp", "fsdp_tp_sp", "hsdp", "tp_nan"]
 STEPS = 3
 NAN_STEP = 1
 p = argparse.ArgumentParser()
@@ -73,9 +75,9 @@ def program(name: str) -> dict:
     part = (0, 1)  # (this rank's slice, slices) of the global batch
     if name in ("tp", "tp_sp", "tp_nan"):
         parallelize_module(model, init_device_mesh("cpu", (world,)), tp_plan(name == "tp_sp"))
-    elif name == "fsdp_tp":
+    elif name in ("fsdp_tp", "fsdp_tp_sp"):
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
-        parallelize_module(model, mesh["tp"], tp_plan(False))
+        parallelize_module(model, mesh["tp"], tp_plan(name == "fsdp_tp_sp"))
         fully_shard(model.attn, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])
         part = (mesh.get_local_rank("dp"), 2)
