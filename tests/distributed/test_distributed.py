@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+import dist_launch
 from gradvitals import distributed
 
 HERE = Path(__file__).resolve().parent
@@ -39,28 +39,9 @@ REL = 1e-4
 REL_UPDATE = 2e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args: list[str], timeout: float = RUN_TIMEOUT_S,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node 2 ARGS`` in its own session, killed whole on time-out."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: MERGE_TIMEOUT_S,
-           "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {timeout}s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return dist_launch.torchrun(args, timeout=timeout, merge_timeout_s=MERGE_TIMEOUT_S, env=env)
 
 
 def oracle(steps: int, lr: float = 0.1) -> dict[str, list[float]]:
@@ -266,7 +247,7 @@ def test_rank0_autosaves_the_merged_record_and_a_killed_rank0_leaves_it(tmp_path
     progress = tmp_path / "progress.txt"
     script = HERE / "scripts" / "train_forever_dist.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "gradvitals", "run", "-q", "--autosave", "0.3",
+           "--master-port", str(dist_launch.free_port()), "-m", "gradvitals", "run", "-q", "--autosave", "0.3",
            "--json", str(out), str(script), "--progress", str(progress)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: MERGE_TIMEOUT_S}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,

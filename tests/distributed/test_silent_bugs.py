@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +15,7 @@ import torch
 from torch import nn
 
 import gradvitals as gv
+from dist_launch import torchrun
 from gradvitals import distributed
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "silent_bugs.py"
@@ -29,28 +26,13 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 REL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
     """bug -> (rank 0's report, each rank's printed numbers): every program of
     ``silent_bugs.py`` in ONE torchrun launch (the start-up is most of its time)."""
     out = tmp_path_factory.mktemp("silent_bugs")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(SCRIPT), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {RUN_TIMEOUT_S}s:\n{stderr[-3000:]}")
+    proc = torchrun([str(SCRIPT), "--out", str(out)], timeout=RUN_TIMEOUT_S, merge_timeout_s="30")
+    stdout, stderr = proc.stdout, proc.stderr
     printed = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0:
         # torch 2.13's gloo can abort a rank while the processes tear down, after every

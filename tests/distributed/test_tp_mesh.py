@@ -8,10 +8,6 @@ of its time."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from dist_launch import torchrun
 from gradvitals import distributed
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "tp_mesh.py"
@@ -27,28 +24,13 @@ RUN_TIMEOUT_S = 240
 REL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
     """program -> (rank 0's report, each rank's printed numbers): every program of
     ``tp_mesh.py`` in ONE torchrun launch of 4 processes."""
     out = tmp_path_factory.mktemp("tp_mesh")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(SCRIPT), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: "30", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {RUN_TIMEOUT_S}s:\n{stderr[-3000:]}")
+    proc = torchrun([str(SCRIPT), "--out", str(out)], nproc=4, timeout=RUN_TIMEOUT_S, merge_timeout_s="30")
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stderr[-3000:]
     printed = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     return {p["program"]: (json.loads((out / f"{p['program']}.json").read_text()), p["ranks"]) for p in printed}
