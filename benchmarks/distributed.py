@@ -24,6 +24,11 @@ Strategies (each rank sees its slice of the same global batch of ``--batch`` row
   (``parallelize_module``) and a head, every rank on the whole batch, AdamW.
 
 No step calls ``loss.item()``: gradvitals' one host sync per step is charged to it in full.
+
+What a recorded step costs beyond one process's watch is the merge: one small all-reduce,
+whose latency (and the wait for the slowest rank) is fixed per step, so the ratio falls as
+the step grows (``--batch``). ``GRADVITALS_DIST_MERGE=0`` in the environment measures the
+same watch without the merge (each rank records alone): the difference is the merge's.
 """
 
 from __future__ import annotations
@@ -55,9 +60,12 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list of {', '.join(STRATEGIES)}")
     p.add_argument("--rounds", type=int, default=5, help="P G P rounds per strategy (default 5)")
     p.add_argument("--steps", type=int, default=100, help="steps per block (default 100: one scheduled step)")
-    p.add_argument("--warmup", type=int, default=1000,
+    p.add_argument("--warmup", type=int, default=None,
                    help="untimed watched steps first (default 1000: past the early schedule)")
     p.add_argument("--batch", type=int, default=128, help="global batch rows (default 128)")
+    p.add_argument("--steady-from-start", action="store_true",
+                   help="watch with late_after=0: the default's steady schedule (scheduled probes every 100 "
+                        "steps, what a run past step 1000 has) from the first step; the warm-up defaults to 0")
     p.add_argument("--out", help="write the results as JSON here (rank 0)")
     a = p.parse_args(argv)
     bad = [s for s in a.strategies.split(",") if s not in STRATEGIES]
@@ -66,6 +74,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("ranks", "rounds", "steps", "batch"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if a.warmup is None:
+        a.warmup = 0 if a.steady_from_start else 1000
     if a.warmup < 0:
         p.error(f"--warmup must be >= 0, got {a.warmup}")
     if a.batch % a.ranks:
@@ -190,6 +200,8 @@ def bench(strategy: str, a: argparse.Namespace, rank: int, world: int, log: Call
         opt.step()
 
     def block(n: int) -> float:
+        if n == 0:
+            return 0.0
         for _ in range(LEAD_IN):
             step()
         dist.barrier()
@@ -200,7 +212,7 @@ def bench(strategy: str, a: argparse.Namespace, rank: int, world: int, log: Call
         return (time.perf_counter() - t0) / n
 
     block(a.steps)  # plain warm-up: allocator, first-step work
-    watch = gv.watch(model, opt)
+    watch = gv.watch(model, opt, **({"late_after": 0} if a.steady_from_start else {}))
     t0 = time.perf_counter()
     block(a.warmup)  # the watch's early schedule, untimed
     log(f"  {strategy}: watch warmed up over {a.warmup} steps in {time.perf_counter() - t0:.0f} s")
@@ -242,6 +254,8 @@ def main(a: argparse.Namespace) -> None:
             print(msg, flush=True)
 
     results: dict[str, Any] = {"world_size": world, "rounds": a.rounds, "steps": a.steps, "warmup": a.warmup,
+                               "steady_from_start": a.steady_from_start,
+                               "merge": os.environ.get("GRADVITALS_DIST_MERGE", "1") != "0",
                                "batch": a.batch, "torch": torch.__version__, "machine": platform.machine(),
                                "cpus": os.cpu_count(), "strategies": {}}
     for s in a.strategies.split(","):
