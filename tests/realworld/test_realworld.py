@@ -66,6 +66,23 @@ def series(report: dict, key: str) -> dict:
     return report["series"][key]
 
 
+def test_programs_read_scikit_learns_digits():
+    """The programs load the digits through digits_data.py (scikit-learn's own file,
+    without importing scikit-learn): the same arrays as sklearn.datasets.load_digits."""
+    import importlib.util
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    spec = importlib.util.spec_from_file_location("digits_data", HERE / "digits_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    X, y = module.load_digits(return_X_y=True)
+    X_ref, y_ref = load_digits(return_X_y=True)
+    assert X.dtype == X_ref.dtype and y.dtype == y_ref.dtype
+    assert np.array_equal(X, X_ref) and np.array_equal(y, y_ref)
+
+
 # ------------------------------------------------------------- patterns 1-10
 def test_manual_sgd_without_optimizer():
     report, _ = run_both("manual_sgd.py", "--steps", "60")
