@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, gradvitals_cmd
+from conftest import ROOT
 
 CASES_DIR = ROOT / "examples" / "cases"
 CASES = sorted(CASES_DIR.glob("*.py"))
@@ -40,7 +41,7 @@ ORACLE = Path(__file__).resolve().parent / "nonfinite_oracle.py"
 ALARM = ("warning", "critical")
 #: The library must hold at least this many scripts (issue 3 §6).
 MIN_CASES = 20
-#: Wall-clock limit for one case under `gradvitals run` on a loaded CI core.
+#: Wall-clock limit for the NaN oracle's run of one case (a subprocess) on a loaded CI core.
 CASE_TIMEOUT_S = 240
 
 
@@ -78,13 +79,23 @@ def parse_labels(path: Path) -> Labels:
 
 
 def run_case(path: Path) -> tuple[dict, str, int]:
-    """(report, script stdout, exit status) of one case under `gradvitals run`."""
+    """(report, script stdout, exit status) of one case under `gradvitals run`. The CLI runs
+    in this process: a fresh interpreter per case would re-import torch and proves nothing
+    the subprocess runs of tests/realworld and tests/test_runner.py do not."""
+    from click.testing import CliRunner
+
+    from gradvitals.cli import main
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
-        p = subprocess.run([*gradvitals_cmd(), "run", "-q", "--json", str(out), str(path)],
-                           capture_output=True, text=True, timeout=CASE_TIMEOUT_S, cwd=CASES_DIR)
-        assert out.exists(), f"{path.name}: no report written\n{p.stderr[-3000:]}"
-        return json.loads(out.read_text()), p.stdout, p.returncode
+        cwd = os.getcwd()
+        os.chdir(CASES_DIR)
+        try:
+            result = CliRunner().invoke(main, ["run", "-q", "--json", str(out), str(path)])
+        finally:
+            os.chdir(cwd)
+        assert out.exists(), f"{path.name}: no report written\n{result.output[-3000:]}\n{result.exception!r}"
+        return json.loads(out.read_text()), result.stdout, result.exit_code
 
 
 def _findings(report: dict, severities: tuple[str, ...] = ("critical", "warning", "info")) -> dict[str, dict]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
@@ -19,12 +17,17 @@ BUDGET, TRIALS = 100, 3  # README states this budget: 3 remedies + a baseline, 1
 
 
 def try_fixes(script, tmp_path):
+    """The CLI in this process (its trials are still fresh interpreters); the subprocess
+    path of `run --try-fixes` is tests/realworld's dead-baseline test."""
+    from click.testing import CliRunner
+
+    from gradvitals.cli import main
+
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "-m", "gradvitals", "run", "--try-fixes", "--trials", str(TRIALS),
-                        "--budget-steps", str(BUDGET), "--json", str(out), str(script)],
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads(out.read_text()), p.stderr
+    result = CliRunner().invoke(main, ["run", "--try-fixes", "--trials", str(TRIALS), "--budget-steps", str(BUDGET),
+                                       "--json", str(out), str(script)])
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    return json.loads(out.read_text()), result.stderr
 
 
 CRITICAL = {"nonfinite", "exploding_gradients", "vanishing_gradients", "dead_relu", "symmetric_weights",

@@ -8,7 +8,7 @@ import argparse
 
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=40)

@@ -4,7 +4,7 @@ rounding to 1.0). BCELoss clamps log(0) to -100, so those samples contribute a
 constant 100 to the loss instead of Inf; training pulls them back."""
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 
 torch.manual_seed(0)
 X, y = load_digits(return_X_y=True)

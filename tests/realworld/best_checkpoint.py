@@ -10,7 +10,7 @@ import tempfile
 
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--epochs", type=int, default=4)

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 from torch.utils.checkpoint import checkpoint
 
 p = argparse.ArgumentParser()

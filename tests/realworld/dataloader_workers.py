@@ -1,11 +1,12 @@
 """A DataLoader with worker processes started by "spawn" (macOS's and Windows'
 default): each worker imports the script as `__mp_main__`, so the script must be
-importable as a module under gradvitals too. Guarded by `if __name__ == "__main__"`."""
+importable as a module under gradvitals too. Guarded by `if __name__ == "__main__"`.
+One persistent worker: a second would import the same script the same way."""
 import argparse
 
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -16,7 +17,7 @@ def main() -> None:
     torch.manual_seed(0)
     X, y = load_digits(return_X_y=True)
     data = TensorDataset(torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y))
-    loader = DataLoader(data, batch_size=64, shuffle=True, num_workers=2,
+    loader = DataLoader(data, batch_size=64, shuffle=True, num_workers=1,
                         multiprocessing_context="spawn", persistent_workers=True)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = torch.optim.Adam(model.parameters(), 1e-3)

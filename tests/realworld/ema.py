@@ -3,7 +3,7 @@ torch.optim.swa_utils.AveragedModel and a hand-rolled deepcopy updated with lerp
 no_grad. Neither is in an optimizer and neither gets a gradient, by design."""
 import copy, torch, torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 torch.manual_seed(0)
 X, y = load_digits(return_X_y=True)
 X = torch.tensor(X / 16.0, dtype=torch.float32); y = torch.tensor(y)

@@ -5,7 +5,7 @@ import math
 
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 
 torch.manual_seed(0)
 X, y = load_digits(return_X_y=True)

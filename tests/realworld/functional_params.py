@@ -4,7 +4,7 @@ makes the hand-written log-softmax loss overflow at step K (logits x 1e4)."""
 import argparse
 
 import torch
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=40)

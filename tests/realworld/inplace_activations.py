@@ -3,7 +3,7 @@
 and an in-place residual add `out += identity`."""
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 
 
 class Block(nn.Module):

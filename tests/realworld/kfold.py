@@ -9,7 +9,7 @@ import weakref
 
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 
 lr = float(sys.argv[sys.argv.index("--lr") + 1]) if "--lr" in sys.argv else 3e-3
 keep = [] if "--keep-optimizers" in sys.argv else None

@@ -3,7 +3,7 @@ this way: `optimizer = optim.SGD(model.parameters(), lr=lr)` inside the epoch
 loop). The old optimizer is garbage; the run still has one optimizer at a time."""
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 
 torch.manual_seed(0)
 X, y = load_digits(return_X_y=True)

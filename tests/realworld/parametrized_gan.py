@@ -5,7 +5,7 @@ and a gradient penalty through torch.autograd.grad(create_graph=True)."""
 import torch
 import torch.nn as nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 torch.manual_seed(0)
 X, _ = load_digits(return_X_y=True)
 X = torch.tensor(X / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8).contiguous(memory_format=torch.channels_last)

@@ -2,7 +2,7 @@
 nn.DataParallel (on the CPU: a pass-through), whose forward returns a dict with an
 auxiliary loss term."""
 import torch, torch.nn as nn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 torch.manual_seed(0)
 X, y = load_digits(return_X_y=True)
 X = torch.tensor(X / 16.0, dtype=torch.float32); y = torch.tensor(y)

@@ -3,7 +3,7 @@ on (input validation, an out-of-memory retry with a smaller batch). The first ba
 the bad one: it arrives on a step whose forward gradvitals traces."""
 import torch
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from digits_data import load_digits
 
 
 class Net(nn.Module):

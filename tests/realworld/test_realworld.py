@@ -66,6 +66,23 @@ def series(report: dict, key: str) -> dict:
     return report["series"][key]
 
 
+def test_programs_read_scikit_learns_digits():
+    """The programs load the digits through digits_data.py (scikit-learn's own file,
+    without importing scikit-learn): the same arrays as sklearn.datasets.load_digits."""
+    import importlib.util
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    spec = importlib.util.spec_from_file_location("digits_data", HERE / "digits_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    X, y = module.load_digits(return_X_y=True)
+    X_ref, y_ref = load_digits(return_X_y=True)
+    assert X.dtype == X_ref.dtype and y.dtype == y_ref.dtype
+    assert np.array_equal(X, X_ref) and np.array_equal(y, y_ref)
+
+
 # ------------------------------------------------------------- patterns 1-10
 def test_manual_sgd_without_optimizer():
     report, _ = run_both("manual_sgd.py", "--steps", "60")
@@ -520,14 +537,13 @@ def test_forgot_model_train_after_an_evaluation_before_the_first_step():
     every step trains with dropout off. The model never trained in train mode, yet this is
     no deliberate eval-mode fine-tuning: an evaluation put it there (it was not reported).
     With model.train() (the default run, in test_zero_init_inside_residual_branches) and
-    a model fine-tuned in eval mode from the start (eval_mode_finetune.py): nothing."""
+    a model fine-tuned in eval mode from the start (eval_mode_finetune.py, healthy in
+    test_model_fine_tuned_in_eval_mode_is_measured_and_traced): nothing."""
     report, _ = run_both("lecture_gpt.py", "--forget-train")
     f = codes(report)["eval_mode_training"]
     assert f["step"] == 0 and f["evidence"]["steps"] == 100 == report["run"]["steps"]
     assert "after an evaluation before its first step" in f["summary"] and "model.train()" in f["advice"]
     assert "blocks.0.sa.heads.0.dropout" in f["layers"]
-    report, _ = run_both("eval_mode_finetune.py")
-    assert_healthy(report)
 
 
 def test_model_built_again_after_its_optimizer():

@@ -2,10 +2,11 @@
 
 Each case (tests/reliability/scripts/matrix.py) is run three ways with the same seed:
 plainly, under ``gv.watch(..., every=1)`` (every probe on every step: the most
-intrusive setting), and as a subprocess under ``gradvitals run --every 1``. The watched
-runs must be bit-identical to the plain run (final weights, RNG state, every loss), and
-the report must say what torch says: one step per optimizer step, the loss of each step,
-each parameter's gradient norm at the optimizer step, and a schema-valid JSON report.
+intrusive setting), and under ``gradvitals run --every 1`` (the CLI, in the test's
+process). The watched runs must be bit-identical to the plain run (final weights, RNG
+state, every loss), and the report must say what torch says: one step per optimizer step,
+the loss of each step, each parameter's gradient norm at the optimizer step, and a
+schema-valid JSON report.
 
 Not covered here (tests/realworld/): LBFGS closures, torch.compile, GradScaler fp16,
 GAN multi-backward, manual SGD without an optimizer.
@@ -17,8 +18,6 @@ import functools
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +69,15 @@ def watched(argv: tuple[str, ...]) -> tuple[dict[str, Any], list[dict[str, Any]]
 
 
 def run_cli(argv: tuple[str, ...], tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`gradvitals run --every 1` in this process (the CLI's code path without a second torch
+    import; tests/test_runner.py and tests/realworld run it as a subprocess)."""
+    from click.testing import CliRunner
+
+    from gradvitals.cli import main
+
     out = tmp_path / "report.json"
-    p = subprocess.run([sys.executable, "-m", "gradvitals", "run", "-q", "--every", "1", "--json", str(out),
-                        str(MATRIX), *argv], capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr
+    p = CliRunner().invoke(main, ["run", "-q", "--every", "1", "--json", str(out), str(MATRIX), *argv])
+    assert p.exit_code == 0, (p.stderr, p.exception)
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     assert len(line) == 1, p.stdout
     return json.loads(line[0][len("RESULT "):]), json.loads(out.read_text())
