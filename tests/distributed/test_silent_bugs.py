@@ -20,7 +20,7 @@ from gradvitals import distributed
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "silent_bugs.py"
 RUN_TIMEOUT_S = 180
-PROGRAMS = 10  # silent_bugs.BUGS
+PROGRAMS = 9  # silent_bugs.BUGS
 TEARDOWN_ABORT = "terminate called without an active exception"
 #: float32 norms of the same gradients summed in another order (gradvitals: float64 on the host).
 REL = 1e-5
@@ -192,55 +192,6 @@ def test_replicas_are_the_parameters_ddp_synchronises(tmp_path):
         assert not distributed.replicated(model[0].weight, model)
     finally:
         dist.destroy_process_group()
-
-
-def _tp_oracle(steps: int = 3) -> dict[str, list[float]]:
-    """What torch computes in one process on the same batches: per-parameter gradient
-    and weight norms, update ratios, fc1's output mean and std."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    from dist_common import TPBlock, tp_batch
-
-    torch.manual_seed(0)
-    model = TPBlock()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    out: dict[str, list[float]] = {}
-    for step in range(steps):
-        x, t = tp_batch(step)
-        h = model.fc1(model.embed(x))
-        std, mean = torch.std_mean(h.detach(), correction=0)
-        out.setdefault("act_mean/fc1", []).append(mean.item())
-        out.setdefault("act_std/fc1", []).append(std.item())
-        loss = nn.functional.cross_entropy(model(x).reshape(-1, TPBlock.VOCAB), t.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        for n, p in model.named_parameters():
-            out.setdefault(f"grad_norm/{n}", []).append(p.grad.norm().item())
-            out.setdefault(f"weight_norm/{n}", []).append(p.detach().norm().item())
-        opt.step()
-        for n, p in model.named_parameters():
-            out.setdefault(f"update_ratio/{n}", []).append(((p.detach() - before[n]).norm() / before[n].norm()).item())
-    return out
-
-
-@pytest.mark.slow
-def test_tensor_parallel_norms_update_ratios_and_sharded_outputs_equal_one_process(runs):
-    rep, _ = runs["tp"]
-    want = _tp_oracle()
-    for key, values in want.items():
-        got = rep["series"][key]["values"]
-        n = min(len(got), len(values))
-        assert n >= len(values) - 1, key  # the last update ratio stays pending
-        rel = 1e-3 if key.startswith("update_ratio/") else REL
-        assert got[:n] == pytest.approx(values[:n], rel=rel), key
-    assert rep["run"]["distributed"]["strategy"] == "tensor_parallel"
-    # A row-parallel layer's output is a partial sum until its all-reduce: no statistics.
-    assert "act_mean/fc2" not in rep["series"]
-    assert [e for e in rep["run"]["events"] if e["type"] == "probe_error"] == []
-    audit = next(e for e in rep["run"]["events"] if e["type"] == "init_audit")
-    assert (audit["weight_layers"], audit["residual_bypassed_layers"]) == (3, 2)  # fc1, fc2, head
-    assert rep["layers"][1]["extra"]["fan_in"] == 32 and rep["layers"][2]["extra"]["fan_in"] == 64  # global
-    assert codes(rep) == []
 
 
 @pytest.mark.slow

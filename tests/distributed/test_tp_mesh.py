@@ -147,6 +147,11 @@ def test_norms_update_ratios_and_outputs_equal_one_process(runs, oracles, progra
     assert skipped == (set() if program == "hsdp" else ROW_PARALLEL)
     assert [e for e in rep["run"]["events"] if e["type"] == "probe_error"] == []
     assert codes(rep) == []
+    if program == "tp":  # the init audit reads each rank's shard, with the global fan-in
+        audit = next(e for e in rep["run"]["events"] if e["type"] == "init_audit")
+        assert (audit["weight_layers"], audit["residual_bypassed_layers"]) == (7, 6)  # all but head
+        fan_in = {l["name"]: l.get("extra", {}).get("fan_in") for l in rep["layers"]}
+        assert (fan_in["attn.q"], fan_in["fc1"], fan_in["fc2"], fan_in["head"]) == (32, 32, 64, 32)
 
 
 @pytest.mark.slow

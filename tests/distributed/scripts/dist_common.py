@@ -36,31 +36,6 @@ def rank_slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return t[rank * n:(rank + 1) * n]
 
 
-class TPBlock(torch.nn.Module):
-    """An embedding, a residual MLP whose fc1 is column-parallel and fc2 row-parallel
-    under tensor parallelism, and a head (the tensor-parallel program and its oracle)."""
-
-    VOCAB = 50
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(self.VOCAB, 32)
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 32)
-        self.head = nn.Linear(32, self.VOCAB)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x)
-        return self.head(h + self.fc2(torch.relu(self.fc1(h))))
-
-
-def tp_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's batch of token ids and targets, the same on every rank."""
-    g = torch.Generator().manual_seed(step)
-    return (torch.randint(0, TPBlock.VOCAB, (8, 12), generator=g),
-            torch.randint(0, TPBlock.VOCAB, (8, 12), generator=g))
-
-
 class TPAttention(nn.Module):
     """Causal multi-head self-attention whose q/k/v are column-parallel and o
     row-parallel under tensor parallelism: each rank holds whole heads, so the head

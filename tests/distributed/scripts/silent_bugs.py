@@ -22,9 +22,6 @@
 - ``expert_skipped``: DDP (find_unused_parameters) with an "expert" branch that rank 1
   skips at step 2 only (no token routed to it): at that scheduled step the ranks hold
   different statistics; merging must stop there, not abort the run.
-- ``tp``: not a bug: dist_common.TPBlock with fc1 column- and fc2 row-parallel
-  (``parallelize_module``), SGD, every rank on the same batch (the one-process run
-  is the oracle).
 
 Each program knows gradvitals only through ``gv.watch``. Rank 0 prints one JSON line per
 program: its ranks' losses and the clip norms they used.
@@ -39,9 +36,9 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import TPBlock, digits, global_batch, rank_slice, tp_batch  # noqa: E402
+from dist_common import digits, global_batch, rank_slice  # noqa: E402
 
-BUGS = ["clip_local", "clip_ok", "replica_drift", "replica_ok", "opt_before_shard", "opt_after_shard", "tp",
+BUGS = ["clip_local", "clip_ok", "replica_drift", "replica_ok", "opt_before_shard", "opt_after_shard",
         "pipeline", "pipeline_plain", "expert_skipped"]
 p = argparse.ArgumentParser()
 p.add_argument("--bugs", default=",".join(BUGS))
@@ -64,30 +61,6 @@ def shard(m: nn.Module) -> nn.Module:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
     return fully_shard(m, mesh=mesh)
-
-
-def tensor_parallel() -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    import gradvitals as gv
-
-    torch.manual_seed(0)
-    model = TPBlock()
-    parallelize_module(model, init_device_mesh("cpu", (world,)), {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    watch = gv.watch(model, opt, every=1)
-    losses = []
-    for step in range(3):
-        x, t = tp_batch(step)
-        loss = nn.functional.cross_entropy(model(x).reshape(-1, TPBlock.VOCAB), t.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    watch.save(os.path.join(a.out, "tp.json"))
-    watch.close()
-    return {"bug": "tp", "ranks": [{"losses": losses}]}
 
 
 def pipeline(watched: bool) -> dict:
@@ -164,8 +137,6 @@ def expert_skipped() -> dict:
 
 
 def program(bug: str) -> dict:
-    if bug == "tp":
-        return tensor_parallel()
     if bug.startswith("pipeline"):
         return pipeline(watched=bug == "pipeline")
     if bug == "expert_skipped":
