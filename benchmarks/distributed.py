@@ -233,7 +233,7 @@ def bench(strategy: str, a: argparse.Namespace, rank: int, world: int, log: Call
             log(f"  {strategy} round {r + 1}/{a.rounds}: plain {1e3 * after:.2f} ms/step, "
                 f"watched {1e3 * w:.2f} ms/step, ratio {ratios[-1]:.3f}")
             before = after
-        info = dict(watch._recorder.record.run.get("distributed", {}))
+        info = dict(watch.record.run.get("distributed", {}))
     finally:
         watch.close()
     lo, hi = _quartiles(ratios)

@@ -37,3 +37,20 @@ def digits():
 
 def gradvitals_cmd() -> list[str]:
     return [sys.executable, "-m", "gradvitals"]
+
+
+def cli(args: list, cwd: Path | None = None):
+    """``gradvitals ARGS`` in this process (click's CliRunner, run from ``cwd``): the CLI's
+    code path without a fresh interpreter's torch import. tests/test_runner.py and
+    tests/realworld run the CLI as a subprocess."""
+    from click.testing import CliRunner
+
+    from gradvitals.cli import main
+
+    here = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        return CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        os.chdir(here)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli
 
 CASES_DIR = ROOT / "examples" / "cases"
 CASES = sorted(CASES_DIR.glob("*.py"))
@@ -82,18 +81,9 @@ def run_case(path: Path) -> tuple[dict, str, int]:
     """(report, script stdout, exit status) of one case under `gradvitals run`. The CLI runs
     in this process: a fresh interpreter per case would re-import torch and proves nothing
     the subprocess runs of tests/realworld and tests/test_runner.py do not."""
-    from click.testing import CliRunner
-
-    from gradvitals.cli import main
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
-        cwd = os.getcwd()
-        os.chdir(CASES_DIR)
-        try:
-            result = CliRunner().invoke(main, ["run", "-q", "--json", str(out), str(path)])
-        finally:
-            os.chdir(cwd)
+        result = cli(["run", "-q", "--json", out, path], cwd=CASES_DIR)
         assert out.exists(), f"{path.name}: no report written\n{result.output[-3000:]}\n{result.exception!r}"
         return json.loads(out.read_text()), result.stdout, result.exit_code
 

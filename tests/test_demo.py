@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import cli
 from gradvitals.demo import gallery
 
 pytestmark = pytest.mark.slow
@@ -14,12 +15,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     """The CLI in this process; `make wheel-check` runs `gradvitals demo --quick` as a command."""
-    from click.testing import CliRunner
-
-    from gradvitals.cli import main
-
     out = tmp_path_factory.mktemp("demo")
-    p = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    p = cli(["demo", "--quick", "--out", out])
     assert p.exit_code == 0, (p.stderr, p.exception)
     return out, p.stdout
 

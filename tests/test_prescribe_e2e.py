@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli
 
 pytestmark = pytest.mark.slow
 
@@ -19,13 +19,8 @@ BUDGET, TRIALS = 100, 3  # README states this budget: 3 remedies + a baseline, 1
 def try_fixes(script, tmp_path):
     """The CLI in this process (its trials are still fresh interpreters); the subprocess
     path of `run --try-fixes` is tests/realworld's dead-baseline test."""
-    from click.testing import CliRunner
-
-    from gradvitals.cli import main
-
     out = tmp_path / "r.json"
-    result = CliRunner().invoke(main, ["run", "--try-fixes", "--trials", str(TRIALS), "--budget-steps", str(BUDGET),
-                                       "--json", str(out), str(script)])
+    result = cli(["run", "--try-fixes", "--trials", TRIALS, "--budget-steps", BUDGET, "--json", out, script])
     assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
     return json.loads(out.read_text()), result.stderr
 

@@ -345,7 +345,7 @@ class Merger:
             "merge": "one fused float64 all-reduce (SUM) per recorded step on a gloo group",
             "allreduce_calls": 0, "allreduce_bytes_last": 0, "allreduce_bytes_max": 0,
             "timeout_s": self.timeout.total_seconds(),
-            "replica_checks": 0, "replica_tensors": 0, "replica_last_equal_step": None,
+            "replica_checks": 0, "replica_tensors": 0, "replica_last_equal_step": None, "layout_checks": 0,
         }
         recorder.record.run["distributed"] = self.info
         # Under tensor parallelism a layer's output units may be split over the ranks (a
@@ -605,7 +605,7 @@ class Merger:
         work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         work.wait(timeout=self.timeout)  # raises after the time-out: a rank is gone or stuck
         if not body:
-            self.info["layout_checks"] = self.info.get("layout_checks", 0) + 1
+            self.info["layout_checks"] += 1
             return
         nbytes = buf.numel() * buf.element_size()
         self.calls += 1
@@ -791,8 +791,7 @@ def _act_sends(v: Tensor, parts: list[tuple[str, str]], numel: dict[str, float],
             at += len(_MOMENT_BLOCK)
             continue
         if part == "mask" and mask is not None and mask.numel() and units_split:
-            chunks.append(torch.stack([(mask == 0).sum().double(), torch.tensor(float(mask.numel()),
-                                                                                dtype=torch.float64)]))
+            chunks.append(torch.tensor([float((mask == 0).sum()), float(mask.numel())], dtype=torch.float64))
             sizes.append(("count", 2))
         elif part == "mask" and mask is not None and mask.numel():
             chunks.append(mask)

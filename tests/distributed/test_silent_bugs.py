@@ -27,23 +27,24 @@ REL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
+def out_dir(tmp_path_factory) -> Path:
+    """Where the programs save their reports (the pipeline's stages: one per rank)."""
+    return tmp_path_factory.mktemp("silent_bugs")
+
+
+@pytest.fixture(scope="module")
+def runs(out_dir) -> dict[str, tuple[dict | None, list[dict]]]:
     """bug -> (rank 0's report, each rank's printed numbers): every program of
     ``silent_bugs.py`` in ONE torchrun launch (the start-up is most of its time)."""
-    out = tmp_path_factory.mktemp("silent_bugs")
-    proc = torchrun([str(SCRIPT), "--out", str(out)], timeout=RUN_TIMEOUT_S, merge_timeout_s="30")
-    stdout, stderr = proc.stdout, proc.stderr
-    printed = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    proc = torchrun([str(SCRIPT), "--out", str(out_dir)], timeout=RUN_TIMEOUT_S, merge_timeout_s="30")
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0:
         # torch 2.13's gloo can abort a rank while the processes tear down, after every
         # program ended (README, known limits): only that is tolerated.
-        assert TEARDOWN_ABORT in stderr and len(printed) == PROGRAMS, stderr[-3000:]
-    saved = {p["bug"]: p["ranks"] for p in printed}
-    result: dict = {"_out": str(out)}
-    for bug, ranks in saved.items():
-        path = out / f"{bug}.json"
-        result[bug] = (json.loads(path.read_text()) if path.exists() else None, ranks)
-    return result
+        assert TEARDOWN_ABORT in proc.stderr and len(printed) == PROGRAMS, proc.stderr[-3000:]
+    reports = {p["bug"]: out_dir / f"{p['bug']}.json" for p in printed}
+    return {p["bug"]: (json.loads(reports[p["bug"]].read_text()) if reports[p["bug"]].exists() else None,
+                       p["ranks"]) for p in printed}
 
 
 def codes(report: dict) -> list[str]:
@@ -195,7 +196,7 @@ def test_replicas_are_the_parameters_ddp_synchronises(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_pipeline_is_not_broken_each_stage_records_its_own_and_nothing_is_made_up(runs, tmp_path_factory):
+def test_a_pipeline_is_not_broken_each_stage_records_its_own_and_nothing_is_made_up(runs, out_dir):
     """Pipeline stages record different modules: the first merge's layout check (a fixed
     size buffer: gloo aborts the process on buffers of different sizes) stops merging on
     every rank; the run's numbers are the unwatched run's; each stage's own record has
@@ -203,8 +204,7 @@ def test_a_pipeline_is_not_broken_each_stage_records_its_own_and_nothing_is_made
     _, watched = runs["pipeline"]
     _, plain = runs["pipeline_plain"]
     assert watched == plain  # per rank: last stage's losses, each stage's parameter digest
-    out = Path(runs["_out"])
-    stages = [json.loads((out / f"pipeline_stage{r}.json").read_text()) for r in (0, 1)]
+    stages = [json.loads((out_dir / f"pipeline_stage{r}.json").read_text()) for r in (0, 1)]
     for rank, (rep, layers) in enumerate(zip(stages, (["0", "1"], ["2", "3", "4"]))):
         info = rep["run"]["distributed"]
         assert (info["merged"], info["rank"], info["allreduce_calls"], info["layout_checks"]) == (False, rank, 0, 1)

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import gradvitals as gv
+from conftest import cli
 from gradvitals.probes import patches
 from gradvitals.report import schema
 
@@ -71,12 +72,8 @@ def watched(argv: tuple[str, ...]) -> tuple[dict[str, Any], list[dict[str, Any]]
 def run_cli(argv: tuple[str, ...], tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """`gradvitals run --every 1` in this process (the CLI's code path without a second torch
     import; tests/test_runner.py and tests/realworld run it as a subprocess)."""
-    from click.testing import CliRunner
-
-    from gradvitals.cli import main
-
     out = tmp_path / "report.json"
-    p = CliRunner().invoke(main, ["run", "-q", "--every", "1", "--json", str(out), str(MATRIX), *argv])
+    p = cli(["run", "-q", "--every", "1", "--json", out, MATRIX, *argv])
     assert p.exit_code == 0, (p.stderr, p.exception)
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     assert len(line) == 1, p.stdout
