@@ -78,8 +78,9 @@ import math
 import os
 import signal
 import threading
+import time
 import zlib
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -245,17 +246,33 @@ def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, boo
     parameters with every rank, under tensor parallelism (DTensor parameters) it
     all-reduces and all-gathers activations: the module itself, replayed by every
     rank at once — only while the merge is on (every rank records, and every rank
-    decided to look at this same flush, from the same merged values); (None, False)
-    otherwise: no replay."""
+    decided to look at this same flush, from the same merged values, every rank
+    waiting for them at that step); (None, False) otherwise: no replay. None either
+    on a rank whose merge landed a step late (its weights and inputs are the next
+    step's: the ranks that saw the NaN replayed theirs)."""
     if not initialized():
         return unwrap(module), False
+    merger = getattr(recorder, "merger", None)
+    merged = isinstance(merger, Merger) and merger.active
+    if merged and merger.late:
+        return None, False
     dt = dtensor_type_if_loaded()
     if not (has_fsdp(module) or (dt is not None and any(isinstance(p, dt) for p in module.parameters()))):
         return unwrap(module), False
-    merger = getattr(recorder, "merger", None)
-    if isinstance(merger, Merger) and merger.active:
+    if merged and merger.together:
         return module, True
     return None, False
+
+
+def no_replay_reason(recorder: Any) -> str:
+    """Why :func:`replay_plan` gave no replay, for the ``nonfinite_origin`` event."""
+    merger = getattr(recorder, "merger", None)
+    if isinstance(merger, Merger) and merger.active:
+        if merger.late:
+            return "skipped: this rank's values were finite; it learned of the NaN a step later"
+        return ("skipped: an FSDP or tensor-parallel forward needs every rank, and only the ranks "
+                "that saw the NaN stopped at that step")
+    return "skipped: an FSDP or tensor-parallel forward needs every rank, and not every rank records"
 
 
 def strategy(module: nn.Module) -> str:
@@ -330,6 +347,9 @@ class Merger:
         self.active = True
         self.calls = 0
         self.bad_ranks: list[int] = []
+        self.flight: _Flight | None = None  # a merge start() launched and did not wait for
+        self.together = True  # every rank waited for the last merge landed (see _land)
+        self.late = False  # the last merge landed was this rank's from an earlier flush
         self._local_w: dict[tuple[int, str], float] = {}
         self._global_w: dict[tuple[int, str], float] = {}
         self._share: dict[str, float] = {}
@@ -346,6 +366,7 @@ class Merger:
             "allreduce_calls": 0, "allreduce_bytes_last": 0, "allreduce_bytes_max": 0,
             "timeout_s": self.timeout.total_seconds(),
             "replica_checks": 0, "replica_tensors": 0, "replica_last_equal_step": None, "layout_checks": 0,
+            "merges_landed_late": 0,
         }
         recorder.record.run["distributed"] = self.info
         # Under tensor parallelism a layer's output units may be split over the ranks (a
@@ -403,9 +424,44 @@ class Merger:
 
     # -- the merge ---------------------------------------------------------
     def merge(self, pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:
-        """Global values for ``pending`` (same items, same keys). Holds the step's one
-        device-to-host copy and the one all-reduce. How each value merges is its
+        """Global values for ``pending`` (same items, same keys), now. Holds the step's
+        one device-to-host copy and the one all-reduce. How each value merges is its
         quantity's ``merge`` (gradvitals.record.QUANTITIES)."""
+        return self._land(self._launch(pending, defer=False))
+
+    def start(self, pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:
+        """:meth:`merge`, except that the all-reduce of an ordinary step is not waited
+        for: its global values are [] now and come from :meth:`collect` at the next
+        flush, so no rank waits here for the slowest one (on an oversubscribed host that
+        wait costs more than the rest of the watch). Waited for at once: the first merge
+        and scheduled steps (their layout is checked first and replica checks read
+        them) and any step whose values hold a NaN/Inf on this rank (its origin is
+        searched for before the weights change)."""
+        if self.flight is not None:
+            raise RuntimeError("a merge is still in flight: collect() it first")
+        flight = self._launch(pending, defer=True)
+        if flight.waited:
+            return self._land(flight)
+        self.flight = flight
+        return []
+
+    def collect(self, patience_s: float | None = None) -> list[tuple[int, list[str], Tensor]]:
+        """The global values of the merge :meth:`start` left in flight ([] when none).
+        ``patience_s``: wait at most this long (an exit path: a rank that is gone
+        must not hold the report); the values are dropped if they have not come."""
+        flight, self.flight = self.flight, None
+        if flight is None:
+            return []
+        if patience_s is not None:
+            end = time.monotonic() + min(patience_s, self.timeout.total_seconds())
+            while not flight.work.is_completed():
+                if time.monotonic() > end:
+                    self.info["merge_dropped_step"] = max(s for s, _, _ in flight.pending)
+                    return []
+                time.sleep(0.001)
+        return self._land(flight)
+
+    def _launch(self, pending: list[tuple[int, list[str], Tensor]], defer: bool) -> _Flight:
         plans = [_plan(keys) for _, keys, _ in pending]
         masks: dict[int, Tensor] = {}  # item -> "ever active" mask of its dead-unit-tracked layer
         for j, (_, parts) in enumerate(plans):
@@ -489,24 +545,48 @@ class Merger:
             sends.append(send)
             extras.append(extra)
             layout.append(f"{'|'.join(keys)}:{kind}:{send.numel()}")
-        flags = torch.zeros(self.world, dtype=torch.float64)
-        flags[self.rank] = 1.0 if bad_here else 0.0
         tail = _replica_sends(rep_v, self.rank, self.world)
         layout.append(f"replicas:{len(rep_v)}")
         signature = float(zlib.crc32("\n".join(layout).encode()))
-        buf = torch.cat([torch.tensor([signature], dtype=torch.float64), flags, *sends, tail])
-        if self._check_layout_first(pending):
+        forced = self._check_layout_first(pending)
+        # Per rank one flag: bit 0, a NaN/Inf in a value of its own batch (names the
+        # rank); bit 1, it waited for this all-reduce at once (see start()).
+        buf = torch.cat([torch.tensor([signature], dtype=torch.float64),
+                         torch.zeros(self.world, dtype=torch.float64), *sends, tail])
+        waited = not defer or forced or not bool(torch.isfinite(buf).all())
+        buf[1 + self.rank] = (1.0 if bad_here else 0.0) + (2.0 if waited else 0.0)
+        if forced:
             head = torch.tensor([signature, float(buf.numel())], dtype=torch.float64)
             self._allreduce(head, body=False)
             if head.tolist() != [signature * W, buf.numel() * W]:
                 raise _LayoutMismatch(
                     "ranks record different values (different modules per rank, e.g. pipeline stages, "
                     "or a module that ran on some ranks only): each rank records its own from here")
-        self._allreduce(buf)
-        if buf[0].item() != signature * W:
+        work = None
+        if waited:
+            self._allreduce(buf)
+        else:
+            work = self._allreduce_async(buf)
+        return _Flight(pending, plans, sends, extras, buf, signature, rep_at, waited, work)
+
+    def _land(self, flight: _Flight) -> list[tuple[int, list[str], Tensor]]:
+        """The global values of a launched merge (waits for its all-reduce if it was not)."""
+        if flight.work is not None:
+            flight.work.wait(timeout=self.timeout)  # raises after the time-out: a rank is gone or stuck
+        buf, W = flight.buf, float(self.world)
+        pending, plans, sends, extras, rep_at = flight.pending, flight.plans, flight.sends, flight.extras, flight.rep_at
+        replicas = self._replicas
+        if buf[0].item() != flight.signature * W:
             raise _LayoutMismatch("ranks recorded different values at this step "
                                   "(different models, schedules or unused parameters per rank)")
-        self.bad_ranks = [r for r, f in enumerate(buf[1:1 + self.world].tolist()) if f > 0]
+        flags = [int(f) for f in buf[1:1 + self.world].tolist()]
+        self.bad_ranks = [r for r, f in enumerate(flags) if f & 1]
+        # A NaN-origin replay that needs every rank (FSDP, tensor parallel) runs only
+        # when every rank waited for this merge: those that did not are a step further.
+        self.together = all(f & 2 for f in flags)
+        self.late = not flight.waited
+        if self.late:
+            self.info["merges_landed_late"] += 1
         out: list[tuple[int, list[str], Tensor]] = []
         i = 1 + self.world
         last_grad: Tensor | None = None
@@ -601,12 +681,24 @@ class Merger:
         return any(scheduled(options, step) for step in {s for s, _, _ in pending})
 
     def _allreduce(self, buf: Tensor, body: bool = True) -> None:
+        """All-reduce ``buf`` in place, waiting for it (``body``: a merge's values, else
+        the layout check)."""
         dist = _dist()
         work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         work.wait(timeout=self.timeout)  # raises after the time-out: a rank is gone or stuck
         if not body:
             self.info["layout_checks"] += 1
             return
+        self._count(buf)
+
+    def _allreduce_async(self, buf: Tensor) -> Any:
+        """Start the all-reduce of a merge's values; its Work, to wait for later."""
+        dist = _dist()
+        work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        self._count(buf)
+        return work
+
+    def _count(self, buf: Tensor) -> None:
         nbytes = buf.numel() * buf.element_size()
         self.calls += 1
         self.info["allreduce_calls"] = self.calls
@@ -689,6 +781,19 @@ def _side_group(timeout: datetime.timedelta) -> Any:
 
 class _LayoutMismatch(RuntimeError):
     pass
+
+
+class _Flight(NamedTuple):
+    """A merge launched: what :meth:`Merger._land` needs to read its values back."""
+    pending: list[tuple[int, list[str], Tensor]]
+    plans: list[tuple[str, list[tuple[str, str]]]]
+    sends: list[Tensor]
+    extras: list[Any]
+    buf: Tensor
+    signature: float
+    rep_at: list[tuple[int, str]]
+    waited: bool  # this rank waited for the all-reduce when it launched it
+    work: Any  # its Work while not waited for, else None
 
 
 def _plan(keys: list[str]) -> tuple[str, list[tuple[str, str]]]:
@@ -840,8 +945,9 @@ def _fetch(tensors: list[Tensor]) -> list[Tensor]:
 
 # ------------------------------------------------ hooks the recorder calls
 def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:
-    """Called by ``Recorder._flush``: the global values when this is a multi-rank run
-    (else ``pending`` unchanged). Never raises; a failure turns merging off."""
+    """Called by ``Staging.flush``: the global values when this is a multi-rank run
+    (else ``pending`` unchanged); [] while they are in flight (:func:`collect_merged`
+    gives them at the next flush). Never raises; a failure turns merging off."""
     merger = getattr(recorder, "merger", None)
     if merger is False:
         return _local_items(pending)
@@ -858,7 +964,21 @@ def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -
             merger = recorder.merger = Merger(recorder)
         if not merger.active or not initialized():
             return _local_items(pending)
-        return merger.merge(pending)
+        return merger.start(pending)
+    except Exception as exc:
+        _switch_off(recorder, exc)
+        return _local_items(pending)
+
+
+def collect_merged(recorder: Any, patience_s: float | None = None) -> list[tuple[int, list[str], Tensor]]:
+    """The global values of an earlier flush's merge still in flight ([] when none);
+    the flush that launched it returned none (:meth:`Merger.start`). Never raises."""
+    merger = getattr(recorder, "merger", None)
+    if not isinstance(merger, Merger) or merger.flight is None:
+        return []
+    pending = merger.flight.pending
+    try:
+        return merger.collect(patience_s)
     except Exception as exc:
         _switch_off(recorder, exc)
         return _local_items(pending)

@@ -134,6 +134,26 @@ def test_ddp_under_gradvitals_run_matches_single_process(tmp_path):
     assert not [f for f in rep["findings"] if f["code"] == "nonfinite"]
 
 
+def test_merges_not_waited_for_land_in_place_and_equal_one_process(tmp_path):
+    """The default schedule: steps 2-5 are not scheduled, so no rank waits for their
+    all-reduce; each lands at the next step's flush, the last at the report."""
+    out = tmp_path / "ddp.json"
+    steps = 6
+    p = torchrun(["-m", "gradvitals", "run", "--json", str(out), str(SCRIPT), "--strategy", "ddp",
+                  "--steps", str(steps)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(out)
+    every_step = {k: v for k, v in oracle(steps).items() if k == "loss" or k.startswith("grad_norm")}
+    assert len(every_step) == 8
+    for key, want in every_step.items():
+        got = rep["series"][key]
+        assert got["steps"] == list(range(steps)), key  # the last step too: nothing stays behind
+        assert got["values"] == pytest.approx(want, rel=REL, abs=1e-6), key
+    info = rep["run"]["distributed"]
+    # Waited for at once: step 0 (scheduled) and step 1, whose flush carries step 0's update ratios.
+    assert (info["allreduce_calls"], info["merges_landed_late"], info["layout_checks"]) == (steps, steps - 2, 2)
+
+
 def test_fsdp2_with_watch_inside_the_script_matches_single_process(tmp_path):
     out = tmp_path / "fsdp.json"
     p = torchrun([str(SCRIPT), "--strategy", "fsdp", "--steps", str(STEPS), "--watch", str(out),
@@ -159,6 +179,9 @@ NAN_CASES = {
     ("ddp", "huge"): ("activation", "0"),  # 3e38 inputs: the first Linear overflows
     ("fsdp", "nan"): ("input", "(root)"),  # every rank replays (FSDP2 all-gathers): the batch
     ("fsdp", "huge"): ("activation", "0"),  # ... and names the layer, as under DDP
+    # No gradient shared: rank 0's values stay finite, so it does not wait for the bad
+    # step's merge and learns of the NaN a step later; rank 1 replayed at once.
+    ("local", "nan"): ("input", "(root)"),
 }
 
 
@@ -177,6 +200,10 @@ def test_nan_on_one_rank_names_the_rank_and_module(tmp_path, strategy, corrupt):
     assert ev["source"] == "replay"
     if strategy == "fsdp":
         assert ev["replay"] == "every rank (FSDP)"
+    info = rep["run"]["distributed"]
+    if strategy == "local":
+        assert "replay" not in ev  # rank 1's event: a plain replay on that rank
+        assert info["merges_landed_late"] >= 2  # rank 0's report: steps 0 (the first merge waits) ... 3
     finding = next(f for f in rep["findings"] if f["code"] == "nonfinite")
     assert finding["step"] == 2 and "rank 1 only" in finding["summary"]
     assert finding["layers"][0] == ev["module"]

@@ -48,6 +48,11 @@ from .staging import Staging
 
 log = logging.getLogger("gradvitals")
 
+#: At the end of a multi-rank run, how long the report waits for the last step's merge
+#: (launched by every rank, normally done long since): a rank that died before it must
+#: not hold the report for the whole collective time-out.
+SETTLE_PATIENCE_S = 10.0
+
 
 class Recorder:
     """Owns probes over one or more models and optimizers; fills a :class:`Record`.
@@ -426,6 +431,10 @@ class Recorder:
 
     def finish(self) -> None:
         """Fetch whatever is pending and stamp the run's duration (idempotent)."""
+        try:  # a merge in flight: every rank launched it, so it is a wait, not a collective
+            self.staging.settle(patience_s=SETTLE_PATIENCE_S)
+        except Exception as exc:
+            self.fail("flush", exc)
         if self.staging.pending and not distributed.holds_pending(self):
             try:
                 self.staging.flush()

@@ -60,8 +60,7 @@ class OriginLocator:
                 args, kwargs = model.last_inputs
                 target, collective = distributed.replay_plan(self.owner, model.module)
                 if target is None:
-                    event["replay"] = ("skipped: an FSDP or tensor-parallel forward needs every rank, "
-                                       "and not every rank records")
+                    event["replay"] = distributed.no_replay_reason(self.owner)
                     continue
                 if found is not None and not collective:
                     continue  # found already; an FSDP/TP model is still replayed (the others do)

@@ -102,16 +102,36 @@ class Staging:
     # --------------------------------------------------------------- flush
     def flush(self) -> None:
         """THE host sync of the step: one transfer per device of everything pending."""
+        merging = self.merger is not None or distributed.initialized()
+        if merging:
+            # Multi-rank: the global values an earlier flush's all-reduce brought, first
+            # (a NaN among them starts its origin search before this flush's collective).
+            self.settle()
         if not self.pending:
             return
         pending = self.pending
         self.pending = []
-        if self.merger is not None or distributed.initialized():
+        if merging:
             pending = [(st, k, torch.stack(t) if isinstance(t, list) else t) for st, k, t in pending]
-            pending = distributed.merge_pending(self.owner, pending)  # multi-rank: global values, one all-reduce
+            pending = distributed.merge_pending(self.owner, pending)  # global values, one all-reduce
+            if not pending:
+                return  # in flight: the next flush (or the report) lands them
             ring = False
         else:  # no process group: no DTensor either (FSDP2 needs one, even on one rank)
             ring = self.tensorboard is None
+        self.apply(pending, ring)
+
+    def settle(self, patience_s: float | None = None) -> None:
+        """Append the global values of a merge still in flight (multi-rank runs; see
+        distributed.Merger.start). ``patience_s``: at most this long a wait (exit paths)."""
+        landed = distributed.collect_merged(self.owner, patience_s)
+        if landed:
+            self.apply(landed, ring=False)
+
+    def apply(self, pending: list[Item], ring: bool) -> None:
+        """Fetch ``pending`` (one transfer per device) and append each value to its
+        series; NaN/Inf among the watched ones go to :attr:`on_nonfinite`. ``ring``:
+        per-parameter gradient norms may wait in the ring."""
         dev0 = _device(pending[0][2])
         one_device = True
         for item in pending:

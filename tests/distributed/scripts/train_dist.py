@@ -1,4 +1,5 @@
 """A plain distributed training script (DDP or FSDP2 on gloo/CPU), for torchrun.
+``--strategy local``: every rank trains its own plain model (no gradient is shared).
 
 Each rank trains on its slice of the same global batch. ``--watch PATH`` uses
 ``gv.watch`` inside the script; otherwise the script knows nothing of gradvitals.
@@ -16,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_common import digits, global_batch, make_model, rank_slice  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+p.add_argument("--strategy", choices=["ddp", "fsdp", "local"], default="ddp")
 p.add_argument("--steps", type=int, default=4)
 p.add_argument("--lr", type=float, default=0.1)
 p.add_argument("--nan-rank", type=int, default=-1)
@@ -37,6 +38,8 @@ rank, world = dist.get_rank(), dist.get_world_size()
 model = make_model()
 if a.strategy == "ddp":
     net = nn.parallel.DistributedDataParallel(model)
+elif a.strategy == "local":
+    net = model
 else:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
