@@ -146,3 +146,29 @@ def test_maxima_merge_as_the_largest_over_ranks_beside_means(one_rank_group, mon
     # layout check + 2 flags, then per item: 2 maxima x 2 slots + 2 means, 1 mean + 2 slots, as the first
     assert other[0].numel() == 1 + 2 + (2 + 2) + (1 + 2) + (2 + 2)
     assert not mergers[0].recorder.failed
+
+
+def test_a_merge_that_never_lands_is_dropped_after_the_patience_not_waited_for(one_rank_group):
+    """At the report, a merge in flight whose all-reduce never completes (a rank died
+    before starting it) is given up after ``patience_s``: the report is not held."""
+    import time
+
+    class _NeverDone:
+        waited = False
+
+        def is_completed(self) -> bool:
+            return False
+
+        def wait(self, timeout=None):
+            self.waited = True
+
+    rec = _Recorder({})
+    merger = distributed.Merger(rec)
+    work = _NeverDone()
+    merger.flight = distributed._Flight([(7, ["loss"], torch.tensor([1.0]))], [], [], [], torch.zeros(3),
+                                        0.0, [], False, work)
+    t0 = time.monotonic()
+    assert merger.collect(patience_s=0.05) == []
+    assert 0.05 <= time.monotonic() - t0 < 2
+    assert not work.waited and merger.flight is None and merger.info["merge_dropped_step"] == 7
+    assert merger.collect(patience_s=0.05) == []  # nothing in flight any more
