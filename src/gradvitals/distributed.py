@@ -562,11 +562,9 @@ class Merger:
                 raise _LayoutMismatch(
                     "ranks record different values (different modules per rank, e.g. pipeline stages, "
                     "or a module that ran on some ranks only): each rank records its own from here")
-        work = None
+        work = None if waited else self._allreduce(buf, wait=False)
         if waited:
             self._allreduce(buf)
-        else:
-            work = self._allreduce_async(buf)
         return _Flight(pending, plans, sends, extras, buf, signature, rep_at, waited, work)
 
     def _land(self, flight: _Flight) -> list[tuple[int, list[str], Tensor]]:
@@ -680,23 +678,20 @@ class Merger:
             return True
         return any(scheduled(options, step) for step in {s for s, _, _ in pending})
 
-    def _allreduce(self, buf: Tensor, body: bool = True) -> None:
-        """All-reduce ``buf`` in place, waiting for it (``body``: a merge's values, else
-        the layout check)."""
+    def _allreduce(self, buf: Tensor, body: bool = True, wait: bool = True) -> Any:
+        """All-reduce ``buf`` in place (``body``: a merge's values, else the layout
+        check). ``wait=False``: only start it and return its Work (None once waited for)."""
         dist = _dist()
         work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        if not wait:
+            self._count(buf)
+            return work
         work.wait(timeout=self.timeout)  # raises after the time-out: a rank is gone or stuck
-        if not body:
+        if body:
+            self._count(buf)
+        else:
             self.info["layout_checks"] += 1
-            return
-        self._count(buf)
-
-    def _allreduce_async(self, buf: Tensor) -> Any:
-        """Start the all-reduce of a merge's values; its Work, to wait for later."""
-        dist = _dist()
-        work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-        self._count(buf)
-        return work
+        return None
 
     def _count(self, buf: Tensor) -> None:
         nbytes = buf.numel() * buf.element_size()
