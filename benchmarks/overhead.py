@@ -58,6 +58,8 @@ from gradvitals.record import Record
 
 THREADS = 2  # the reference machines have 2 cores
 SEED = 0
+#: Where models and batches live (--device); the reference numbers are CPU ones.
+DEVICE = torch.device("cpu")
 BATCH_POOL = 8  # pre-built batches cycled through, so data loading costs nothing
 VOCAB = 1000  # synthetic LM vocabulary (W3, W4): small, so the model part dominates less
 
@@ -196,6 +198,11 @@ def workloads() -> dict[str, Callable[[], Workload]]:
                                lambda p: torch.optim.AdamW(p, lr=3e-4), _token_batches(32, 64), _lm_loss),
         "W4": lambda: Workload("W4", "2-layer LSTM LM h256, seq 70 b20, SGD", LSTMLM,
                                lambda p: torch.optim.SGD(p, lr=1.0), _token_batches(20, 70), _lm_loss),
+        # W3 scaled up to a step an accelerator is busy with (issue 7 asks for it on a GPU):
+        # no budget of its own, run by name (--workloads W3L).
+        "W3L": lambda: Workload("W3L", "Pre-LN transformer LM 8x d1024 h16, seq 512 b16, AdamW (W3 scaled up)",
+                                lambda: PreLNTransformerLM(d_model=1024, heads=16, layers=8, seq=512),
+                                lambda p: torch.optim.AdamW(p, lr=3e-4), _token_batches(16, 512), _lm_loss),
         # Not one of issue 7's workloads (no budget): a toy-size step, where gradvitals'
         # fixed per-step cost shows. Run it by name (--workloads W0).
         "W0": lambda: Workload("W0", "2-layer MLP w64, digits b64, Adam (toy step: fixed cost)", _tiny,
@@ -539,6 +546,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _wait() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def _quantiles(xs: list[float]) -> tuple[float, float]:
     if len(xs) < 2:
         return xs[0], xs[0]
@@ -553,7 +565,7 @@ def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps
     # instance effect: where the allocator put each copy's tensors), more than the
     # budgets; on one instance the control (plain_twin) sits within 0-5% of plain (noise).
     torch.manual_seed(SEED)
-    model = wl.build()
+    model = wl.build().to(DEVICE)
     shared = (model, wl.optimizer(list(model.parameters())))
     insts = [m(wl, shared) for m in methods]
     names = [m.name for m in insts]
@@ -569,9 +581,11 @@ def bench_workload(wl: Workload, methods: list[type[Method]], rounds: int, steps
         m.enter()
         for _ in range(LEAD_IN):  # untimed: the switch from the previous method settles
             m.step()
+        _wait()
         t0 = time.perf_counter()
         for _ in range(steps):
             m.step()
+        _wait()  # an accelerator's queued work belongs to the block that queued it
         dt = (time.perf_counter() - t0) / steps
         m.exit()
         block[m.name].append(dt)
@@ -681,26 +695,66 @@ def count_host_syncs(package: str = "gradvitals"):
             setattr(torch.Tensor, name, orig)
 
 
+@contextlib.contextmanager
+def count_cuda_syncs():
+    """Every synchronising CUDA call (torch's sync debug mode, "warn"), whoever made it:
+    the ground truth on a GPU, hidden syncs (a tensor in an ``if``, ``nonzero``) included.
+    Yields the list of (file:line, message) of each one, in order."""
+    import warnings
+
+    seen: list[tuple[str, str]] = []
+    prev = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield seen
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+            seen.extend((f"{Path(w.filename).name}:{w.lineno}", str(w.message).splitlines()[0])
+                        for w in caught if "synchroniz" in str(w.message))
+
+
 def syncs_per_step(wl: Workload, steps: int) -> dict[str, Any]:
-    """Host syncs of gradvitals' default watch per optimizer step (max and mean)."""
+    """Host syncs of gradvitals' default watch per optimizer step (max and mean). On a
+    GPU also every synchronising CUDA call (``count_cuda_syncs``), for the watched step
+    and for the plain step (the control: a step that syncs on its own)."""
     torch.manual_seed(SEED)
-    model = wl.build()
+    model = wl.build().to(DEVICE)
     m = GradvitalsMethod(wl, (model, wl.optimizer(list(model.parameters()))))
-    per_step = []
+    cuda = DEVICE.type == "cuda"
+    per_step, cuda_per_step, sites = [], [], {}
     try:
         m.enter()
         with count_host_syncs() as counter:
             for _ in range(steps):
                 before = counter["n"]
-                m.step()
+                if cuda:
+                    with count_cuda_syncs() as seen:
+                        m.step()
+                    cuda_per_step.append(len(seen))
+                    if len(per_step) > 0:  # step 0's init audit apart (below)
+                        for where, _msg in seen:
+                            sites[where] = sites.get(where, 0) + 1
+                else:
+                    m.step()
                 per_step.append(counter["n"] - before)
         m.exit()
     finally:
         m.close()
     # Step 0 also holds the once-per-model init audit's own fetch (probes/init_audit.py):
     # reported apart, the budget is on the steady state.
-    return {"max": max(per_step[1:]), "first_step": per_step[0],
-            "mean": sum(per_step[1:]) / (len(per_step) - 1), "steps": steps}
+    out = {"max": max(per_step[1:]), "first_step": per_step[0],
+           "mean": sum(per_step[1:]) / (len(per_step) - 1), "steps": steps}
+    if cuda:
+        plain = Method(wl, (model, m.opt))
+        with count_cuda_syncs() as seen:
+            for _ in range(steps):
+                plain.step()
+        out["cuda"] = {"max": max(cuda_per_step[1:]), "first_step": cuda_per_step[0],
+                       "mean": sum(cuda_per_step[1:]) / (len(cuda_per_step) - 1), "sites": sites,
+                       "plain_total": len(seen)}
+    return out
 
 
 # ---------------------------------------------------------- record size
@@ -832,6 +886,12 @@ def check_budgets(results: dict[str, Any]) -> list[dict[str, Any]]:
             s = res["syncs"]
             out.append({"name": f"{w} host syncs per step (default)", "measured": f"max {s['max']} (step 0: {s['first_step']}, once-per-model init audit)",
                         "budget": f"<= {BUDGET_SYNCS_PER_STEP}", "pass": s["max"] <= BUDGET_SYNCS_PER_STEP})
+            if "cuda" in s:  # what the GPU itself saw, beyond the plain step's own
+                c = s["cuda"]
+                out.append({"name": f"{w} synchronising CUDA calls per step (default)",
+                            "measured": f"max {c['max']}, mean {c['mean']:.2f} (step 0: {c['first_step']}; plain "
+                                        f"step: {c['plain_total']} in {s['steps']}; sites {c['sites']})",
+                            "budget": f"<= {BUDGET_SYNCS_PER_STEP}", "pass": c["max"] <= BUDGET_SYNCS_PER_STEP})
     if "record" in results:
         rec = results["record"]
         out.append({"name": f"record of {rec['steps']:,} steps x {rec['layers']} layers",
@@ -845,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default=",".join(REFERENCE),
-                   help="comma-separated subset of W1,W2,W3,W4 (default: all four), or W0 (a toy step, no budget)")
+                   help="comma-separated subset of W1,W2,W3,W4 (default: all four), or W0 (a toy step) or W3L (W3 scaled up, for a GPU): no budget")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names (plain always runs)")
     p.add_argument("--rounds", type=int, default=11, help="alternating rounds (default 11)")
     p.add_argument("--steps", type=int, default=100,
@@ -866,6 +926,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", metavar="REV", default=None,
                    help="also time gradvitals at git revision REV (methods gv_default_base, gv_full_base) "
                         "and print this revision / that one per round")
+    p.add_argument("--device", default="cpu",
+                   help="where models and batches live: cpu (default: the reference numbers) or cuda[:N]; "
+                        "on a GPU each block ends with a synchronize, and the CUDA sync counter runs too")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.malloc == "pinned" and any(os.environ.get(k) != v for k, v in MALLOC_PINNED.items()):
@@ -880,6 +943,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--workloads: unknown {', '.join(bad) or '(empty)'}; allowed: {', '.join(all_wl)}")
     if a.rounds < 1 or a.steps < 1:
         p.error("--rounds and --steps must be positive integers")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError as exc:
+        p.error(f"--device {a.device!r}: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {a.device!r}: cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device!r}: torch sees no CUDA device here")
+    global DEVICE
+    DEVICE = device
     rounds, steps, rec_steps = (2, 5, 20_000) if a.quick else (a.rounds, a.steps, RECORD_STEPS)
     if a.gv_warmup < 0:
         p.error("--gv-warmup must be a non-negative integer")
@@ -906,7 +979,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": a.threads, "cpus": os.cpu_count(), "platform": platform.platform(terse=True),
-                    "device": "cpu", "dtype": "float32"},
+                    "device": str(DEVICE), "dtype": "float32",
+                    "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None},
         "settings": {"rounds": rounds, "steps_per_block": steps, "loss_item_in_step": False,
                      "lead_in_steps": LEAD_IN, "malloc": a.malloc,
                      "malloc_env": {k: os.environ.get(k) for k in MALLOC_PINNED},
@@ -919,6 +993,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for w in chosen:
         wl = all_wl[w]()
+        wl.batches = [(x.to(DEVICE), y.to(DEVICE)) for x, y in wl.batches]
         log(f"{w}: {wl.title}")
         t0 = time.perf_counter()
         res = bench_workload(wl, methods, rounds, steps, log)

@@ -53,6 +53,21 @@ def test_sdpa_causal_equals_direct():
     assert probe.from_sdpa(q, k).values()[2] == pytest.approx(math.log(6))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inside_an_autocast_region_the_scores_are_recomputed_in_float32(dtype):
+    """The probes run inside the model's forward, so inside its autocast region: the
+    recomputed q.kT must not fall back to bf16/fp16 (float32's lowest value, the mask
+    fill, overflows them; and the max logit would lose its digits)."""
+    q, k = qk()
+    s = q @ k.transpose(-2, -1) / math.sqrt(8)
+    keep = torch.ones(6, 6, dtype=torch.bool).tril().expand_as(s)
+    with torch.autocast("cpu", dtype=dtype):
+        st = probe.from_sdpa(q, k, is_causal=True)
+        soft = probe.from_softmax(s.masked_fill(~keep, float("-inf")), torch.softmax(s.masked_fill(~keep, float("-inf")), -1))
+    close(st, direct(s, keep))
+    close(soft, direct(s, keep))
+
+
 def test_sdpa_padding_mask_scale_and_a_fully_masked_row():
     q, k = qk(L=5, S=7)
     pad = torch.ones(2, 1, 5, 7, dtype=torch.bool)

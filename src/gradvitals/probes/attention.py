@@ -15,6 +15,7 @@ of the softmax rows and how many rows had one (a fully masked row has none);
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -44,6 +45,15 @@ class Stats:
         """[max logit, mean entropy, mean uniform entropy] (NaN means: no row)."""
         rows = self.rows
         return torch.stack([self.max_logit, self.entropy_sum / rows, self.uniform_sum / rows])
+
+
+def _float32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for the probe's own ops: it runs inside the model's forward, so inside
+    its autocast region, where the recomputed scores would come out bfloat16/float16
+    (float32's lowest value, the mask fill, overflows them and the max logit loses digits)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _rows(s: Tensor, keep: Tensor | None) -> Stats:
@@ -76,7 +86,7 @@ def from_softmax(x: Tensor, p: Tensor) -> Stats:
     """Stats of attention whose scores ``x`` (masked with -inf or a very negative fill)
     the model turned into ``p = softmax(x, -1)`` itself: the entropy is ``p``'s (the
     probabilities the model used), the max and the unmasked keys are ``x``'s."""
-    with torch.no_grad():
+    with torch.no_grad(), _float32(x.device):
         x = x.detach()
         p = p.detach()
         keys = x.shape[-1]
@@ -107,7 +117,7 @@ def from_sdpa(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, is_causal: 
     (nested tensors, more than 4 dimensions)."""
     if q.is_nested or k.is_nested or q.dim() < 2 or q.dim() > 4 or k.dim() != q.dim():
         return None
-    with torch.no_grad():
+    with torch.no_grad(), _float32(q.device):
         q = q.detach()
         k = k.detach()
         m = attn_mask.detach() if isinstance(attn_mask, Tensor) else None
