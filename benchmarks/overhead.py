@@ -200,9 +200,9 @@ def workloads() -> dict[str, Callable[[], Workload]]:
                                lambda p: torch.optim.SGD(p, lr=1.0), _token_batches(20, 70), _lm_loss),
         # W3 scaled up to a step an accelerator is busy with (issue 7 asks for it on a GPU):
         # no budget of its own, run by name (--workloads W3L).
-        "W3L": lambda: Workload("W3L", "Pre-LN transformer LM 8x d1024 h16, seq 512 b16, AdamW (W3 scaled up)",
-                                lambda: PreLNTransformerLM(d_model=1024, heads=16, layers=8, seq=512),
-                                lambda p: torch.optim.AdamW(p, lr=3e-4), _token_batches(16, 512), _lm_loss),
+        "W3L": lambda: Workload("W3L", "Pre-LN transformer LM 6x d768 h12, seq 256 b16, AdamW (W3 scaled up)",
+                                lambda: PreLNTransformerLM(d_model=768, heads=12, layers=6, seq=256),
+                                lambda p: torch.optim.AdamW(p, lr=3e-4), _token_batches(16, 256), _lm_loss),
         # Not one of issue 7's workloads (no budget): a toy-size step, where gradvitals'
         # fixed per-step cost shows. Run it by name (--workloads W0).
         "W0": lambda: Workload("W0", "2-layer MLP w64, digits b64, Adam (toy step: fixed cost)", _tiny,
