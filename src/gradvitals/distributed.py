@@ -101,6 +101,15 @@ TIMEOUT_ENV = "GRADVITALS_DIST_TIMEOUT_S"
 #: "0": no merge; each rank records its own values (for a watch on some ranks only).
 MERGE_ENV = "GRADVITALS_DIST_MERGE"
 
+#: Ordinary steps (neither the first merge nor a scheduled one) merged together in one
+#: all-reduce when no NaN-origin replay needs every rank (no FSDP, no DTensor: DDP,
+#: replicated or independent models). An all-reduce's fixed cost (starting it on gloo's
+#: thread, landing it) is paid once per this many steps instead of every step; the
+#: merged values reach the record (and the live status line) at most this many steps
+#: later, the report lands them all. Override with GRADVITALS_DIST_BATCH (1: no batching).
+BATCH_STEPS = 8
+BATCH_ENV = "GRADVITALS_DIST_BATCH"
+
 #: |W| below this is treated as this (the recorder clamps the same way) so a ratio
 #: of an all-zero shard can be turned back into |dW|.
 _W_FLOOR = 1e-12
@@ -348,6 +357,9 @@ class Merger:
         self.calls = 0
         self.bad_ranks: list[int] = []
         self.flight: _Flight | None = None  # a merge start() launched and did not wait for
+        self.batch: _Batch | None = None  # ordinary steps fetched, not yet sent (see start())
+        self._layouts: dict[tuple, _Layout | None] = {}  # per item keys: how a batched step merges
+        self.batch_k = 1  # steps per batch; decided with the shares (_shares)
         self.together = True  # every rank waited for the last merge landed (see _land)
         self.late = False  # the last merge landed was this rank's from an earlier flush
         self._local_w: dict[tuple[int, str], float] = {}
@@ -366,7 +378,7 @@ class Merger:
             "allreduce_calls": 0, "allreduce_bytes_last": 0, "allreduce_bytes_max": 0,
             "timeout_s": self.timeout.total_seconds(),
             "replica_checks": 0, "replica_tensors": 0, "replica_last_equal_step": None, "layout_checks": 0,
-            "merges_landed_late": 0,
+            "merges_landed_late": 0, "batch_steps": 1, "batches": 0,
         }
         recorder.record.run["distributed"] = self.info
         # Under tensor parallelism a layer's output units may be split over the ranks (a
@@ -385,6 +397,13 @@ class Merger:
             self._replicas = {name for m in rec.models for name, p in m.params if replicated(p, m.module)}
             self.info["replica_tensors"] = len(self._replicas)
             self._share_version = rec.version
+            # The same on every rank (the same models): batch boundaries must match.
+            self.batch_k = 1 if any(_replays_on_every_rank(m.module) for m in rec.models) else _batch_steps()
+            self.info["batch_steps"] = self.batch_k
+            self._layouts = {}
+            if self.batch_k > 1:
+                self.info["merge"] = (f"one fused float64 all-reduce (SUM) on a gloo group per {self.batch_k} "
+                                      "ordinary recorded steps, and per first or scheduled step")
         return self._share
 
     def _grad_parts(self, names: list[str]) -> tuple[list[float], list[tuple[int, float, Tensor]]]:
@@ -436,14 +455,196 @@ class Merger:
         wait costs more than the rest of the watch). Waited for at once: the first merge
         and scheduled steps (their layout is checked first and replica checks read
         them) and any step whose values hold a NaN/Inf on this rank (its origin is
-        searched for before the weights change)."""
+        searched for before the weights change).
+
+        With :attr:`batch_k` > 1 (no replay needs every rank) ordinary steps are not
+        sent one by one: they are prepared (the step's one copy) and sent together every
+        ``batch_k`` steps, at the next forced step, or at the end of the run
+        (:meth:`close_batch`) — the same flushes on every rank. A rank that holds a
+        NaN/Inf in a batched step searches its origin alone at once (its own replay, as
+        it would under a merged NaN) and gathers it with the others' when the batch
+        lands."""
         if self.flight is not None:
             raise RuntimeError("a merge is still in flight: collect() it first")
+        forced = self._check_layout_first(pending)
+        self._shares()  # decides batch_k (the models may have changed)
+        layout = self._batch_layout(pending) if self.batch_k > 1 and not forced else None
+        if layout is not None:
+            flat = _flat(pending)  # THE host sync of the step
+            if self.batch is not None and self.batch.layout is not layout:
+                # Another layout (a clip call begins, a parameter group is added): the batch so
+                # far is sent first; this step begins the next one.
+                self.flight = self._send_batch(defer=True)
+            if self.batch is None:
+                self.batch = _Batch(layout, [], [])
+            self.batch.steps.append(pending[0][0])
+            self.batch.flats.append(flat)
+            if self.flight is None and len(self.batch.steps) >= self.batch_k:
+                self.flight = self._send_batch(defer=True)
+            if not bool(flat.isfinite().all()):
+                self._origin_alone(layout, pending[0][0], flat)
+            return []
+        landed: list[tuple[int, list[str], Tensor]] = []
+        if self.batch is not None:  # the batch goes first, in step order (every rank is at this flush)
+            landed = self._land(self._send_batch(defer=False))
         flight = self._launch(pending, defer=True)
         if flight.waited:
-            return self._land(flight)
+            return landed + self._land(flight)
         self.flight = flight
-        return []
+        return landed
+
+    # -- batches of ordinary steps ---------------------------------------------
+    def _batch_layout(self, pending: list[tuple[int, list[str], Tensor]]) -> _Layout | None:
+        """How a batched step's values merge, one rule per value (cached per item keys):
+        None for items no fixed rule merges (partial gradients, statistics of a
+        scheduled step, several steps in one flush); then the step is sent alone."""
+        key = tuple(tuple(keys) for _, keys, _ in pending)
+        if key in self._layouts:
+            return self._layouts[key]
+        self._layouts[key] = layout = self._new_layout(pending)
+        return layout
+
+    def _new_layout(self, pending: list[tuple[int, list[str], Tensor]]) -> _Layout | None:
+        if len({st for st, _, _ in pending}) != 1:
+            return None
+        shares = self._shares()
+        W = float(self.world)
+        keys_of = [list(keys) for _, keys, _ in pending]
+        square: list[bool] = []
+        scale: list[float] = []
+        summed: list[int] = []
+        slotted: list[int] = []
+        own: list[int] = []
+        watched: list[bool] = []
+        glob: list[tuple[int, int]] = []
+        offsets: list[int] = []
+        text: list[str] = []
+        last_grad = None
+        rank_keys: dict[int, list[str]] = {}
+        at = 0
+        for j, keys in enumerate(keys_of):
+            kind, _ = _plan(keys)
+            if kind == "rank":
+                rank_keys[j] = [f"{split_key(k)[0]}/{r}" for k in keys for r in range(self.world)]
+            q0 = split_key(keys[0])[0]
+            offsets.append(at)
+            if kind == "norm":
+                if q0 != "grad_norm":
+                    return None
+                gshare, partial = self._grad_parts([split_key(k)[1] or k for k in keys])
+                if partial:
+                    return None
+                last_grad = j
+            elif kind == "global":
+                if last_grad is None:
+                    return None
+                glob.append((j, last_grad))
+            elif kind not in ("mean", "rank"):
+                return None
+            for i, k in enumerate(keys):
+                q = quantity_of(k)
+                watched.append(q is not None and q.watched)
+                if q is not None and q.names_bad_rank:
+                    own.append(at + i)
+                square.append(kind == "norm")
+                scale.append(gshare[i] if kind == "norm" else 1.0 / W)
+                if kind in ("norm", "mean"):
+                    summed.append(at + i)
+                elif kind == "rank":
+                    slotted.append(at + i)
+            sent = len(keys) * (self.world if kind == "rank" else 0 if kind == "global" else 1)
+            shown = [split_key(k)[0] for k in keys] if kind == "rank" else keys
+            text.append(f"{'|'.join(shown)}:{kind}:{sent}")
+            at += len(keys)
+        return _Layout(keys_of, offsets, torch.tensor(square), torch.tensor(scale, dtype=torch.float64),
+                       torch.tensor(summed, dtype=torch.long), torch.tensor(slotted, dtype=torch.long),
+                       glob, torch.tensor(own, dtype=torch.long), watched, "\n".join(text),
+                       len(summed) + self.world * len(slotted), rank_keys)
+
+    def _send_batch(self, defer: bool, pad_to: int = 0) -> _Flight:
+        """Start the one all-reduce of the batched steps (the batch is emptied):
+        [signature, a flag per rank, per step its summed values then its values slotted
+        per rank], zeros up to ``pad_to``."""
+        batch = self.batch
+        assert batch is not None
+        lay, W = batch.layout, self.world
+        v = torch.stack(batch.flats)  # (steps, values)
+        parts = [torch.where(lay.square, v * v, v)[:, lay.summed] * lay.scale[lay.summed]]
+        if lay.slotted.numel():
+            slots = torch.zeros(v.shape[0], lay.slotted.numel(), W, dtype=torch.float64)
+            slots[:, :, self.rank] = v[:, lay.slotted]
+            parts.append(slots.reshape(v.shape[0], -1))
+        body = torch.cat(parts, 1).reshape(-1)
+        signature = float(zlib.crc32(f"{lay.text}\nbatch:{len(batch.steps)}".encode()))
+        bad_here = bool(lay.own.numel()) and not bool(v[:, lay.own].isfinite().all())
+        buf = torch.cat([torch.tensor([signature], dtype=torch.float64), torch.zeros(W, dtype=torch.float64), body])
+        if pad_to > buf.numel():
+            buf = torch.cat([buf, torch.zeros(pad_to - buf.numel(), dtype=torch.float64)])
+        buf[1 + self.rank] = (1.0 if bad_here else 0.0) + (0.0 if defer else 2.0)
+        work = self._allreduce(buf, wait=not defer)
+        self.batch = None  # sent: its values come with the flight
+        self.info["batches"] += 1
+        return _Flight([], buf, signature, [], not defer, work, batch)
+
+    def _land_batch(self, flight: _Flight) -> list[tuple[int, list[str], Tensor]]:
+        batch = flight.batch
+        lay, W, k = batch.layout, self.world, len(batch.steps)
+        n_sum = lay.summed.numel()
+        body = flight.buf[1 + W:1 + W + k * lay.step_numel].view(k, lay.step_numel)
+        g = torch.zeros(k, lay.square.numel(), dtype=torch.float64)
+        g[:, lay.summed] = body[:, :n_sum]
+        g = torch.where(lay.square, g.sqrt(), g)
+        for j, i in lay.glob:  # a global norm: recomputed from its step's merged gradient norms
+            o, n = lay.offsets[i], len(lay.keys[i])
+            g[:, lay.offsets[j]] = g[:, o:o + n].square().sum(1).sqrt()
+        g = g.float()
+        slots = body[:, n_sum:].float()
+        out: list[tuple[int, list[str], Tensor]] = []
+        rank_keys = lay.rank_keys
+        for row, step in enumerate(batch.steps):
+            at = 0
+            for j, keys in enumerate(lay.keys):
+                if j in rank_keys:
+                    n = len(keys) * W
+                    out.append((step, rank_keys[j], slots[row, at:at + n]))
+                    at += n
+                else:
+                    o = lay.offsets[j]
+                    out.append((step, keys, g[row, o:o + len(keys)]))
+        return out
+
+    def close_batch(self, patience_s: float) -> list[tuple[int, list[str], Tensor]]:
+        """At the end of the run: send the steps still batched (every rank ends its run
+        here with the same batch) and land them, waiting at most ``patience_s``. Padded
+        to a full batch's size: a rank still training would otherwise abort in gloo on
+        buffers of different sizes; the signature tells the contents apart. If they do
+        not come (a rank is gone), this rank's own values are kept for those steps and
+        ``run.distributed.unmerged_steps`` says which."""
+        if self.batch is None or self.flight is not None:
+            return []
+        batch = self.batch
+        self.flight = self._send_batch(defer=True, pad_to=1 + self.world + self.batch_k * batch.layout.step_numel)
+        landed = self.collect(patience_s)
+        return landed if landed else _own_values(batch, self.info)
+
+    def own_batch(self) -> list[tuple[int, list[str], Tensor]]:
+        """The batched steps' values as this rank measured them, the batch emptied
+        (their merge did not come, or failed): better than no values for those steps."""
+        batch, self.batch = self.batch, None
+        return _own_values(batch, self.info) if batch is not None else []
+
+    def _origin_alone(self, lay: _Layout, step: int, flat: Tensor) -> None:
+        """This rank's values of a batched step hold a NaN/Inf: if any is a watched
+        quantity's, its origin, searched for now by this rank alone (before the weights
+        change), is gathered with every rank's when the batch lands
+        (OriginLocator.seen_alone)."""
+        keys = [k for ks in lay.keys for k in ks]
+        nonfinite = [(step, k, x) for k, x, w in zip(keys, flat.tolist(), lay.watched)
+                     if w and not math.isfinite(x)]
+        origin = getattr(self.recorder, "origin", None)
+        if nonfinite and origin is not None:
+            self.late = False  # this rank's own step: its replay is valid (replay_plan)
+            origin.seen_alone(nonfinite)
 
     def collect(self, patience_s: float | None = None) -> list[tuple[int, list[str], Tensor]]:
         """The global values of the merge :meth:`start` left in flight ([] when none).
@@ -461,7 +662,9 @@ class Merger:
                 time.sleep(0.001)
         return self._land(flight)
 
-    def _launch(self, pending: list[tuple[int, list[str], Tensor]], defer: bool) -> _Flight:
+    def _prepare(self, pending: list[tuple[int, list[str], Tensor]]) -> _Prepared:
+        """What one flush sends into the SUM, per item, from this rank's values: holds the
+        step's one device-to-host copy. No communication."""
         plans = [_plan(keys) for _, keys, _ in pending]
         masks: dict[int, Tensor] = {}  # item -> "ever active" mask of its dead-unit-tracked layer
         for j, (_, parts) in enumerate(plans):
@@ -545,10 +748,19 @@ class Merger:
             sends.append(send)
             extras.append(extra)
             layout.append(f"{'|'.join(keys)}:{kind}:{send.numel()}")
+        return _Prepared(pending, plans, sends, extras, layout, rep_at, rep_v, bad_here)
+
+    def _send(self, preps: list[_Prepared], defer: bool, forced: bool) -> _Flight:
+        """Start the one all-reduce of ``preps``; ``defer``: do not wait for it (unless
+        forced, or this rank holds a NaN/Inf in these values: see start())."""
+        rep_at = [x for p in preps for x in p.rep_at]
+        rep_v = [x for p in preps for x in p.rep_v]
         tail = _replica_sends(rep_v, self.rank, self.world)
+        layout = [x for p in preps for x in p.layout]
         layout.append(f"replicas:{len(rep_v)}")
         signature = float(zlib.crc32("\n".join(layout).encode()))
-        forced = self._check_layout_first(pending)
+        sends = [x for p in preps for x in p.sends]
+        bad_here = any(p.bad_here for p in preps)
         # Per rank one flag: bit 0, a NaN/Inf in a value of its own batch (names the
         # rank); bit 1, it waited for this all-reduce at once (see start()).
         buf = torch.cat([torch.tensor([signature], dtype=torch.float64),
@@ -556,6 +768,7 @@ class Merger:
         waited = not defer or forced or not bool(torch.isfinite(buf).all())
         buf[1 + self.rank] = (1.0 if bad_here else 0.0) + (2.0 if waited else 0.0)
         if forced:
+            W = float(self.world)
             head = torch.tensor([signature, float(buf.numel())], dtype=torch.float64)
             self._allreduce(head, body=False)
             if head.tolist() != [signature * W, buf.numel() * W]:
@@ -565,16 +778,16 @@ class Merger:
         work = None if waited else self._allreduce(buf, wait=False)
         if waited:
             self._allreduce(buf)
-        return _Flight(pending, plans, sends, extras, buf, signature, rep_at, waited, work)
+        return _Flight(preps, buf, signature, rep_at, waited, work)
 
-    def _land(self, flight: _Flight) -> list[tuple[int, list[str], Tensor]]:
-        """The global values of a launched merge (waits for its all-reduce if it was not)."""
-        if flight.work is not None:
-            flight.work.wait(timeout=self.timeout)  # raises after the time-out: a rank is gone or stuck
-        buf, W = flight.buf, float(self.world)
-        pending, plans, sends, extras, rep_at = flight.pending, flight.plans, flight.sends, flight.extras, flight.rep_at
-        replicas = self._replicas
-        if buf[0].item() != flight.signature * W:
+    def _launch(self, pending: list[tuple[int, list[str], Tensor]], defer: bool) -> _Flight:
+        return self._send([self._prepare(pending)], defer, self._check_layout_first(pending))
+
+    def _land_flags(self, flight: _Flight) -> None:
+        """Check a landed merge's signature; read which ranks saw a NaN/Inf of their own
+        and which waited for it at once."""
+        buf = flight.buf
+        if buf[0].item() != flight.signature * float(self.world):
             raise _LayoutMismatch("ranks recorded different values at this step "
                                   "(different models, schedules or unused parameters per rank)")
         flags = [int(f) for f in buf[1:1 + self.world].tolist()]
@@ -585,10 +798,26 @@ class Merger:
         self.late = not flight.waited
         if self.late:
             self.info["merges_landed_late"] += 1
+
+    def _land(self, flight: _Flight) -> list[tuple[int, list[str], Tensor]]:
+        """The global values of a launched merge (waits for its all-reduce if it was not)."""
+        if flight.work is not None:
+            flight.work.wait(timeout=self.timeout)  # raises after the time-out: a rank is gone or stuck
+        self._land_flags(flight)
+        if flight.batch is not None:
+            return self._land_batch(flight)
+        buf = flight.buf
+        rep_at = flight.rep_at
+        replicas = self._replicas
         out: list[tuple[int, list[str], Tensor]] = []
         i = 1 + self.world
         last_grad: Tensor | None = None
-        for (step, keys, _), send, (kind, _), extra in zip(pending, sends, plans, extras):
+        last_step = -1
+        items = [(item, send, plan, extra) for p in flight.preps
+                 for item, send, plan, extra in zip(p.pending, p.sends, p.plans, p.extras)]
+        for (step, keys, _), send, (kind, _), extra in items:
+            if step != last_step:  # a batch holds several steps: a global norm is its own step's
+                last_grad, last_step = None, step
             s = buf[i:i + send.numel()]
             i += send.numel()
             if kind == "norm":
@@ -778,17 +1007,79 @@ class _LayoutMismatch(RuntimeError):
     pass
 
 
-class _Flight(NamedTuple):
-    """A merge launched: what :meth:`Merger._land` needs to read its values back."""
+class _Prepared(NamedTuple):
+    """One flush's values, ready to send (:meth:`Merger._prepare`)."""
     pending: list[tuple[int, list[str], Tensor]]
     plans: list[tuple[str, list[tuple[str, str]]]]
     sends: list[Tensor]
     extras: list[Any]
+    layout: list[str]
+    rep_at: list[tuple[int, str]]
+    rep_v: list[float]
+    bad_here: bool
+
+
+class _Flight(NamedTuple):
+    """A merge launched: what :meth:`Merger._land` needs to read its values back."""
+    preps: list[_Prepared]
     buf: Tensor
     signature: float
     rep_at: list[tuple[int, str]]
     waited: bool  # this rank waited for the all-reduce when it launched it
     work: Any  # its Work while not waited for, else None
+    batch: _Batch | None = None  # a batch of ordinary steps (then no preps)
+
+    @property
+    def pending(self) -> list[tuple[int, list[str], Tensor]]:
+        """This rank's own values of what it sends."""
+        if self.batch is not None:
+            return _own_values(self.batch, None)
+        return [item for p in self.preps for item in p.pending]
+
+
+class _Layout(NamedTuple):
+    """How the values of a batched step merge (Merger._new_layout): the items' keys, where
+    each item's values start in the step's flat values, and per value one rule."""
+    keys: list[list[str]]
+    offsets: list[int]
+    square: Tensor  # bool per value: a norm (its square x share is summed; the root taken)
+    scale: Tensor  # float64 per value: the norm's share, else 1 / world (the mean)
+    summed: Tensor  # indices of the values sent once (norms and means)
+    slotted: Tensor  # indices of the values sent in one slot per rank (clip_rank_norm)
+    glob: list[tuple[int, int]]  # (a global-norm item, the gradient-norm item it is the norm of)
+    own: Tensor  # indices of the values whose NaN/Inf names this rank
+    watched: list[bool]  # per value: a NaN/Inf there starts an origin search
+    text: str  # for the signature
+    step_numel: int  # values one step sends
+    rank_keys: dict[int, list[str]]  # per item sent in slots: its merged keys, one per rank
+
+
+class _Batch(NamedTuple):
+    layout: _Layout
+    steps: list[int]
+    flats: list[Tensor]  # per step, this rank's values (float64, CPU), items in order
+
+
+def _flat(pending: list[tuple[int, list[str], Tensor]]) -> Tensor:
+    """A step's values, items in order, as one float64 CPU tensor (one copy per device)."""
+    ts = [t for _, _, t in pending]
+    dev = ts[0].device
+    if type(ts[0]).__name__ != "DTensor" and all(t.device == dev and type(t).__name__ != "DTensor" for t in ts):
+        flat = torch.cat([t.detach().reshape(-1) for t in ts]).double()
+        return flat if dev.type == "cpu" else flat.cpu()
+    return torch.cat(_fetch(ts))
+
+
+def _own_values(batch: _Batch, info: dict[str, Any] | None) -> list[tuple[int, list[str], Tensor]]:
+    """A batch's values as this rank measured them (``info``: say which steps are so)."""
+    lay = batch.layout
+    if info is not None and batch.steps:
+        info["unmerged_steps"] = [min(batch.steps), max(batch.steps)]
+    out = []
+    for step, flat in zip(batch.steps, batch.flats):
+        for keys, o in zip(lay.keys, lay.offsets):
+            out.append((step, keys, flat[o:o + len(keys)].float()))
+    return out
 
 
 def _plan(keys: list[str]) -> tuple[str, list[tuple[str, str]]]:
@@ -958,11 +1249,19 @@ def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -
                 return _local_items(pending)
             merger = recorder.merger = Merger(recorder)
         if not merger.active or not initialized():
-            return _local_items(pending)
+            return _unmerged(merger, pending)
         return merger.start(pending)
     except Exception as exc:
         _switch_off(recorder, exc)
-        return _local_items(pending)
+        return _unmerged(merger, pending)
+
+
+def _unmerged(merger: Any, pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:
+    """This rank's own values: the steps a merge stopped in a batch, then ``pending``
+    (unless it is among them)."""
+    own = merger.own_batch() if isinstance(merger, Merger) and merger.batch is not None else []
+    steps = {st for st, _, _ in own}
+    return own + [item for item in _local_items(pending) if item[0] not in steps]
 
 
 def collect_merged(recorder: Any, patience_s: float | None = None) -> list[tuple[int, list[str], Tensor]]:
@@ -977,6 +1276,47 @@ def collect_merged(recorder: Any, patience_s: float | None = None) -> list[tuple
     except Exception as exc:
         _switch_off(recorder, exc)
         return _local_items(pending)
+
+
+def close_batch(recorder: Any, patience_s: float) -> list[tuple[int, list[str], Tensor]]:
+    """At the end of the run: the global values of the steps still batched
+    (:meth:`Merger.close_batch`), or this rank's own if their merge fails. Never raises."""
+    merger = getattr(recorder, "merger", None)
+    if not isinstance(merger, Merger) or merger.batch is None:
+        return []
+    if not merger.active or not initialized():
+        return merger.own_batch()
+    batch = merger.batch
+    try:
+        return merger.close_batch(patience_s)
+    except Exception as exc:
+        merger.flight = None
+        merger.batch = None
+        _switch_off(recorder, exc)
+        return _own_values(batch, merger.info)
+
+
+def _replays_on_every_rank(module: nn.Module) -> bool:
+    """Whether a NaN-origin replay of ``module`` needs every rank (FSDP2, DTensor
+    parameters): then every rank must stop at the same step (replay_plan)."""
+    if has_fsdp(module):
+        return True
+    dt = dtensor_type_if_loaded()
+    return dt is not None and any(isinstance(p, dt) for p in module.parameters())
+
+
+def _batch_steps() -> int:
+    raw = os.environ.get(BATCH_ENV, "").strip()
+    if not raw:
+        return BATCH_STEPS
+    try:
+        k = int(raw)
+    except ValueError:
+        k = 0
+    if k < 1:
+        log.warning("gradvitals: %s=%r is not a positive integer; using %d", BATCH_ENV, raw, BATCH_STEPS)
+        return BATCH_STEPS
+    return k
 
 
 def _local_items(pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:

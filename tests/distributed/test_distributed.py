@@ -135,23 +135,34 @@ def test_ddp_under_gradvitals_run_matches_single_process(tmp_path):
 
 
 def test_merges_not_waited_for_land_in_place_and_equal_one_process(tmp_path):
-    """The default schedule: steps 2-5 are not scheduled, so no rank waits for their
-    all-reduce; each lands at the next step's flush, the last at the report."""
+    """The default schedule: steps 2-11 are not scheduled, so under DDP they wait in
+    batches of distributed.BATCH_STEPS: steps 2-9 sent as one all-reduce at step 9's
+    flush and landed at step 10's (no rank waits for it), steps 10-11 when the script
+    destroys its process group, before the batch fills; the report lands it."""
     out = tmp_path / "ddp.json"
-    steps = 6
+    steps = 12
+    assert distributed.BATCH_STEPS == 8
     p = torchrun(["-m", "gradvitals", "run", "--json", str(out), str(SCRIPT), "--strategy", "ddp",
-                  "--steps", str(steps)])
+                  "--steps", str(steps), "--clip", str(NEVER_CLIPS)])
     assert p.returncode == 0, p.stderr[-3000:]
     rep = _load(out)
-    every_step = {k: v for k, v in oracle(steps).items() if k == "loss" or k.startswith("grad_norm")}
+    want_all = oracle(steps)
+    every_step = {k: v for k, v in want_all.items() if k == "loss" or k.startswith("grad_norm")}
     assert len(every_step) == 8
+    # Each rank clips DDP's averaged gradients: its own total is the global norm, in its slot.
+    every_step |= {f"clip_rank_norm/{r}": want_all["grad_norm_global"] for r in (0, 1)}
+    every_step["clip_total_norm"] = want_all["grad_norm_global"]
+    every_step["clip_clipped"] = [0.0] * steps
     for key, want in every_step.items():
         got = rep["series"][key]
         assert got["steps"] == list(range(steps)), key  # the last step too: nothing stays behind
         assert got["values"] == pytest.approx(want, rel=REL, abs=1e-6), key
     info = rep["run"]["distributed"]
-    # Waited for at once: step 0 (scheduled) and step 1, whose flush carries step 0's update ratios.
-    assert (info["allreduce_calls"], info["merges_landed_late"], info["layout_checks"]) == (steps, steps - 2, 2)
+    # Waited for at once: step 0 (scheduled) and step 1, whose flush carries step 0's update
+    # ratios; steps 2-9 and 10-11 in two batches, each landed late.
+    assert (info["allreduce_calls"], info["merges_landed_late"], info["layout_checks"]) == (4, 2, 2)
+    assert (info["batch_steps"], info["batches"]) == (8, 2)
+    assert "unmerged_steps" not in info
 
 
 def test_fsdp2_with_watch_inside_the_script_matches_single_process(tmp_path):
@@ -179,8 +190,8 @@ NAN_CASES = {
     ("ddp", "huge"): ("activation", "0"),  # 3e38 inputs: the first Linear overflows
     ("fsdp", "nan"): ("input", "(root)"),  # every rank replays (FSDP2 all-gathers): the batch
     ("fsdp", "huge"): ("activation", "0"),  # ... and names the layer, as under DDP
-    # No gradient shared: rank 0's values stay finite, so it does not wait for the bad
-    # step's merge and learns of the NaN a step later; rank 1 replayed at once.
+    # No gradient shared: rank 0's values stay finite; it learns of the NaN when the batch
+    # holding the bad step lands (the end of the run); rank 1 replayed alone at once.
     ("local", "nan"): ("input", "(root)"),
 }
 
@@ -203,7 +214,7 @@ def test_nan_on_one_rank_names_the_rank_and_module(tmp_path, strategy, corrupt):
     info = rep["run"]["distributed"]
     if strategy == "local":
         assert "replay" not in ev  # rank 1's event: a plain replay on that rank
-        assert info["merges_landed_late"] >= 2  # rank 0: steps 2 (the NaN step) and 3 land late
+        assert info["merges_landed_late"] >= 1  # steps 2 (the NaN step) and 3: one batch, landed late
     finding = next(f for f in rep["findings"] if f["code"] == "nonfinite")
     assert finding["step"] == 2 and "rank 1 only" in finding["summary"]
     assert finding["layers"][0] == ev["module"]

@@ -165,10 +165,82 @@ def test_a_merge_that_never_lands_is_dropped_after_the_patience_not_waited_for(o
     rec = _Recorder({})
     merger = distributed.Merger(rec)
     work = _NeverDone()
-    merger.flight = distributed._Flight([(7, ["loss"], torch.tensor([1.0]))], [], [], [], torch.zeros(3),
-                                        0.0, [], False, work)
+    prep = distributed._Prepared([(7, ["loss"], torch.tensor([1.0]))], [], [], [], [], [], [], False)
+    merger.flight = distributed._Flight([prep], torch.zeros(3), 0.0, [], False, work)
     t0 = time.monotonic()
     assert merger.collect(patience_s=0.05) == []
     assert 0.05 <= time.monotonic() - t0 < 2
     assert not work.waited and merger.flight is None and merger.info["merge_dropped_step"] == 7
     assert merger.collect(patience_s=0.05) == []  # nothing in flight any more
+
+
+class _Started:
+    """An all-reduce started and, with ``done``, completed by the other ranks (which
+    recorded the very same values: the sum of ``ranks`` equal buffers)."""
+
+    def __init__(self, buf: torch.Tensor, done: bool, ranks: int) -> None:
+        self.buf, self.done, self.ranks = buf, done, ranks
+
+    def is_completed(self) -> bool:
+        return self.done
+
+    def wait(self, timeout=None):
+        self.buf.mul_(self.ranks)
+
+
+def _batched(monkeypatch, done: bool) -> tuple[distributed.Merger, list[int]]:
+    from gradvitals.recorder.options import Options
+
+    rec = _Recorder({})
+    rec.options = Options()
+    merger = rec.merger = distributed.Merger(rec)
+    merger.world = 2
+    merger.calls = 1  # the first merge (always waited for) is behind
+    sizes: list[int] = []
+
+    def allreduce(buf, body=True, wait=True):
+        sizes.append(buf.numel())
+        work = _Started(buf, done, merger.world)
+        if wait:
+            work.wait()
+            return None
+        return work
+
+    monkeypatch.setattr(merger, "_allreduce", allreduce)
+    return merger, sizes
+
+
+def test_ordinary_steps_are_sent_in_batches_and_come_back_in_step_order(one_rank_group, monkeypatch):
+    merger, sizes = _batched(monkeypatch, done=True)
+    assert merger.batch_k == 1 and merger._shares() == {} and merger.batch_k == distributed.BATCH_STEPS
+    landed = []
+    for step in range(1, 1 + distributed.BATCH_STEPS + 2):  # step 0 and 25 would be scheduled
+        landed += distributed.collect_merged(merger.recorder)
+        landed += merger.start([(step, ["grad_norm/a.weight", "grad_norm/b.weight"], torch.tensor([3.0, 4.0])),
+                                (step, ["grad_norm_global"], torch.tensor([5.0])),
+                                (step, ["loss"], torch.tensor([float(step)]))])
+    # One all-reduce for the first batch_k steps: [signature, 2 flags, 3 values per step].
+    assert sizes == [1 + 2 + 3 * distributed.BATCH_STEPS]
+    assert [s for s, k, _ in landed if k == ["loss"]] == list(range(1, 1 + distributed.BATCH_STEPS))
+    for step, keys, v in landed:
+        want = {"loss": [float(step)], "grad_norm_global": [5.0]}.get(keys[0], [3.0, 4.0])
+        assert v.tolist() == pytest.approx(want), (step, keys)
+    assert merger.batch.steps == [9, 10]
+    # A step with another layout (a clip call begins) sends the batch so far first.
+    merger.start([(11, ["loss", "clip_total_norm"], torch.tensor([1.0, 2.0]))])
+    assert sizes[-1] == 1 + 2 + 3 * 2 and merger.batch.steps == [11]
+    assert merger.info["batches"] == 2
+
+
+def test_a_batch_whose_merge_never_comes_keeps_this_ranks_own_values(one_rank_group, monkeypatch):
+    """At the end of the run the batch is sent padded to a full batch's size (gloo aborts
+    on buffers of different sizes, should a rank still be training); if it never lands,
+    this rank's own values are kept for those steps and the report says which."""
+    merger, sizes = _batched(monkeypatch, done=False)
+    for step in (3, 4):
+        assert merger.start([(step, ["loss"], torch.tensor([float(step)]))]) == []
+    assert sizes == []
+    own = distributed.close_batch(merger.recorder, patience_s=0.05)
+    assert sizes == [1 + 2 + distributed.BATCH_STEPS]  # padded
+    assert [(s, k, v.tolist()) for s, k, v in own] == [(3, ["loss"], [3.0]), (4, ["loss"], [4.0])]
+    assert merger.info["unmerged_steps"] == [3, 4] and merger.batch is None

@@ -10,6 +10,9 @@ least one recorder is active and removed (restored exactly) when the last closes
 - ``torch.nn.utils.clip_grads_with_norm_`` (torch >= 2.6): the same, for code that takes
   the total norm itself and then scales (accelerate >= 1.x, hence the HF Trainer 5.x,
   clips this way, before the Trainer's ``on_pre_optimizer_step``).
+- ``torch.distributed.destroy_process_group``: the end of a torchrun script, the last
+  moment every rank can still merge the steps a batched merge holds
+  (distributed.Merger.close_batch).
 - ``torch.distributed.pipelining``'s stage metadata inference (when that module is
   loaded): at its first step a pipeline stage runs its module forward (and backward) on
   ``torch.empty`` tensors to learn the shapes it will send; those are not training
@@ -92,6 +95,15 @@ def quiet() -> Any:
         yield
     finally:
         _depth.n -= 1
+
+
+def _destroy_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def destroy_process_group(group: Any = None, *args: Any, **kwargs: Any) -> Any:
+        _each("before_destroy_process_group", group)
+        return orig(group, *args, **kwargs)
+
+    return destroy_process_group
 
 
 def _backward_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -244,6 +256,12 @@ def install(recorder: Any) -> PatchHandle:
         if hasattr(torch.nn.utils, "clip_grads_with_norm_"):
             _originals["clip_with_norm"] = torch.nn.utils.clip_grads_with_norm_
             torch.nn.utils.clip_grads_with_norm_ = _clip_with_norm_wrapper(_originals["clip_with_norm"])
+        if torch.distributed.is_available():
+            import torch.distributed.distributed_c10d as c10d
+
+            _originals["destroy_pg"] = c10d.destroy_process_group
+            torch.distributed.destroy_process_group = c10d.destroy_process_group = _destroy_wrapper(
+                _originals["destroy_pg"])
         # GradScaler: the loss it scales (recorded unscaled) and the steps it skips.
         _originals["scaler.scale"] = _GradScaler.scale
         _originals["scaler.step"] = _GradScaler.step
@@ -271,6 +289,10 @@ def uninstall(recorder: Any) -> None:
         torch.nn.utils.clip_grad.clip_grad_norm_ = _originals.pop("clip_mod")
         if "clip_with_norm" in _originals:
             torch.nn.utils.clip_grads_with_norm_ = _originals.pop("clip_with_norm")
+        if "destroy_pg" in _originals:
+            import torch.distributed.distributed_c10d as c10d
+
+            torch.distributed.destroy_process_group = c10d.destroy_process_group = _originals.pop("destroy_pg")
         _GradScaler.scale = _originals.pop("scaler.scale")  # type: ignore[method-assign]
         _GradScaler.step = _originals.pop("scaler.step")  # type: ignore[method-assign]
         for cls in _pipeline_classes():

@@ -56,6 +56,9 @@ class TrainingEvents(Protocol):
     def scaler_step_end(self, optimizer: Any) -> None:
         """``GradScaler.step(optimizer)`` returned."""
 
+    def before_destroy_process_group(self, group: Any) -> None:
+        """``torch.distributed.destroy_process_group(group)`` is about to run."""
+
     def step_pre(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """``opt.step()`` is about to run (the optimizer step pre-hook)."""
 

@@ -410,6 +410,15 @@ class Recorder:
         if self.autosave is not None:
             self.autosave.tick(self)  # a clock read; a snapshot when one is due (never raises)
 
+    def before_destroy_process_group(self, group: Any) -> None:
+        """The script is about to destroy its process group (the end of a torchrun run,
+        on every rank): the last moment the steps a batched merge holds can be merged."""
+        if group is None or (distributed.initialized() and group is distributed._dist().group.WORLD):
+            try:
+                self.staging.settle(patience_s=SETTLE_PATIENCE_S, final=True)
+            except Exception as exc:
+                self.fail("flush", exc)
+
     # -------------------------------------------------------------- close
     def fail(self, probe: str, exc: BaseException) -> None:
         """A probe failed: reported once per probe, never raised (the run goes on)."""
@@ -429,12 +438,17 @@ class Recorder:
         except Exception as exc:
             self.fail("flush", exc)
 
-    def finish(self) -> None:
-        """Fetch whatever is pending and stamp the run's duration (idempotent)."""
+    def finish(self, final: bool = False) -> None:
+        """Fetch whatever is pending and stamp the run's duration (idempotent).
+        ``final``: the watch closes (on every rank, at the end of the run), so the
+        steps a multi-rank run still holds in a batch are merged too; a mid-run report
+        (maybe rank 0's alone) starts no collective."""
         try:  # a merge in flight: every rank launched it, so it is a wait, not a collective
-            self.staging.settle(patience_s=SETTLE_PATIENCE_S)
+            self.staging.settle(patience_s=SETTLE_PATIENCE_S, final=final)
         except Exception as exc:
             self.fail("flush", exc)
+        if final:
+            self.origin.record_stashed()
         if self.staging.pending and not distributed.holds_pending(self):
             try:
                 self.staging.flush()
@@ -465,7 +479,7 @@ class Recorder:
             self.autosave.stop()  # no autosave may land after the final report
         self._remove_hooks()
         self._patched.remove()
-        self.finish()
+        self.finish(final=True)
 
 
 def _environment() -> dict[str, Any]:

@@ -27,6 +27,7 @@ class OriginLocator:
         self.done = False
         self.replaying = False  # the backward replay runs a forward of ours: the tracer stays out
         self.last_nonfinite: int | None = None  # the last step any watched value was NaN/Inf
+        self.stashed: dict[str, Any] | None = None  # found alone, recorded when the merge lands
 
     def seen(self, nonfinite: list[tuple[int, str, float]]) -> None:
         """A flush fetched these non-finite watched values ((step, key, value) each)."""
@@ -34,6 +35,12 @@ class OriginLocator:
         if self.last_nonfinite is None or last > self.last_nonfinite:
             self.last_nonfinite = last
         if self.done:
+            if self.stashed is not None:  # this rank searched alone: gathered now, with every rank
+                event, self.stashed = self.stashed, None
+                try:
+                    self._record(event)
+                except Exception as exc:
+                    self.owner.fail("nonfinite_origin", exc)
             return
         self.done = True
         self.owner.staging.drain()
@@ -42,11 +49,40 @@ class OriginLocator:
         except Exception as exc:
             self.owner.fail("nonfinite_origin", exc)
 
+    def seen_alone(self, nonfinite: list[tuple[int, str, float]]) -> None:
+        """This rank's own values of a step whose merge waits in a batch hold these
+        NaN/Inf (distributed.Merger.start): the origin is searched for now, while the
+        weights and inputs are still this step's, and recorded when the merged values
+        land (:meth:`seen`, where every rank gathers its own)."""
+        if self.done:
+            return
+        self.done = True
+        self.owner.staging.drain()
+        try:
+            self.stashed = self.locate(nonfinite, gather=False)
+        except Exception as exc:
+            self.owner.fail("nonfinite_origin", exc)
+
+    def record_stashed(self) -> None:
+        """The run ends with an origin found alone whose merge never landed: this
+        rank's own, as it is."""
+        if self.stashed is None:
+            return
+        event, self.stashed = self.stashed, None
+        rank, world = distributed.rank_and_world()
+        self.record.event("nonfinite_origin", **{**event, "rank": rank, "ranks": [rank], "world_size": world})
+
+    def _record(self, event: dict[str, Any]) -> None:
+        event = distributed.merge_origin(self.owner, event)  # multi-rank: the first bad rank's origin
+        self.record.event("nonfinite_origin", **event)
+
     def _depth(self, name: str, missing: int) -> int:
         layer = self.record.layers.get(self.record.layer_of(name))
         return layer.depth if layer is not None and layer.depth is not None else missing
 
-    def locate(self, seen: list[tuple[int, str, float]]) -> None:
+    def locate(self, seen: list[tuple[int, str, float]], gather: bool = True) -> dict[str, Any] | None:
+        """Find and record the origin (``gather``: merged with every rank's first);
+        without ``gather`` the event is returned, not recorded."""
         step = min(s for s, _, _ in seen)
         first = [x for x in seen if x[0] == step]
         value = "nan" if any(math.isnan(v) for _, _, v in first) else "inf"
@@ -108,8 +144,10 @@ class OriginLocator:
         module = event.get("module")
         if module and module in self.record.layers:
             event["module_kind"] = self.record.layers[module].kind
-        event = distributed.merge_origin(self.owner, event)  # multi-rank: the first bad rank's origin
-        self.record.event("nonfinite_origin", **event)
+        if not gather:
+            return event
+        self._record(event)
+        return None
 
     def replay_backward(self, event: dict[str, Any]) -> dict[str, Any] | None:
         """The forward was finite and a gradient is not: replay each model's last forward

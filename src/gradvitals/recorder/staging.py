@@ -121,12 +121,17 @@ class Staging:
             ring = self.tensorboard is None
         self.apply(pending, ring)
 
-    def settle(self, patience_s: float | None = None) -> None:
+    def settle(self, patience_s: float | None = None, final: bool = False) -> None:
         """Append the global values of a merge still in flight (multi-rank runs; see
-        distributed.Merger.start). ``patience_s``: at most this long a wait (exit paths)."""
+        distributed.Merger.start). ``patience_s``: at most this long a wait (exit paths).
+        ``final`` (the run ends on every rank): also the steps still batched."""
         landed = distributed.collect_merged(self.owner, patience_s)
         if landed:
             self.apply(landed, ring=False)
+        if final and patience_s is not None:
+            landed = distributed.close_batch(self.owner, patience_s)
+            if landed:
+                self.apply(landed, ring=False)
 
     def apply(self, pending: list[Item], ring: bool) -> None:
         """Fetch ``pending`` (one transfer per device) and append each value to its
