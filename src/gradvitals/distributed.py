@@ -56,9 +56,18 @@ Before the values of the first merge and of each scheduled step, a 16-byte all-r
 when ranks all-reduce buffers of different sizes, so a layout that may differ (pipeline
 stages, a module that ran on some ranks only) stops the merge on every rank instead.
 
+Ordinary steps (not the first merge, not scheduled) are not waited for: their all-reduce
+lands at the next flush. Where no NaN-origin replay needs every rank (no FSDP, no DTensor)
+they are also batched, :data:`BATCH_STEPS` per all-reduce (:meth:`Merger.start`): the
+all-reduce's fixed cost is paid once per batch; the bytes per step stay those above, the
+header (1 + world_size) once per batch.
+
 Crash safety: every collective added here waits at most ``GRADVITALS_DIST_TIMEOUT_S``
-seconds (default :data:`DEFAULT_TIMEOUT_S`); none runs on an exit path (the values
-still pending when the run ends stay local and are dropped); a time-out or a layout
+seconds (default :data:`DEFAULT_TIMEOUT_S`); at the end of the run only the batch every
+rank holds is sent (when the script destroys its process group, or at close), padded to a
+full batch's size and waited for at most ``SETTLE_PATIENCE_S`` (a rank that is gone
+leaves this rank's own values for those steps, and the report says which); the values
+still pending when the run ends stay local and are dropped; a time-out or a layout
 mismatch switches merging off for the rest of the run (the report says so).
 
 The NaN-origin replay under FSDP2 and tensor parallelism is made by every rank at
