@@ -1305,6 +1305,15 @@ def close_batch(recorder: Any, patience_s: float) -> list[tuple[int, list[str], 
         return _own_values(batch, merger.info)
 
 
+def unsent_values(recorder: Any) -> list[tuple[int, list[str], Tensor]]:
+    """This rank's own values of the steps a batch still holds (none sent yet), for a
+    mid-run report; [] when none. No communication."""
+    merger = getattr(recorder, "merger", None)
+    if not isinstance(merger, Merger) or merger.batch is None:
+        return []
+    return _own_values(merger.batch, None)
+
+
 def _replays_on_every_rank(module: nn.Module) -> bool:
     """Whether a NaN-origin replay of ``module`` needs every rank (FSDP2, DTensor
     parameters): then every rank must stop at the same step (replay_plan)."""

@@ -103,7 +103,7 @@ class Watch:
 
     def diagnosis(self) -> Report:
         self._recorder.finish()
-        return Report.from_record(self.record)
+        return Report.from_record(self._recorder.report_record())
 
     def save(self, path: str | os.PathLike[str]) -> Report:
         """Write the JSON report atomically; returns the Report. Under torchrun only

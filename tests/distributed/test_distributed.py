@@ -165,6 +165,26 @@ def test_merges_not_waited_for_land_in_place_and_equal_one_process(tmp_path):
     assert "unmerged_steps" not in info
 
 
+def test_a_report_saved_before_close_holds_the_batched_steps_as_this_ranks_own(tmp_path):
+    """``watch.save()`` inside the script, before ``watch.close()``: the steps a DDP batch
+    still holds are not merged (a mid-run report starts no collective); the report holds
+    rank 0's own values for them and says which steps. DDP's gradients are the same on
+    every rank, so those norms are still the global ones."""
+    out = tmp_path / "ddp.json"
+    steps = 6
+    p = torchrun([str(SCRIPT), "--strategy", "ddp", "--steps", str(steps), "--watch", str(out), "--every", "25"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(out)
+    assert rep["run"]["distributed"]["unmerged_steps"] == [2, steps - 1]
+    want = oracle(steps)
+    for key in [k for k in want if k.startswith("grad_norm")]:
+        got = rep["series"][key]
+        assert got["steps"] == list(range(steps)), key
+        assert got["values"] == pytest.approx(want[key], rel=REL, abs=1e-6), key
+    assert rep["series"]["loss"]["steps"] == list(range(steps))
+    assert rep["series"]["loss"]["values"][:2] == pytest.approx(want["loss"][:2], rel=REL)  # merged
+
+
 def test_fsdp2_with_watch_inside_the_script_matches_single_process(tmp_path):
     out = tmp_path / "fsdp.json"
     p = torchrun([str(SCRIPT), "--strategy", "fsdp", "--steps", str(STEPS), "--watch", str(out),

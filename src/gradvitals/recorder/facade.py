@@ -457,6 +457,28 @@ class Recorder:
         self.sync()
         self.stamp(self.record)
 
+    def report_record(self) -> Record:
+        """The record a report is made of: this one, or, while a multi-rank run holds
+        ordinary steps in a batch not merged yet (distributed.Merger.start; a mid-run
+        report starts no collective), a snapshot with this rank's own values for those
+        steps, which ``run.distributed.unmerged_steps`` names."""
+        own = distributed.unsent_values(self)
+        if not own:
+            return self.record
+        rec = self.record.snapshot()
+        side = Staging(self, rec)  # appends to the snapshot, never to the live record
+        try:
+            side.apply(own, ring=False)
+        except Exception as exc:
+            self.fail("flush", exc)
+            return self.record
+        steps = [st for st, _, _ in own]
+        info = rec.run.get("distributed")
+        if isinstance(info, dict):
+            info["unmerged_steps"] = [min(steps), max(steps)]
+        self.stamp(rec)
+        return rec
+
     def stamp(self, record: Record) -> None:
         """Write the run's totals so far into ``record`` (this recorder's, or a snapshot of it)."""
         record.run["duration_s"] = round(time.time() - self._started, 3)
