@@ -371,6 +371,7 @@ class Merger:
         self.batch_k = 1  # steps per batch; decided with the shares (_shares)
         self.together = True  # every rank waited for the last merge landed (see _land)
         self.late = False  # the last merge landed was this rank's from an earlier flush
+        self.origin_due = False  # this rank gathers its stashed NaN origin at its next flush
         self._local_w: dict[tuple[int, str], float] = {}
         self._global_w: dict[tuple[int, str], float] = {}
         self._share: dict[str, float] = {}
@@ -952,11 +953,22 @@ class Merger:
         makes reaches every rank at the next collective: every rank is bad, and the
         others' replays meet it only after that collective. Runs on every rank at the
         same flush (the merged values are identical)."""
+        event = dict(event)
+        # Seen in this rank's own values at its step: searched alone in a batch, or this
+        # rank waited for the merge that brought it.
+        saw = bool(event.pop("_alone", False)) or not self.late
         if str(event.get("replay", "")).startswith("skipped") and self.rank in self.bad_ranks:
             event = {**event, **self._input_origin()}
         gathered: list[Any] = [None] * self.world
-        _dist().all_gather_object(gathered, event, group=self.group)
+        _dist().all_gather_object(gathered, (event, not saw), group=self.group)
+        late = [bool(g[1]) if g else True for g in gathered]
+        gathered = [g[0] if g else None for g in gathered]
         bad = self.bad_ranks
+        if not bad and any(late) and not all(late):
+            # No rank's own batch holds it (a gradient, not a loss), yet some ranks saw it in
+            # their own values at its step (the ones that waited: e.g. the one FSDP shard of a
+            # gradient that holds the NaN) and the others learned of it later: those ranks.
+            bad = [r for r, x in enumerate(late) if not x]
         pick = min(bad, key=lambda r: (self._forward_order(gathered[r]), r)) if bad else None
         chosen = dict(gathered[pick if pick is not None else 0] or event)
         chosen["rank"] = pick
@@ -1275,8 +1287,14 @@ def _unmerged(merger: Any, pending: list[tuple[int, list[str], Tensor]]) -> list
 
 def collect_merged(recorder: Any, patience_s: float | None = None) -> list[tuple[int, list[str], Tensor]]:
     """The global values of an earlier flush's merge still in flight ([] when none);
-    the flush that launched it returned none (:meth:`Merger.start`). Never raises."""
+    the flush that launched it returned none (:meth:`Merger.start`). First, an origin
+    this rank holds for this flush's gather (:func:`merge_origin`). Never raises."""
     merger = getattr(recorder, "merger", None)
+    if isinstance(merger, Merger) and merger.origin_due:
+        merger.origin_due = False
+        origin = getattr(recorder, "origin", None)
+        if origin is not None:
+            origin.gather_stashed()
     if not isinstance(merger, Merger) or merger.flight is None:
         return []
     pending = merger.flight.pending
@@ -1368,10 +1386,19 @@ def holds_pending(recorder: Any) -> bool:
     return isinstance(merger, Merger) and merger.active and initialized()
 
 
-def merge_origin(recorder: Any, event: dict[str, Any]) -> dict[str, Any]:
+def merge_origin(recorder: Any, event: dict[str, Any], due: bool = False) -> dict[str, Any] | None:
+    """``event`` gathered with every rank's origin (:meth:`Merger.merge_origin`), or None
+    when this rank must gather it at its next flush instead: it waited for the merge that
+    brought the NaN and some rank did not. Those ranks learn of it at their next flush and
+    gather there; gathering now would block this rank while they go on into the next
+    step, whose own collectives (FSDP's all-gathers, DDP's all-reduce) need this rank.
+    ``due``: that next flush has come."""
     merger = getattr(recorder, "merger", None)
     if not isinstance(merger, Merger) or not merger.active or not initialized():
         return event
+    if not due and not merger.late and not merger.together:
+        merger.origin_due = True
+        return None
     try:
         return merger.merge_origin(event)
     except Exception as exc:

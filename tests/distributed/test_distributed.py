@@ -242,6 +242,29 @@ def test_nan_on_one_rank_names_the_rank_and_module(tmp_path, strategy, corrupt):
     assert rep["series"]["loss"]["first_nonfinite_step"] == 2
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_nan_in_one_ranks_own_gradient_names_that_rank_and_stalls_no_rank(tmp_path, strategy):
+    """One element of rank 1's own gradient set to NaN after the backward: under FSDP2 its
+    shard (rank 0's values stay finite at that step, it learns of the NaN a step later),
+    under DDP after DDP's all-reduce (the step waits in a batch). Every rank gathers its
+    origin at the same flush: a rank that gathered at once would block while the others
+    went on into the next step, whose collectives (FSDP's all-gathers) need it — both
+    would wait out the time-out and merging would stop."""
+    out = tmp_path / "nan.json"
+    p = torchrun(["-m", "gradvitals", "run", "-q", "--json", str(out), str(SCRIPT), "--strategy", strategy,
+                  "--steps", "5", "--nan-rank", "1", "--nan-step", "2", "--corrupt", "grad"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(out)
+    info = rep["run"]["distributed"]
+    assert "merge_stopped" not in info, info
+    assert not [e for e in rep["run"]["events"] if e["type"] == "probe_error"]
+    (ev,) = [e for e in rep["run"]["events"] if e["type"] == "nonfinite_origin"]
+    # No rank's batch holds it: the rank named is the one whose own values held it at its step.
+    assert (ev["step"], ev["rank"], ev["ranks"], ev["kind"], ev["param"]) == (2, 1, [1], "gradient", "0.weight")
+    finding = next(f for f in rep["findings"] if f["code"] == "nonfinite")
+    assert "rank 1 only" in finding["summary"]
+
+
 @pytest.mark.parametrize("where", ["after_step", "before_step"])
 def test_a_rank_that_raises_ends_the_run_and_rank0_still_reports(tmp_path, where):
     """after_step: rank 0 is next blocked in DDP's gradient all-reduce; before_step: in

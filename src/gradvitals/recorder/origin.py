@@ -59,7 +59,8 @@ class OriginLocator:
         self.done = True
         self.owner.staging.drain()
         try:
-            self.stashed = self.locate(nonfinite, gather=False)
+            event = self.locate(nonfinite, gather=False)
+            self.stashed = None if event is None else {**event, "_alone": True}  # (distributed.Merger.merge_origin)
         except Exception as exc:
             self.owner.fail("nonfinite_origin", exc)
 
@@ -69,12 +70,26 @@ class OriginLocator:
         if self.stashed is None:
             return
         event, self.stashed = self.stashed, None
+        event.pop("_alone", None)
         rank, world = distributed.rank_and_world()
         self.record.event("nonfinite_origin", **{**event, "rank": rank, "ranks": [rank], "world_size": world})
 
-    def _record(self, event: dict[str, Any]) -> None:
-        event = distributed.merge_origin(self.owner, event)  # multi-rank: the first bad rank's origin
-        self.record.event("nonfinite_origin", **event)
+    def _record(self, event: dict[str, Any], due: bool = False) -> None:
+        merged = distributed.merge_origin(self.owner, event, due)  # multi-rank: the first bad rank's origin
+        if merged is None:  # gathered at this rank's next flush, with the ranks that learn of it then
+            self.stashed = event
+            return
+        self.record.event("nonfinite_origin", **merged)
+
+    def gather_stashed(self) -> None:
+        """Gather and record the origin stashed for this flush (distributed.collect_merged)."""
+        if self.stashed is None:
+            return
+        event, self.stashed = self.stashed, None
+        try:
+            self._record(event, due=True)
+        except Exception as exc:
+            self.owner.fail("nonfinite_origin", exc)
 
     def _depth(self, name: str, missing: int) -> int:
         layer = self.record.layers.get(self.record.layer_of(name))

@@ -22,7 +22,9 @@ p.add_argument("--steps", type=int, default=4)
 p.add_argument("--lr", type=float, default=0.1)
 p.add_argument("--nan-rank", type=int, default=-1)
 p.add_argument("--nan-step", type=int, default=-1)
-p.add_argument("--corrupt", choices=["nan", "huge"], default="nan")
+p.add_argument("--corrupt", choices=["nan", "huge", "grad"], default="nan",
+               help="nan/huge: the rank's batch; grad: one element of the rank's own gradient (shard), "
+                    "after the backward: only that rank sees it")
 p.add_argument("--raise-rank", type=int, default=-1)
 p.add_argument("--raise-step", type=int, default=-1)
 p.add_argument("--raise-where", choices=["after_step", "before_step"], default="after_step",
@@ -60,7 +62,7 @@ losses = []
 for step in range(a.steps):
     xb, yb = global_batch(X, y, step)
     xb, yb = rank_slice(xb, rank, world).clone(), rank_slice(yb, rank, world)
-    if step == a.nan_step and rank == a.nan_rank:  # one rank's data is corrupt
+    if step == a.nan_step and rank == a.nan_rank and a.corrupt != "grad":  # one rank's data is corrupt
         if a.corrupt == "nan":
             xb[0, 5] = float("nan")
         else:  # finite but huge: the first Linear overflows to inf
@@ -68,6 +70,10 @@ for step in range(a.steps):
     loss = nn.functional.cross_entropy(net(xb), yb)
     opt.zero_grad()
     loss.backward()
+    if step == a.nan_step and rank == a.nan_rank and a.corrupt == "grad":
+        g = next(iter(net.parameters())).grad
+        with torch.no_grad():
+            (g.to_local() if hasattr(g, "to_local") else g).view(-1)[0] = float("nan")
     if a.clip is not None:
         torch.nn.utils.clip_grad_norm_(net.parameters(), a.clip)
     if step == a.raise_step and rank == a.raise_rank and a.raise_where == "before_step":
