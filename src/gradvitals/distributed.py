@@ -1324,12 +1324,18 @@ def close_batch(recorder: Any, patience_s: float) -> list[tuple[int, list[str], 
 
 
 def unsent_values(recorder: Any) -> list[tuple[int, list[str], Tensor]]:
-    """This rank's own values of the steps a batch still holds (none sent yet), for a
-    mid-run report; [] when none. No communication."""
+    """This rank's own values of the batched steps not merged yet (a batch in flight, then
+    the one still filling), for a mid-run report; [] when none. No communication. (A
+    single step in flight under FSDP/TP is left out: its local values are shards.)"""
     merger = getattr(recorder, "merger", None)
-    if not isinstance(merger, Merger) or merger.batch is None:
+    if not isinstance(merger, Merger):
         return []
-    return _own_values(merger.batch, None)
+    out: list[tuple[int, list[str], Tensor]] = []
+    if merger.flight is not None and merger.flight.batch is not None:
+        out += _own_values(merger.flight.batch, None)
+    if merger.batch is not None:
+        out += _own_values(merger.batch, None)
+    return out
 
 
 def _replays_on_every_rank(module: nn.Module) -> bool:

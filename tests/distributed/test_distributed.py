@@ -265,6 +265,23 @@ def test_a_nan_in_one_ranks_own_gradient_names_that_rank_and_stalls_no_rank(tmp_
     assert "rank 1 only" in finding["summary"]
 
 
+def test_a_mid_run_report_on_rank_0_alone_starts_no_collective(tmp_path):
+    """Rank 0 alone calls watch.report() after step 9, when the batch of steps 2-9, which
+    holds rank 1's NaN batch of step 5, is in flight. Landing it there would gather the
+    NaN's origin on rank 0 alone (a collective rank 1 never joins: a stall, then merging
+    off); the look lands nothing, and the report at the end is whole."""
+    out = tmp_path / "peek.json"
+    p = torchrun([str(SCRIPT), "--strategy", "ddp", "--steps", "12", "--watch", str(out), "--every", "25",
+                  "--nan-rank", "1", "--nan-step", "5", "--peek-step", "9"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(out)
+    info = rep["run"]["distributed"]
+    assert "merge_stopped" not in info, info
+    (ev,) = [e for e in rep["run"]["events"] if e["type"] == "nonfinite_origin"]
+    assert (ev["step"], ev["rank"], ev["kind"], ev["module"]) == (5, 1, "input", "(root)")
+    assert rep["series"]["loss"]["steps"] == list(range(12))
+
+
 @pytest.mark.parametrize("where", ["after_step", "before_step"])
 def test_a_rank_that_raises_ends_the_run_and_rank0_still_reports(tmp_path, where):
     """after_step: rank 0 is next blocked in DDP's gradient all-reduce; before_step: in

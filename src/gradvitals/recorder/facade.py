@@ -441,12 +441,15 @@ class Recorder:
     def finish(self, final: bool = False) -> None:
         """Fetch whatever is pending and stamp the run's duration (idempotent).
         ``final``: the watch closes (on every rank, at the end of the run), so the
-        steps a multi-rank run still holds in a batch are merged too; a mid-run report
-        (maybe rank 0's alone) starts no collective."""
-        try:  # a merge in flight: every rank launched it, so it is a wait, not a collective
-            self.staging.settle(patience_s=SETTLE_PATIENCE_S, final=final)
-        except Exception as exc:
-            self.fail("flush", exc)
+        merges in flight land and the steps a multi-rank run still holds in a batch are
+        merged too. A mid-run report (maybe rank 0's alone) lands nothing: a landing may
+        start a collective (a NaN's origin gathered), which the other ranks would not join
+        (its view adds this rank's own values of the batched steps: report_record)."""
+        if final or not distributed.holds_pending(self):
+            try:  # a merge in flight: every rank launched it, so it is a wait, not a collective
+                self.staging.settle(patience_s=SETTLE_PATIENCE_S, final=final)
+            except Exception as exc:
+                self.fail("flush", exc)
         if final:
             self.origin.record_stashed()
         if self.staging.pending and not distributed.holds_pending(self):
