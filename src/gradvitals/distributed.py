@@ -277,7 +277,7 @@ def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, boo
     dt = dtensor_type_if_loaded()
     if not (has_fsdp(module) or (dt is not None and any(isinstance(p, dt) for p in module.parameters()))):
         return unwrap(module), False
-    if merged and merger.together:
+    if merged and merger.together and not merger.alone:
         return module, True
     return None, False
 
@@ -286,6 +286,9 @@ def no_replay_reason(recorder: Any) -> str:
     """Why :func:`replay_plan` gave no replay, for the ``nonfinite_origin`` event."""
     merger = getattr(recorder, "merger", None)
     if isinstance(merger, Merger) and merger.active:
+        if merger.alone:
+            return (f"skipped: merges batched ({BATCH_ENV}={merger.batch_k}): an FSDP or tensor-parallel "
+                    "forward needs every rank at once, and each rank met this NaN alone")
         if merger.late:
             return "skipped: this rank's values were finite; it learned of the NaN a step later"
         return ("skipped: an FSDP or tensor-parallel forward needs every rank, and only the ranks "
@@ -369,6 +372,8 @@ class Merger:
         self.batch: _Batch | None = None  # ordinary steps fetched, not yet sent (see start())
         self._layouts: dict[tuple, _Layout | None] = {}  # per item keys: how a batched step merges
         self.batch_k = 1  # steps per batch; decided with the shares (_shares)
+        self.collective_replay = False  # a NaN-origin replay needs every rank (FSDP, DTensor)
+        self.alone = False  # searching a batched step's NaN alone: no collective replay (replay_plan)
         self.together = True  # every rank waited for the last merge landed (see _land)
         self.late = False  # the last merge landed was this rank's from an earlier flush
         self.origin_due = False  # this rank gathers its stashed NaN origin at its next flush
@@ -407,8 +412,12 @@ class Merger:
             self._replicas = {name for m in rec.models for name, p in m.params if replicated(p, m.module)}
             self.info["replica_tensors"] = len(self._replicas)
             self._share_version = rec.version
-            # The same on every rank (the same models): batch boundaries must match.
-            self.batch_k = 1 if any(_replays_on_every_rank(m.module) for m in rec.models) else _batch_steps()
+            # The same on every rank (the same models and environment): batch boundaries must
+            # match. FSDP/TP: only when asked for (GRADVITALS_DIST_BATCH), since a NaN in a
+            # batched step is then traced without their replay (it needs every rank at once).
+            self.collective_replay = any(_replays_on_every_rank(m.module) for m in rec.models)
+            asked = _batch_steps()
+            self.batch_k = (asked or 1) if self.collective_replay else (asked or BATCH_STEPS)
             self.info["batch_steps"] = self.batch_k
             self._layouts = {}
             if self.batch_k > 1:
@@ -653,8 +662,12 @@ class Merger:
                      if w and not math.isfinite(x)]
         origin = getattr(self.recorder, "origin", None)
         if nonfinite and origin is not None:
-            self.late = False  # this rank's own step: its replay is valid (replay_plan)
-            origin.seen_alone(nonfinite)
+            self.late = False  # this rank's own step: a replay on this rank alone is valid
+            self.alone = True  # ... but not one that needs every rank (replay_plan)
+            try:
+                origin.seen_alone(nonfinite)
+            finally:
+                self.alone = False
 
     def collect(self, patience_s: float | None = None) -> list[tuple[int, list[str], Tensor]]:
         """The global values of the merge :meth:`start` left in flight ([] when none).
@@ -1347,17 +1360,18 @@ def _replays_on_every_rank(module: nn.Module) -> bool:
     return dt is not None and any(isinstance(p, dt) for p in module.parameters())
 
 
-def _batch_steps() -> int:
+def _batch_steps() -> int | None:
+    """GRADVITALS_DIST_BATCH as a positive integer, None when unset (or not one: warned)."""
     raw = os.environ.get(BATCH_ENV, "").strip()
     if not raw:
-        return BATCH_STEPS
+        return None
     try:
         k = int(raw)
     except ValueError:
         k = 0
     if k < 1:
-        log.warning("gradvitals: %s=%r is not a positive integer; using %d", BATCH_ENV, raw, BATCH_STEPS)
-        return BATCH_STEPS
+        log.warning("gradvitals: %s=%r is not a positive integer; ignored", BATCH_ENV, raw)
+        return None
     return k
 
 

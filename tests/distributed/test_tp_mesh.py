@@ -187,6 +187,37 @@ def test_a_nan_one_rank_makes_in_a_tensor_parallel_module_names_the_module_and_t
 
 
 @pytest.mark.slow
+def test_tensor_parallel_merges_batched_when_asked_equal_one_process_at_every_step(runs):
+    """GRADVITALS_DIST_BATCH=4 under tensor parallelism (not batched by default): 10
+    steps on the default schedule, steps 2-5 and 6-9 each merged in one all-reduce; every
+    gradient norm, the global norm and the loss equal the one-process run at every step."""
+    rep, _ = runs["tp_batched"]
+    want = _oracle(None, steps=10)
+    for key in [k for k in want if k.startswith("grad_norm") or k == "loss"]:
+        got = rep["series"][key]
+        assert got["steps"] == list(range(10)), key
+        assert got["values"] == pytest.approx(want[key], rel=REL, abs=1e-7), key
+    info = rep["run"]["distributed"]
+    assert (info["batch_steps"], info["batches"], info["allreduce_calls"]) == (4, 2, 4)
+    assert "unmerged_steps" not in info and "merge_stopped" not in info
+
+
+@pytest.mark.slow
+def test_a_nan_in_a_batched_tensor_parallel_step_is_traced_without_a_replay_and_no_stall(runs):
+    """Batched, the ranks meet rank 1's NaN alone (none waits for the others at that
+    step), so the replay every rank must join cannot run: each rank reads its own series,
+    and the origins are gathered when the batch lands — no rank blocks another."""
+    rep, printed = runs["tp_nan_batched"]
+    info = rep["run"]["distributed"]
+    assert "merge_stopped" not in info and info["batch_steps"] == 4
+    (ev,) = [e for e in rep["run"]["events"] if e["type"] == "nonfinite_origin"]
+    assert ev["step"] == 3 and ev["replay"].startswith("skipped: merges batched (GRADVITALS_DIST_BATCH=4)")
+    assert ev["source"] == "series" and ev["world_size"] == 4
+    for numbers in printed:  # every rank's loss went NaN at step 3
+        assert all(x != x for x in numbers["losses"][3:]) and all(x == x for x in numbers["losses"][:3])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("program", ["tp", "fsdp_tp", "hsdp"])
 def test_attention_log_z_and_dead_units_equal_one_process(runs, watched_oracle, program):
     """Each rank sees other heads (TP) or other rows (HSDP): the largest attention logit

@@ -19,6 +19,10 @@ global batches is the oracle (tests/distributed/test_tp_mesh.py).
 - ``hsdp``: ``fully_shard`` on a 2 x 2 mesh ("replicate", "shard"); each rank is fed a
   quarter of the global batch.
 - ``tp_nan``: ``tp``, where a forward hook makes rank 1's fc1 output NaN from step 1 on.
+- ``tp_batched``, ``tp_nan_batched``: ``tp`` and ``tp_nan`` (NaN from step
+  ``BATCHED_NAN_STEP``) on the default schedule for ``BATCHED_STEPS`` steps with ``GRADVITALS_DIST_BATCH=4`` (ordinary steps merged 4 at a
+  time, asked for: tensor parallelism is not batched by default); the report saved after
+  ``close()``.
 
 Rank 0 prints one JSON line per program: its ranks' losses.
 """
@@ -34,8 +38,10 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_common import SP_CLIP, TPTransformer, rank_slice, transformer_batch  # noqa: E402
 
-PROGRAMS = ["tp", "tp_sp", "fsdp_tp", "fsdp_tp_sp", "hsdp", "tp_nan"]
+PROGRAMS = ["tp", "tp_sp", "fsdp_tp", "fsdp_tp_sp", "hsdp", "tp_nan", "tp_batched", "tp_nan_batched"]
 STEPS = 3
+BATCHED_STEPS = 10
+BATCHED_NAN_STEP = 3  # an ordinary step (0 is scheduled, 1 carries its update ratios)
 NAN_STEP = 1
 p = argparse.ArgumentParser()
 p.add_argument("--programs", default=",".join(PROGRAMS))
@@ -73,6 +79,9 @@ def program(name: str) -> dict:
     torch.manual_seed(0)
     model = TPTransformer()
     part = (0, 1)  # (this rank's slice, slices) of the global batch
+    batched = name.endswith("_batched")
+    if batched:
+        name = name[:-len("_batched")]
     if name in ("tp", "tp_sp", "tp_nan"):
         parallelize_module(model, init_device_mesh("cpu", (world,)), tp_plan(name == "tp_sp"))
     elif name in ("fsdp_tp", "fsdp_tp_sp"):
@@ -87,13 +96,16 @@ def program(name: str) -> dict:
         fully_shard(model, mesh=mesh)
         part = (rank, world)
     at = {"step": 0}
+    nan_step = BATCHED_NAN_STEP if batched else NAN_STEP
     if name == "tp_nan" and rank == 1:  # the log of a negative number: NaN from finite values
         model.fc1.register_forward_hook(
-            lambda m, args, out: (out - out.detach().abs().amax() - 1).log() if at["step"] >= NAN_STEP else None)
+            lambda m, args, out: (out - out.detach().abs().amax() - 1).log() if at["step"] >= nan_step else None)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    watch = gv.watch(model, opt, every=1)
+    if batched:
+        os.environ["GRADVITALS_DIST_BATCH"] = "4"
+    watch = gv.watch(model, opt, every=25 if batched else 1)
     losses = []
-    for step in range(STEPS):
+    for step in range(BATCHED_STEPS if batched else STEPS):
         at["step"] = step
         x, t = (rank_slice(v, *part) for v in transformer_batch(step))
         loss = nn.functional.cross_entropy(model(x).reshape(-1, TPTransformer.VOCAB), t.reshape(-1))
@@ -103,6 +115,10 @@ def program(name: str) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), SP_CLIP)
         opt.step()
         losses.append(loss.item())
+    if batched:
+        name += "_batched"
+        watch.close()  # lands the last batch: the report saved after it holds every step merged
+        os.environ.pop("GRADVITALS_DIST_BATCH")
     watch.save(os.path.join(a.out, f"{name}.json"))
     watch.close()
     gathered = [None] * world
