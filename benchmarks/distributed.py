@@ -258,6 +258,7 @@ def main(a: argparse.Namespace) -> None:
     results: dict[str, Any] = {"world_size": world, "rounds": a.rounds, "steps": a.steps, "warmup": a.warmup,
                                "steady_from_start": a.steady_from_start,
                                "merge": os.environ.get("GRADVITALS_DIST_MERGE", "1") != "0",
+                               "batch_env": os.environ.get("GRADVITALS_DIST_BATCH"),
                                "batch": a.batch, "torch": torch.__version__, "machine": platform.machine(),
                                "cpus": os.cpu_count(), "strategies": {}}
     for s in a.strategies.split(","):
@@ -265,10 +266,10 @@ def main(a: argparse.Namespace) -> None:
     if rank == 0:
         print(f"\n{world} ranks, gloo, CPU ({os.cpu_count()} cores), blocks of {a.steps} steps, "
               f"{a.rounds} rounds; ratio = watched / plain (median, IQR)")
-        print(f"{'strategy':<9} {'plain ms':>9} {'watched ms':>11} {'ratio':>7}  {'IQR':<13} {'bytes/step max':>14}")
+        print(f"{'strategy':<9} {'plain ms':>9} {'watched ms':>11} {'ratio':>7}  {'IQR':<13} {'bytes/all-reduce max':>20}")
         for s, r in results["strategies"].items():
             print(f"{s:<9} {r['plain_ms']:>9.2f} {r['watched_ms']:>11.2f} {r['ratio']:>7.3f}  "
-                  f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}  {r['allreduce_bytes_max']!s:>14}")
+                  f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}  {r['allreduce_bytes_max']!s:>20}")
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(results, f, indent=1)
