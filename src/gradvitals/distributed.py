@@ -839,7 +839,7 @@ class Merger:
         items = [(item, send, plan, extra) for p in flight.preps
                  for item, send, plan, extra in zip(p.pending, p.sends, p.plans, p.extras)]
         for (step, keys, _), send, (kind, _), extra in items:
-            if step != last_step:  # a batch holds several steps: a global norm is its own step's
+            if step != last_step:  # a flush may hold two steps (update ratios): a global norm is its own step's
                 last_grad, last_step = None, step
             s = buf[i:i + send.numel()]
             i += send.numel()
