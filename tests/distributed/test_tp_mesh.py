@@ -187,6 +187,24 @@ def test_a_nan_one_rank_makes_in_a_tensor_parallel_module_names_the_module_and_t
 
 
 @pytest.mark.slow
+def test_a_nan_in_a_tensor_parallel_module_under_fsdp2_x_tp_names_the_module_and_the_rank(runs):
+    """FSDP2 x TP on 2 x 2: rank 1's fc1 makes NaN at step 1; its "tp" partner (rank 0)
+    meets it after fc2's all-reduce, the other "dp" half (ranks 2, 3) only in the
+    gradients FSDP reduce-scatters. Every rank saw a NaN at that step, so every rank
+    replays its forward (FSDP's all-gathers and TP's all-reduces need them all): rank 1
+    meets it in fc1, first in the forward."""
+    rep, printed = runs["fsdp_tp_nan"]
+    f = next(f for f in rep["findings"] if f["code"] == "nonfinite")
+    ev = f["evidence"]
+    assert (f["layers"][0], f["step"], ev["kind"], ev["op"]) == ("fc1", 1, "activation", "log")
+    assert (ev["rank"], ev["ranks"], ev["world_size"]) == (1, [1], 4)
+    assert ev["replay"] == "every rank (FSDP)"
+    assert "merge_stopped" not in rep["run"]["distributed"]
+    losses = [numbers["losses"] for numbers in printed]
+    assert all(x != x for x in losses[0][1:] + losses[1][1:])  # the "tp" group of rank 1: NaN loss
+
+
+@pytest.mark.slow
 def test_tensor_parallel_merges_batched_when_asked_equal_one_process_at_every_step(runs):
     """GRADVITALS_DIST_BATCH=4 under tensor parallelism (not batched by default): 10
     steps on the default schedule, steps 2-5 and 6-9 each merged in one all-reduce; every

@@ -19,6 +19,9 @@ global batches is the oracle (tests/distributed/test_tp_mesh.py).
 - ``hsdp``: ``fully_shard`` on a 2 x 2 mesh ("replicate", "shard"); each rank is fed a
   quarter of the global batch.
 - ``tp_nan``: ``tp``, where a forward hook makes rank 1's fc1 output NaN from step 1 on.
+- ``fsdp_tp_nan``: ``fsdp_tp`` with the same hook on rank 1 (its "tp" group: ranks 0 and 1;
+  ranks 2 and 3, the other "dp" half, meet the NaN in their gradients, through FSDP's
+  reduce-scatter).
 - ``tp_batched``, ``tp_nan_batched``: ``tp`` and ``tp_nan`` (NaN from step
   ``BATCHED_NAN_STEP``) on the default schedule for ``BATCHED_STEPS`` steps with ``GRADVITALS_DIST_BATCH=4`` (ordinary steps merged 4 at a
   time, asked for: tensor parallelism is not batched by default); the report saved after
@@ -38,7 +41,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_common import SP_CLIP, TPTransformer, rank_slice, transformer_batch  # noqa: E402
 
-PROGRAMS = ["tp", "tp_sp", "fsdp_tp", "fsdp_tp_sp", "hsdp", "tp_nan", "tp_batched", "tp_nan_batched"]
+PROGRAMS = ["tp", "tp_sp", "fsdp_tp", "fsdp_tp_sp", "hsdp", "tp_nan", "fsdp_tp_nan", "tp_batched",
+            "tp_nan_batched"]
 STEPS = 3
 BATCHED_STEPS = 10
 BATCHED_NAN_STEP = 3  # an ordinary step (0 is scheduled, 1 carries its update ratios)
@@ -84,7 +88,7 @@ def program(name: str) -> dict:
         name = name[:-len("_batched")]
     if name in ("tp", "tp_sp", "tp_nan"):
         parallelize_module(model, init_device_mesh("cpu", (world,)), tp_plan(name == "tp_sp"))
-    elif name in ("fsdp_tp", "fsdp_tp_sp"):
+    elif name in ("fsdp_tp", "fsdp_tp_sp", "fsdp_tp_nan"):
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
         parallelize_module(model, mesh["tp"], tp_plan(name == "fsdp_tp_sp"))
         fully_shard(model.attn, mesh=mesh["dp"])
@@ -97,7 +101,7 @@ def program(name: str) -> dict:
         part = (rank, world)
     at = {"step": 0}
     nan_step = BATCHED_NAN_STEP if batched else NAN_STEP
-    if name == "tp_nan" and rank == 1:  # the log of a negative number: NaN from finite values
+    if name in ("tp_nan", "fsdp_tp_nan") and rank == 1:  # the log of a negative number: NaN from finite values
         model.fc1.register_forward_hook(
             lambda m, args, out: (out - out.detach().abs().amax() - 1).log() if at["step"] >= nan_step else None)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
