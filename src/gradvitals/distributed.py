@@ -274,8 +274,7 @@ def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, boo
     merged = isinstance(merger, Merger) and merger.active
     if merged and merger.late:
         return None, False
-    dt = dtensor_type_if_loaded()
-    if not (has_fsdp(module) or (dt is not None and any(isinstance(p, dt) for p in module.parameters()))):
+    if not _replays_on_every_rank(module):
         return unwrap(module), False
     if merged and merger.together and not merger.alone:
         return module, True
@@ -372,7 +371,6 @@ class Merger:
         self.batch: _Batch | None = None  # ordinary steps fetched, not yet sent (see start())
         self._layouts: dict[tuple, _Layout | None] = {}  # per item keys: how a batched step merges
         self.batch_k = 1  # steps per batch; decided with the shares (_shares)
-        self.collective_replay = False  # a NaN-origin replay needs every rank (FSDP, DTensor)
         self.alone = False  # searching a batched step's NaN alone: no collective replay (replay_plan)
         self.together = True  # every rank waited for the last merge landed (see _land)
         self.late = False  # the last merge landed was this rank's from an earlier flush
@@ -415,9 +413,8 @@ class Merger:
             # The same on every rank (the same models and environment): batch boundaries must
             # match. FSDP/TP: only when asked for (GRADVITALS_DIST_BATCH), since a NaN in a
             # batched step is then traced without their replay (it needs every rank at once).
-            self.collective_replay = any(_replays_on_every_rank(m.module) for m in rec.models)
-            asked = _batch_steps()
-            self.batch_k = (asked or 1) if self.collective_replay else (asked or BATCH_STEPS)
+            collective = any(_replays_on_every_rank(m.module) for m in rec.models)
+            self.batch_k = _batch_steps() or (1 if collective else BATCH_STEPS)
             self.info["batch_steps"] = self.batch_k
             self._layouts = {}
             if self.batch_k > 1:
@@ -526,7 +523,6 @@ class Merger:
     def _new_layout(self, pending: list[tuple[int, list[str], Tensor]]) -> _Layout | None:
         if len({st for st, _, _ in pending}) != 1:
             return None
-        shares = self._shares()
         W = float(self.world)
         keys_of = [list(keys) for _, keys, _ in pending]
         square: list[bool] = []
@@ -603,7 +599,7 @@ class Merger:
         work = self._allreduce(buf, wait=not defer)
         self.batch = None  # sent: its values come with the flight
         self.info["batches"] += 1
-        return _Flight([], buf, signature, [], not defer, work, batch)
+        return _Flight([], [], [], [], buf, signature, [], not defer, work, batch)
 
     def _land_batch(self, flight: _Flight) -> list[tuple[int, list[str], Tensor]]:
         batch = flight.batch
@@ -685,9 +681,7 @@ class Merger:
                 time.sleep(0.001)
         return self._land(flight)
 
-    def _prepare(self, pending: list[tuple[int, list[str], Tensor]]) -> _Prepared:
-        """What one flush sends into the SUM, per item, from this rank's values: holds the
-        step's one device-to-host copy. No communication."""
+    def _launch(self, pending: list[tuple[int, list[str], Tensor]], defer: bool) -> _Flight:
         plans = [_plan(keys) for _, keys, _ in pending]
         masks: dict[int, Tensor] = {}  # item -> "ever active" mask of its dead-unit-tracked layer
         for j, (_, parts) in enumerate(plans):
@@ -771,19 +765,10 @@ class Merger:
             sends.append(send)
             extras.append(extra)
             layout.append(f"{'|'.join(keys)}:{kind}:{send.numel()}")
-        return _Prepared(pending, plans, sends, extras, layout, rep_at, rep_v, bad_here)
-
-    def _send(self, preps: list[_Prepared], defer: bool, forced: bool) -> _Flight:
-        """Start the one all-reduce of ``preps``; ``defer``: do not wait for it (unless
-        forced, or this rank holds a NaN/Inf in these values: see start())."""
-        rep_at = [x for p in preps for x in p.rep_at]
-        rep_v = [x for p in preps for x in p.rep_v]
         tail = _replica_sends(rep_v, self.rank, self.world)
-        layout = [x for p in preps for x in p.layout]
         layout.append(f"replicas:{len(rep_v)}")
         signature = float(zlib.crc32("\n".join(layout).encode()))
-        sends = [x for p in preps for x in p.sends]
-        bad_here = any(p.bad_here for p in preps)
+        forced = self._check_layout_first(pending)
         # Per rank one flag: bit 0, a NaN/Inf in a value of its own batch (names the
         # rank); bit 1, it waited for this all-reduce at once (see start()).
         buf = torch.cat([torch.tensor([signature], dtype=torch.float64),
@@ -791,7 +776,6 @@ class Merger:
         waited = not defer or forced or not bool(torch.isfinite(buf).all())
         buf[1 + self.rank] = (1.0 if bad_here else 0.0) + (2.0 if waited else 0.0)
         if forced:
-            W = float(self.world)
             head = torch.tensor([signature, float(buf.numel())], dtype=torch.float64)
             self._allreduce(head, body=False)
             if head.tolist() != [signature * W, buf.numel() * W]:
@@ -801,10 +785,7 @@ class Merger:
         work = None if waited else self._allreduce(buf, wait=False)
         if waited:
             self._allreduce(buf)
-        return _Flight(preps, buf, signature, rep_at, waited, work)
-
-    def _launch(self, pending: list[tuple[int, list[str], Tensor]], defer: bool) -> _Flight:
-        return self._send([self._prepare(pending)], defer, self._check_layout_first(pending))
+        return _Flight(pending, plans, sends, extras, buf, signature, rep_at, waited, work)
 
     def _land_flags(self, flight: _Flight) -> None:
         """Check a landed merge's signature; read which ranks saw a NaN/Inf of their own
@@ -830,17 +811,12 @@ class Merger:
         if flight.batch is not None:
             return self._land_batch(flight)
         buf = flight.buf
-        rep_at = flight.rep_at
+        pending, plans, sends, extras, rep_at = flight.items, flight.plans, flight.sends, flight.extras, flight.rep_at
         replicas = self._replicas
         out: list[tuple[int, list[str], Tensor]] = []
         i = 1 + self.world
         last_grad: Tensor | None = None
-        last_step = -1
-        items = [(item, send, plan, extra) for p in flight.preps
-                 for item, send, plan, extra in zip(p.pending, p.sends, p.plans, p.extras)]
-        for (step, keys, _), send, (kind, _), extra in items:
-            if step != last_step:  # a flush may hold two steps (update ratios): a global norm is its own step's
-                last_grad, last_step = None, step
+        for (step, keys, _), send, (kind, _), extra in zip(pending, sends, plans, extras):
             s = buf[i:i + send.numel()]
             i += send.numel()
             if kind == "norm":
@@ -1041,34 +1017,23 @@ class _LayoutMismatch(RuntimeError):
     pass
 
 
-class _Prepared(NamedTuple):
-    """One flush's values, ready to send (:meth:`Merger._prepare`)."""
-    pending: list[tuple[int, list[str], Tensor]]
+class _Flight(NamedTuple):
+    """A merge launched: what :meth:`Merger._land` needs to read its values back."""
+    items: list[tuple[int, list[str], Tensor]]  # the flush's pending items (none for a batch)
     plans: list[tuple[str, list[tuple[str, str]]]]
     sends: list[Tensor]
     extras: list[Any]
-    layout: list[str]
-    rep_at: list[tuple[int, str]]
-    rep_v: list[float]
-    bad_here: bool
-
-
-class _Flight(NamedTuple):
-    """A merge launched: what :meth:`Merger._land` needs to read its values back."""
-    preps: list[_Prepared]
     buf: Tensor
     signature: float
     rep_at: list[tuple[int, str]]
     waited: bool  # this rank waited for the all-reduce when it launched it
     work: Any  # its Work while not waited for, else None
-    batch: _Batch | None = None  # a batch of ordinary steps (then no preps)
+    batch: _Batch | None = None  # a batch of ordinary steps (then no items)
 
     @property
     def pending(self) -> list[tuple[int, list[str], Tensor]]:
         """This rank's own values of what it sends."""
-        if self.batch is not None:
-            return _own_values(self.batch, None)
-        return [item for p in self.preps for item in p.pending]
+        return _own_values(self.batch, None) if self.batch is not None else self.items
 
 
 class _Layout(NamedTuple):
@@ -1307,7 +1272,7 @@ def collect_merged(recorder: Any, patience_s: float | None = None) -> list[tuple
         merger.origin_due = False
         origin = getattr(recorder, "origin", None)
         if origin is not None:
-            origin.gather_stashed()
+            origin.gather_stashed(due=True)
     if not isinstance(merger, Merger) or merger.flight is None:
         return []
     pending = merger.flight.pending

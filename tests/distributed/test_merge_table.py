@@ -165,8 +165,8 @@ def test_a_merge_that_never_lands_is_dropped_after_the_patience_not_waited_for(o
     rec = _Recorder({})
     merger = distributed.Merger(rec)
     work = _NeverDone()
-    prep = distributed._Prepared([(7, ["loss"], torch.tensor([1.0]))], [], [], [], [], [], [], False)
-    merger.flight = distributed._Flight([prep], torch.zeros(3), 0.0, [], False, work)
+    merger.flight = distributed._Flight([(7, ["loss"], torch.tensor([1.0]))], [], [], [], torch.zeros(3),
+                                        0.0, [], False, work)
     t0 = time.monotonic()
     assert merger.collect(patience_s=0.05) == []
     assert 0.05 <= time.monotonic() - t0 < 2

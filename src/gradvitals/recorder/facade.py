@@ -413,7 +413,7 @@ class Recorder:
     def before_destroy_process_group(self, group: Any) -> None:
         """The script is about to destroy its process group (the end of a torchrun run,
         on every rank): the last moment the steps a batched merge holds can be merged."""
-        if group is None or (distributed.initialized() and group is distributed._dist().group.WORLD):
+        if group is None or group is torch.distributed.group.WORLD:
             try:
                 self.staging.settle(patience_s=SETTLE_PATIENCE_S, final=True)
             except Exception as exc:

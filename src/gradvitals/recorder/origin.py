@@ -35,12 +35,7 @@ class OriginLocator:
         if self.last_nonfinite is None or last > self.last_nonfinite:
             self.last_nonfinite = last
         if self.done:
-            if self.stashed is not None:  # this rank searched alone: gathered now, with every rank
-                event, self.stashed = self.stashed, None
-                try:
-                    self._record(event)
-                except Exception as exc:
-                    self.owner.fail("nonfinite_origin", exc)
+            self.gather_stashed()  # this rank searched alone: gathered now, with every rank
             return
         self.done = True
         self.owner.staging.drain()
@@ -81,13 +76,14 @@ class OriginLocator:
             return
         self.record.event("nonfinite_origin", **merged)
 
-    def gather_stashed(self) -> None:
-        """Gather and record the origin stashed for this flush (distributed.collect_merged)."""
+    def gather_stashed(self, due: bool = False) -> None:
+        """Gather and record the origin this rank stashed (found alone in a batch, or held
+        for its next flush: ``due``, distributed.collect_merged)."""
         if self.stashed is None:
             return
         event, self.stashed = self.stashed, None
         try:
-            self._record(event, due=True)
+            self._record(event, due)
         except Exception as exc:
             self.owner.fail("nonfinite_origin", exc)
 
