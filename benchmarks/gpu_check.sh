@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The checks that need a GPU machine, in one run (about 6 minutes on one H200 and 16 cores):
-#   1. tests/cuda: the CUDA path (syncs per step seen by CUDA itself, values equal torch's,
+# The checks that need a GPU machine, in one run (about 7 minutes on one H200 and 16 cores):
+#   1. distributed.py with 4 ranks on a machine with a core per rank (gloo, CPU): the 5% bar;
+#   2. tests/cuda: the CUDA path (syncs per step seen by CUDA itself, values equal torch's,
 #      numbers unchanged, NaN origin, fp16 GradScaler, bf16 attention probes);
-#   2. overhead.py --device cuda: the default watch against plain and the fetched-norm floor;
-#   3. distributed.py with 4 ranks on a machine with a core per rank (gloo, CPU).
+#   3. overhead.py --device cuda: the default watch against plain and the fetched-norm floor.
+# Everything printed goes to OUTDIR/gpu_check.log, the results to OUTDIR/*.json (five files).
+# Each part has its own time limit, so one that hangs costs the others nothing.
 # Usage: benchmarks/gpu_check.sh OUTDIR   (python3 with torch; the repo's src/ is used as is)
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
@@ -11,11 +13,23 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-{ nvidia-smi -L; nproc; $py -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; } 2>&1 | tee "$out/machine.txt"
-timeout 180 $py -m pytest tests/cuda -v -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.log"
-timeout 150 $py benchmarks/overhead.py --device cuda --workloads W1,W2,W3,W4 --methods gv_default,norm_fetch,norm_floor \
-    --rounds 5 --no-record --out "$out/gpu-overhead.json" 2>&1 | tee "$out/gpu-overhead.log"
-timeout 120 $py benchmarks/overhead.py --device cuda --workloads W3L --methods gv_default,norm_fetch \
-    --rounds 3 --no-record --out "$out/gpu-overhead-w3l.json" 2>&1 | tee "$out/gpu-overhead-w3l.log"
-timeout 150 $py benchmarks/distributed.py --ranks 4 --rounds 5 --steady-from-start \
-    --out "$out/dist4.json" 2>&1 | tee "$out/dist4.log"
+log=$out/gpu_check.log
+part() { echo "=== $* ($(date +%T))"; }
+{
+  part machine; nvidia-smi -L; nproc; $py -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
+  part distributed ddp,tp
+  timeout 170 $py benchmarks/distributed.py --ranks 4 --rounds 5 --steady-from-start --strategies ddp,tp \
+      --out "$out/dist4-ddp-tp.json"
+  part distributed fsdp2
+  timeout 200 $py benchmarks/distributed.py --ranks 4 --rounds 5 --steady-from-start --strategies fsdp2 \
+      --out "$out/dist4-fsdp2.json"
+  part tests/cuda
+  timeout 100 $py -m pytest tests/cuda -v -p no:cacheprovider
+  part overhead cuda
+  timeout 80 $py benchmarks/overhead.py --device cuda --workloads W1,W2,W3,W4 --methods gv_default,norm_fetch,norm_floor \
+      --rounds 5 --no-record --out "$out/gpu-overhead.json"
+  part overhead cuda W3L
+  timeout 40 $py benchmarks/overhead.py --device cuda --workloads W3L --methods gv_default,norm_fetch \
+      --rounds 3 --no-record --out "$out/gpu-overhead-w3l.json"
+  part end
+} 2>&1 | tee "$log"
