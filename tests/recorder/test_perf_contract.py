@@ -174,3 +174,30 @@ def test_benchmark_smoke_run_brackets_methods_and_pins_malloc(tmp_path):
     names = {b["name"] for b in res["budgets"]}
     assert "W2 default watch" in names and "W2 host syncs per step (default)" in names
     assert "W2 default watch" in p.stdout
+
+
+def _budget_results(device: str, plain_ratio: float, floor_ratio: float | None) -> dict:
+    methods = {"plain": {"ratio": 1.0}, "gv_default": {"ratio": plain_ratio}}
+    if floor_ratio is not None:
+        methods["_default_vs_norm_fetch"] = {"ratio": floor_ratio}
+    return {"machine": {"device": device}, "workloads": {"W3": {"methods": methods}}}
+
+
+@pytest.mark.parametrize("device,plain_ratio,floor_ratio,name,passes", [
+    # CPU: the reference budget is the ratio to the plain step, even beside a floor.
+    ("cpu", 1.019, 1.08, "W3 default watch", True),
+    ("cpu", 1.021, 1.00, "W3 default watch", False),
+    # GPU: the step's one read waits for its kernels, so the watch is judged beyond the
+    # fetched-norm floor; its ratio to plain is not the budget there.
+    ("cuda", 1.08, 1.019, "W3 default watch / norm_fetch (GPU: beyond the floor)", True),
+    ("cuda", 1.00, 1.021, "W3 default watch / norm_fetch (GPU: beyond the floor)", False),
+    # GPU without a floor measured (--methods left norm_fetch out): the plain ratio.
+    ("cuda:0", 1.021, None, "W3 default watch", False),
+])
+def test_default_watch_budget_is_judged_against_the_floor_on_a_gpu(device, plain_ratio, floor_ratio, name, passes):
+    from overhead import check_budgets
+
+    (budget,) = check_budgets(_budget_results(device, plain_ratio, floor_ratio))
+    assert budget["name"] == name
+    assert budget["pass"] is passes
+    assert budget["measured"] == f"{plain_ratio if floor_ratio is None or device == 'cpu' else floor_ratio:.3f}x"
