@@ -63,11 +63,12 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="P G P rounds per strategy (default 5)")
     p.add_argument("--steps", type=int, default=100, help="steps per block (default 100: one scheduled step)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed watched steps first (default 1000: past the early schedule)")
+                   help="untimed watched steps first (default 1000: past the early schedule; one block with --steady-from-start)")
     p.add_argument("--batch", type=int, default=128, help="global batch rows (default 128)")
     p.add_argument("--steady-from-start", action="store_true",
                    help="watch with late_after=0: the default's steady schedule (scheduled probes every 100 "
-                        "steps, what a run past step 1000 has) from the first step; the warm-up defaults to 0")
+                        "steps, what a run past step 1000 has) from the first step; the warm-up defaults to one "
+                        "block (--steps): a run's first steps do once-per-run work (layout checks, first merges)")
     p.add_argument("--out", help="write the results as JSON here (rank 0)")
     a = p.parse_args(argv)
     bad = [s for s in a.strategies.split(",") if s not in STRATEGIES]
@@ -77,7 +78,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
     if a.warmup is None:
-        a.warmup = 0 if a.steady_from_start else 1000
+        a.warmup = a.steps if a.steady_from_start else 1000
     if a.warmup < 0:
         p.error(f"--warmup must be >= 0, got {a.warmup}")
     if a.batch % a.ranks:
