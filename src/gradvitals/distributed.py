@@ -1316,6 +1316,16 @@ def unsent_values(recorder: Any) -> list[tuple[int, list[str], Tensor]]:
     return out
 
 
+def steps_in_flight(recorder: Any) -> list[int]:
+    """The steps of a merge in flight that is not a batch (FSDP/TP, first and scheduled
+    steps): a mid-run report leaves them out (this rank's local values are shards) and
+    says so (``run.distributed.in_flight_steps``). No communication."""
+    merger = getattr(recorder, "merger", None)
+    if not isinstance(merger, Merger) or merger.flight is None or merger.flight.batch is not None:
+        return []
+    return sorted({st for st, _, _ in merger.flight.items})
+
+
 def _replays_on_every_rank(module: nn.Module) -> bool:
     """Whether a NaN-origin replay of ``module`` needs every rank (FSDP2, DTensor
     parameters): then every rank must stop at the same step (replay_plan)."""

@@ -270,9 +270,9 @@ def test_a_mid_run_report_on_rank_0_alone_starts_no_collective(tmp_path):
     holds rank 1's NaN batch of step 5, is in flight. Landing it there would gather the
     NaN's origin on rank 0 alone (a collective rank 1 never joins: a stall, then merging
     off); the look lands nothing, and the report at the end is whole."""
-    out = tmp_path / "peek.json"
+    out, peek = tmp_path / "end.json", tmp_path / "peek.json"
     p = torchrun([str(SCRIPT), "--strategy", "ddp", "--steps", "12", "--watch", str(out), "--every", "25",
-                  "--nan-rank", "1", "--nan-step", "5", "--peek-step", "9"])
+                  "--nan-rank", "1", "--nan-step", "5", "--peek-step", "9", "--peek-out", str(peek)])
     assert p.returncode == 0, p.stderr[-3000:]
     rep = _load(out)
     info = rep["run"]["distributed"]
@@ -280,6 +280,31 @@ def test_a_mid_run_report_on_rank_0_alone_starts_no_collective(tmp_path):
     (ev,) = [e for e in rep["run"]["events"] if e["type"] == "nonfinite_origin"]
     assert (ev["step"], ev["rank"], ev["kind"], ev["module"]) == (5, 1, "input", "(root)")
     assert rep["series"]["loss"]["steps"] == list(range(12))
+    # Saved before close: the batch still filling (steps 10-11) as rank 0's own values, marked.
+    assert info["unmerged_steps"] == [10, 11] and "in_flight_steps" not in info
+    # What rank 0 saw: every step so far, the batched ones (2-9) as its own values, marked.
+    seen = json.loads(peek.read_text())
+    assert seen["series"]["loss"]["steps"] == list(range(10))
+    assert seen["run"]["distributed"]["unmerged_steps"] == [2, 9]
+    assert "in_flight_steps" not in seen["run"]["distributed"]
+
+
+def test_a_mid_run_report_under_fsdp2_names_the_step_whose_merge_is_in_flight(tmp_path):
+    """Under FSDP2 each ordinary step's merge is in flight until the next step's flush, and
+    this rank's own values of it are shards: a report made meanwhile (rank 0's look after
+    step 5; the script's save before close, after step 7) leaves that step out and says so."""
+    out, peek = tmp_path / "end.json", tmp_path / "peek.json"
+    p = torchrun([str(SCRIPT), "--strategy", "fsdp", "--steps", "8", "--watch", str(out), "--every", "25",
+                  "--peek-step", "5", "--peek-out", str(peek)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    seen = json.loads(peek.read_text())
+    assert seen["series"]["loss"]["steps"] == list(range(5))
+    assert seen["run"]["distributed"]["in_flight_steps"] == [5, 5]
+    assert "unmerged_steps" not in seen["run"]["distributed"]
+    rep = _load(out)
+    assert rep["series"]["loss"]["steps"] == list(range(7))
+    assert rep["run"]["distributed"]["in_flight_steps"] == [7, 7]
+    assert "merge_stopped" not in rep["run"]["distributed"]
 
 
 @pytest.mark.parametrize("where", ["after_step", "before_step"])

@@ -464,21 +464,28 @@ class Recorder:
         """The record a report is made of: this one, or, while a multi-rank run holds
         ordinary steps in a batch not merged yet (distributed.Merger.start; a mid-run
         report starts no collective), a snapshot with this rank's own values for those
-        steps, which ``run.distributed.unmerged_steps`` names."""
+        steps, which ``run.distributed.unmerged_steps`` names. A single step's merge in
+        flight (FSDP/TP) is left out, its local values being shards:
+        ``run.distributed.in_flight_steps`` names it."""
         own = distributed.unsent_values(self)
-        if not own:
+        flying = distributed.steps_in_flight(self)
+        if not own and not flying:
             return self.record
         rec = self.record.snapshot()
-        side = Staging(self, rec)  # appends to the snapshot, never to the live record
-        try:
-            side.apply(own, ring=False)
-        except Exception as exc:
-            self.fail("flush", exc)
-            return self.record
-        steps = [st for st, _, _ in own]
+        if own:
+            side = Staging(self, rec)  # appends to the snapshot, never to the live record
+            try:
+                side.apply(own, ring=False)
+            except Exception as exc:
+                self.fail("flush", exc)
+                return self.record
         info = rec.run.get("distributed")
         if isinstance(info, dict):
-            info["unmerged_steps"] = [min(steps), max(steps)]
+            if own:
+                steps = [st for st, _, _ in own]
+                info["unmerged_steps"] = [min(steps), max(steps)]
+            if flying:
+                info["in_flight_steps"] = [min(flying), max(flying)]
         self.stamp(rec)
         return rec
 

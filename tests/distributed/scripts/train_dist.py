@@ -34,6 +34,7 @@ p.add_argument("--every", type=int, default=1)
 p.add_argument("--watch-ranks", default="all", choices=["all", "0"], help="which ranks call gv.watch")
 p.add_argument("--clip", type=float, default=None, help="clip_grad_norm_ to this max_norm")
 p.add_argument("--peek-step", type=int, default=-1, help="rank 0 alone looks at watch.report() after this step")
+p.add_argument("--peek-out", default=None, help="and writes what it saw here (JSON)")
 a = p.parse_args()
 
 dist.init_process_group("gloo")
@@ -82,7 +83,10 @@ for step in range(a.steps):
     opt.step()
     losses.append(loss.item())
     if step == a.peek_step and rank == 0 and watch is not None:
-        watch.report()  # a mid-run look, on rank 0 only
+        seen = watch.report()  # a mid-run look, on rank 0 only
+        if a.peek_out:
+            with open(a.peek_out, "w") as f:
+                json.dump(seen, f)
     if step == a.raise_step and rank == a.raise_rank and a.raise_where == "after_step":
         raise RuntimeError(f"rank {rank} fails at step {step}")
 if watch is not None:
