@@ -5,6 +5,7 @@ Each rank trains on its slice of the same global batch. ``--watch PATH`` uses
 ``gv.watch`` inside the script; otherwise the script knows nothing of gradvitals.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,6 +36,10 @@ p.add_argument("--watch-ranks", default="all", choices=["all", "0"], help="which
 p.add_argument("--clip", type=float, default=None, help="clip_grad_norm_ to this max_norm")
 p.add_argument("--peek-step", type=int, default=-1, help="rank 0 alone looks at watch.report() after this step")
 p.add_argument("--peek-out", default=None, help="and writes what it saw here (JSON)")
+p.add_argument("--accum", type=int, default=1,
+               help="micro-batches per optimizer step (gradient accumulation): the global batch in this many "
+                    "chunks, each rank its slice of each, loss / accum; gradients synchronised on the last only "
+                    "(DDP no_sync, FSDP2 set_requires_gradient_sync)")
 a = p.parse_args()
 
 dist.init_process_group("gloo")
@@ -69,9 +74,21 @@ for step in range(a.steps):
             xb[0, 5] = float("nan")
         else:  # finite but huge: the first Linear overflows to inf
             xb[0, :] = 3e38
-    loss = nn.functional.cross_entropy(net(xb), yb)
     opt.zero_grad()
-    loss.backward()
+    if a.accum == 1:
+        loss = nn.functional.cross_entropy(net(xb), yb)
+        loss.backward()
+    else:  # as accumulation recipes write it: no gradient sync until the last micro-batch
+        loss = torch.zeros(())
+        n = xb.shape[0] // a.accum
+        for k in range(a.accum):
+            last = k == a.accum - 1
+            micro = nn.functional.cross_entropy(net(xb[k * n:(k + 1) * n]), yb[k * n:(k + 1) * n]) / a.accum
+            if a.strategy == "fsdp":
+                net.set_requires_gradient_sync(last)
+            with net.no_sync() if a.strategy == "ddp" and not last else contextlib.nullcontext():
+                micro.backward()
+            loss = loss + micro.detach()
     if step == a.nan_step and rank == a.nan_rank and a.corrupt == "grad":
         g = next(iter(net.parameters())).grad
         with torch.no_grad():
