@@ -63,7 +63,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="P G P rounds per strategy (default 5)")
     p.add_argument("--steps", type=int, default=100, help="steps per block (default 100: one scheduled step)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed watched steps first (default 1000: past the early schedule; one block with --steady-from-start)")
+                   help="untimed watched steps first (default 1000: past the early schedule; "
+                        "one block with --steady-from-start)")
     p.add_argument("--batch", type=int, default=128, help="global batch rows (default 128)")
     p.add_argument("--steady-from-start", action="store_true",
                    help="watch with late_after=0: the default's steady schedule (scheduled probes every 100 "
