@@ -97,7 +97,7 @@ from torch.utils._pytree import tree_leaves
 
 from .record import QUANTITIES, quantity_of, split_key
 from .recorder.options import scheduled
-from .torch_compat import dtensor_type, dtensor_type_if_loaded, has_fsdp, local_tensors, unwrap
+from .torch_compat import default_store, dtensor_type, dtensor_type_if_loaded, has_fsdp, local_tensors, unwrap
 
 log = logging.getLogger("gradvitals")
 
@@ -118,6 +118,16 @@ MERGE_ENV = "GRADVITALS_DIST_MERGE"
 #: later, the report lands them all. Override with GRADVITALS_DIST_BATCH (1: no batching).
 BATCH_STEPS = 8
 BATCH_ENV = "GRADVITALS_DIST_BATCH"
+
+#: Where each watching rank says so, in the process group's key-value store (torchrun's
+#: TCPStore): no collective, so a rank that does not watch is never waited for.
+WATCHING_KEY = "gradvitals/watching/{rank}"
+#: How long the first merge waits for the other ranks to say they watch when nothing ties
+#: their training to this rank's (independent or replicated models: no collective in the
+#: step). Under DDP, FSDP2 and tensor parallelism there is no wait: a rank says it at its
+#: first forward, before the collective of its first backward, so a rank unheard of once
+#: that collective has completed does not watch.
+WATCHING_GRACE_S = 30.0
 
 #: |W| below this is treated as this (the recorder clamps the same way) so a ratio
 #: of an all-zero shard can be turned back into |dW|.
@@ -162,6 +172,45 @@ def initialized() -> bool:
         return bool(_IS_INITIALIZED())
     except Exception:
         return False
+
+
+def announce() -> bool:
+    """Say in the store that this rank watches (:data:`WATCHING_KEY`), once a process
+    group exists; True once said, or where there is nothing to say (one rank, no store).
+    Called at each watched forward until it returns True. Never raises."""
+    if not initialized():
+        return False
+    try:
+        dist = _dist()
+        if dist.get_world_size() < 2:
+            return True
+        store: Any = default_store()
+        if store is not None:
+            store.set(WATCHING_KEY.format(rank=dist.get_rank()), "1")
+    except Exception as exc:  # the merge then waits for the ranks as before (its time-out)
+        log.debug("gradvitals: could not say this rank watches: %s", exc)
+    return True
+
+
+def ranks_not_watching(grace_s: float) -> list[int]:
+    """The ranks that have not said they watch (:func:`announce`), waiting at most
+    ``grace_s`` for them; [] when every rank has, or where no store can tell."""
+    try:
+        dist = _dist()
+        store: Any = default_store()
+        if store is None:
+            return []
+        keys = [WATCHING_KEY.format(rank=r) for r in range(dist.get_world_size())]
+        end = time.monotonic() + grace_s
+        while True:
+            if store.check(keys):
+                return []
+            if time.monotonic() >= end:
+                return [r for r, k in enumerate(keys) if not store.check([k])]
+            time.sleep(0.05)
+    except Exception as exc:
+        log.debug("gradvitals: could not tell which ranks watch: %s", exc)
+        return []
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -1246,6 +1295,8 @@ def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -
                 recorder.record.run["distributed"] = {"world_size": world, "rank": rank, "merged": False,
                                                       "merge_stopped": f"{MERGE_ENV}=0: this rank's own values"}
                 return _local_items(pending)
+            if _not_watching_elsewhere(recorder):
+                return _local_items(pending)
             merger = recorder.merger = Merger(recorder)
         if not merger.active or not initialized():
             return _unmerged(merger, pending)
@@ -1253,6 +1304,28 @@ def merge_pending(recorder: Any, pending: list[tuple[int, list[str], Tensor]]) -
     except Exception as exc:
         _switch_off(recorder, exc)
         return _unmerged(merger, pending)
+
+
+def _not_watching_elsewhere(recorder: Any) -> bool:
+    """Before the first merge: True, with merging off and the reason in
+    ``run.distributed``, when some rank does not watch (``gv.watch`` on rank 0 only, as
+    ``wandb.watch`` is often called): the merge's first collective would wait for it
+    until the time-out. Without a grace period when the models' own collectives have
+    already tied the ranks together (see :data:`WATCHING_GRACE_S`)."""
+    announce()  # (a watch no forward of has run yet says it now)
+    tied = all(strategy(m.module) not in ("replicated", "none") for m in recorder.models)
+    missing = ranks_not_watching(0.0 if tied and recorder.models else WATCHING_GRACE_S)
+    if not missing:
+        return False
+    recorder.merger = False
+    rank, world = rank_and_world()
+    who = f"rank {missing[0]} does not" if len(missing) == 1 else \
+        f"ranks {', '.join(map(str, missing[:8]))}{', ...' if len(missing) > 8 else ''} do not"
+    recorder.record.run["distributed"] = {
+        "world_size": world, "rank": rank, "merged": False,
+        "merge_stopped": (f"{who} watch: this rank records its own values (gv.watch on every rank "
+                          f"merges them; {MERGE_ENV}=0 records each rank alone)")}
+    return True
 
 
 def _unmerged(merger: Any, pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:

@@ -1,6 +1,7 @@
 """What differs between torch builds and wrappers, behind one name each: the user's
 model inside a DDP/DataParallel wrapper, the user's class name behind FSDP2's and
-parametrization's generated classes, DTensor (FSDP2 shards) and its local parts.
+parametrization's generated classes, DTensor (FSDP2 shards) and its local parts, the
+default process group's key-value store.
 
 Plain helpers, no process group: the recorder, the probes and the distributed merge
 use them alike.
@@ -72,3 +73,12 @@ def has_fsdp(module: nn.Module) -> bool:
     except Exception:
         return False
     return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def default_store() -> object | None:
+    """The default process group's key-value store (torchrun's TCPStore), or None where
+    this torch has no accessor for it (a private one in every release so far)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    getter = getattr(c10d, "_get_default_store", None)
+    return getter() if getter is not None else None

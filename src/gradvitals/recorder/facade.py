@@ -69,6 +69,7 @@ class Recorder:
         self._errors: dict[str, int] = {}
         self._closed = False
         self._paused = False
+        self._announced = False  # this rank said in the process group's store that it watches
         self._started = time.time()
         #: Called with a model no longer watched (see _retire); the runner forgets it too.
         self.on_retire: Any = None
@@ -221,6 +222,8 @@ class Recorder:
     def forward_start(self, model: WatchedModel) -> None:
         if self.origin.replaying or patches.bookkeeping():
             return
+        if not self._announced:  # before any collective of the step: see distributed.WATCHING_GRACE_S
+            self._announced = distributed.announce()
         try:
             step = self.clock.step
             self.tracer.start(model, step, self.options.activations and scheduled(self.options, step))
