@@ -225,6 +225,22 @@ def test_gradient_accumulation_without_sync_matches_single_process(tmp_path, str
     assert not [f for f in rep["findings"] if f["severity"] in ("warning", "critical")], rep["findings"]
 
 
+def test_rank0_evaluating_alone_between_steps_leaves_the_merged_record_equal_one_process(tmp_path):
+    """Scripts evaluate on the main process: after every step rank 0 alone runs the inner
+    model in eval mode under no_grad, on other rows. Those forwards are not the step's:
+    no activation statistic of theirs reaches the record (recorded every step here), no
+    rank-0-only value breaks the merge's layout, and every series equals one process's."""
+    out = tmp_path / "eval.json"
+    p = torchrun([str(SCRIPT), "--strategy", "ddp", "--steps", str(STEPS), "--watch", str(out), "--every", "1",
+                  "--eval-rank0", "1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(out)
+    info = rep["run"]["distributed"]
+    assert "merge_stopped" not in info and info["layout_checks"] == STEPS
+    assert_matches(rep, oracle(STEPS), STEPS)
+    assert not [f for f in rep["findings"] if f["severity"] in ("warning", "critical")], rep["findings"]
+
+
 #: (strategy, corrupt batch) -> (kind, module) of the origin the report names.
 NAN_CASES = {
     ("ddp", "nan"): ("input", "(root)"),  # the replay sees the NaN already in the batch

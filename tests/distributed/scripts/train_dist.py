@@ -36,6 +36,9 @@ p.add_argument("--watch-ranks", default="all", choices=["all", "0"], help="which
 p.add_argument("--clip", type=float, default=None, help="clip_grad_norm_ to this max_norm")
 p.add_argument("--peek-step", type=int, default=-1, help="rank 0 alone looks at watch.report() after this step")
 p.add_argument("--peek-out", default=None, help="and writes what it saw here (JSON)")
+p.add_argument("--eval-rank0", type=int, default=0,
+               help="every this many steps rank 0 alone evaluates the inner model (eval(), no_grad) on held-out "
+                    "rows, as scripts that evaluate on the main process do")
 p.add_argument("--accum", type=int, default=1,
                help="micro-batches per optimizer step (gradient accumulation): the global batch in this many "
                     "chunks, each rank its slice of each, loss / accum; gradients synchronised on the last only "
@@ -99,6 +102,12 @@ for step in range(a.steps):
         raise RuntimeError(f"rank {rank} fails at step {step}")
     opt.step()
     losses.append(loss.item())
+    if a.eval_rank0 and rank == 0 and step % a.eval_rank0 == 0:
+        inner = net.module if a.strategy == "ddp" else net
+        inner.eval()
+        with torch.no_grad():
+            val = nn.functional.cross_entropy(inner(X[-256:]), y[-256:]).item()
+        inner.train()
     if step == a.peek_step and rank == 0 and watch is not None:
         seen = watch.report()  # a mid-run look, on rank 0 only
         if a.peek_out:
