@@ -241,6 +241,23 @@ def test_rank0_evaluating_alone_between_steps_leaves_the_merged_record_equal_one
     assert not [f for f in rep["findings"] if f["severity"] in ("warning", "critical")], rep["findings"]
 
 
+def test_gradscaler_skipped_steps_under_ddp_are_not_a_nan(tmp_path):
+    """The AMP twin of a NaN: the scaler's first scale overflows the float16 backward, every
+    rank sees inf gradients and the scaler skips those steps. No origin is searched and no
+    finding is raised; the skips are counted, and the steps taken are the ones recorded."""
+    out = tmp_path / "amp.json"
+    p = torchrun(["-m", "gradvitals", "run", "--json", str(out), str(SCRIPT.parent / "amp_ddp.py"), "--steps", "30"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    skipped = int(next(line for line in p.stdout.splitlines() if line.startswith("skipped")).split()[1])
+    assert skipped > 0
+    rep = _load(out)
+    assert "merge_stopped" not in rep["run"]["distributed"]
+    assert rep["run"]["amp_skipped_steps"] == skipped
+    assert rep["series"]["loss"]["steps"] == list(range(30 - skipped))
+    assert not [e for e in rep["run"]["events"] if e["type"] == "nonfinite_origin"]
+    assert not [f for f in rep["findings"] if f["severity"] in ("warning", "critical")], rep["findings"]
+
+
 #: (strategy, corrupt batch) -> (kind, module) of the origin the report names.
 NAN_CASES = {
     ("ddp", "nan"): ("input", "(root)"),  # the replay sees the NaN already in the batch

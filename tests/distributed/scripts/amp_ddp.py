@@ -1,0 +1,42 @@
+"""The torch.amp recipe under DDP, as scripts write it: float16 autocast on the CPU, a
+GradScaler whose first scale (2^24) overflows the first backward passes, so the scaler
+skips those steps on every rank (the gradients are all-reduced first): expected, not a NaN.
+Knows nothing of gradvitals; rank 0 prints how many steps the scaler skipped."""
+import argparse
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from sklearn.datasets import load_digits
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--steps", type=int, default=30)
+ap.add_argument("--init-scale", type=float, default=2.0 ** 24)
+args = ap.parse_args()
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+X, y = load_digits(return_X_y=True)
+X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
+net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+model = nn.parallel.DistributedDataParallel(net)
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+scaler = torch.amp.GradScaler("cpu", init_scale=args.init_scale)
+g = torch.Generator().manual_seed(1)
+n = 64 // world
+skipped = 0
+for it in range(args.steps):
+    idx = torch.randint(0, len(X), (64,), generator=g)[rank * n:(rank + 1) * n]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.functional.cross_entropy(model(X[idx]).float(), y[idx])
+    opt.zero_grad()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=5.0)
+    scale = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    skipped += scaler.get_scale() < scale
+if rank == 0:
+    print("skipped", skipped)
+dist.destroy_process_group()
