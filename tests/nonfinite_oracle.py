@@ -16,6 +16,7 @@ that produced the first non-finite gradient (``ORACLE_BACKWARD <name> <class>``)
 from __future__ import annotations
 
 import gc
+import os
 import runpy
 import sys
 
@@ -91,4 +92,5 @@ if __name__ == "__main__":
     else:
         nn_module.register_module_forward_hook(_check)
     sys.argv = sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as `python SCRIPT` puts it
     runpy.run_path(sys.argv[0], run_name="__main__")

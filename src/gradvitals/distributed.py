@@ -986,7 +986,8 @@ class Merger:
     # -- the first NaN, per rank -------------------------------------------
     def merge_origin(self, event: dict[str, Any]) -> dict[str, Any]:
         """Every rank's local origin, gathered; the report keeps the bad rank's whose
-        origin comes first in the forward (the first bad rank's on a tie), with the bad
+        replay reproduced it (over one read off its values), then whose origin comes first
+        in the forward (the first bad rank's on a tie), with the bad
         ranks whose origin is that same module. Under tensor parallelism a NaN one rank
         makes reaches every rank at the next collective: every rank is bad, and the
         others' replays meet it only after that collective. Runs on every rank at the
@@ -1007,7 +1008,10 @@ class Merger:
             # their own values at its step (the ones that waited: e.g. the one FSDP shard of a
             # gradient that holds the NaN) and the others learned of it later: those ranks.
             bad = [r for r, x in enumerate(late) if not x]
-        pick = min(bad, key=lambda r: (self._forward_order(gathered[r]), r)) if bad else None
+        # A rank whose replay reproduced the NaN from its own inputs made it; a rank that only
+        # read it off its values (gradients DDP all-reduced, a collective's output) received it.
+        pick = min(bad, key=lambda r: ((gathered[r] or {}).get("source") != "replay",
+                                       self._forward_order(gathered[r]), r)) if bad else None
         chosen = dict(gathered[pick if pick is not None else 0] or event)
         chosen["rank"] = pick
         chosen["ranks"] = [r for r in bad if (gathered[r] or {}).get("module") == chosen.get("module")]

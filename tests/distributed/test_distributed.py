@@ -258,6 +258,32 @@ def test_gradscaler_skipped_steps_under_ddp_are_not_a_nan(tmp_path):
     assert not [f for f in rep["findings"] if f["severity"] in ("warning", "critical")], rep["findings"]
 
 
+def test_a_nan_born_in_one_ranks_backward_names_that_rank_not_the_one_ddp_passed_it_to(tmp_path):
+    """A torch.where guard on rank 1's batch at step 3: the forward and every loss stay
+    finite, rank 1's backward makes NaN and DDP's all-reduce gives it to rank 0 too. Rank
+    1's replay reproduces it (sqrt, dropped by the where); rank 0 only reads it off its
+    all-reduced gradients. The report named rank 0 "only" and the first Linear (the
+    deepest gradient); it names rank 1, the module and the op. Twin with the guard
+    written safely: no NaN, no finding."""
+    script = str(SCRIPT.parent / "backward_nan_ddp.py")
+    out = tmp_path / "bnan.json"
+    p = torchrun(["-m", "gradvitals", "run", "--json", str(out), script])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(out)
+    assert "merge_stopped" not in rep["run"]["distributed"]
+    (ev,) = [e for e in rep["run"]["events"] if e["type"] == "nonfinite_origin"]
+    assert (ev["step"], ev["rank"], ev["ranks"], ev["module"], ev["op"]) == (3, 1, [1], "1", "sqrt")
+    assert (ev["kind"], ev["phase"], ev["source"], ev["dropped_in_forward"]) == ("gradient", "backward", "replay", True)
+    finding = next(f for f in rep["findings"] if f["code"] == "nonfinite")
+    assert "rank 1 only" in finding["summary"] and "torch.where" in finding["summary"]
+    out = tmp_path / "safe.json"
+    p = torchrun(["-m", "gradvitals", "run", "--json", str(out), script, "--safe"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(out)
+    assert not [e for e in rep["run"]["events"] if e["type"] == "nonfinite_origin"]
+    assert not [f for f in rep["findings"] if f["severity"] in ("warning", "critical")], rep["findings"]
+
+
 #: (strategy, corrupt batch) -> (kind, module) of the origin the report names.
 NAN_CASES = {
     ("ddp", "nan"): ("input", "(root)"),  # the replay sees the NaN already in the batch

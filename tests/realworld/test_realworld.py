@@ -496,6 +496,32 @@ def test_nan_born_in_the_backward_of_a_model_that_returns_logits():
 
 
 
+def test_a_nan_that_torch_where_drops_in_the_forward_is_named_where_the_backward_makes_it():
+    """The signed square root written with torch.where: both branches are computed, sqrt
+    of the negatives is NaN and the where drops it, so the forward and the loss are
+    finite; the backward multiplies the dropped branch's zero gradient by that NaN. The
+    report said `sqrt` in `1` made "the first non-finite activation" in the forward (the
+    forward replay sees the op, not that the output stayed finite) and advised a lower
+    learning rate; it now says the NaN was dropped in the forward and born in the
+    backward, with the cure for it. Clamped into sqrt's domain: healthy."""
+    report, stdout = run_both("where_guard.py")
+    assert "CHECKSUM nan" in stdout
+    nf = codes(report)["nonfinite"]
+    step = first_bad_step(report, "grad_norm")
+    assert first_bad_step(report, "loss") > step  # the forward was finite
+    module, kind = oracle("where_guard.py", backward=True)
+    assert (module, kind) == ("1", "SignedSqrt")
+    assert nf["step"] == step and nf["layers"][0] == module, nf["summary"]
+    ev = nf["evidence"]
+    assert (ev["phase"], ev["kind"], ev["source"], ev["op"], ev["backward_op"]) == (
+        "backward", "gradient", "replay", "sqrt", "SqrtBackward0")
+    assert ev["dropped_in_forward"] is True and ev["dropped_value"] == "nan" and ev["value"] == "nan"
+    assert "torch.where" in nf["summary"] and "in the backward" in nf["summary"]
+    assert "clamp" in nf["advice"] and "Lower the learning rate" not in nf["advice"]
+    report, _ = run_both("where_guard.py", "--safe")
+    assert_healthy(report)
+
+
 def test_best_checkpoint_reloaded_with_torch_load_is_evaluated_not_untrained():
     """torch.save(model, f) of the best epoch, model = torch.load(f) at the end and a test
     evaluation: the reloaded model is a second model no backward reaches and no optimizer

@@ -182,7 +182,9 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
     ``names`` maps id(module) -> the name to report. Returns None when the forward is
     finite. The result has ``module``, ``op``, ``value`` and ``kind``: "activation"
     (an op made finite inputs non-finite), "weight" (the module's own parameters are
-    non-finite) or "input" (the model's input already held NaN/Inf).
+    non-finite) or "input" (the model's input already held NaN/Inf); ``dropped``: True
+    when the activation's NaN/Inf never reached the output (a ``torch.where`` or a mask
+    dropped it), which leaves the forward finite and makes the backward's NaN.
 
     ``collective``: every rank replays its own last forward at this same point (FSDP2:
     the forward all-gathers parameters, so no rank may skip it, whatever its inputs
@@ -207,6 +209,7 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
             # The first candidate whose NaN/Inf reaches the output; with none of them
             # there (a finite output, or one a weight made non-finite), the first op seen.
             reached = [c for c in map(tracer.candidate_of, _tensors(result)) if c is not None]
+            output_bad = _bad(list(_tensors(result)))
             del result
         if collective:
             _reshard(model)
@@ -223,6 +226,10 @@ def replay_forward(model: nn.Module, names: dict[int, str], args: tuple, kwargs:
                 kind = "weight"
             break
     found["kind"] = kind
+    if kind == "activation" and not reached and output_bad is None:
+        # The op's NaN/Inf never reached the output: a torch.where, a mask or an index
+        # dropped it. The forward is finite; its backward is not (0 x NaN = NaN).
+        found["dropped"] = True
     return found
 
 

@@ -121,6 +121,17 @@ class OriginLocator:
                     event["source"] = "replay"
         grads = [(split_key(k)[1], v) for _, k, v in first if split_key(k)[0] == "grad_norm" and "/" in k]
         loss_bad = any(split_key(k)[0] == "loss" for _, k, _ in first)
+        if found is not None and found.pop("dropped", False) and grads and not loss_bad:
+            # The forward's NaN/Inf was dropped before the output (a torch.where guard): the
+            # finite loss's backward carries the op's NaN/Inf derivative into the gradients.
+            # value: the gradients' (the series'); dropped_value: what the op made in the forward.
+            found = {**found, "kind": "gradient", "dropped_in_forward": True,
+                     "dropped_value": found.get("value"), "value": value}
+            event["source"] = "replay"
+            backward = self.replay_backward(event)  # the backward node, where one process can replay it
+            if backward is not None and backward.get("module") == found.get("module"):
+                backward.pop("value", None)
+                found = {**found, **backward, "dropped_in_forward": True}
         if found is None and grads and not loss_bad and event.get("forward_checked"):
             found = self.replay_backward(event)
         if found is None:

@@ -36,6 +36,16 @@ _SINGULAR = {op: _SINGULAR_ADVICE for op in (
     "sqrt", "pow", "__pow__", "float_power", "acos", "arccos", "asin", "arcsin")}
 
 
+#: An op evaluated where it is NaN/Inf on elements the forward then drops (``torch.where(c,
+#: op(x), y)`` computes op(x) everywhere): the backward sends those elements a zero gradient
+#: times op's derivative there, and 0 x NaN = NaN (pytorch/pytorch#68425). The cure keeps
+#: the dropped elements' input valid, not a lower learning rate.
+_DROPPED_ADVICE = (
+    "{m} evaluates `{op}` on elements where it is not finite and drops them afterwards (`torch.where`, a "
+    "mask): give those elements a safe input before `{op}`, e.g. `torch.where(c, torch.{op}(torch.where(c, x, "
+    "torch.ones_like(x))), 0)` (the where twice), or clamp `x` into `{op}`'s domain first; `nan_to_num` on "
+    "the output does not help, the NaN is made in the backward.")
+
 #: Steps with every recorded value finite, up to the run's end, after its last NaN/Inf
 #: before the run counts as recovered (the script restored a checkpoint, skipped the
 #: bad batch): enough to show it trains again, not a NaN the next steps bring back.
@@ -74,17 +84,27 @@ def nonfinite(record: Record) -> list[Finding]:
                        f"weight was still finite).")
         elif kind == "gradient" and ev.get("source") == "replay":
             # The backward replayed: the op that made it, not the parameters it reached.
-            op = f" in `{ev['op']}`'s backward ({ev.get('backward_op')})" if ev.get("op") else ""
+            node = f" ({ev['backward_op']})" if ev.get("backward_op") else ""
+            op = f" in `{ev['op']}`'s backward{node}" if ev.get("op") else ""
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward "
                        f"(the loss and the forward were finite): {where} made the first non-finite "
                        f"gradient{op} from a finite incoming gradient.")
+            if ev.get("dropped_in_forward") and ev.get("op"):
+                kind_of = f" ({ev['module_kind']})" if ev.get("module_kind") else ""
+                summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward "
+                           f"(the loss and the forward were finite): in {where}{kind_of}, `{ev['op']}` made "
+                           f"{str(ev.get('dropped_value') or value).upper()} on elements that a `torch.where` or "
+                           f"mask then dropped, so the "
+                           f"forward stayed finite, but the backward multiplies their zero gradient by "
+                           f"`{ev['op']}`'s derivative there (0 x NaN = NaN"
+                           f"{', in ' + ev['backward_op'] if ev.get('backward_op') else ''}).")
             if ev.get("backward_seed") == "surrogate":
                 summary = summary.rstrip(".") + (" (the loss is computed outside the model: its backward was "
                                                  "replayed from the model's outputs).")
         else:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')}: {where} "
                        f"{_WHAT.get(kind, 'produced it')}.")
-        if ev.get("module_kind"):
+        if ev.get("module_kind") and not ev.get("dropped_in_forward"):
             summary = summary.rstrip(".") + f" ({ev['module_kind']})."
         if kind == "activation" and ev.get("op") and ev.get("source") == "replay":
             summary = summary.rstrip(".") + f", in `{ev['op']}` from finite inputs."
@@ -95,7 +115,9 @@ def nonfinite(record: Record) -> list[Finding]:
         severity = "critical"
         evidence = {k: v for k, v in ev.items() if k != "type"}
         advice = _advice(kind, module)
-        if kind == "gradient" and ev.get("source") == "replay" and ev.get("op") in _SINGULAR:
+        if kind == "gradient" and ev.get("source") == "replay" and ev.get("dropped_in_forward") and ev.get("op"):
+            advice = _DROPPED_ADVICE.format(m=f"`{module}`" if module else "the model", op=ev["op"])
+        elif kind == "gradient" and ev.get("source") == "replay" and ev.get("op") in _SINGULAR:
             advice = _SINGULAR[ev["op"]].format(m=f"`{module}`" if module else "the model", op=ev["op"])
         last_bad = ev.get("last_nonfinite_step")
         if isinstance(last_bad, int) and record.steps - 1 - last_bad >= RECOVERED_MIN_STEPS:
