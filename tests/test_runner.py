@@ -202,3 +202,53 @@ def test_loss_event_findings_are_counted_per_fold(tmp_path):
     events = load(out)["run"]["events"]
     assert [e["step"] for e in events if e["type"] == "segment"] == [6, 12]
     assert [(e["step"], e["steps"]) for e in events if e["type"] == "loss_on_probabilities"] == [(0, 6), (6, 6), (12, 6)]
+
+
+WRAPPED_OPTIMIZER = '''
+import torch, torch.nn as nn
+from sklearn.datasets import load_digits
+
+
+class Wrapped(torch.optim.Optimizer):
+    """A wrapper in the style of ZeroRedundancyOptimizer and Lookahead: its step runs an inner optimizer's."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+        self.inner = torch.optim.Adam(self.param_groups[0]["params"], lr=lr)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return self.inner.step(closure)
+
+
+torch.manual_seed(0)
+X, y = load_digits(return_X_y=True)
+X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
+model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+opt = Wrapped(model.parameters(), 1e-3)
+for step in range(30):
+    idx = torch.randint(0, len(X), (64,))
+    loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+print("loss", repr(loss.item()))
+'''
+
+
+def test_an_optimizer_stepped_inside_another_is_not_watched_twice(tmp_path):
+    """The zero-code run finds both optimizers a wrapper makes; the inner one only ever
+    steps inside the wrapper's step, so it is one step, recorded once, as the wrapper's
+    (its kind stays in ``run.optimizers``: it is the update rule)."""
+    script = tmp_path / "wrapped.py"
+    script.write_text(WRAPPED_OPTIMIZER)
+    out = tmp_path / "r.json"
+    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    p = run(["run", "-q", "--json", str(out), str(script)])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == plain.stdout  # the same training, bit for bit
+    rep = load(out)
+    assert rep["run"]["steps"] == 30 and rep["series"]["loss"]["steps"] == list(range(30))
+    assert rep["run"]["optimizers"] == ["Wrapped", "Adam"]
+    assert sorted(k for k in rep["series"] if k.startswith("lr/")) == ["lr/opt.0"]
+    assert not [f for f in rep["findings"] if f["severity"] in ("warning", "critical")], rep["findings"]

@@ -284,6 +284,34 @@ def test_a_nan_born_in_one_ranks_backward_names_that_rank_not_the_one_ddp_passed
     assert not [f for f in rep["findings"] if f["severity"] in ("warning", "critical")], rep["findings"]
 
 
+def test_zero_redundancy_optimizer_records_what_a_plain_optimizer_does(tmp_path):
+    """ZeroRedundancyOptimizer steps an inner Adam over this rank's part of the parameters
+    inside its own step. The zero-code run found that inner optimizer too (another part,
+    or none, per rank) and its values broke the merge at step 0: each rank recorded its
+    own from then on. The inner one is not watched: the run records what the same script
+    with a plain Adam records, merged."""
+    script = str(SCRIPT.parent / "zero_ddp.py")
+    reps = {}
+    for variant in ("zero", "plain"):
+        out = tmp_path / f"{variant}.json"
+        p = torchrun(["-m", "gradvitals", "run", "--json", str(out), script,
+                      *(["--plain"] if variant == "plain" else [])])
+        assert p.returncode == 0, p.stderr[-3000:]
+        reps[variant] = _load(out)
+    zero, plain = reps["zero"], reps["plain"]
+    assert "merge_stopped" not in zero["run"]["distributed"] and zero["run"]["distributed"]["strategy"] == "ddp"
+    assert not [e for e in zero["run"]["events"] if e["type"] == "probe_error"]
+    assert zero["run"]["optimizers"] == ["ZeroRedundancyOptimizer", "Adam"]
+    assert not [k for k in zero["series"] if k.startswith("lr/opt1")]
+    keys = [k for k in plain["series"] if k == "loss" or k.startswith(("grad_norm", "update_ratio/", "weight_norm/"))]
+    assert len(keys) > 10
+    for key in keys:
+        got, want = zero["series"][key], plain["series"][key]
+        assert got["steps"] == want["steps"], key
+        assert got["values"] == pytest.approx(want["values"], rel=1e-5, abs=1e-7), key
+    assert not [f for f in zero["findings"] if f["severity"] in ("warning", "critical")], zero["findings"]
+
+
 #: (strategy, corrupt batch) -> (kind, module) of the origin the report names.
 NAN_CASES = {
     ("ddp", "nan"): ("input", "(root)"),  # the replay sees the NaN already in the batch

@@ -195,6 +195,11 @@ class Recorder:
                 self.hooks.hook_optimizer(o, opt)
         return o
 
+    def drop_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        """Stop watching ``opt``: it steps only inside another watched optimizer's step."""
+        self.registry.drop_optimizer(opt)
+        self.clock.forget(set(self.registry.opts))
+
     # -------------------------------------------------------------- pause
     def pause(self) -> None:
         """Detach every hook and patch, keeping the record and the step count: while

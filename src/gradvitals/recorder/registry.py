@@ -275,6 +275,14 @@ class Registry:
         self.version += 1
         return o, True
 
+    def drop_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        """Stop watching ``opt`` (an optimizer that only ever steps inside another's step)."""
+        if self.opts.pop(id(opt), None) is None:
+            return
+        for i, o in enumerate(sorted(self.opts.values(), key=lambda o: o.index)):
+            o.index, o.label = i, ("opt" if i == 0 else f"opt{i}")
+        self.version += 1
+
     def drop_dead_optimizers(self) -> bool:
         """An optimizer re-created every epoch (``opt = SGD(model.parameters(), lr)`` in
         the epoch loop): the garbage one must not keep claiming the parameters, split
