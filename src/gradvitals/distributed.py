@@ -1141,6 +1141,8 @@ def _plan(keys: list[str]) -> tuple[str, list[tuple[str, str]]]:
     :data:`_MOMENT_BLOCK` keys, ("mask", layer) for the dead fraction measured with
     that block, ("mean", layer) for any other value."""
     merges = [q.merge if (q := quantity_of(k)) is not None else "mean" for k in keys]
+    if not merges:  # an item of no values (an optimizer holding no parameter on this rank)
+        return "mean", []
     if "max" in merges and not any(m in ("moment", "dead") for m in merges):
         # e.g. an attention module's max logit beside its mean entropies
         return "max", [("max" if m == "max" else "mean", split_key(k)[1] or "") for m, k in zip(merges, keys)]

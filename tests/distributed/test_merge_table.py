@@ -87,6 +87,18 @@ def test_each_value_merges_by_its_quantity_and_comes_back_in_its_place(one_rank_
     assert not rec.failed and merger.bad_ranks == []
 
 
+def test_an_item_of_no_values_merges_as_nothing_beside_the_others(one_rank_group, monkeypatch):
+    """An optimizer holding no parameter (on this rank) stages an item with no keys: the
+    merge failed on it (IndexError) and each rank recorded alone from then on."""
+    rec = _Recorder({})
+    merger = distributed.Merger(rec)
+    monkeypatch.setattr(merger, "_allreduce", lambda buf, body=True: None)
+    pending = [(0, [], torch.zeros(0)), (0, ["loss"], torch.tensor([2.5]))]
+    out = merger.merge(pending)
+    assert [(keys, vals.tolist()) for _, keys, vals in out] == [([], []), (["loss"], [2.5])]
+    assert not rec.failed
+
+
 def test_a_nan_in_a_value_of_the_ranks_own_batch_names_the_rank(one_rank_group, monkeypatch):
     rec = _Recorder({})
     merger = distributed.Merger(rec)
