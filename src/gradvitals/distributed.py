@@ -590,7 +590,7 @@ class Merger:
             kind, _ = _plan(keys)
             if kind == "rank":
                 rank_keys[j] = [f"{split_key(k)[0]}/{r}" for k in keys for r in range(self.world)]
-            q0 = split_key(keys[0])[0]
+            q0 = split_key(keys[0])[0] if keys else ""
             offsets.append(at)
             if kind == "norm":
                 if q0 != "grad_norm":

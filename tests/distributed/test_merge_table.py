@@ -244,6 +244,18 @@ def test_ordinary_steps_are_sent_in_batches_and_come_back_in_step_order(one_rank
     assert merger.info["batches"] == 2
 
 
+def test_a_batched_step_may_hold_an_item_of_no_values(one_rank_group, monkeypatch):
+    merger, sizes = _batched(monkeypatch, done=True)
+    merger._shares()
+    landed = []
+    for step in range(1, 1 + distributed.BATCH_STEPS):
+        landed += merger.start([(step, [], torch.zeros(0)), (step, ["loss"], torch.tensor([float(step)]))])
+    landed += distributed.collect_merged(merger.recorder)
+    assert sizes == [1 + 2 + distributed.BATCH_STEPS]
+    assert [(s, k, v.tolist()) for s, k, v in landed][:2] == [(1, [], []), (1, ["loss"], [1.0])]
+    assert len(landed) == 2 * distributed.BATCH_STEPS and not merger.recorder.failed
+
+
 def test_a_batch_whose_merge_never_comes_keeps_this_ranks_own_values(one_rank_group, monkeypatch):
     """At the end of the run the batch is sent padded to a full batch's size (gloo aborts
     on buffers of different sizes, should a rank still be training); if it never lands,
