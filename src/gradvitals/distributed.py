@@ -289,6 +289,14 @@ def partial_scale(t: Any, world: int) -> float | None:
     return 1.0 / world if op == "avg" else None
 
 
+def _outer(model: Any) -> nn.Module:
+    """The module a watched model trains in: the wrapper a trainer put it in (Lightning's
+    DistributedDataParallel, WatchedModel.wrapper), else the model itself."""
+    ref = getattr(model, "wrapper", None)
+    wrapper = ref() if ref is not None else None
+    return wrapper if wrapper is not None else model.module
+
+
 def replicated(p: Any, module: nn.Module) -> bool:
     """Whether every rank should hold ``p`` identically: a parameter DDP synchronises
     (not one of its ``parameters_to_ignore``), or a DTensor replicated on every mesh
@@ -435,7 +443,7 @@ class Merger:
         self.group = _side_group(self.timeout)
         self.info: dict[str, Any] = {
             "world_size": self.world, "rank": self.rank, "backend": str(dist.get_backend()),
-            "strategy": ",".join(sorted({strategy(m.module) for m in recorder.models})) or "none",
+            "strategy": ",".join(sorted({strategy(_outer(m)) for m in recorder.models})) or "none",
             "merge": "one fused float64 all-reduce (SUM) per recorded step on a gloo group",
             "allreduce_calls": 0, "allreduce_bytes_last": 0, "allreduce_bytes_max": 0,
             "timeout_s": self.timeout.total_seconds(),
@@ -456,13 +464,13 @@ class Merger:
             self._params = {name: p for m in rec.models for name, p in m.params}
             self._share = {name: square_share(p, self.world) for name, p in self._params.items()}
             self._grad_share = {}
-            self._replicas = {name for m in rec.models for name, p in m.params if replicated(p, m.module)}
+            self._replicas = {name for m in rec.models for name, p in m.params if replicated(p, _outer(m))}
             self.info["replica_tensors"] = len(self._replicas)
             self._share_version = rec.version
             # The same on every rank (the same models and environment): batch boundaries must
             # match. FSDP/TP: only when asked for (GRADVITALS_DIST_BATCH), since a NaN in a
             # batched step is then traced without their replay (it needs every rank at once).
-            collective = any(_replays_on_every_rank(m.module) for m in rec.models)
+            collective = any(_replays_on_every_rank(_outer(m)) for m in rec.models)
             self.batch_k = _batch_steps() or (1 if collective else BATCH_STEPS)
             self.info["batch_steps"] = self.batch_k
             self._layouts = {}
@@ -1319,7 +1327,7 @@ def _not_watching_elsewhere(recorder: Any) -> bool:
     until the time-out. Without a grace period when the models' own collectives have
     already tied the ranks together (see :data:`WATCHING_GRACE_S`)."""
     announce()  # (a watch no forward of has run yet says it now)
-    tied = all(strategy(m.module) not in ("replicated", "none") for m in recorder.models)
+    tied = all(strategy(_outer(m)) not in ("replicated", "none") for m in recorder.models)
     missing = ranks_not_watching(0.0 if tied and recorder.models else WATCHING_GRACE_S)
     if not missing:
         return False

@@ -87,6 +87,12 @@ class Watch:
         self._recorder.add_optimizer(_as_list(optimizer, torch.optim.Optimizer, "optimizer")[0],
                                      local_hooks=self.drive == "hooks")
 
+    def trains_in(self, model: nn.Module, wrapper: nn.Module) -> None:
+        """``model`` is trained inside ``wrapper``, a module this watch never sees called
+        (the ``DistributedDataParallel`` a trainer wraps the watched model in): under
+        torchrun its parameters are then judged as DDP's replicas."""
+        self._recorder.trains_in(model, wrapper)
+
     def step_begin(self, optimizer: torch.optim.Optimizer, *, sum_losses: bool = False) -> None:
         """(``drive="manual"``) ``optimizer`` is about to step: record its gradients.
         ``sum_losses``: the step's micro-batch losses add up to its loss (see Recorder)."""

@@ -312,6 +312,29 @@ def test_zero_redundancy_optimizer_records_what_a_plain_optimizer_does(tmp_path)
     assert not [f for f in zero["findings"] if f["severity"] in ("warning", "critical")], zero["findings"]
 
 
+def test_lightning_ddp_parameters_are_judged_as_replicas_and_a_drifting_one_is_found(tmp_path):
+    """Trainer(strategy="ddp") wraps the LightningModule in DistributedDataParallel itself;
+    the callback watches the module and never sees the wrapper called. It was reported as
+    a plain "replicated" model with no replica to check, so a rank-dependent update
+    outside the optimizer went unseen. The callback tells the watch the model trains in
+    Lightning's wrapper: the strategy is DDP, its 4 tensors are checked, a healthy run
+    stays clean and rank 1's drifting bias is named."""
+    script = str(SCRIPT.parent / "lightning_ddp.py")
+    reports = {}
+    for case, extra in (("healthy", []), ("drift", ["--drift-step", "3"])):
+        p = torchrun([script, str(tmp_path / case), *extra])
+        assert p.returncode == 0, p.stderr[-3000:]
+        reports[case] = _load(tmp_path / case / "gradvitals.json")
+    for case, rep in reports.items():
+        info = rep["run"]["distributed"]
+        assert (info["strategy"], info["replica_tensors"]) == ("ddp", 4), (case, info)
+        assert "merge_stopped" not in info and info["replica_checks"] >= 6
+    assert not [f for f in reports["healthy"]["findings"] if f["severity"] in ("warning", "critical")]
+    drift = next(f for f in reports["drift"]["findings"] if f["code"] == "replica_divergence")
+    # Drifted after batch 3; the next check is step 5 (every=5), the last equal one step 0.
+    assert (drift["layers"], drift["evidence"]["params"], drift["step"]) == (["net.0"], ["net.0.bias"], 5)
+
+
 #: (strategy, corrupt batch) -> (kind, module) of the origin the report names.
 NAN_CASES = {
     ("ddp", "nan"): ("input", "(root)"),  # the replay sees the NaN already in the batch

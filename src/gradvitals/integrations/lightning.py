@@ -51,8 +51,11 @@ class GradVitalsCallback(L.Callback):
         # Resolved now, on every rank: trainer.log_dir is a collective (broadcast), and an
         # exception may reach on_exception on one rank only.
         self._folder = self.report_dir or trainer.log_dir or trainer.default_root_dir
-        self._driver.start(pl_module, trainer.optimizers, integration=f"lightning {L.__version__}",
-                           accumulate_grad_batches=trainer.accumulate_grad_batches)
+        watch = self._driver.start(pl_module, trainer.optimizers, integration=f"lightning {L.__version__}",
+                                   accumulate_grad_batches=trainer.accumulate_grad_batches)
+        wrapper = getattr(trainer.strategy, "model", None)  # strategy="ddp": DistributedDataParallel
+        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel):
+            watch.trains_in(pl_module, wrapper)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         # The loss as training_step returned it: Lightning divided it by the accumulation

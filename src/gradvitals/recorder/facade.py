@@ -24,6 +24,7 @@ import logging
 import platform
 import sys
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -180,6 +181,13 @@ class Recorder:
         if local_hooks and not self._paused:
             self.hooks.hook_model(model)
         return model
+
+    def trains_in(self, module: nn.Module, wrapper: nn.Module) -> None:
+        """``module`` (watched) trains inside ``wrapper``: see WatchedModel.wrapper."""
+        model = self.registry.find_model(module)
+        if model is not None and wrapper is not module:
+            model.wrapper = weakref.ref(wrapper)
+            self.registry.version += 1  # the merge's view of the models changed
 
     def remove_model(self, module: nn.Module) -> None:
         """Stop watching ``module`` (e.g. it turned out to be part of a larger model,

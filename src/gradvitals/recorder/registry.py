@@ -42,6 +42,9 @@ class WatchedModel:
     # counts as training: models fine-tuned in eval mode (frozen BatchNorm statistics,
     # no dropout) are measured and replayed; after, eval-mode forwards are validation.
     train_mode_seen: bool = False
+    # A weakref to the wrapper a trainer runs this model in (Lightning's DistributedDataParallel),
+    # which the watch never sees called: what the distributed merge judges the model by.
+    wrapper: Any = None
     eval_steps: dict[str, Any] | None = None  # its eval_mode_training event, once seen
     # Its first forward was an evaluation (no_grad, eval mode) before any training one:
     # eval-mode training forwards after it are a forgotten model.train(), not a model
