@@ -335,6 +335,22 @@ def test_lightning_ddp_parameters_are_judged_as_replicas_and_a_drifting_one_is_f
     assert (drift["layers"], drift["evidence"]["params"], drift["step"]) == (["net.0"], ["net.0.bias"], 5)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_activation_checkpointing_matches_single_process(tmp_path, strategy):
+    """The middle Linear under torch.utils.checkpoint (non-reentrant): its forward runs a
+    second time inside the backward (under FSDP2, with its parameters gathered again).
+    Those recomputations are not another forward of the step: every series, activation
+    statistics recorded at every step included, equals one process's."""
+    out = tmp_path / "ckpt.json"
+    p = torchrun([str(SCRIPT), "--strategy", strategy, "--steps", str(STEPS), "--watch", str(out), "--every", "1",
+                  "--checkpoint"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(out)
+    assert "merge_stopped" not in rep["run"]["distributed"]
+    assert not [e for e in rep["run"]["events"] if e["type"] == "probe_error"]
+    assert_matches(rep, oracle(STEPS), STEPS)
+
+
 #: (strategy, corrupt batch) -> (kind, module) of the origin the report names.
 NAN_CASES = {
     ("ddp", "nan"): ("input", "(root)"),  # the replay sees the NaN already in the batch

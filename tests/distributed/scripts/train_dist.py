@@ -39,6 +39,9 @@ p.add_argument("--peek-out", default=None, help="and writes what it saw here (JS
 p.add_argument("--eval-rank0", type=int, default=0,
                help="every this many steps rank 0 alone evaluates the inner model (eval(), no_grad) on held-out "
                     "rows, as scripts that evaluate on the main process do")
+p.add_argument("--checkpoint", action="store_true",
+               help="activation checkpointing of the middle Linear (torch.utils.checkpoint, non-reentrant): "
+                    "its forward runs again in the backward")
 p.add_argument("--accum", type=int, default=1,
                help="micro-batches per optimizer step (gradient accumulation): the global batch in this many "
                     "chunks, each rank its slice of each, loss / accum; gradients synchronised on the last only "
@@ -48,6 +51,12 @@ a = p.parse_args()
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 model = make_model()
+if a.checkpoint:
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    model[2].forward = partial(checkpoint, model[2].forward, use_reentrant=False)
 if a.strategy == "ddp":
     net = nn.parallel.DistributedDataParallel(model)
 elif a.strategy == "local":
