@@ -7,7 +7,7 @@ import argparse
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from dist_common import digits, global_batch, rank_slice
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=30)
@@ -16,19 +16,17 @@ args = ap.parse_args()
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-X, y = load_digits(return_X_y=True)
-X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
+X, y = digits()
 net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
 model = nn.parallel.DistributedDataParallel(net)
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 scaler = torch.amp.GradScaler("cpu", init_scale=args.init_scale)
-g = torch.Generator().manual_seed(1)
-n = 64 // world
 skipped = 0
 for it in range(args.steps):
-    idx = torch.randint(0, len(X), (64,), generator=g)[rank * n:(rank + 1) * n]
+    xb, yb = global_batch(X, y, it)
+    xb, yb = rank_slice(xb, rank, world), rank_slice(yb, rank, world)
     with torch.autocast("cpu", dtype=torch.float16):
-        loss = nn.functional.cross_entropy(model(X[idx]).float(), y[idx])
+        loss = nn.functional.cross_entropy(model(xb).float(), yb)
     opt.zero_grad()
     scaler.scale(loss).backward()
     scaler.unscale_(opt)

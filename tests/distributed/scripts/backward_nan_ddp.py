@@ -11,7 +11,7 @@ import argparse
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from dist_common import digits, global_batch, rank_slice
 
 
 class GuardedSqrt(nn.Module):
@@ -33,23 +33,20 @@ args = ap.parse_args()
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-X, y = load_digits(return_X_y=True)
-X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
+X, y = digits()
 net = nn.Sequential(nn.Linear(64, 64), GuardedSqrt(), nn.Linear(65, 32), nn.ReLU(), nn.Linear(32, 10))
 with torch.no_grad():  # unit 0 of the first Linear: positive on the digits' pixels (all >= 0)
     net[0].weight[0].fill_(0.01)
     net[0].bias[0] = 0.1
 model = nn.parallel.DistributedDataParallel(net)
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
-g = torch.Generator().manual_seed(1)
-n = 64 // world
 losses = []
 for step in range(args.steps):
-    idx = torch.randint(0, len(X), (64,), generator=g)[rank * n:(rank + 1) * n]
-    xb = X[idx].clone()
+    xb, yb = global_batch(X, y, step)
+    xb, yb = rank_slice(xb, rank, world).clone(), rank_slice(yb, rank, world)
     if step == args.nan_step and rank == args.nan_rank:
         xb[0] = -50.0  # unit 0 of the first Linear goes below the guard on this row
-    loss = nn.functional.cross_entropy(model(xb), y[idx])
+    loss = nn.functional.cross_entropy(model(xb), yb)
     opt.zero_grad()
     loss.backward()
     opt.step()

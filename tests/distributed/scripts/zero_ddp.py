@@ -8,7 +8,7 @@ import argparse
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from sklearn.datasets import load_digits
+from dist_common import digits, global_batch, rank_slice
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 ap = argparse.ArgumentParser()
@@ -18,19 +18,16 @@ args = ap.parse_args()
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-X, y = load_digits(return_X_y=True)
-X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
+X, y = digits()
 net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
 model = nn.parallel.DistributedDataParallel(net)
 if args.plain:
     opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 else:
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=1e-3)
-g = torch.Generator().manual_seed(1)
-n = 64 // world
 for step in range(args.steps):
-    idx = torch.randint(0, len(X), (64,), generator=g)[rank * n:(rank + 1) * n]
-    loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
+    xb, yb = global_batch(X, y, step)
+    loss = nn.functional.cross_entropy(model(rank_slice(xb, rank, world)), rank_slice(yb, rank, world))
     opt.zero_grad()
     loss.backward()
     opt.step()
