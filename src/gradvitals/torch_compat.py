@@ -1,7 +1,7 @@
 """What differs between torch builds and wrappers, behind one name each: the user's
 model inside a DDP/DataParallel wrapper, the user's class name behind FSDP2's and
 parametrization's generated classes, DTensor (FSDP2 shards) and its local parts, the
-default process group's key-value store.
+default process group's key-value store, the DDP wrapper whose forward is running.
 
 Plain helpers, no process group: the recorder, the probes and the distributed merge
 use them alike.
@@ -82,3 +82,10 @@ def default_store() -> object | None:
 
     getter = getattr(c10d, "_get_default_store", None)
     return getter() if getter is not None else None
+
+
+def active_ddp() -> nn.Module | None:
+    """The DistributedDataParallel whose forward is running (torch sets it for Dynamo's
+    DDP optimizer, a private class attribute), or None: a model called inside a DDP
+    wrapper a trainer made, which the watch was never given."""
+    return getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)

@@ -351,6 +351,29 @@ def test_activation_checkpointing_matches_single_process(tmp_path, strategy):
     assert_matches(rep, oracle(STEPS), STEPS)
 
 
+def test_hf_trainer_ddp_is_seen_through_the_wrapper_it_never_hands_the_callback(tmp_path):
+    """The Hugging Face Trainer under torchrun wraps the model in DistributedDataParallel
+    (accelerate) and gives callbacks the bare model. The watch was never given the
+    wrapper: a plain "replicated" model, no replica checked. Its forward runs inside
+    DDP's, where torch names the active wrapper: the strategy is DDP, its 28 tensors are
+    checked, a healthy run stays clean and rank 1's nudged LayerNorm bias is named."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    script = str(SCRIPT.parent / "hf_ddp.py")
+    reports = {}
+    for case, extra in (("healthy", []), ("drift", ["--drift-step", "2"])):
+        p = torchrun([script, str(tmp_path / case), *extra])
+        assert p.returncode == 0, p.stderr[-3000:]
+        reports[case] = _load(tmp_path / case / "gradvitals.json")
+    for case, rep in reports.items():
+        info = rep["run"]["distributed"]
+        assert (info["strategy"], info["replica_tensors"]) == ("ddp", 28), (case, info)
+        assert "merge_stopped" not in info
+    assert not [f for f in reports["healthy"]["findings"] if f["severity"] in ("warning", "critical")]
+    drift = next(f for f in reports["drift"]["findings"] if f["code"] == "replica_divergence")
+    assert drift["evidence"]["params"] == ["transformer.ln_f.bias"] and drift["step"] == 4, drift
+
+
 #: (strategy, corrupt batch) -> (kind, module) of the origin the report names.
 NAN_CASES = {
     ("ddp", "nan"): ("input", "(root)"),  # the replay sees the NaN already in the batch

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import __version__, distributed
+from .. import __version__, distributed, torch_compat
 from ..probes import patches
 from ..record import Record
 from .activations import ActivationTracer
@@ -237,6 +237,11 @@ class Recorder:
             return
         if not self._announced:  # before any collective of the step: see distributed.WATCHING_GRACE_S
             self._announced = distributed.announce()
+        if model.wrapper is None and self._announced and distributed.initialized():
+            # Called inside a DDP wrapper it was not given (a Trainer's): the merge judges it by that.
+            ddp = torch_compat.active_ddp()
+            if ddp is not None and any(m is model.module for m in ddp.module.modules()):
+                self.trains_in(model.module, ddp)
         try:
             step = self.clock.step
             self.tracer.start(model, step, self.options.activations and scheduled(self.options, step))
