@@ -522,6 +522,31 @@ def test_a_nan_that_torch_where_drops_in_the_forward_is_named_where_the_backward
     assert_healthy(report)
 
 
+def test_a_nan_the_loss_backward_sends_into_the_model_is_not_blamed_on_its_last_layer():
+    """An entropy term `torch.where(p > 0, p * log(p), 0)` in a loss computed outside the
+    model: the loss and the forward are finite, the loss's backward sends NaN into the
+    logits. The report blamed the last Linear ("values that overflow pass through `2`.
+    Lower the learning rate"). Torch's backward hooks see no module make it (every one
+    received it); the replay from a finite seed of the outputs is finite: the report now
+    says the loss's backward made it, and how to compute the term safely."""
+    report, stdout = run_both("entropy_bonus.py")
+    assert "CHECKSUM nan" in stdout
+    nf = codes(report)["nonfinite"]
+    step = first_bad_step(report, "grad_norm")
+    assert first_bad_step(report, "loss") > step  # the forward was finite
+    p = subprocess.run([sys.executable, str(ORACLE), "--backward", "entropy_bonus.py"], capture_output=True,
+                       text=True, cwd=HERE, timeout=TIMEOUT_S)
+    assert p.returncode == 0 and "ORACLE_BACKWARD" not in p.stderr, p.stderr[-2000:]  # no module made it
+    assert nf["step"] == step and list(nf["layers"]) == [], nf["summary"]
+    ev = nf["evidence"]
+    assert (ev["phase"], ev["kind"], ev["source"], ev["backward_seed"], ev["from_loss"]) == (
+        "backward", "gradient", "replay", "surrogate", True)
+    assert ev["module"] is None and "before it reached the model" in nf["summary"]
+    assert "log_softmax" in nf["advice"] and "Lower the learning rate" not in nf["advice"]
+    report, _ = run_both("entropy_bonus.py", "--safe")
+    assert_healthy(report)
+
+
 def test_best_checkpoint_reloaded_with_torch_load_is_evaluated_not_untrained():
     """torch.save(model, f) of the best epoch, model = torch.load(f) at the end and a test
     evaluation: the reloaded model is a second model no backward reaches and no optimizer

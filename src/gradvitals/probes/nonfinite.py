@@ -329,7 +329,9 @@ def replay_backward(model: nn.Module, names: dict[int, str], args: tuple, kwargs
 
     Returns (the seed, that origin or None): seed None when nothing was replayed (no
     output to differentiate, or a non-finite loss: the forward is the origin); no
-    origin when every replayed gradient is finite.
+    origin when every replayed gradient is finite, except from a surrogate seed while
+    the run's gradients are not: then the origin is the loss's backward, outside the
+    model (``module`` None, ``from_loss``).
 
     The weights are those of the failing step (the optimizer has not stepped yet);
     gradients are taken with ``torch.autograd.grad`` (``.grad`` is left as it is), RNG
@@ -389,9 +391,18 @@ def replay_backward(model: nn.Module, names: dict[int, str], args: tuple, kwargs
             if params:
                 with patches.quiet():  # not a backward of the run's
                     grads = torch.autograd.grad(roots, params, grad_outputs=seeds, allow_unused=True)
-                if origin and seed == "surrogate" and (
-                        _nonfinite_params(params, list(grads)) != _nonfinite_params(params, [p.grad for p in params])):
-                    origin.clear()  # not the run's backward (see above)
+                if seed == "surrogate":
+                    replayed = _nonfinite_params(params, list(grads))
+                    run = _nonfinite_params(params, [p.grad for p in params])
+                    if origin and replayed != run:
+                        origin.clear()  # not the run's backward (see above)
+                    elif not origin and not replayed and any(
+                            bool(torch.isnan(_local(params[i].grad)).any()) for i in run):  # type: ignore[arg-type]
+                        # From a finite gradient of its outputs the model's backward is finite,
+                        # the run's held NaN: the gradient the loss sent the outputs was not
+                        # finite. (Not claimed for Inf alone: an overflow may need the real,
+                        # larger seed.)
+                        origin.update(module=None, op=None, from_loss=True)
     if not origin:
         return seed, None
     origin["kind"] = "gradient"

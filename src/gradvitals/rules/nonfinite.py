@@ -46,6 +46,15 @@ _DROPPED_ADVICE = (
     "torch.ones_like(x))), 0)` (the where twice), or clamp `x` into `{op}`'s domain first; `nan_to_num` on "
     "the output does not help, the NaN is made in the backward.")
 
+#: The loss's own backward made it (the model's backward from a finite seed is finite):
+#: ops whose derivative is not finite where their value is, in the loss.
+_LOSS_BACKWARD_ADVICE = (
+    "Look in the loss for ops whose derivative is not finite where their value is: `log`/`sqrt` at 0, `x / y` "
+    "at y = 0, a `torch.where` that also computes the unsafe branch (e.g. `torch.where(p > 0, p * torch.log(p), "
+    "0)` at p = 0). Give them safe inputs (`x.clamp_min(1e-12)` before `log`/`sqrt`), and take log-probabilities "
+    "from the logits (`F.log_softmax(logits, -1)`, `F.cross_entropy`), not `log` of a softmax: `p * "
+    "F.log_softmax(logits, -1)` stays finite where p underflows to 0.")
+
 #: Steps with every recorded value finite, up to the run's end, after its last NaN/Inf
 #: before the run counts as recovered (the script restored a checkpoint, skipped the
 #: bad batch): enough to show it trains again, not a NaN the next steps bring back.
@@ -89,7 +98,12 @@ def nonfinite(record: Record) -> list[Finding]:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward "
                        f"(the loss and the forward were finite): {where} made the first non-finite "
                        f"gradient{op} from a finite incoming gradient.")
-            if ev.get("dropped_in_forward") and ev.get("op"):
+            if ev.get("from_loss"):
+                summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward, "
+                           f"before it reached the model: the loss and the forward were finite, and the "
+                           f"model's own backward from a finite gradient of its outputs is finite (replayed), "
+                           f"so the gradient the loss (computed outside the model) sent its outputs was not.")
+            elif ev.get("dropped_in_forward") and ev.get("op"):
                 kind_of = f" ({ev['module_kind']})" if ev.get("module_kind") else ""
                 summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward "
                            f"(the loss and the forward were finite): in {where}{kind_of}, `{ev['op']}` made "
@@ -98,7 +112,7 @@ def nonfinite(record: Record) -> list[Finding]:
                            f"forward stayed finite, but the backward multiplies their zero gradient by "
                            f"`{ev['op']}`'s derivative there (0 x NaN = NaN"
                            f"{', in ' + ev['backward_op'] if ev.get('backward_op') else ''}).")
-            if ev.get("backward_seed") == "surrogate":
+            if ev.get("backward_seed") == "surrogate" and not ev.get("from_loss"):
                 summary = summary.rstrip(".") + (" (the loss is computed outside the model: its backward was "
                                                  "replayed from the model's outputs).")
         else:
@@ -115,7 +129,9 @@ def nonfinite(record: Record) -> list[Finding]:
         severity = "critical"
         evidence = {k: v for k, v in ev.items() if k != "type"}
         advice = _advice(kind, module)
-        if kind == "gradient" and ev.get("source") == "replay" and ev.get("dropped_in_forward") and ev.get("op"):
+        if kind == "gradient" and ev.get("source") == "replay" and ev.get("from_loss"):
+            advice = _LOSS_BACKWARD_ADVICE
+        elif kind == "gradient" and ev.get("source") == "replay" and ev.get("dropped_in_forward") and ev.get("op"):
             advice = _DROPPED_ADVICE.format(m=f"`{module}`" if module else "the model", op=ev["op"])
         elif kind == "gradient" and ev.get("source") == "replay" and ev.get("op") in _SINGULAR:
             advice = _SINGULAR[ev["op"]].format(m=f"`{module}`" if module else "the model", op=ev["op"])
