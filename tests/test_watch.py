@@ -540,9 +540,9 @@ def test_forward_that_raises_leaves_no_statistics_and_the_retry_is_traced(digits
 def test_nan_born_in_the_loss_functions_backward_is_not_blamed_on_the_model():
     """An RMSE loss (`sqrt(mse)`) outside the model at a perfect fit: the square root's
     backward at 0 makes the NaN, before any of the model's ops. The model returns its
-    output only, so its backward is replayed with a surrogate seed: finite, and no op of
-    the model is named; the series' answer stands (torch: the model's own backward from
-    a finite seed is finite)."""
+    output only, so its backward is replayed with a surrogate seed: finite (torch: the
+    model's own backward from a finite seed is finite) while the run's gradients hold
+    NaN, so no module is named: the loss's backward made it (``from_loss``)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     nn.init.zeros_(model[2].weight), nn.init.zeros_(model[2].bias)
@@ -556,7 +556,8 @@ def test_nan_born_in_the_loss_functions_backward_is_not_blamed_on_the_model():
         opt.step()
     ev = w.record.events_of("nonfinite_origin")[0]
     assert (ev["backward_checked"], ev["backward_seed"], ev["source"], ev["op"], ev["phase"]) == (
-        True, "surrogate", "series", None, "backward"), ev
+        True, "surrogate", "replay", None, "backward"), ev
+    assert (ev["from_loss"], ev["module"], ev["kind"]) == (True, None, "gradient"), ev
 
 
 def test_clip_with_infinite_max_norm_is_not_clipping_telemetry():
