@@ -519,7 +519,7 @@ class Merger:
         """Global values for ``pending`` (same items, same keys), now. Holds the step's
         one device-to-host copy and the one all-reduce. How each value merges is its
         quantity's ``merge`` (gradvitals.record.QUANTITIES)."""
-        return self._land(self._launch(pending, defer=False))
+        return self._land(self._launch(pending, defer=False, forced=self._check_layout_first(pending)))
 
     def start(self, pending: list[tuple[int, list[str], Tensor]]) -> list[tuple[int, list[str], Tensor]]:
         """:meth:`merge`, except that the all-reduce of an ordinary step is not waited
@@ -560,7 +560,7 @@ class Merger:
         landed: list[tuple[int, list[str], Tensor]] = []
         if self.batch is not None:  # the batch goes first, in step order (every rank is at this flush)
             landed = self._land(self._send_batch(defer=False))
-        flight = self._launch(pending, defer=True)
+        flight = self._launch(pending, defer=True, forced=forced)
         if flight.waited:
             return landed + self._land(flight)
         self.flight = flight
@@ -738,7 +738,8 @@ class Merger:
                 time.sleep(0.001)
         return self._land(flight)
 
-    def _launch(self, pending: list[tuple[int, list[str], Tensor]], defer: bool) -> _Flight:
+    def _launch(self, pending: list[tuple[int, list[str], Tensor]], defer: bool, forced: bool) -> _Flight:
+        """Start the merge of one flush's items (``forced``: _check_layout_first's answer)."""
         plans = [_plan(keys) for _, keys, _ in pending]
         masks: dict[int, Tensor] = {}  # item -> "ever active" mask of its dead-unit-tracked layer
         for j, (_, parts) in enumerate(plans):
@@ -825,7 +826,6 @@ class Merger:
         tail = _replica_sends(rep_v, self.rank, self.world)
         layout.append(f"replicas:{len(rep_v)}")
         signature = float(zlib.crc32("\n".join(layout).encode()))
-        forced = self._check_layout_first(pending)
         # Per rank one flag: bit 0, a NaN/Inf in a value of its own batch (names the
         # rank); bit 1, it waited for this all-reduce at once (see start()).
         buf = torch.cat([torch.tensor([signature], dtype=torch.float64),
@@ -1122,12 +1122,7 @@ class _Batch(NamedTuple):
 
 def _flat(pending: list[tuple[int, list[str], Tensor]]) -> Tensor:
     """A step's values, items in order, as one float64 CPU tensor (one copy per device)."""
-    ts = [t for _, _, t in pending]
-    dev = ts[0].device
-    if type(ts[0]).__name__ != "DTensor" and all(t.device == dev and type(t).__name__ != "DTensor" for t in ts):
-        flat = torch.cat([t.detach().reshape(-1) for t in ts]).double()
-        return flat if dev.type == "cpu" else flat.cpu()
-    return torch.cat(_fetch(ts))
+    return _host_flat([t for _, _, t in pending])[0]
 
 
 def _own_values(batch: _Batch, info: dict[str, Any] | None) -> list[tuple[int, list[str], Tensor]]:
@@ -1274,21 +1269,23 @@ def _act_values(s: Tensor, sizes: list[tuple[str, int]]) -> Tensor:
     return torch.cat(stats)
 
 
+def _host_flat(tensors: list[Tensor]) -> tuple[Tensor, list[int]]:
+    """The tensors' values (a DTensor's local part), in order, as one flat float64 CPU
+    tensor, with one copy per device; and each tensor's number of values in it."""
+    ts = [t.reshape(-1) for t in local_tensors([t.detach() for t in tensors])]
+    sizes = [t.numel() for t in ts]
+    devices = {t.device for t in ts}
+    if len(devices) == 1:
+        return torch.cat(ts).double().cpu(), sizes
+    parts = {d: iter(torch.cat([t.double() for t in ts if t.device == d]).cpu().split(
+        [t.numel() for t in ts if t.device == d])) for d in devices}
+    return torch.cat([next(parts[t.device]) for t in ts]), sizes
+
+
 def _fetch(tensors: list[Tensor]) -> list[Tensor]:
-    """Each tensor as a flat float64 CPU tensor, with one copy per device."""
-    tensors = local_tensors([t.detach() for t in tensors])
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    out: list[Tensor | None] = [None] * len(tensors)
-    for _, idx in by_device.items():
-        flat = torch.cat([tensors[i].reshape(-1).double() for i in idx]).cpu()
-        j = 0
-        for i in idx:
-            n = tensors[i].numel()
-            out[i] = flat[j:j + n]
-            j += n
-    return out  # type: ignore[return-value]
+    """Each tensor as a flat float64 CPU tensor: views of one copy per device (_host_flat)."""
+    flat, sizes = _host_flat(tensors)
+    return list(flat.split(sizes))
 
 
 # ------------------------------------------------ hooks the recorder calls

@@ -60,8 +60,9 @@ def dtensor_type_if_loaded() -> type | None:
 
 
 def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
-    """Each DTensor's local shard (no communication); plain tensors unchanged."""
-    dt = dtensor_type()
+    """Each DTensor's local shard (no communication); plain tensors unchanged. (No
+    import: a DTensor exists only once its module is loaded.)"""
+    dt = dtensor_type_if_loaded()
     if dt is None:
         return tensors
     return [t.to_local() if isinstance(t, dt) else t for t in tensors]

@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from ..torch_compat import dtensor_type_if_loaded, local_tensors
+from ..torch_compat import local_tensors
 
 _FOREACH_DTYPE_ARG = True  # torch >= 2.3 takes dtype= in _foreach_norm; probed once below
 
@@ -37,8 +37,7 @@ def fused_norms(tensors: list[Tensor]) -> Tensor:
     """L2 norm of each tensor, as one float32 vector (order kept), no host sync."""
     if not tensors:
         return torch.zeros(0)
-    if dtensor_type_if_loaded() is not None:
-        tensors = local_tensors(tensors)  # FSDP2 DTensors: the local shard (merged across ranks later)
+    tensors = local_tensors(tensors)  # FSDP2 DTensors: the local shard (merged across ranks later)
     home = tensors[0].device
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     sparse: list[int] = []

@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import distributed
 from ..probes.norms import foreach_norm, fused_norms
 from ..record import Record, Series, series_key
-from ..torch_compat import dtensor_type_if_loaded, local_tensors
+from ..torch_compat import local_tensors
 from .hyperparams import GroupFacts
 from .losses import LossTracker
 from .options import Options, scheduled
@@ -39,11 +39,6 @@ class Steady(NamedTuple):
     """The series a steady step's values go to: its norms' row and its loss's (if any)."""
     norms: list[Series]
     loss: list[Series] | None
-
-
-def _locals(tensors: list[Tensor]) -> list[Tensor]:
-    """Each DTensor's local part (no communication); no DTensor import on plain runs."""
-    return local_tensors(tensors) if dtensor_type_if_loaded() is not None else tensors
 
 
 class GradientMeter:
@@ -258,7 +253,7 @@ class GradientMeter:
                 return buf
         # DTensors (FSDP2, tensor parallel): their local parts, so that a mix with plain
         # tensors (a model tensor-parallel in some layers only) is one foreach call.
-        return torch._foreach_mul(_locals(weights), 1.0)
+        return torch._foreach_mul(local_tensors(weights), 1.0)
 
     def update_ratio(self, o: WatchedOptimizer) -> None:
         """``o`` has stepped: |W_after - W_before| / |W_before| of a scheduled step (pending)."""
@@ -269,7 +264,7 @@ class GradientMeter:
         with torch.no_grad():
             # In place into the snapshot (ours): before - after has the same norm
             # as after - before, without allocating a second copy.
-            torch._foreach_sub_(before, _locals([p.detach() for p in o.params]))
+            torch._foreach_sub_(before, local_tensors([p.detach() for p in o.params]))
             dnorm = torch.stack(foreach_norm(before)) if o.fast else fused_norms(before)
             ratio = dnorm / wnorm.clamp_min(1e-12)
         self.staging.pending.append((self.owner.step, keys, ratio))
