@@ -76,9 +76,9 @@ class ScriptRunner:
         self._opt_init: Callable[..., Any] | None = None
         self._globals: dict[str, Any] | None = None
         self._compiled: set[int] = set()  # id() of root models run through torch.compile
-        #: The optimizer whose step is running (a weakref; [] between steps), and the
+        #: The optimizer whose step is running (a weakref; None between steps), and the
         #: optimizers that step only inside another's (see _on_step_pre): not watched.
-        self._stepping: list[Any] = []
+        self._stepping: weakref.ref[torch.optim.Optimizer] | None = None
         self._inner: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self.progress: Any = None  # reports.progress.Progress, handed to the recorder (CLI)
         #: (json, html) paths the report is autosaved to while the script runs (the CLI
@@ -170,7 +170,7 @@ class ScriptRunner:
                     self._seen[id(m)] = weakref.ref(m)
         model = self._roots.get(id(module))
         if model is not None and model.module is module:
-            self._stepping = []  # (a step that raised before its post-hook is over)
+            self._stepping = None  # (a step that raised before its post-hook is over)
             if compiled is not None:
                 # No per-module activation hooks inside a compiled model: they would be
                 # traced into its graph (graph breaks, a recompile per scheduled step).
@@ -244,7 +244,8 @@ class ScriptRunner:
         rec = self.recorder
         if rec is None or opt in self._inner:
             return
-        if self._stepping and self._stepping[-1]() is not opt:
+        outer = self._stepping() if self._stepping is not None else None
+        if outer is not None and outer is not opt:
             # Its step runs inside another optimizer's: a wrapper's inner optimizer
             # (ZeroRedundancyOptimizer's local one, Lookahead-style wrappers). The wrapper's
             # step is the script's; this one holds a part of its parameters (under
@@ -252,7 +253,7 @@ class ScriptRunner:
             self._inner.add(opt)
             rec.drop_optimizer(opt)
             return
-        self._stepping = [weakref.ref(opt)]
+        self._stepping = weakref.ref(opt)
         try:
             rec.add_optimizer(opt, local_hooks=False)
         except Exception as exc:
@@ -269,7 +270,7 @@ class ScriptRunner:
     def _on_step_post(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if opt in self._inner:
             return
-        self._stepping = []
+        self._stepping = None
         if self.recorder is not None:
             self.recorder.step_post(opt, args, kwargs)
         done = self.remedy.on_step_post(opt) if self.remedy is not None else False

@@ -131,7 +131,7 @@ class OriginLocator:
             backward = self.replay_backward(event)  # the backward node, where one process can replay it
             if backward is not None and backward.get("module") == found.get("module"):
                 backward.pop("value", None)
-                found = {**found, **backward, "dropped_in_forward": True}
+                found = {**found, **backward}
         if found is None and grads and not loss_bad and event.get("forward_checked"):
             found = self.replay_backward(event)
         if found is None:

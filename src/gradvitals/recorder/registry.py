@@ -280,11 +280,8 @@ class Registry:
 
     def drop_optimizer(self, opt: torch.optim.Optimizer) -> None:
         """Stop watching ``opt`` (an optimizer that only ever steps inside another's step)."""
-        if self.opts.pop(id(opt), None) is None:
-            return
-        for i, o in enumerate(sorted(self.opts.values(), key=lambda o: o.index)):
-            o.index, o.label = i, ("opt" if i == 0 else f"opt{i}")
-        self.version += 1
+        if self.opts.pop(id(opt), None) is not None:
+            self._relabel()
 
     def drop_dead_optimizers(self) -> bool:
         """An optimizer re-created every epoch (``opt = SGD(model.parameters(), lr)`` in
@@ -296,10 +293,14 @@ class Registry:
             return False
         for k in dead:
             del self.opts[k]
+        self._relabel()
+        return True
+
+    def _relabel(self) -> None:
+        """Optimizers were dropped: the others are numbered again, in their order."""
         for i, o in enumerate(sorted(self.opts.values(), key=lambda o: o.index)):
             o.index, o.label = i, ("opt" if i == 0 else f"opt{i}")
         self.version += 1
-        return True
 
     def optimizer_param_ids(self) -> set[int]:
         """id() of every parameter a live optimizer holds."""
