@@ -80,6 +80,9 @@ def nonfinite(record: Record) -> list[Finding]:
         kind = ev.get("kind", "activation")
         where = f"`{module}`" if module else "the loss function"
         value = ev.get("value", "nan")
+        replayed_grad = kind == "gradient" and ev.get("source") == "replay"  # the backward's op was named
+        from_loss = bool(ev.get("from_loss"))
+        dropped = bool(ev.get("dropped_in_forward") and ev.get("op"))
         if kind == "input":
             # The data, not a layer: say so rather than naming the model's root ("(root)").
             fed = "the model" if module in (None, "(root)") else f"`{module}`"
@@ -91,34 +94,34 @@ def nonfinite(record: Record) -> list[Finding]:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the loss; the "
                        f"model's forward was not recorded, so the layer could not be traced (every "
                        f"weight was still finite).")
-        elif kind == "gradient" and ev.get("source") == "replay":
+        elif replayed_grad and from_loss:
+            summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward, "
+                       f"before it reached the model: the loss and the forward were finite, and the "
+                       f"model's own backward from a finite gradient of its outputs is finite (replayed), "
+                       f"so the gradient the loss (computed outside the model) sent its outputs was not.")
+        elif replayed_grad:
             # The backward replayed: the op that made it, not the parameters it reached.
-            node = f" ({ev['backward_op']})" if ev.get("backward_op") else ""
-            op = f" in `{ev['op']}`'s backward{node}" if ev.get("op") else ""
-            summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward "
-                       f"(the loss and the forward were finite): {where} made the first non-finite "
-                       f"gradient{op} from a finite incoming gradient.")
-            if ev.get("from_loss"):
-                summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward, "
-                           f"before it reached the model: the loss and the forward were finite, and the "
-                           f"model's own backward from a finite gradient of its outputs is finite (replayed), "
-                           f"so the gradient the loss (computed outside the model) sent its outputs was not.")
-            elif ev.get("dropped_in_forward") and ev.get("op"):
+            if dropped:
                 kind_of = f" ({ev['module_kind']})" if ev.get("module_kind") else ""
+                node = f", in {ev['backward_op']}" if ev.get("backward_op") else ""
                 summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward "
                            f"(the loss and the forward were finite): in {where}{kind_of}, `{ev['op']}` made "
                            f"{str(ev.get('dropped_value') or value).upper()} on elements that a `torch.where` or "
-                           f"mask then dropped, so the "
-                           f"forward stayed finite, but the backward multiplies their zero gradient by "
-                           f"`{ev['op']}`'s derivative there (0 x NaN = NaN"
-                           f"{', in ' + ev['backward_op'] if ev.get('backward_op') else ''}).")
-            if ev.get("backward_seed") == "surrogate" and not ev.get("from_loss"):
+                           f"mask then dropped, so the forward stayed finite, but the backward multiplies their "
+                           f"zero gradient by `{ev['op']}`'s derivative there (0 x NaN = NaN{node}).")
+            else:
+                node = f" ({ev['backward_op']})" if ev.get("backward_op") else ""
+                op = f" in `{ev['op']}`'s backward{node}" if ev.get("op") else ""
+                summary = (f"{str(value).upper()} first appeared at step {ev.get('step')} in the backward "
+                           f"(the loss and the forward were finite): {where} made the first non-finite "
+                           f"gradient{op} from a finite incoming gradient.")
+            if ev.get("backward_seed") == "surrogate":
                 summary = summary.rstrip(".") + (" (the loss is computed outside the model: its backward was "
                                                  "replayed from the model's outputs).")
         else:
             summary = (f"{str(value).upper()} first appeared at step {ev.get('step')}: {where} "
                        f"{_WHAT.get(kind, 'produced it')}.")
-        if ev.get("module_kind") and not ev.get("dropped_in_forward"):
+        if ev.get("module_kind") and not dropped:  # (the dropped summary names it in its place)
             summary = summary.rstrip(".") + f" ({ev['module_kind']})."
         if kind == "activation" and ev.get("op") and ev.get("source") == "replay":
             summary = summary.rstrip(".") + f", in `{ev['op']}` from finite inputs."
@@ -129,11 +132,11 @@ def nonfinite(record: Record) -> list[Finding]:
         severity = "critical"
         evidence = {k: v for k, v in ev.items() if k != "type"}
         advice = _advice(kind, module)
-        if kind == "gradient" and ev.get("source") == "replay" and ev.get("from_loss"):
+        if replayed_grad and from_loss:
             advice = _LOSS_BACKWARD_ADVICE
-        elif kind == "gradient" and ev.get("source") == "replay" and ev.get("dropped_in_forward") and ev.get("op"):
+        elif replayed_grad and dropped:
             advice = _DROPPED_ADVICE.format(m=f"`{module}`" if module else "the model", op=ev["op"])
-        elif kind == "gradient" and ev.get("source") == "replay" and ev.get("op") in _SINGULAR:
+        elif replayed_grad and ev.get("op") in _SINGULAR:
             advice = _SINGULAR[ev["op"]].format(m=f"`{module}`" if module else "the model", op=ev["op"])
         last_bad = ev.get("last_nonfinite_step")
         if isinstance(last_bad, int) and record.steps - 1 - last_bad >= RECOVERED_MIN_STEPS:
