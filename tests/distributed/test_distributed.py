@@ -312,6 +312,24 @@ def test_zero_redundancy_optimizer_records_what_a_plain_optimizer_does(tmp_path)
     assert not [f for f in zero["findings"] if f["severity"] in ("warning", "critical")], zero["findings"]
 
 
+def _trainer_ddp_runs(tmp_path: Path, script: str, drift_step: int, tensors: int) -> tuple[list[dict], dict]:
+    """A trainer's DDP script run twice, healthy and with a rank-1 parameter nudged at
+    ``drift_step``: both judged as DDP with ``tensors`` replicas checked, merged; the
+    healthy one clean. Returns (both reports' distributed info, the drift's finding)."""
+    reports = {}
+    for case, extra in (("healthy", []), ("drift", ["--drift-step", str(drift_step)])):
+        p = torchrun([script, str(tmp_path / case), *extra])
+        assert p.returncode == 0, p.stderr[-3000:]
+        reports[case] = _load(tmp_path / case / "gradvitals.json")
+    for case, rep in reports.items():
+        info = rep["run"]["distributed"]
+        assert (info["strategy"], info["replica_tensors"]) == ("ddp", tensors), (case, info)
+        assert "merge_stopped" not in info
+    assert not [f for f in reports["healthy"]["findings"] if f["severity"] in ("warning", "critical")]
+    drift = next(f for f in reports["drift"]["findings"] if f["code"] == "replica_divergence")
+    return [rep["run"]["distributed"] for rep in reports.values()], drift
+
+
 def test_lightning_ddp_parameters_are_judged_as_replicas_and_a_drifting_one_is_found(tmp_path):
     """Trainer(strategy="ddp") wraps the LightningModule in DistributedDataParallel itself;
     the callback watches the module and never sees the wrapper called. It was reported as
@@ -319,18 +337,8 @@ def test_lightning_ddp_parameters_are_judged_as_replicas_and_a_drifting_one_is_f
     outside the optimizer went unseen. The callback tells the watch the model trains in
     Lightning's wrapper: the strategy is DDP, its 4 tensors are checked, a healthy run
     stays clean and rank 1's drifting bias is named."""
-    script = str(SCRIPT.parent / "lightning_ddp.py")
-    reports = {}
-    for case, extra in (("healthy", []), ("drift", ["--drift-step", "3"])):
-        p = torchrun([script, str(tmp_path / case), *extra])
-        assert p.returncode == 0, p.stderr[-3000:]
-        reports[case] = _load(tmp_path / case / "gradvitals.json")
-    for case, rep in reports.items():
-        info = rep["run"]["distributed"]
-        assert (info["strategy"], info["replica_tensors"]) == ("ddp", 4), (case, info)
-        assert "merge_stopped" not in info and info["replica_checks"] >= 6
-    assert not [f for f in reports["healthy"]["findings"] if f["severity"] in ("warning", "critical")]
-    drift = next(f for f in reports["drift"]["findings"] if f["code"] == "replica_divergence")
+    infos, drift = _trainer_ddp_runs(tmp_path, str(SCRIPT.parent / "lightning_ddp.py"), drift_step=3, tensors=4)
+    assert all(info["replica_checks"] >= 6 for info in infos)
     # Drifted after batch 3; the next check is step 5 (every=5), the last equal one step 0.
     assert (drift["layers"], drift["evidence"]["params"], drift["step"]) == (["net.0"], ["net.0.bias"], 5)
 
@@ -359,18 +367,7 @@ def test_hf_trainer_ddp_is_seen_through_the_wrapper_it_never_hands_the_callback(
     checked, a healthy run stays clean and rank 1's nudged LayerNorm bias is named."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    script = str(SCRIPT.parent / "hf_ddp.py")
-    reports = {}
-    for case, extra in (("healthy", []), ("drift", ["--drift-step", "2"])):
-        p = torchrun([script, str(tmp_path / case), *extra])
-        assert p.returncode == 0, p.stderr[-3000:]
-        reports[case] = _load(tmp_path / case / "gradvitals.json")
-    for case, rep in reports.items():
-        info = rep["run"]["distributed"]
-        assert (info["strategy"], info["replica_tensors"]) == ("ddp", 28), (case, info)
-        assert "merge_stopped" not in info
-    assert not [f for f in reports["healthy"]["findings"] if f["severity"] in ("warning", "critical")]
-    drift = next(f for f in reports["drift"]["findings"] if f["code"] == "replica_divergence")
+    _, drift = _trainer_ddp_runs(tmp_path, str(SCRIPT.parent / "hf_ddp.py"), drift_step=2, tensors=28)
     assert drift["evidence"]["params"] == ["transformer.ln_f.bias"] and drift["step"] == 4, drift
 
 
