@@ -443,3 +443,36 @@ def test_views_of_a_measured_output_take_its_statistics(digits, monkeypatch, inp
         assert {"1", "2", "3"} <= set(later)
     else:
         assert "1" in later and "2" not in later and "3" not in later
+
+
+def test_a_layers_dead_unit_window_spans_the_ways_it_was_measured(digits):
+    """A layer is measured alone on the first forward, then with the layers of its shape
+    (or alone again when those change): its dead fraction is over its own last
+    DEAD_WINDOW forwards however each was measured, never a window restarted when the
+    way changed. Units biased to fire on a few samples of some batches only, on
+    different batches each step: the oracle is the hooked outputs' masks."""
+    X, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 10))
+    with torch.no_grad():
+        model[0].bias[:24] -= 1.5  # half the units fire on a few samples only
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, len(X), (24,), generator=g) for _ in range(8)]
+    outs: dict[int, torch.Tensor] = {}
+    hook = model[1].register_forward_hook(lambda m, a, o: outs.__setitem__(len(outs), o.detach().clone()))
+    try:
+        with gv.watch(model, opt, every=1) as w:
+            for idx in batches:
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+                opt.step()
+    finally:
+        hook.remove()
+    got = w.record.series["dead_frac/1"].values
+    want = []
+    for i in range(len(batches)):
+        window = [outs[j] for j in range(max(0, i - ap.DEAD_WINDOW + 1), i + 1)]
+        want.append(1 - torch.stack([(o > 0).any(0) for o in window]).any(0).float().mean().item())
+    assert len(set(want)) > 1  # the window matters: units fire on some batches only
+    assert got == pytest.approx(want, abs=1e-7)

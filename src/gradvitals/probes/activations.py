@@ -291,9 +291,10 @@ def batch_active_units(X: Tensor, shape: torch.Size, dim: int) -> Tensor:
 
 
 class DeadUnits:
-    """Per-unit "ever positive" masks over the last DEAD_WINDOW scheduled forwards, of
-    one module (masks of shape (units,)) or of a group of modules measured together
-    (masks of shape (modules, units))."""
+    """One module's per-unit "ever positive" masks (shape (units,)) over its last
+    DEAD_WINDOW scheduled forwards, whichever way each forward was measured (alone, or
+    with other modules in one kernel: :func:`push_group`), so that the window never
+    restarts when the way changes and a merge across ranks reads the same window."""
 
     __slots__ = ("masks",)
 
@@ -306,16 +307,38 @@ class DeadUnits:
             return torch.full((), _NAN, device=x.device)
         return self.push(active_units(x, dim))
 
-    def push(self, active: Tensor) -> Tensor:
-        """Add this forward's mask; the never-active fraction over the window (per
-        row for a group's (modules, units) masks)."""
+    def add(self, active: Tensor) -> None:
+        """Add this forward's mask (no kernel)."""
         if self.masks and self.masks[-1].shape != active.shape:
             self.masks.clear()  # the layer changed shape (e.g. variable width): restart
         self.masks.append(active)
         if len(self.masks) > DEAD_WINDOW:
             self.masks.pop(0)
-        ever = self.masks[0] if len(self.masks) == 1 else torch.stack(self.masks).any(0)
-        return ever.float().mean(-1).neg_().add_(1.0)
+
+    def ever(self) -> Tensor:
+        """Per unit: positive in some forward of the window."""
+        return self.masks[0] if len(self.masks) == 1 else torch.stack(self.masks).any(0)
+
+    def push(self, active: Tensor) -> Tensor:
+        """Add this forward's mask; the never-active fraction over the window."""
+        self.add(active)
+        return self.ever().float().mean(-1).neg_().add_(1.0)
+
+
+def push_group(windows: list[DeadUnits], active: Tensor) -> Tensor:
+    """Add a group's masks (``active``: (modules, units), one row per window) and return
+    each module's never-active fraction over its own window, in one stack and one
+    reduction when the windows are as long as each other (modules measured together
+    every forward), else window by window."""
+    rows = active.unbind(0)
+    for w, row in zip(windows, rows):
+        w.add(row)
+    n = len(windows[0].masks)
+    if all(len(w.masks) == n for w in windows):
+        ever = torch.stack([m for w in windows for m in w.masks]).view(len(windows), n, -1).any(1)
+    else:
+        ever = torch.stack([w.ever() for w in windows])
+    return ever.float().mean(-1).neg_().add_(1.0)
 
 
 def bn_samples(module: nn.Module, args: tuple) -> tuple[int, int] | None:

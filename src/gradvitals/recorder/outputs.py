@@ -61,8 +61,7 @@ class OutputMeter:
         self.staging = staging
         self.step = step
         self.fail = fail
-        self.dead: dict[str, act_probe.DeadUnits] = {}
-        self.dead_groups: dict[tuple[int, ...], act_probe.DeadUnits] = {}  # see measure
+        self.dead: dict[str, act_probe.DeadUnits] = {}  # per layer, however it is measured
         self.stage: list[tuple[Tensor, int, ActInfo, int]] = []
         self.lean: list[tuple[Tensor, int, ActInfo, list[Tensor], Tensor | None]] = []
         self.leaned = 0
@@ -93,11 +92,10 @@ class OutputMeter:
 
     def ever_active(self, name: str) -> Tensor | None:
         """Layer ``name``'s per-unit "ever active over the dead-unit window" mask, or None."""
-        masks = getattr(self.dead.get(name), "masks", None)
-        if not masks:
+        dead = self.dead.get(name)
+        if dead is None or not dead.masks:
             return None
-        ever = masks[0] if len(masks) == 1 else torch.stack(masks).any(0)
-        return ever.reshape(-1)
+        return dead.ever().reshape(-1)
 
     # ------------------------------------------------------------ views
     def view_of(self, x: Tensor, info: ActInfo) -> bool:
@@ -139,12 +137,10 @@ class OutputMeter:
             keys = self.group_keys[gid] = make()
         return keys
 
-    def _window(self, gkey: tuple) -> act_probe.DeadUnits:
-        dead = self.dead_groups.get(gkey)
+    def _window(self, name: str) -> act_probe.DeadUnits:
+        dead = self.dead.get(name)
         if dead is None:
-            if len(self.dead_groups) > 1024:
-                self.dead_groups.clear()
-            dead = self.dead_groups[gkey] = act_probe.DeadUnits()
+            dead = self.dead[name] = act_probe.DeadUnits()
         return dead
 
     # ------------------------------------------------------------ staged
@@ -248,14 +244,15 @@ class OutputMeter:
                                  lambda: [k for e in lean for k in e[2].keys[:_NSTATS]])
             self.staging.pending.append((step, keys, torch.tensor(rows, dtype=torch.float32)))
             # Dead units: the activity masks of a forward's outputs with the same number
-            # of units, one window per such group of modules.
+            # of units, reduced together over each module's own window.
             by_units: dict[int, list[tuple[ActInfo, Tensor]]] = {}
             for _, _, info, _, active in lean:
                 if active is not None:
                     by_units.setdefault(active.numel(), []).append((info, active))
             for members in by_units.values():
                 gkey = ("lean",) + tuple(id(i.module) for i, _ in members)
-                frac = self._window(gkey).push(torch.stack([a.reshape(-1) for _, a in members]))
+                frac = act_probe.push_group([self._window(i.name) for i, _ in members],
+                                            torch.stack([a.reshape(-1) for _, a in members]))
                 dkeys = self._keys_of(gkey, lambda: [i.keys[-1] for i, _ in members])
                 self.staging.pending.append((step, dkeys, frac))
         except Exception as exc:
@@ -269,14 +266,10 @@ class OutputMeter:
         if infos[0].wants_dead:
             shape = xs[0].shape
             if len(xs) == 1:
-                name = infos[0].name
-                dead = self.dead.get(name)
-                if dead is None:
-                    dead = self.dead[name] = act_probe.DeadUnits()
-                frac = dead.update(xs[0], dim).reshape(1)
-            else:  # a window per group of modules (the same modules each step)
-                frac = self._window(tuple(id(i.module) for i in infos)).push(
-                    act_probe.batch_active_units(X, shape, dim))
+                frac = self._window(infos[0].name).update(xs[0], dim).reshape(1)
+            else:  # each module's own window, reduced together
+                frac = act_probe.push_group([self._window(i.name) for i in infos],
+                                            act_probe.batch_active_units(X, shape, dim))
             st = torch.cat([st, frac.reshape(-1, 1).to(st.dtype)], 1)
         if self.alias:
             for i, info in enumerate(infos):
