@@ -36,10 +36,13 @@ attention max logit)      (O(world) values each)
 activation mean/std/      weighted by each rank's share of the elements (the numel of
 zero/sat/NaN fractions    the model's input on that rank): mean and second moment are
                           combined, then std = sqrt(E[x^2] - mean^2)
-dead_frac                 units never positive on ANY rank over the window (per-unit
-                          "ever active" masks are summed); under tensor parallelism,
-                          where ranks hold different units, the ranks' counts of
-                          never-active units over their counts of units
+dead_frac                 units never positive on ANY rank over the layer's window
+                          (per-unit "ever active" masks are summed, whether the layer
+                          was measured alone or with others); under tensor
+                          parallelism, where ranks hold different units, the ranks'
+                          counts of never-active units over their counts of units;
+                          under FSDP2 x TP the masks in one slot per TP rank (the
+                          data-parallel ranks holding the same units add theirs)
 ========================  ===========================================================
 
 Cost per recorded step: 8 bytes x (1 + world_size + #gradient tensors + #losses +
@@ -82,6 +85,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import math
 import os
@@ -370,6 +374,24 @@ def strategy(module: nn.Module) -> str:
     return "replicated" if initialized() else "none"
 
 
+def unit_slot(module: nn.Module) -> tuple[int, int] | None:
+    """Under FSDP2 x TP: (this rank's coordinate on the tensor-parallel mesh dimension,
+    that dimension's size), else None. fully_shard puts its own mesh dimensions first
+    and TP's after them (torch's FSDPParam: the data-parallel mesh concatenated with
+    TP's); FSDP2 takes a 1-D TP mesh, so TP's is the last."""
+    if not has_fsdp(module):
+        return None
+    dt = dtensor_type()
+    meshes = [p.device_mesh for p in module.parameters() if dt is not None and isinstance(p, dt)]
+    mesh = max(meshes, key=lambda m: m.ndim, default=None)
+    if mesh is None or mesh.ndim < 2:
+        return None
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    return int(coordinate[-1]), int(mesh.shape[-1])
+
+
 # ------------------------------------------------------------ the merge
 def allreduce_bytes(world_size: int, grad_tensors: int, losses: int = 1, lr_groups: int = 1,
                     weight_tensors: int = 0, modules: int = 0, units: int = 0, clips: int = 0,
@@ -455,6 +477,8 @@ class Merger:
         # column-parallel Linear): unit i of one rank is another unit than unit i of the
         # next, so "ever active" flags cannot be added unit by unit.
         self.units_split = "tensor_parallel" in self.info["strategy"]
+        self.unit_slot = next((slot for m in recorder.models if (slot := unit_slot(_outer(m))) is not None),
+                              None) if self.units_split else None
 
     # -- what each parameter is --------------------------------------------
     def _shares(self) -> dict[str, float]:
@@ -740,17 +764,18 @@ class Merger:
 
     def _launch(self, pending: list[tuple[int, list[str], Tensor]], defer: bool, forced: bool) -> _Flight:
         """Start the merge of one flush's items (``forced``: _check_layout_first's answer)."""
-        plans = [_plan(keys) for _, keys, _ in pending]
-        masks: dict[int, Tensor] = {}  # item -> "ever active" mask of its dead-unit-tracked layer
+        items = [_item(tuple(keys)) for _, keys, _ in pending]
+        plans = [(it.kind, it.parts) for it in items]
+        masks: dict[tuple[int, str], Tensor] = {}  # (item, layer) -> the layer's "ever active" mask
         for j, (_, parts) in enumerate(plans):
             for part, name in parts:
                 if part == "mask" and (mask := self.recorder.ever_active(name)) is not None:
-                    masks[j] = mask
+                    masks[(j, name)] = mask
         shares = self._shares()
         grad_parts: dict[int, tuple[list[float], list[tuple[int, float, Tensor]]]] = {}
-        for j, ((_, keys, _), (kind, _)) in enumerate(zip(pending, plans)):
-            if kind == "norm" and split_key(keys[0])[0] == "grad_norm":
-                grad_parts[j] = self._grad_parts([split_key(k)[1] or k for k in keys])
+        for j, it in enumerate(items):
+            if it.kind == "norm" and it.head == "grad_norm":
+                grad_parts[j] = self._grad_parts(it.names)
         partials = [g for _, part in grad_parts.values() for _, _, g in part]
         fetched = _fetch([t for _, _, t in pending] + list(masks.values()) + partials)  # THE host sync
         values = fetched[:len(pending)]
@@ -765,9 +790,8 @@ class Merger:
         rep_at: list[tuple[int, str]] = []  # (step, parameter) of each replica's weight norm
         rep_v: list[float] = []
         bad_here = False
-        for j, ((step, keys, _), v, (kind, parts)) in enumerate(zip(pending, values, plans)):
-            names = [split_key(k)[1] or k for k in keys]
-            own = [i for i, k in enumerate(keys) if (q := quantity_of(k)) is not None and q.names_bad_rank]
+        for j, ((step, keys, _), v, it) in enumerate(zip(pending, values, items)):
+            kind, parts, names, own = it.kind, it.parts, it.names, it.own
             if own:
                 bad_here = bad_here or not bool(torch.isfinite(v[own]).all())
             extra: Any = None
@@ -789,7 +813,7 @@ class Merger:
                         vecs.append(vec * (float(v[i]) / now) if now > 0 else vec)
                     send = torch.cat([send, *vecs])
                     extra = [(i, scale, vec.numel()) for (i, scale, _), vec in zip(partial, vecs)]
-                if split_key(keys[0])[0] == "weight_norm":  # the update ratios' denominators
+                if it.head == "weight_norm":  # the update ratios' denominators
                     for n, x in zip(names, v.tolist()):
                         self._local_w[(step, n)] = x
                         if n in replicas:
@@ -815,7 +839,8 @@ class Merger:
             elif kind == "act":
                 if numel is None:
                     numel = self._input_numel()
-                send, extra = _act_sends(v, parts, numel, masks.get(j), W, self.units_split)
+                send, extra = _act_sends(v, parts, numel, {n: m for (i, n), m in masks.items() if i == j}, W,
+                                         self.units_split, self.unit_slot)
             elif kind == "max":
                 send, extra = _max_sends(v, [part == "max" for part, _ in parts], self.rank, self.world)
             else:  # loss, lr, clip values and anything a newer probe adds: the mean
@@ -1137,6 +1162,24 @@ def _own_values(batch: _Batch, info: dict[str, Any] | None) -> list[tuple[int, l
     return out
 
 
+class _Item(NamedTuple):
+    """What a pending item's keys say about its merge (:func:`_item`)."""
+    kind: str
+    parts: list[tuple[str, str]]
+    names: list[str]  # per key: the parameter or layer it is of (the key itself when none)
+    own: list[int]  # indices of the values whose NaN/Inf names this rank
+    head: str  # the first key's quantity
+
+
+@functools.lru_cache(maxsize=4096)
+def _item(keys: tuple[str, ...]) -> _Item:
+    """:func:`_plan` and the rest the merge reads off an item's keys, worked out once per
+    set of keys: a run stages the same keys step after step."""
+    kind, parts = _plan(list(keys))
+    own = [i for i, k in enumerate(keys) if (q := quantity_of(k)) is not None and q.names_bad_rank]
+    return _Item(kind, parts, [split_key(k)[1] or k for k in keys], own, split_key(keys[0])[0] if keys else "")
+
+
 def _plan(keys: list[str]) -> tuple[str, list[tuple[str, str]]]:
     """How one pending item merges, from its keys' quantities (the table's ``merge``):
     "norm", "global", "ratio" or "mean" when its keys all merge alike; "act" for a
@@ -1160,12 +1203,8 @@ def _plan(keys: list[str]) -> tuple[str, list[tuple[str, str]]]:
             parts.append(("moment", block[0][1] or ""))
             i += len(_MOMENT_BLOCK)
             continue
-        name = split_key(keys[i])[1] or ""
-        # Only a dead fraction right after its own module's block, in an item of that
-        # module alone, was measured over the recorder's per-layer window (the one
-        # Recorder.ever_active reads); a group's window is shared by its modules.
-        alone = i == len(_MOMENT_BLOCK) and parts == [("moment", name)]
-        parts.append(("mask" if merges[i] == "dead" and alone else "mean", name))
+        # A dead fraction is its layer's window (Recorder.ever_active), however it was measured.
+        parts.append(("mask" if merges[i] == "dead" else "mean", split_key(keys[i])[1] or ""))
         i += 1
     return "act", parts
 
@@ -1217,17 +1256,24 @@ def _max_values(s: Tensor, is_max: list[bool], world: int) -> Tensor:
     return torch.cat(out)
 
 
-def _act_sends(v: Tensor, parts: list[tuple[str, str]], numel: dict[str, float], mask: Tensor | None,
-               world: float, units_split: bool = False) -> tuple[Tensor, list[tuple[str, int]]]:
+def _act_sends(v: Tensor, parts: list[tuple[str, str]], numel: dict[str, float], masks: dict[str, Tensor],
+               world: float, units_split: bool = False,
+               slot: tuple[int, int] | None = None) -> tuple[Tensor, list[tuple[str, int]]]:
     """What an "act" item sends into the SUM, and per part how many values: a moment
     block [n, n*mean, n*E[x^2], n*fractions...] for n = its input's elements on this
-    rank, the "ever active" flags of a mask, or the value / world (the mean).
+    rank, the "ever active" flags of a layer's mask (``masks``, by layer), or the value
+    / world (the mean).
 
-    ``units_split`` (tensor parallelism): a mask is sent as [units never active here,
-    units here] instead, so that dead = the never-active units of all ranks over all
-    their units. Exact when every rank sees the same batch (TP's contract); with data
-    parallelism on another mesh dimension (FSDP2 x TP) a unit that fired only on
-    another data-parallel rank's rows is counted dead on this one."""
+    ``units_split`` (tensor parallelism): ranks hold different units of a layer, so
+    flags cannot be added unit by unit. Under TP alone a mask is sent as [units never
+    active here, units here]: dead = the never-active units of all ranks over all their
+    units, exact since every rank sees the same batch (TP's contract). With data
+    parallelism on another mesh dimension (FSDP2 x TP, ``slot``: this rank's place
+    among the tensor-parallel ranks, their number) the flags go in this rank's slot of
+    a buffer of one slot per place: the ranks that hold the same units add theirs, and
+    a unit is dead when no data-parallel rank's rows made it fire. (Ranks whose slots
+    differ in size would merge buffers of different sizes: the layout check before a
+    scheduled step's merge stops the merge instead.)"""
     chunks: list[Tensor] = []
     sizes: list[tuple[str, int]] = []
     at = 0
@@ -1238,10 +1284,16 @@ def _act_sends(v: Tensor, parts: list[tuple[str, str]], numel: dict[str, float],
             sizes.append(("moment", len(_MOMENT_BLOCK) + 1))
             at += len(_MOMENT_BLOCK)
             continue
-        if part == "mask" and mask is not None and mask.numel() and units_split:
+        mask = masks.get(name) if part == "mask" else None
+        if mask is not None and mask.numel() and units_split and slot is not None:
+            slots = torch.zeros(slot[1], mask.numel(), dtype=torch.float64)
+            slots[slot[0]] = mask
+            chunks.append(slots.reshape(-1))
+            sizes.append(("mask", slots.numel()))
+        elif mask is not None and mask.numel() and units_split:
             chunks.append(torch.tensor([float((mask == 0).sum()), float(mask.numel())], dtype=torch.float64))
             sizes.append(("count", 2))
-        elif part == "mask" and mask is not None and mask.numel():
+        elif mask is not None and mask.numel():
             chunks.append(mask)
             sizes.append(("mask", mask.numel()))
         else:

@@ -54,14 +54,14 @@ def _pending() -> list[tuple[int, list[str], torch.Tensor]]:
         (3, ["grad_norm_global"], torch.tensor([0.0])),
         (3, _stats("a", "dead_frac"), torch.tensor([0.5, 2.0, 0.25, 0.0, 0.0, 0.9])),  # measured alone
         (3, _stats("b") + _stats("c"), torch.tensor([1.0, 3.0, 0.1, 0.2, 0.0, -1.0, 0.5, 0.0, 0.0, 0.3])),
-        (3, ["dead_frac/b", "dead_frac/c"], torch.tensor([0.25, 0.75])),  # a group's window
+        (3, ["dead_frac/b", "dead_frac/c"], torch.tensor([0.25, 0.75])),  # measured with others
         (3, ["lr/opt.0", "clip_total_norm"], torch.tensor([0.1, 7.0])),
     ]
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_each_value_merges_by_its_quantity_and_comes_back_in_its_place(one_rank_group, monkeypatch, ranks):
-    rec = _Recorder({"a": torch.tensor([True, False, False, True]), "b": torch.tensor([False] * 4)})
+    rec = _Recorder({"a": torch.tensor([True, False, False, True]), "b": torch.tensor([True, False, True, False])})
     merger = distributed.Merger(rec)
     merger.world = ranks
     sent = []
@@ -79,11 +79,12 @@ def test_each_value_merges_by_its_quantity_and_comes_back_in_its_place(one_rank_
     want = {k: v for _, keys, vals in pending for k, v in zip(keys, vals.tolist())}
     want["grad_norm_global"] = 5.0  # recomputed from the merged parameter norms
     want["dead_frac/a"] = 0.5  # from the recorder's "ever active" mask of a: 2 of 4 units never fired
+    want["dead_frac/b"] = 0.5  # b's own window too, though measured with c (c has none: the mean)
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
     # one layout check, a flag per rank, 1 loss, 2 norms, 0 global, 6 + 4 mask flags for a,
-    # 2 x 6 for b and c (moments + 3 fractions each), 2 group dead fractions, lr and clip
-    assert sent == [1 + ranks + 1 + 2 + 0 + 6 + 4 + 12 + 2 + 2]
+    # 2 x 6 for b and c (moments + 3 fractions each), 4 mask flags for b and c's fraction, lr and clip
+    assert sent == [1 + ranks + 1 + 2 + 0 + 6 + 4 + 12 + 4 + 1 + 2]
     assert not rec.failed and merger.bad_ranks == []
 
 

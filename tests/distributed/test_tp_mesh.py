@@ -8,6 +8,7 @@ of its time."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -133,8 +134,11 @@ def _off(rep: dict, want: dict[str, list[float]]) -> dict[str, float]:
         if key.startswith("update_ratio/"):  # of a weight that was not zero (LayerNorm biases start at 0)
             steps = [s for s in steps if want[f"weight_norm/{key.split('/', 1)[1]}"][s] > 0]
         a, b = [got[s] for s in steps], [values[s] for s in steps]
-        if a != pytest.approx(b, rel=1e-3 if key.startswith("update_ratio/") else REL, abs=ROUNDING):
-            off[key] = max(g / w for g, w in zip(a, b))
+        floor = ROUNDING
+        if key.startswith("act_mean/"):  # a mean near 0 (a LayerNorm's output): judged at its values' scale
+            floor = max(ROUNDING, REL * max(want[key.replace("act_mean/", "act_std/")]))
+        if a != pytest.approx(b, rel=1e-3 if key.startswith("update_ratio/") else REL, abs=floor):
+            off[key] = max((g / w if w else math.inf) for g, w in zip(a, b))
     return off
 
 
@@ -241,12 +245,13 @@ def test_attention_log_z_and_dead_units_equal_one_process(runs, watched_oracle, 
     """Each rank sees other heads (TP) or other rows (HSDP): the largest attention logit
     and log Z over the global batch are the largest over ranks, the entropies and log Z's
     mean the mean of equal shares. Dead fractions too: fc1's DEAD never-firing units are
-    all on the first rank's shard under TP (counted, not added unit by unit)."""
+    all on the first rank's shard under TP, and its RARE units fire on some steps on one
+    data-parallel rank's rows only under FSDP2 x TP (dead on neither)."""
     rep, _ = runs[program]
     assert {"attn_max_logit/attn", "log_z_max"} <= set(watched_oracle)
     from dist_common import TPTransformer
 
-    assert watched_oracle["dead_frac/fc1"][0] == TPTransformer.DEAD / (2 * TPTransformer.DIM)
+    assert all(v > TPTransformer.DEAD / (2 * TPTransformer.DIM) for v in watched_oracle["dead_frac/fc1"])
     for key, want in watched_oracle.items():
         if key.startswith("dead_frac/") and key.replace("dead_frac/", "act_mean/") in ROW_PARALLEL \
                 and key not in rep["series"]:
