@@ -61,11 +61,14 @@ def dtensor_type_if_loaded() -> type | None:
 
 def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
     """Each DTensor's local shard (no communication); plain tensors unchanged. (No
-    import: a DTensor exists only once its module is loaded.)"""
+    import: a DTensor exists only once its module is loaded.) Outside autograd:
+    ``to_local`` then hands back the shard itself instead of running a differentiable
+    conversion per tensor, and what is measured never needs a gradient."""
     dt = dtensor_type_if_loaded()
     if dt is None:
         return tensors
-    return [t.to_local() if isinstance(t, dt) else t for t in tensors]
+    with torch.no_grad():
+        return [t.to_local() if isinstance(t, dt) else t for t in tensors]
 
 
 def has_fsdp(module: nn.Module) -> bool:
