@@ -26,8 +26,8 @@ Strategies (each rank sees its slice of the same global batch of ``--batch`` row
 No step calls ``loss.item()``: gradvitals' one host sync per step is charged to it in full.
 
 What a recorded step costs beyond one process's watch is the merge: one small all-reduce,
-started at the step's flush and waited for at the next one (at once on scheduled steps); under
-DDP one per 8 ordinary steps (a batch). Its CPU cost per rank is fixed per step, so the ratio
+started at the step's flush and waited for at the next one (at once on scheduled steps); one per
+8 ordinary steps (a batch). Its CPU cost per rank is fixed per step, so the ratio
 falls as the step grows (``--batch``) and rises when ranks outnumber cores.
 ``GRADVITALS_DIST_MERGE=0`` in the environment measures the same watch without the merge (each
 rank records alone): the difference is the merge's; ``GRADVITALS_DIST_BATCH=1`` without batches.

@@ -59,24 +59,30 @@ Before the values of the first merge and of each scheduled step, a 16-byte all-r
 when ranks all-reduce buffers of different sizes, so a layout that may differ (pipeline
 stages, a module that ran on some ranks only) stops the merge on every rank instead.
 
-Ordinary steps (not the first merge, not scheduled) are not waited for: their all-reduce
-lands at the next flush. Where no NaN-origin replay needs every rank (no FSDP, no DTensor)
-they are also batched, :data:`BATCH_STEPS` per all-reduce (:meth:`Merger.start`): the
-all-reduce's fixed cost is paid once per batch; the bytes per step stay those above, the
-header (1 + world_size) once per batch.
+Ordinary steps (not the first merge, not scheduled) are not waited for, and they are
+batched, :data:`BATCH_STEPS` per all-reduce (:meth:`Merger.start`): the all-reduce's fixed
+cost is paid once per batch and lands at the flush after it is sent; the bytes per step
+stay those above, the header (1 + world_size) once per batch. Under FSDP2 and tensor
+parallelism a rank's own values are shards: a mid-run report leaves their unmerged steps
+out instead of showing them (``run.distributed.in_flight_steps``).
 
 Crash safety: every collective added here waits at most ``GRADVITALS_DIST_TIMEOUT_S``
 seconds (default :data:`DEFAULT_TIMEOUT_S`); at the end of the run only the batch every
 rank holds is sent (when the script destroys its process group, or at close), padded to a
 full batch's size and waited for at most ``SETTLE_PATIENCE_S`` (a rank that is gone
-leaves this rank's own values for those steps, and the report says which); the values
+leaves this rank's own values for those steps, and the report says which; under FSDP2
+and TP, whose own values are shards, those steps are dropped instead); the values
 still pending when the run ends stay local and are dropped; a time-out or a layout
 mismatch switches merging off for the rest of the run (the report says so).
 
 The NaN-origin replay under FSDP2 and tensor parallelism is made by every rank at
-once (the forward's collectives need every rank, :func:`replay_plan`); the origin
-kept is the one met first in the forward, with its rank (:meth:`Merger.merge_origin`).
-Without the merge no such replay runs (the bad rank checks its own batch instead).
+once (the forward's collectives need every rank, :func:`replay_plan`): at a merge every
+rank waited for, or, in a batched step, when every rank met a NaN/Inf at that same step
+and says so in the process group's store within :data:`REPLAY_MEET_S` (a NaN made on
+one rank reaches every rank through the run's own collectives: TP's all-reduces, FSDP's
+reduce-scatter). The origin kept is the one met first in the forward, with its rank
+(:meth:`Merger.merge_origin`). Without the merge no such replay runs (the bad rank
+checks its own batch instead).
 
 Not merged: ``bn_batch`` (what each rank's BatchNorm really normalised over), per-rank events.
 """
@@ -115,13 +121,20 @@ TIMEOUT_ENV = "GRADVITALS_DIST_TIMEOUT_S"
 MERGE_ENV = "GRADVITALS_DIST_MERGE"
 
 #: Ordinary steps (neither the first merge nor a scheduled one) merged together in one
-#: all-reduce when no NaN-origin replay needs every rank (no FSDP, no DTensor: DDP,
-#: replicated or independent models). An all-reduce's fixed cost (starting it on gloo's
-#: thread, landing it) is paid once per this many steps instead of every step; the
-#: merged values reach the record (and the live status line) at most this many steps
-#: later, the report lands them all. Override with GRADVITALS_DIST_BATCH (1: no batching).
+#: all-reduce. An all-reduce's fixed cost (starting it on gloo's thread, landing it) is
+#: paid once per this many steps instead of every step; the merged values reach the
+#: record (and the live status line) at most this many steps later, the report lands
+#: them all. Override with GRADVITALS_DIST_BATCH (1: no batching).
 BATCH_STEPS = 8
 BATCH_ENV = "GRADVITALS_DIST_BATCH"
+
+#: How long a rank that met a NaN/Inf in a batched step under FSDP2 or tensor
+#: parallelism waits for every rank to say it met one at that step too (a key each in
+#: the process group's store), before the replay every rank must join. The run's own
+#: collectives tie the ranks within milliseconds when they all met it; a rank that did
+#: not never says so, and the others go on without a replay after this long, once per run.
+REPLAY_MEET_S = 5.0
+REPLAY_KEY = "gradvitals/replay/{serial}"
 
 #: Where each watching rank says so, in the process group's key-value store (torchrun's
 #: TCPStore): no collective, so a rank that does not watch is never waited for.
@@ -317,6 +330,40 @@ def replicated(p: Any, module: nn.Module) -> bool:
     return True
 
 
+_MERGERS = 0  # Mergers made in this process (Merger.serial)
+
+
+def _meet(serial: int, step: int, world: int, patience_s: float) -> bool:
+    """Say in the store that this rank met a NaN/Inf at ``step``; whether every rank
+    did. One verdict per step for every rank, set once and atomically: "yes" by the
+    last rank to arrive, "no" by a rank whose patience ran out first (or at once when a
+    rank gave up at an earlier step: each searches once, so a rank that learns of the
+    NaN a step later waits for nobody). No store: False."""
+    try:
+        store: Any = default_store()
+        if store is None:
+            return False
+        base = REPLAY_KEY.format(serial=serial)
+        gave_up, verdict_key = f"{base}/gave_up", f"{base}/{step}/verdict"
+        verdict = None
+        if store.add(gave_up, 0) == 0 and store.add(f"{base}/{step}/count", 1) >= world:
+            verdict = store.compare_set(verdict_key, "", "yes")
+        end = time.monotonic() + patience_s
+        while verdict is None:
+            if store.check([verdict_key]):
+                verdict = store.get(verdict_key)
+            elif time.monotonic() >= end or store.add(gave_up, 0) > 0:
+                verdict = store.compare_set(verdict_key, "", "no")
+            else:
+                time.sleep(0.001)
+        if verdict != b"yes":
+            store.add(gave_up, 1)
+        return verdict == b"yes"
+    except Exception as exc:
+        log.debug("gradvitals: could not meet the other ranks for a replay: %s", exc)
+        return False
+
+
 def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, bool]:
     """(what a NaN-origin replay runs, whether every rank must replay it too).
 
@@ -326,7 +373,8 @@ def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, boo
     all-reduces and all-gathers activations: the module itself, replayed by every
     rank at once — only while the merge is on (every rank records, and every rank
     decided to look at this same flush, from the same merged values, every rank
-    waiting for them at that step); (None, False) otherwise: no replay. None either
+    waiting for them at that step; or, in a batched step, every rank met a NaN/Inf at
+    it: :meth:`Merger.meet`); (None, False) otherwise: no replay. None either
     on a rank whose merge landed a step late (its weights and inputs are the next
     step's: the ranks that saw the NaN replayed theirs)."""
     if not initialized():
@@ -337,7 +385,7 @@ def replay_plan(recorder: Any, module: nn.Module) -> tuple[nn.Module | None, boo
         return None, False
     if not _replays_on_every_rank(module):
         return unwrap(module), False
-    if merged and merger.together and not merger.alone:
+    if merged and (merger.meet() if merger.alone else merger.together):
         return module, True
     return None, False
 
@@ -347,8 +395,8 @@ def no_replay_reason(recorder: Any) -> str:
     merger = getattr(recorder, "merger", None)
     if isinstance(merger, Merger) and merger.active:
         if merger.alone:
-            return (f"skipped: merges batched ({BATCH_ENV}={merger.batch_k}): an FSDP or tensor-parallel "
-                    "forward needs every rank at once, and each rank met this NaN alone")
+            return (f"skipped: a batched step, and not every rank met a NaN/Inf at it within {REPLAY_MEET_S:g} s: "
+                    "an FSDP or tensor-parallel forward needs every rank at once")
         if merger.late:
             return "skipped: this rank's values were finite; it learned of the NaN a step later"
         return ("skipped: an FSDP or tensor-parallel forward needs every rank, and only the ranks "
@@ -450,7 +498,13 @@ class Merger:
         self.batch: _Batch | None = None  # ordinary steps fetched, not yet sent (see start())
         self._layouts: dict[tuple, _Layout | None] = {}  # per item keys: how a batched step merges
         self.batch_k = 1  # steps per batch; decided with the shares (_shares)
-        self.alone = False  # searching a batched step's NaN alone: no collective replay (replay_plan)
+        self.alone = False  # searching a batched step's NaN alone (replay_plan: meet() first)
+        self.alone_step = -1  # ... of this step
+        self._met: tuple[int, bool] | None = None  # (step, whether every rank met a NaN there)
+        self.shards = False  # FSDP2/TP: this rank's values are shards (set with the shares)
+        global _MERGERS
+        _MERGERS += 1
+        self.serial = _MERGERS  # the same on every rank: each creates its watches' mergers alike
         self.together = True  # every rank waited for the last merge landed (see _land)
         self.late = False  # the last merge landed was this rank's from an earlier flush
         self.origin_due = False  # this rank gathers its stashed NaN origin at its next flush
@@ -491,11 +545,9 @@ class Merger:
             self._replicas = {name for m in rec.models for name, p in m.params if replicated(p, _outer(m))}
             self.info["replica_tensors"] = len(self._replicas)
             self._share_version = rec.version
-            # The same on every rank (the same models and environment): batch boundaries must
-            # match. FSDP/TP: only when asked for (GRADVITALS_DIST_BATCH), since a NaN in a
-            # batched step is then traced without their replay (it needs every rank at once).
-            collective = any(_replays_on_every_rank(_outer(m)) for m in rec.models)
-            self.batch_k = _batch_steps() or (1 if collective else BATCH_STEPS)
+            # The same on every rank (the same models and environment): batch boundaries must match.
+            self.shards = any(_replays_on_every_rank(_outer(m)) for m in rec.models)
+            self.batch_k = _batch_steps() or BATCH_STEPS
             self.info["batch_steps"] = self.batch_k
             self._layouts = {}
             if self.batch_k > 1:
@@ -715,19 +767,38 @@ class Merger:
         to a full batch's size: a rank still training would otherwise abort in gloo on
         buffers of different sizes; the signature tells the contents apart. If they do
         not come (a rank is gone), this rank's own values are kept for those steps and
-        ``run.distributed.unmerged_steps`` says which."""
+        ``run.distributed.unmerged_steps`` says which (none of shards: :meth:`_own`)."""
         if self.batch is None or self.flight is not None:
             return []
         batch = self.batch
         self.flight = self._send_batch(defer=True, pad_to=1 + self.world + self.batch_k * batch.layout.step_numel)
         landed = self.collect(patience_s)
-        return landed if landed else _own_values(batch, self.info)
+        return landed if landed else self._own(batch)
 
     def own_batch(self) -> list[tuple[int, list[str], Tensor]]:
         """The batched steps' values as this rank measured them, the batch emptied
         (their merge did not come, or failed): better than no values for those steps."""
         batch, self.batch = self.batch, None
-        return _own_values(batch, self.info) if batch is not None else []
+        return self._own(batch) if batch is not None else []
+
+    def _own(self, batch: _Batch) -> list[tuple[int, list[str], Tensor]]:
+        """:func:`_own_values`, but none of shards (FSDP2/TP: a shard's norm is not the
+        layer's): those steps are dropped, ``merge_dropped_step`` says the last."""
+        if not self.shards:
+            return _own_values(batch, self.info)
+        if batch.steps:
+            self.info["merge_dropped_step"] = max(batch.steps)
+        return []
+
+    def meet(self) -> bool:
+        """Whether every rank met a NaN/Inf in its own values of the batched step this
+        rank is searching (:meth:`_origin_alone`): each says so in the store and waits at
+        most :data:`REPLAY_MEET_S` for the others (asked once per step: a run with several
+        models asks per model)."""
+        step = self.alone_step
+        if self._met is None or self._met[0] != step:
+            self._met = (step, _meet(self.serial, step, self.world, REPLAY_MEET_S))
+        return self._met[1]
 
     def _origin_alone(self, lay: _Layout, step: int, flat: Tensor) -> None:
         """This rank's values of a batched step hold a NaN/Inf: if any is a watched
@@ -740,7 +811,8 @@ class Merger:
         origin = getattr(self.recorder, "origin", None)
         if nonfinite and origin is not None:
             self.late = False  # this rank's own step: a replay on this rank alone is valid
-            self.alone = True  # ... but not one that needs every rank (replay_plan)
+            self.alone = True  # ... and one that needs every rank only if every rank met it (meet)
+            self.alone_step = step
             try:
                 origin.seen_alone(nonfinite)
             finally:
@@ -1434,15 +1506,15 @@ def close_batch(recorder: Any, patience_s: float) -> list[tuple[int, list[str], 
         merger.flight = None
         merger.batch = None
         _switch_off(recorder, exc)
-        return _own_values(batch, merger.info)
+        return merger._own(batch)
 
 
 def unsent_values(recorder: Any) -> list[tuple[int, list[str], Tensor]]:
     """This rank's own values of the batched steps not merged yet (a batch in flight, then
     the one still filling), for a mid-run report; [] when none. No communication. (A
-    single step in flight under FSDP/TP is left out: its local values are shards.)"""
+    step in flight under FSDP/TP is left out: its local values are shards.)"""
     merger = getattr(recorder, "merger", None)
-    if not isinstance(merger, Merger):
+    if not isinstance(merger, Merger) or merger.shards:
         return []
     out: list[tuple[int, list[str], Tensor]] = []
     if merger.flight is not None and merger.flight.batch is not None:
@@ -1453,13 +1525,22 @@ def unsent_values(recorder: Any) -> list[tuple[int, list[str], Tensor]]:
 
 
 def steps_in_flight(recorder: Any) -> list[int]:
-    """The steps of a merge in flight that is not a batch (FSDP/TP, first and scheduled
-    steps): a mid-run report leaves them out (this rank's local values are shards) and
-    says so (``run.distributed.in_flight_steps``). No communication."""
+    """The steps not merged yet whose local values are shards (FSDP/TP: a merge in
+    flight, a batch still filling) or are a first or scheduled step's: a mid-run report
+    leaves them out and says so (``run.distributed.in_flight_steps``). No communication."""
     merger = getattr(recorder, "merger", None)
-    if not isinstance(merger, Merger) or merger.flight is None or merger.flight.batch is not None:
+    if not isinstance(merger, Merger):
         return []
-    return sorted({st for st, _, _ in merger.flight.items})
+    steps: set[int] = set()
+    flight = merger.flight
+    if flight is not None:
+        if flight.batch is None:
+            steps.update(st for st, _, _ in flight.items)
+        elif merger.shards:
+            steps.update(flight.batch.steps)
+    if merger.shards and merger.batch is not None:
+        steps.update(merger.batch.steps)
+    return sorted(steps)
 
 
 def _replays_on_every_rank(module: nn.Module) -> bool:

@@ -456,22 +456,26 @@ def test_a_mid_run_report_on_rank_0_alone_starts_no_collective(tmp_path):
     assert "in_flight_steps" not in seen["run"]["distributed"]
 
 
-def test_a_mid_run_report_under_fsdp2_names_the_step_whose_merge_is_in_flight(tmp_path):
-    """Under FSDP2 each ordinary step's merge is in flight until the next step's flush, and
-    this rank's own values of it are shards: a report made meanwhile (rank 0's look after
-    step 5; the script's save before close, after step 7) leaves that step out and says so."""
-    out, peek = tmp_path / "end.json", tmp_path / "peek.json"
+def test_a_mid_run_report_under_fsdp2_names_the_steps_not_merged_yet(tmp_path):
+    """Under FSDP2 ordinary steps wait in a batch (steps 2-9) and this rank's own values of
+    them are shards: a report made meanwhile (rank 0's look after step 5; the script's save
+    before close, after step 7) leaves those steps out and says which; the report written
+    at close has every step, merged."""
+    out, peek, end = tmp_path / "end.json", tmp_path / "peek.json", tmp_path / "closed.json"
     p = torchrun([str(SCRIPT), "--strategy", "fsdp", "--steps", "8", "--watch", str(out), "--every", "25",
-                  "--peek-step", "5", "--peek-out", str(peek)])
+                  "--peek-step", "5", "--peek-out", str(peek), "--closed-out", str(end)])
     assert p.returncode == 0, p.stderr[-3000:]
     seen = json.loads(peek.read_text())
-    assert seen["series"]["loss"]["steps"] == list(range(5))
-    assert seen["run"]["distributed"]["in_flight_steps"] == [5, 5]
+    assert seen["series"]["loss"]["steps"] == [0, 1]
+    assert seen["run"]["distributed"]["in_flight_steps"] == [2, 5]
     assert "unmerged_steps" not in seen["run"]["distributed"]
     rep = _load(out)
-    assert rep["series"]["loss"]["steps"] == list(range(7))
-    assert rep["run"]["distributed"]["in_flight_steps"] == [7, 7]
+    assert rep["series"]["loss"]["steps"] == [0, 1]
+    assert rep["run"]["distributed"]["in_flight_steps"] == [2, 7]
     assert "merge_stopped" not in rep["run"]["distributed"]
+    closed = _load(end)
+    assert closed["series"]["loss"]["steps"] == list(range(8))
+    assert "in_flight_steps" not in closed["run"]["distributed"]
 
 
 @pytest.mark.parametrize("where", ["after_step", "before_step"])

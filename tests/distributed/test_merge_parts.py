@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import gradvitals as gv
@@ -90,3 +91,53 @@ def test_fsdp_generated_class_reports_the_users_class():
     assert torch_compat.module_kind(generated(2, 2)) == "Linear"
     assert torch_compat.module_kind(nn.Linear(2, 2)) == "Linear"
     assert torch_compat.module_kind(type("FSDPThing", (nn.Module,), {})()) == "FSDPThing"
+
+
+def _meeting(monkeypatch, arrivals: dict[int, float], patience_s: float, step: int = 3) -> dict[int, bool]:
+    """Ranks (threads) meeting at ``step`` on one store, each arriving after its delay."""
+    import threading
+    import time
+
+    store = dist.HashStore()
+    monkeypatch.setattr(distributed, "default_store", lambda: store)
+    out: dict[int, bool] = {}
+
+    def rank(r: int, delay: float) -> None:
+        time.sleep(delay)
+        out[r] = distributed._meet(7, step, 3, patience_s)
+
+    threads = [threading.Thread(target=rank, args=(r, d)) for r, d in arrivals.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_ranks_that_all_met_a_nan_replay_together(monkeypatch):
+    assert _meeting(monkeypatch, {0: 0.0, 1: 0.05, 2: 0.1}, patience_s=5.0) == {0: True, 1: True, 2: True}
+
+
+def test_a_rank_that_never_met_it_leaves_the_others_without_a_replay_after_their_patience(monkeypatch):
+    import time
+
+    t0 = time.monotonic()
+    assert _meeting(monkeypatch, {0: 0.0, 1: 0.0}, patience_s=0.3) == {0: False, 1: False}
+    assert 0.3 <= time.monotonic() - t0 < 3.0
+
+
+def test_a_rank_arriving_after_another_gave_up_agrees_with_it(monkeypatch):
+    """One verdict per step: a late rank may not replay while one that gave up trains on
+    (their collectives would pair the replay's with the next step's)."""
+    assert _meeting(monkeypatch, {0: 0.0, 1: 0.0, 2: 0.6}, patience_s=0.2) == {0: False, 1: False, 2: False}
+
+
+def test_after_a_rank_gave_up_a_later_meeting_ends_at_once(monkeypatch):
+    import time
+
+    store = dist.HashStore()
+    monkeypatch.setattr(distributed, "default_store", lambda: store)
+    assert distributed._meet(7, 3, 2, 0.1) is False  # the other rank never came
+    t0 = time.monotonic()
+    assert distributed._meet(7, 4, 2, 5.0) is False  # it learned of the NaN a step later
+    assert time.monotonic() - t0 < 1.0

@@ -209,10 +209,11 @@ def test_a_nan_in_a_tensor_parallel_module_under_fsdp2_x_tp_names_the_module_and
 
 
 @pytest.mark.slow
-def test_tensor_parallel_merges_batched_when_asked_equal_one_process_at_every_step(runs):
-    """GRADVITALS_DIST_BATCH=4 under tensor parallelism (not batched by default): 10
-    steps on the default schedule, steps 2-5 and 6-9 each merged in one all-reduce; every
-    gradient norm, the global norm and the loss equal the one-process run at every step."""
+def test_tensor_parallel_merges_batched_equal_one_process_at_every_step(runs):
+    """Tensor parallelism batches ordinary steps as DDP does (GRADVITALS_DIST_BATCH=4 here:
+    two batches fit 10 steps): 10 steps on the default schedule, steps 2-5 and 6-9 each
+    merged in one all-reduce; every gradient norm, the global norm and the loss equal
+    the one-process run at every step."""
     rep, _ = runs["tp_batched"]
     want = _oracle(None, steps=10)
     for key in [k for k in want if k.startswith("grad_norm") or k == "loss"]:
@@ -225,16 +226,17 @@ def test_tensor_parallel_merges_batched_when_asked_equal_one_process_at_every_st
 
 
 @pytest.mark.slow
-def test_a_nan_in_a_batched_tensor_parallel_step_is_traced_without_a_replay_and_no_stall(runs):
-    """Batched, the ranks meet rank 1's NaN alone (none waits for the others at that
-    step), so the replay every rank must join cannot run: each rank reads its own series,
-    and the origins are gathered when the batch lands — no rank blocks another."""
+def test_a_nan_in_a_batched_tensor_parallel_step_is_replayed_by_every_rank_that_met_it(runs):
+    """Batched, no merge tells the ranks of rank 1's NaN at that step; fc2's all-reduce
+    took it to every rank, so each met one in its own values and says so in the store:
+    every rank replays its forward at once (one alone would wait in fc2's all-reduce),
+    the origin is fc1's log on rank 1, gathered when the batch lands, and no rank stalls."""
     rep, printed = runs["tp_nan_batched"]
     info = rep["run"]["distributed"]
     assert "merge_stopped" not in info and info["batch_steps"] == 4
     (ev,) = [e for e in rep["run"]["events"] if e["type"] == "nonfinite_origin"]
-    assert ev["step"] == 3 and ev["replay"].startswith("skipped: merges batched (GRADVITALS_DIST_BATCH=4)")
-    assert ev["source"] == "series" and ev["world_size"] == 4
+    assert (ev["step"], ev["replay"], ev["source"]) == (3, "every rank (tensor parallel)", "replay")
+    assert (ev["module"], ev["op"], ev["rank"], ev["ranks"], ev["world_size"]) == ("fc1", "log", 1, [1], 4)
     for numbers in printed:  # every rank's loss went NaN at step 3
         assert all(x != x for x in numbers["losses"][3:]) and all(x == x for x in numbers["losses"][:3])
 

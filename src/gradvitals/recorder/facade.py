@@ -485,9 +485,9 @@ class Recorder:
         """The record a report is made of: this one, or, while a multi-rank run holds
         ordinary steps in a batch not merged yet (distributed.Merger.start; a mid-run
         report starts no collective), a snapshot with this rank's own values for those
-        steps, which ``run.distributed.unmerged_steps`` names. A single step's merge in
-        flight (FSDP/TP) is left out, its local values being shards:
-        ``run.distributed.in_flight_steps`` names it."""
+        steps, which ``run.distributed.unmerged_steps`` names. Steps whose local values
+        are shards (FSDP/TP) are left out until their merge lands:
+        ``run.distributed.in_flight_steps`` names them."""
         own = distributed.unsent_values(self)
         flying = distributed.steps_in_flight(self)
         if not own and not flying:

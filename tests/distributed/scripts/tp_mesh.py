@@ -24,7 +24,7 @@ global batches is the oracle (tests/distributed/test_tp_mesh.py).
   reduce-scatter).
 - ``tp_batched``, ``tp_nan_batched``: ``tp`` and ``tp_nan`` (NaN from step
   ``BATCHED_NAN_STEP``) on the default schedule for ``BATCHED_STEPS`` steps with ``GRADVITALS_DIST_BATCH=4`` (ordinary steps merged 4 at a
-  time, asked for: tensor parallelism is not batched by default); the report saved after
+  time: two batches fit the run); the report saved after
   ``close()``.
 
 Rank 0 prints one JSON line per program: its ranks' losses.

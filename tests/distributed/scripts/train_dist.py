@@ -36,6 +36,7 @@ p.add_argument("--watch-ranks", default="all", choices=["all", "0"], help="which
 p.add_argument("--clip", type=float, default=None, help="clip_grad_norm_ to this max_norm")
 p.add_argument("--peek-step", type=int, default=-1, help="rank 0 alone looks at watch.report() after this step")
 p.add_argument("--peek-out", default=None, help="and writes what it saw here (JSON)")
+p.add_argument("--closed-out", default=None, help="also save the report after watch.close() here")
 p.add_argument("--eval-rank0", type=int, default=0,
                help="every this many steps rank 0 alone evaluates the inner model (eval(), no_grad) on held-out "
                     "rows, as scripts that evaluate on the main process do")
@@ -127,6 +128,8 @@ for step in range(a.steps):
 if watch is not None:
     watch.save(a.watch)
     watch.close()
+    if a.closed_out:
+        watch.save(a.closed_out)
 # A group the user makes after gradvitals made its own: torch numbers groups in
 # creation order, so this hangs if gradvitals desynchronised that numbering.
 users_group = dist.new_group(timeout=__import__("datetime").timedelta(seconds=30))
