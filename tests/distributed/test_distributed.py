@@ -409,6 +409,25 @@ def test_nan_on_one_rank_names_the_rank_and_module(tmp_path, strategy, corrupt):
     assert rep["series"]["loss"]["first_nonfinite_step"] == 2
 
 
+@pytest.mark.parametrize("corrupt,kind,module", [("nan", "input", "(root)"), ("huge", "activation", "0")])
+def test_a_nan_in_a_batched_fsdp2_step_is_replayed_by_every_rank_that_met_it(tmp_path, corrupt, kind, module):
+    """Rank 1's batch at step 3, an ordinary step waiting in a batch (every=25): no merge
+    tells rank 0, but FSDP2 reduce-scatters rank 1's NaN gradients into rank 0's shards, so
+    both meet one at that step, say so in the store and replay their forwards together
+    (FSDP's all-gathers need both): the origin is named on rank 1 by its replay."""
+    closed = tmp_path / "closed.json"
+    p = torchrun([str(SCRIPT), "--strategy", "fsdp", "--steps", "6", "--watch", str(tmp_path / "saved.json"),
+                  "--closed-out", str(closed), "--every", "25", "--nan-rank", "1", "--nan-step", "3",
+                  "--corrupt", corrupt])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = _load(closed)
+    info = rep["run"]["distributed"]
+    assert (info["batch_steps"], info["batches"]) == (8, 1) and "merge_stopped" not in info
+    (ev,) = [e for e in rep["run"]["events"] if e["type"] == "nonfinite_origin"]
+    assert (ev["step"], ev["rank"], ev["ranks"], ev["kind"], ev["module"]) == (3, 1, [1], kind, module)
+    assert (ev["replay"], ev["source"]) == ("every rank (FSDP)", "replay")
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_a_nan_in_one_ranks_own_gradient_names_that_rank_and_stalls_no_rank(tmp_path, strategy):
     """One element of rank 1's own gradient set to NaN after the backward: under FSDP2 its
