@@ -163,9 +163,11 @@ def test_the_strategy_and_the_all_reduce_bytes_say_what_ran(runs):
     info = {p: runs[p][0]["run"]["distributed"] for p in ("tp", "tp_sp", "fsdp_tp", "hsdp")}
     assert {p: i["strategy"] for p, i in info.items()} == {
         "tp": "tensor_parallel", "tp_sp": "tensor_parallel", "fsdp_tp": "fsdp2+tensor_parallel", "hsdp": "hsdp"}
+    assert {p: i["allreduce_calls"] for p, i in info.items()} == dict.fromkeys(info, 3)
+    # Every strategy batches its ordinary steps (none here: every step is scheduled).
+    assert {p: i["batch_steps"] for p, i in info.items()} == dict.fromkeys(info, distributed.BATCH_STEPS)
     # Sequence parallel adds the six LayerNorm gradients' partial sums (32 values each,
     # sent whole) and six replicas (the LayerNorms become Replicate DTensors) to the
-    assert {p: i["allreduce_calls"] for p, i in info.items()} == dict.fromkeys(info, 3)
     # same one all-reduce per step (and its clip call, its total and each rank's).
     extra = info["tp_sp"]["allreduce_bytes_max"] - info["tp"]["allreduce_bytes_max"]
     assert extra == (distributed.allreduce_bytes(4, 0, 0, 0, replicas=8, partial_elements=6 * 32, clips=1)
