@@ -1,10 +1,11 @@
 """torch.distributed runs (DDP, FSDP2 ``fully_shard``, HSDP, tensor and sequence
 parallel DTensors, FSDP2 x TP on a 2-D mesh) under torchrun: one merged record.
 
-Every rank records; at each recorded step the recorder's pending values are merged
-across ranks with ONE fused all-reduce (a float64 SUM over a small CPU buffer, on a
-private gloo group with a time-out), so after every step each rank holds the same,
-global record and rank 0 alone writes the report. What each value becomes:
+Every rank records; the recorder's pending values are merged across ranks by fused
+all-reduces (a float64 SUM over a small CPU buffer, on a private gloo group with a
+time-out): one for a first or scheduled step, one for each batch of ordinary steps (see
+below), so every rank holds the same, global record and rank 0 alone writes the report.
+What each value becomes:
 
 ========================  ===========================================================
 value                     how it is merged
