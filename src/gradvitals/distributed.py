@@ -672,15 +672,15 @@ class Merger:
         rank_keys: dict[int, list[str]] = {}
         at = 0
         for j, keys in enumerate(keys_of):
-            kind, _ = _plan(keys)
+            it = _item(tuple(keys))
+            kind = it.kind
             if kind == "rank":
                 rank_keys[j] = [f"{split_key(k)[0]}/{r}" for k in keys for r in range(self.world)]
-            q0 = split_key(keys[0])[0] if keys else ""
             offsets.append(at)
             if kind == "norm":
-                if q0 != "grad_norm":
+                if it.head != "grad_norm":
                     return None
-                gshare, partial = self._grad_parts([split_key(k)[1] or k for k in keys])
+                gshare, partial = self._grad_parts(it.names)
                 if partial:
                     return None
                 last_grad = j
@@ -690,11 +690,10 @@ class Merger:
                 glob.append((j, last_grad))
             elif kind not in ("mean", "rank"):
                 return None
+            own += [at + i for i in it.own]
             for i, k in enumerate(keys):
                 q = quantity_of(k)
                 watched.append(q is not None and q.watched)
-                if q is not None and q.names_bad_rank:
-                    own.append(at + i)
                 square.append(kind == "norm")
                 scale.append(gshare[i] if kind == "norm" else 1.0 / W)
                 if kind in ("norm", "mean"):
@@ -839,11 +838,11 @@ class Merger:
         """Start the merge of one flush's items (``forced``: _check_layout_first's answer)."""
         items = [_item(tuple(keys)) for _, keys, _ in pending]
         plans = [(it.kind, it.parts) for it in items]
-        masks: dict[tuple[int, str], Tensor] = {}  # (item, layer) -> the layer's "ever active" mask
-        for j, (_, parts) in enumerate(plans):
+        masks: dict[str, Tensor] = {}  # layer -> its "ever active" mask
+        for _, parts in plans:
             for part, name in parts:
-                if part == "mask" and (mask := self.recorder.ever_active(name)) is not None:
-                    masks[(j, name)] = mask
+                if part == "mask" and name not in masks and (mask := self.recorder.ever_active(name)) is not None:
+                    masks[name] = mask
         shares = self._shares()
         grad_parts: dict[int, tuple[list[float], list[tuple[int, float, Tensor]]]] = {}
         for j, it in enumerate(items):
@@ -912,8 +911,7 @@ class Merger:
             elif kind == "act":
                 if numel is None:
                     numel = self._input_numel()
-                send, extra = _act_sends(v, parts, numel, {n: m for (i, n), m in masks.items() if i == j}, W,
-                                         self.units_split, self.unit_slot)
+                send, extra = _act_sends(v, parts, numel, masks, W, self.units_split, self.unit_slot)
             elif kind == "max":
                 send, extra = _max_sends(v, [part == "max" for part, _ in parts], self.rank, self.world)
             else:  # loss, lr, clip values and anything a newer probe adds: the mean

@@ -322,7 +322,12 @@ class DeadUnits:
     def push(self, active: Tensor) -> Tensor:
         """Add this forward's mask; the never-active fraction over the window."""
         self.add(active)
-        return self.ever().float().mean(-1).neg_().add_(1.0)
+        return _never_fraction(self.ever())
+
+
+def _never_fraction(ever: Tensor) -> Tensor:
+    """The fraction of units (last dimension) never active, from their "ever" flags."""
+    return ever.float().mean(-1).neg_().add_(1.0)
 
 
 def push_group(windows: list[DeadUnits], active: Tensor) -> Tensor:
@@ -338,7 +343,7 @@ def push_group(windows: list[DeadUnits], active: Tensor) -> Tensor:
         ever = torch.stack([m for w in windows for m in w.masks]).view(len(windows), n, -1).any(1)
     else:
         ever = torch.stack([w.ever() for w in windows])
-    return ever.float().mean(-1).neg_().add_(1.0)
+    return _never_fraction(ever)
 
 
 def bn_samples(module: nn.Module, args: tuple) -> tuple[int, int] | None:
